@@ -1,0 +1,1 @@
+"""edgepack packager: builds signed per-device bundles on a build server."""

@@ -1,0 +1,111 @@
+"""LightGBM and XGBoost models (their scikit-learn wrappers), converted with onnxmltools.
+
+Needs the ``boosting`` extra (onnxmltools, lightgbm, xgboost). onnxmltools' XGBoost output may
+have no default-domain opset import; the builder's :func:`packager.graph.normalize_opsets` fixes
+that after conversion.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import numpy as np
+import onnx
+import pandas as pd
+
+from packager.converters import Prediction
+from packager.exceptions import UnsupportedModelError
+from packager.reference import InputLayout, tensor_layout
+
+
+class _BoostingConverter:
+    name: ClassVar[str] = ""
+    module: ClassVar[str] = ""
+
+    def accepts(self, obj: Any) -> bool:
+        return type(obj).__module__.split(".")[0] == self.module
+
+    def describe(self, obj: Any) -> str:
+        return f"{self.module}.{type(obj).__name__}"
+
+    def task(self, obj: Any) -> str:
+        return "classification" if hasattr(obj, "predict_proba") else "regression"
+
+    def family(self, obj: Any) -> str | None:
+        return "tree"
+
+    def class_labels(self, obj: Any) -> list[Any]:
+        classes = getattr(obj, "classes_", None)
+        return (
+            [c.item() if hasattr(c, "item") else c for c in classes] if classes is not None else []
+        )
+
+    def layout(self, obj: Any, frame: pd.DataFrame) -> InputLayout:
+        names = getattr(obj, "feature_names_in_", None)
+        columns = [str(c) for c in names] if names is not None else None
+        return tensor_layout(frame, columns, getattr(obj, "n_features_in_", None))
+
+    def _onnxmltools(self) -> Any:
+        try:
+            import onnxmltools
+        except ImportError as e:
+            raise UnsupportedModelError(
+                f"converting {self.module} models needs onnxmltools: "
+                "pip install 'edgepack[boosting]'"
+            ) from e
+        return onnxmltools
+
+    def predict(self, obj: Any, layout: InputLayout, frame: pd.DataFrame) -> Prediction:
+        x = layout.select(frame)
+        if getattr(obj, "feature_names_in_", None) is None:
+            x = x.to_numpy()
+        if self.task(obj) == "classification":
+            return Prediction(labels=np.asarray(obj.predict(x)), probabilities=obj.predict_proba(x))
+        return Prediction(values=np.asarray(obj.predict(x), dtype=np.float64))
+
+
+class LightGBMConverter(_BoostingConverter):
+    """``lightgbm.LGBMClassifier`` / ``LGBMRegressor``."""
+
+    name: ClassVar[str] = "lightgbm"
+    module: ClassVar[str] = "lightgbm"
+
+    def convert(self, obj: Any, layout: InputLayout, opset: int, ml_opset: int) -> onnx.ModelProto:
+        tools = self._onnxmltools()
+        from onnxmltools.convert.common.data_types import FloatTensorType
+
+        spec = layout.specs[0]
+        try:
+            return tools.convert_lightgbm(
+                obj,
+                initial_types=[(spec.name, FloatTensorType(list(spec.shape)))],
+                target_opset={"": opset, "ai.onnx.ml": ml_opset},
+                zipmap=False,
+            )
+        except Exception as e:
+            raise UnsupportedModelError(
+                f"onnxmltools cannot convert {self.describe(obj)}: {type(e).__name__}: {e}"
+            ) from e
+
+
+class XGBoostConverter(_BoostingConverter):
+    """``xgboost.XGBClassifier`` / ``XGBRegressor``."""
+
+    name: ClassVar[str] = "xgboost"
+    module: ClassVar[str] = "xgboost"
+
+    def convert(self, obj: Any, layout: InputLayout, opset: int, ml_opset: int) -> onnx.ModelProto:
+        tools = self._onnxmltools()
+        from onnxmltools.convert.common.data_types import FloatTensorType
+
+        spec = layout.specs[0]
+        try:
+            return tools.convert_xgboost(
+                obj,
+                initial_types=[(spec.name, FloatTensorType(list(spec.shape)))],
+                target_opset={"": opset, "ai.onnx.ml": ml_opset},
+            )
+        except Exception as e:
+            raise UnsupportedModelError(
+                f"onnxmltools cannot convert {self.describe(obj)}: {type(e).__name__}: {e}"
+            ) from e
