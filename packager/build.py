@@ -35,7 +35,13 @@ from agent.manifest import Manifest, check_model_name
 from agent.signing import load_private_key
 from packager.converters import Converter, Prediction, find_converter
 from packager.converters.onnx_model import tensor_specs
-from packager.exceptions import ConversionError, ParityError, ReferenceDataError
+from packager.exceptions import (
+    ConversionError,
+    ParityError,
+    ReferenceDataError,
+    UnsupportedModelError,
+    short_error,
+)
 from packager.graph import check_limits, classify_family, normalize_opsets, opsets_of
 from packager.optimize import optimize
 from packager.parity import ParityResult, compare, packaged_prediction
@@ -129,7 +135,7 @@ def _prepare(request: BuildRequest) -> _Shared:
         source_all = converter.predict(source.obj, layout, split.all)
     except Exception as e:
         raise ReferenceDataError(
-            f"the source model failed on the reference rows: {type(e).__name__}: {e}"
+            f"the source model failed on the reference rows: {short_error(e)}"
         ) from e
     stats = reference_statistics(split.all, layout, task, source_all)
     return _Shared(
@@ -355,6 +361,8 @@ def build(request: BuildRequest, on_step: StepCallback | None = None) -> list[Pr
         start = time.perf_counter()
         try:
             results.append(_build_one(request, shared, profile, key, step))
+        except UnsupportedModelError:
+            raise  # the same for every profile: one clear error, not one per profile
         except EdgepackError as e:
             report = e.report.get("report") if isinstance(e, ParityError) else None
             results.append(

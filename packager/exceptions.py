@@ -38,6 +38,7 @@ __all__ = [
     "ReferenceDataError",
     "UnsupportedModelError",
     "UntrustedPickleError",
+    "short_error",
 ]
 
 PICKLE_WARNING = (
@@ -98,6 +99,23 @@ class ParityError(PackagerError):
 
     def __reduce__(self) -> tuple[Any, ...]:  # keep .report across process boundaries
         return (type(self), (str(self), self.report))
+
+
+def short_error(error: BaseException, limit: int = 300) -> str:
+    """``Type: message`` cut to its first line and ``limit`` characters.
+
+    Converters put whole attribute dumps (thousands of lines) into their messages; an operator
+    needs the first line.
+    """
+    root = error
+    while root.__cause__ is not None or root.__context__ is not None:
+        root = root.__cause__ or root.__context__  # type: ignore[assignment]
+    lines = str(error).strip().splitlines()
+    text = f"{type(error).__name__}: {lines[0] if lines else ''}".rstrip()
+    text = text.split(" and attributes=")[0]  # skl2onnx appends every attribute value
+    if root is not error:
+        text += f" (caused by {type(root).__name__}: {str(root).strip().splitlines()[0]})"
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 class BuildError(PackagerError):

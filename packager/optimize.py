@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from packager.exceptions import OptimizationError
+from packager.exceptions import OptimizationError, short_error
 from packager.graph import normalize_opsets, opsets_of, repack_fp16
 from packager.profiles import Quantization
 
@@ -144,7 +144,7 @@ def _quantize(
                 )
             quantized = onnx.load(out)
         except Exception as e:
-            raise OptimizationError(f"int8 quantization failed: {type(e).__name__}: {e}") from e
+            raise OptimizationError(f"int8 quantization failed: {short_error(e)}") from e
     normalize_opsets(quantized, default_opset)
     used = {
         "mode": "static" if static else "dynamic",
@@ -160,12 +160,18 @@ def _quantize(
 
 
 def _fp16(model: onnx.ModelProto) -> Optimized:
-    from onnxruntime.transformers.float16 import convert_float_to_float16
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
     try:
-        converted = convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=False)
+        converted = convert_float_to_float16(
+            model,
+            keep_io_types=True,
+            # Concat joining an fp32 branch (e.g. a OneHotEncoder, kept fp32) with an fp16 one
+            # gets mixed input types; keeping Concat in fp32 makes the converter insert casts.
+            op_block_list=[*DEFAULT_OP_BLOCK_LIST, "Concat"],
+        )
     except Exception as e:
-        raise OptimizationError(f"fp16 conversion failed: {type(e).__name__}: {e}") from e
+        raise OptimizationError(f"fp16 conversion failed: {short_error(e)}") from e
     return Optimized(repack_fp16(converted), "fp16", {"keep_io_types": True})
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from packager.exceptions import ModelLoadError, UntrustedPickleError
+from packager.exceptions import ModelLoadError, UntrustedPickleError, short_error
 
 __all__ = ["PICKLE_SUFFIXES", "SourceModel", "load_model"]
 
@@ -77,6 +77,6 @@ def _load_pickle(path: Path) -> Any:
         return joblib.load(path)
     except Exception as e:
         raise ModelLoadError(
-            f"cannot load {path}: {type(e).__name__}: {e} (is it a joblib/pickle file, saved with "
+            f"cannot load {path}: {short_error(e)} (is it a joblib/pickle file, saved with "
             "the same library versions as installed here?)"
         ) from e

@@ -14,7 +14,7 @@ import onnx
 import pandas as pd
 
 from packager.converters import Prediction
-from packager.exceptions import UnsupportedModelError
+from packager.exceptions import UnsupportedModelError, short_error
 from packager.reference import InputLayout, tensor_layout
 
 
@@ -55,6 +55,12 @@ class _BoostingConverter:
             ) from e
         return onnxmltools
 
+    def _opset(self, wanted: int) -> int:
+        """onnxmltools refuses opsets above what it was tested with (15 in 1.16)."""
+        from onnxmltools.convert.common.onnx_ex import get_maximum_opset_supported
+
+        return min(wanted, get_maximum_opset_supported())
+
     def predict(self, obj: Any, layout: InputLayout, frame: pd.DataFrame) -> Prediction:
         x = layout.select(frame)
         if getattr(obj, "feature_names_in_", None) is None:
@@ -79,12 +85,12 @@ class LightGBMConverter(_BoostingConverter):
             return tools.convert_lightgbm(
                 obj,
                 initial_types=[(spec.name, FloatTensorType(list(spec.shape)))],
-                target_opset={"": opset, "ai.onnx.ml": ml_opset},
+                target_opset=self._opset(opset),
                 zipmap=False,
             )
         except Exception as e:
             raise UnsupportedModelError(
-                f"onnxmltools cannot convert {self.describe(obj)}: {type(e).__name__}: {e}"
+                f"onnxmltools cannot convert {self.describe(obj)}: {short_error(e)}"
             ) from e
 
 
@@ -103,9 +109,9 @@ class XGBoostConverter(_BoostingConverter):
             return tools.convert_xgboost(
                 obj,
                 initial_types=[(spec.name, FloatTensorType(list(spec.shape)))],
-                target_opset={"": opset, "ai.onnx.ml": ml_opset},
+                target_opset=self._opset(opset),
             )
         except Exception as e:
             raise UnsupportedModelError(
-                f"onnxmltools cannot convert {self.describe(obj)}: {type(e).__name__}: {e}"
+                f"onnxmltools cannot convert {self.describe(obj)}: {short_error(e)}"
             ) from e

@@ -16,7 +16,7 @@ import onnx
 import pandas as pd
 
 from packager.converters import Prediction
-from packager.exceptions import UnsupportedModelError
+from packager.exceptions import UnsupportedModelError, short_error
 from packager.reference import InputLayout, columns_layout, tensor_layout
 
 _TREE_MODULES = ("sklearn.ensemble", "sklearn.tree")
@@ -173,7 +173,7 @@ class SklearnConverter:
             )
         except Exception as e:
             raise UnsupportedModelError(
-                f"skl2onnx cannot convert {self.describe(obj)}: {type(e).__name__}: {e}"
+                f"skl2onnx cannot convert {self.describe(obj)}: {short_error(e)}"
             ) from e
 
     def _inputs(self, obj: Any, layout: InputLayout, frame: pd.DataFrame) -> Any:

@@ -1,0 +1,58 @@
+"""Fixtures shared by the whole suite: real keys and a small trained model with its data."""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from agent.signing import generate_private_key, private_key_pem, public_key_pem
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+@dataclass(frozen=True)
+class KeyPair:
+    private: Path
+    public: Path
+
+
+def _write_pair(directory: Path, stem: str) -> KeyPair:
+    directory.mkdir(parents=True, exist_ok=True)
+    key = generate_private_key()
+    private, public = directory / f"{stem}.key", directory / f"{stem}.pub"
+    private.write_bytes(private_key_pem(key))
+    os.chmod(private, 0o600)
+    public.write_bytes(public_key_pem(key))
+    return KeyPair(private, public)
+
+
+@pytest.fixture(scope="session")
+def keys(tmp_path_factory: pytest.TempPathFactory) -> KeyPair:
+    """The build server's ECDSA P-256 signing key pair."""
+    return _write_pair(tmp_path_factory.mktemp("keys"), "signing")
+
+
+@pytest.fixture(scope="session")
+def other_keys(tmp_path_factory: pytest.TempPathFactory) -> KeyPair:
+    """A second, unrelated key pair (an attacker's, or another team's)."""
+    return _write_pair(tmp_path_factory.mktemp("other-keys"), "other")
+
+
+@pytest.fixture(scope="session")
+def iris_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A random forest trained on iris, saved with joblib, and its reference CSV."""
+    import joblib
+    from sklearn.datasets import load_iris
+    from sklearn.ensemble import RandomForestClassifier
+
+    directory = tmp_path_factory.mktemp("iris")
+    x, y = load_iris(return_X_y=True, as_frame=True)
+    model = RandomForestClassifier(n_estimators=10, random_state=0).fit(x, y)
+    joblib.dump(model, directory / "model.joblib")
+    x.to_csv(directory / "reference.csv", index=False)
+    return directory / "model.joblib", directory / "reference.csv"
