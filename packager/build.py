@@ -121,6 +121,36 @@ def _machine_arch() -> str:
     return _ARCH_ALIASES.get(machine, machine)
 
 
+def _has_vnni() -> bool | None:
+    """Whether this x86 CPU has VNNI (``None`` where /proc/cpuinfo cannot tell)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return None
+    return "avx512_vnni" in flags or "avx_vnni" in flags
+
+
+def _target_mismatch(profile: Profile, precision: str, available: set[str]) -> str | None:
+    """Why running the model here does not check what the target will compute (``None``: it does).
+
+    Same architecture and the profile's first provider available; for int8 on x86 also the same
+    VNNI support, since onnxruntime's int8 kernels (and their saturation) differ with and without.
+    """
+    arch = _machine_arch()
+    if arch not in profile.arch:
+        return f"this machine is {arch}, the profile targets {'/'.join(profile.arch)}"
+    if profile.providers[0] not in available:
+        return f"{profile.providers[0]} is not available on this machine"
+    if precision == "int8" and arch == "x86_64":
+        here = _has_vnni()
+        if here is None or here != ("vnni" in profile.isa):
+            return (
+                f"int8 kernels differ: this CPU {'has' if here else 'lacks'} VNNI, the "
+                f"profile's CPUs {'have' if 'vnni' in profile.isa else 'lack'} it"
+            )
+    return None
+
+
 def _prepare(request: BuildRequest) -> _Shared:
     check_model_name(request.name)
     if request.version < 0:
@@ -216,7 +246,8 @@ def _build_one(
     step(profile.id, "checking parity")
     available = set(ort.get_available_providers())
     providers = [p for p in profile.providers if p in available] or ["CPUExecutionProvider"]
-    target_verified = _machine_arch() in profile.arch and profile.providers[0] in available
+    mismatch = _target_mismatch(profile, precision, available)
+    target_verified = mismatch is None
     try:
         session = _session(model_bytes, providers)
         outputs = session.run(None, shared.layout.feeds(shared.split.parity))
@@ -252,8 +283,7 @@ def _build_one(
     if not target_verified:
         parity_doc["note"] = (
             f"not verified on target hardware: checked on {_machine_arch()} with "
-            f"{', '.join(providers)}; the profile targets {'/'.join(profile.arch)} with "
-            f"{', '.join(profile.providers)}"
+            f"{', '.join(providers)} ({mismatch})"
         )
     if not parity.passed:
         report = request.out_dir / (

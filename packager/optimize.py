@@ -32,6 +32,9 @@ log = logging.getLogger(__name__)
 # Only the weight-bearing operators: quantizing the activation/softmax tail of converted
 # scikit-learn MLPs fails inside onnxruntime and buys nothing.
 _QUANTIZED_OPS = ("MatMul", "Gemm", "Conv", "ConvTranspose")
+# After quant_pre_process, tensors fed by ai.onnx.ml operators lose their inferred type; they are
+# float. Only MatMuls with a constant weight are worth quantizing.
+_EXTRA_OPTIONS = {"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT}
 
 
 @dataclass(frozen=True)
@@ -52,15 +55,6 @@ class _Reader:
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         return next(self._iter, None)
-
-    def __iter__(self) -> _Reader:  # newer onnxruntime iterates readers
-        return self
-
-    def __next__(self) -> dict[str, np.ndarray]:
-        item = self.get_next()
-        if item is None:
-            raise StopIteration
-        return item
 
 
 @contextlib.contextmanager
@@ -132,6 +126,7 @@ def _quantize(
                     reduce_range=settings.reduce_range,
                     calibrate_method=methods[settings.calibration_method],
                     op_types_to_quantize=list(_QUANTIZED_OPS),
+                    extra_options=_EXTRA_OPTIONS,
                 )
             else:
                 quantize_dynamic(
