@@ -62,10 +62,13 @@ SCHEMA_VERSION = 1
 
 
 def _default_profile_dir() -> Path:
+    """$EDGEPACK_PROFILE_DIR, else the checkout's device-profiles/, else the installed copy."""
     env = os.environ.get("EDGEPACK_PROFILE_DIR")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parent.parent / "device-profiles"
+    checkout = Path(__file__).resolve().parent.parent / "device-profiles"
+    installed = Path(sys.prefix) / "share" / "edgepack" / "device-profiles"
+    return checkout if checkout.is_dir() or not installed.is_dir() else installed
 
 
 DEFAULT_PROFILE_DIR: Path = _default_profile_dir()
