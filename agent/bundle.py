@@ -99,7 +99,11 @@ def _safe_parts(name: str) -> tuple[str, ...]:
     if not name or name.startswith("/") or "\\" in name or "\x00" in name:
         raise ArchiveError(f"archive member {name!r} has an absolute or malformed path; refusing")
     parts = tuple(p for p in PurePosixPath(name).parts if p != ".")
-    if not parts or any(p == ".." for p in parts):
+    if not parts:
+        raise ArchiveError(
+            f"archive member {name!r} is the archive root; a bundle holds one named directory"
+        )
+    if any(p == ".." for p in parts):
         raise ArchiveError(f"archive member {name!r} escapes the bundle directory ('..'); refusing")
     return parts
 
@@ -129,7 +133,8 @@ def read_archive(data: bytes, limits: ArchiveLimits | None = None) -> tuple[str,
     top: str | None = None
     total = 0
     try:
-        with tarfile.open(fileobj=io.BytesIO(data), mode="r:*") as archive:
+        mode = "r:gz" if data[:2] == b"\x1f\x8b" else "r:"  # gzip or plain tar, nothing else
+        with tarfile.open(fileobj=io.BytesIO(data), mode=mode) as archive:
             for count, member in enumerate(archive, start=1):
                 if count > limits.max_members:
                     raise ArchiveError(f"bundle has more than {limits.max_members} entries")

@@ -141,6 +141,13 @@ def _tensor(data: Any, where: str) -> TensorSpec:
     return TensorSpec(name=name, dtype=dtype, shape=tuple(shape), columns=tuple(columns))
 
 
+def _optional_object(data: Mapping[str, Any], key: str) -> dict[str, Any]:
+    value = data.get(key, {})
+    if not isinstance(value, dict):
+        raise ManifestError(f"manifest.json: '{key}' must be an object")
+    return value
+
+
 def parse_manifest(raw: bytes) -> Manifest:
     """Parse and validate ``manifest.json`` bytes.
 
@@ -159,6 +166,8 @@ def parse_manifest(raw: bytes) -> Manifest:
             f"manifest.json: 'format' must be {FORMAT!r}, got {data.get('format')!r}"
         )
     version = _req(data, "format_version", int, "")
+    if version < 1:
+        raise ManifestError(f"manifest.json: 'format_version' {version} is not valid")
     if version > FORMAT_VERSION:
         raise ManifestError(
             f"manifest.json: bundle format version {version} is newer than this edgepack "
@@ -185,19 +194,26 @@ def parse_manifest(raw: bytes) -> Manifest:
     quantization = data.get("quantization")
     if quantization is not None and not isinstance(quantization, dict):
         raise ManifestError("manifest.json: 'quantization' must be an object or null")
+    profile = _req(data, "profile", str, "")
+    compatibility = _req(data, "compatibility", dict, "")
+    if compatibility.get("profile", profile) != profile:
+        raise ManifestError(
+            f"manifest.json: 'profile' {profile!r} disagrees with compatibility.profile "
+            f"{compatibility.get('profile')!r}"
+        )
     labels = data.get("labels", [])
     if not isinstance(labels, list):
         raise ManifestError("manifest.json: 'labels' must be a list")
     return Manifest(
         name=name,
         version=model_version,
-        profile=_req(data, "profile", str, ""),
+        profile=profile,
         task=task,
         family=_req(data, "family", str, ""),
         precision=precision,
         inputs=tuple(_tensor(t, f"inputs[{i}]") for i, t in enumerate(inputs)),
         outputs=tuple(_tensor(t, f"outputs[{i}]") for i, t in enumerate(outputs)),
-        compatibility=_req(data, "compatibility", dict, ""),
+        compatibility=compatibility,
         runtime=_req(data, "runtime", dict, ""),
         parity=_req(data, "parity", dict, ""),
         health=_req(data, "health", dict, ""),
@@ -206,5 +222,5 @@ def parse_manifest(raw: bytes) -> Manifest:
         packager_version=_req(data, "packager_version", str, ""),
         quantization=quantization,
         labels=tuple(labels),
-        extra=data.get("extra", {}) if isinstance(data.get("extra", {}), dict) else {},
+        extra=_optional_object(data, "extra"),
     )

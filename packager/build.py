@@ -235,6 +235,7 @@ def _build_one(
         else None
     )
     optimized = optimize(model, precision, profile.quantization, calibration)
+    check_limits(optimized.model, profile.max_opset, profile.max_ml_opset, profile.max_ir_version)
     model_bytes = optimized.model.SerializeToString()
     notes = list(optimized.notes)
     if len(model_bytes) > profile.budgets.max_model_bytes:

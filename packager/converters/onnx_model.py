@@ -26,6 +26,8 @@ _ELEM = {
     onnx.TensorProto.STRING: "string",
     onnx.TensorProto.FLOAT16: "float16",
     onnx.TensorProto.BOOL: "bool",
+    onnx.TensorProto.INT8: "int8",
+    onnx.TensorProto.UINT8: "uint8",
 }
 
 
@@ -115,7 +117,17 @@ class OnnxConverter:
 def tensor_specs(model: onnx.ModelProto, which: str) -> tuple[TensorSpec, ...]:
     """Output (or input) specs of a model as the manifest records them."""
     values = model.graph.output if which == "outputs" else model.graph.input
-    return tuple(
-        TensorSpec(v.name, _ELEM.get(v.type.tensor_type.elem_type, "float32"), tuple(_dims(v)))
-        for v in values
-    )
+    specs = []
+    for value in values:
+        dtype = (
+            _ELEM.get(value.type.tensor_type.elem_type)
+            if value.type.HasField("tensor_type")
+            else None
+        )
+        if dtype is None:
+            raise ConversionError(
+                f"model {which[:-1]} {value.name!r} is not a plain tensor of a supported type "
+                "(a ZipMap or sequence output?); re-export classifiers with zipmap=False"
+            )
+        specs.append(TensorSpec(value.name, dtype, tuple(_dims(value))))
+    return tuple(specs)
