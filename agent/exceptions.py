@@ -8,7 +8,15 @@ grouped by whose fault the failure is, and each message says what went wrong and
     │   ├── ArchiveError         unsafe or corrupt tar: link, device, '..', absolute path, too big
     │   ├── ManifestError        manifest.json is missing, malformed or inconsistent
     │   ├── SignatureError       model.sig missing or invalid, a file not covered, an untrusted key
-    │   └── IncompatibleBundleError  built for another profile, arch or onnxruntime
+    │   ├── IncompatibleBundleError  built for another profile, arch or onnxruntime
+    │   └── VersionError         not newer than what is installed (downgrades are refused)
+    ├── InstallError             the device could not install or switch a model; old one kept
+    │   ├── HealthCheckError     the new model failed its golden-sample check: rolled back
+    │   ├── NotInstalledError    no such model, or no retained version to roll back to
+    │   └── StorageError         the state directory cannot be written (full disk, permissions)
+    ├── ConfigError              agent.toml is missing, malformed, or names missing keys/paths
+    ├── RequestError             an inference request is malformed (HTTP 400)
+    │   └── ModelNotFoundError   no such model or version is being served (HTTP 404)
     └── KeyFormatError           a key file cannot be used (unreadable, not ECDSA, wrong kind)
 
 Misuse by the calling program raises the ordinary ``ValueError``/``TypeError``/``RuntimeError``.
@@ -19,11 +27,19 @@ from __future__ import annotations
 __all__ = [
     "ArchiveError",
     "BundleError",
+    "ConfigError",
     "EdgepackError",
+    "HealthCheckError",
     "IncompatibleBundleError",
+    "InstallError",
     "KeyFormatError",
     "ManifestError",
+    "ModelNotFoundError",
+    "NotInstalledError",
+    "RequestError",
     "SignatureError",
+    "StorageError",
+    "VersionError",
 ]
 
 
@@ -54,3 +70,39 @@ class IncompatibleBundleError(BundleError):
 class KeyFormatError(EdgepackError):
     """A key file cannot be used: not PEM, not an ECDSA key, or a private key where a public one
     is expected (or the reverse)."""
+
+
+class VersionError(BundleError):
+    """The bundle's version is not above the highest version of that model ever committed here."""
+
+
+class InstallError(EdgepackError):
+    """An install, rollback or retire could not complete; the previously active model is kept."""
+
+
+class HealthCheckError(InstallError):
+    """The new model did not reproduce its golden outputs on this device; it was rolled back."""
+
+
+class NotInstalledError(InstallError):
+    """The model is not installed, or has no retained previous version to roll back to."""
+
+
+class StorageError(InstallError):
+    """The state directory could not be written or read (full disk, permissions, corruption)."""
+
+
+class ConfigError(EdgepackError):
+    """The agent's configuration file is missing or wrong; the message names the field."""
+
+
+class RequestError(EdgepackError):
+    """An inference request is malformed: the message says which input and what is wrong."""
+
+    status = 400
+
+
+class ModelNotFoundError(RequestError):
+    """No model (or no such version of it) is being served."""
+
+    status = 404
