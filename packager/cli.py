@@ -14,6 +14,7 @@ from pathlib import Path
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -31,7 +32,7 @@ err = Console(stderr=True, highlight=False, width=_WIDTH)
 
 
 def _fail(message: str, code: int = 1) -> None:
-    err.print(f"[bold red]error:[/] {message}")
+    err.print(f"[bold red]error:[/] {escape(message)}")
     sys.exit(code)
 
 
@@ -117,7 +118,7 @@ def profiles(profile_dirs: tuple[Path, ...]) -> None:
     "--version",
     "version",
     required=True,
-    type=click.IntRange(min=0),
+    type=int,
     help="Release counter: an integer that only grows.",
 )
 @click.option(
@@ -221,9 +222,9 @@ def build(
     console.print(table)
     failed = [r for r in results if not r.ok]
     for r in failed:
-        err.print(f"[bold red]{r.profile} failed:[/] {r.error}")
+        err.print(f"[bold red]{r.profile} failed:[/] {escape(str(r.error))}")
         if r.report:
-            err.print(f"  rows where it diverged: {r.report}")
+            err.print(f"  rows where it diverged: {escape(str(r.report))}")
     if failed:
         sys.exit(1)
 
