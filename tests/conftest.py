@@ -56,3 +56,50 @@ def iris_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     joblib.dump(model, directory / "model.joblib")
     x.to_csv(directory / "reference.csv", index=False)
     return directory / "model.joblib", directory / "reference.csv"
+
+
+@pytest.fixture(scope="session")
+def iris_bundles(
+    tmp_path_factory: pytest.TempPathFactory, keys: KeyPair, iris_model: tuple[Path, Path]
+) -> dict[str, Path]:
+    """Real bundles of the iris model: versions 1, 2, 3 for x86_64-cpu, and v2 for arm64-cpu.
+
+    Keys: ``"v1"``, ``"v2"``, ``"v3"`` and ``"arm64-v2"``. Signed with :func:`keys`.
+    """
+    from packager.build import BuildRequest, build
+
+    out = tmp_path_factory.mktemp("bundles")
+    model, reference = iris_model
+    found: dict[str, Path] = {}
+    for version in (1, 2, 3):
+        profiles = ("x86_64-cpu", "arm64-cpu") if version == 2 else ("x86_64-cpu",)
+        results = build(
+            BuildRequest(
+                model=model,
+                name="iris",
+                version=version,
+                profiles=profiles,
+                reference=reference,
+                key=keys.private,
+                out_dir=out,
+                trust_pickle=True,
+            )
+        )
+        for result in results:
+            assert result.ok and result.bundle is not None, result.error
+            prefix = "" if result.profile == "x86_64-cpu" else "arm64-"
+            found[f"{prefix}v{version}"] = result.bundle
+    return found
+
+
+def write_agent_config(
+    directory: Path, keys: KeyPair, *, profile: str = "x86_64-cpu", port: int = 0, extra: str = ""
+) -> Path:
+    """An agent.toml for a test device whose state lives in ``directory / "state"``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "agent.toml"
+    path.write_text(
+        f'device_id = "test-device"\nprofile = "{profile}"\nstate_dir = "state"\n'
+        f'trusted_keys = ["{keys.public}"]\n[server]\nport = {port}\n{extra}'
+    )
+    return path
