@@ -86,7 +86,8 @@ def iris_bundles(
             )
         )
         for result in results:
-            assert result.ok and result.bundle is not None, result.error
+            assert result.ok, result.error
+            assert result.bundle is not None
             prefix = "" if result.profile == "x86_64-cpu" else "arm64-"
             found[f"{prefix}v{version}"] = result.bundle
     return found
