@@ -467,6 +467,7 @@ class Lifecycle:
             if current.previous != e.version:
                 raise NotInstalledError(f"{e.model} v{e.version} is no longer retained")
             current.active, current.previous = e.version, None
+            current.installed_at = _now()
             state.record(
                 model=e.model,
                 action="rollback",
