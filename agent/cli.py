@@ -97,7 +97,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         for name, m in status["models"].items()
     ]
     print(
-        _table(["model", "active", "previous", "highest", "installed"], rows)
+        _table(["model", "active", "previous", "highest", "active since"], rows)
         if rows
         else "no models installed"
     )
