@@ -14,6 +14,7 @@ CLI exits non-zero if any failed. Progress is reported through an ``on_step`` ca
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import io
 import json
@@ -234,41 +235,55 @@ def _build_one(
         if len(shared.split.calibration)
         else None
     )
-    optimized = optimize(model, precision, profile.quantization, calibration)
-    check_limits(optimized.model, profile.max_opset, profile.max_ml_opset, profile.max_ir_version)
-    model_bytes = optimized.model.SerializeToString()
-    notes = list(optimized.notes)
-    if len(model_bytes) > profile.budgets.max_model_bytes:
-        raise ConversionError(
-            f"model is {len(model_bytes):,} bytes, above the profile's budget of "
-            f"{profile.budgets.max_model_bytes:,}"
-        )
-
-    step(profile.id, "checking parity")
     available = set(ort.get_available_providers())
     providers = [p for p in profile.providers if p in available] or ["CPUExecutionProvider"]
     mismatch = _target_mismatch(profile, precision, available)
     target_verified = mismatch is None
-    try:
-        session = _session(model_bytes, providers)
-        outputs = session.run(None, shared.layout.feeds(shared.split.parity))
-    except Exception as e:
-        if target_verified:
-            raise ConversionError(f"the packaged model does not run: {e}") from e
-        return ProfileResult(
-            profile.id,
-            False,
-            time.perf_counter() - start,
-            precision=precision,
-            family=family,
-            error=f"the packaged model cannot run on this build machine ({providers}): {e}",
+    notes: list[str] = []
+    # int8: static (calibrated) first; if it misses the parity gate, dynamic before giving up.
+    ladder = [profile.quantization]
+    if precision == "int8" and profile.quantization.mode == "static" and calibration is not None:
+        ladder.append(dataclasses.replace(profile.quantization, mode="dynamic"))
+    for settings in ladder:
+        optimized = optimize(model, precision, settings, calibration)
+        check_limits(
+            optimized.model, profile.max_opset, profile.max_ml_opset, profile.max_ir_version
         )
-    parity = compare(
-        shared.task,
-        shared.source_parity,
-        packaged_prediction(shared.task, outputs),
-        profile.tolerance_for(precision),
-    )
+        model_bytes = optimized.model.SerializeToString()
+        notes += optimized.notes
+        if len(model_bytes) > profile.budgets.max_model_bytes:
+            raise ConversionError(
+                f"model is {len(model_bytes):,} bytes, above the profile's budget of "
+                f"{profile.budgets.max_model_bytes:,}"
+            )
+        step(profile.id, "checking parity")
+        try:
+            session = _session(model_bytes, providers)
+            outputs = session.run(None, shared.layout.feeds(shared.split.parity))
+        except Exception as e:
+            if target_verified:
+                raise ConversionError(f"the packaged model does not run: {e}") from e
+            return ProfileResult(
+                profile.id,
+                False,
+                time.perf_counter() - start,
+                precision=precision,
+                family=family,
+                error=f"the packaged model cannot run on this build machine ({providers}): {e}",
+            )
+        parity = compare(
+            shared.task,
+            shared.source_parity,
+            packaged_prediction(shared.task, outputs),
+            profile.tolerance_for(precision),
+        )
+        if parity.passed:
+            break
+        if settings is not ladder[-1]:
+            notes.append(
+                f"{settings.mode} int8 missed the parity gate ({'; '.join(parity.failures)}); "
+                "tried dynamic int8"
+            )
     parity_doc = {
         "passed": parity.passed,
         "rows": parity.metrics.get("rows"),
@@ -281,6 +296,8 @@ def _build_one(
         },
         "target_verified": target_verified,
     }
+    if notes:
+        parity_doc["notes"] = notes
     if not target_verified:
         parity_doc["note"] = (
             f"not verified on target hardware: checked on {_machine_arch()} with "
@@ -296,7 +313,11 @@ def _build_one(
                 {
                     **parity_doc,
                     "failures": list(parity.failures),
-                    "worst_rows": list(parity.worst_rows),
+                    "worst_rows": [
+                        # the row's position in the user's reference data (0 = first data row)
+                        {**row, "row": int(shared.split.parity.index[row["row"]])}
+                        for row in parity.worst_rows
+                    ],
                 },
                 indent=2,
                 default=str,

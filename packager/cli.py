@@ -220,6 +220,9 @@ def build(
                 r.profile, r.precision or "-", "-", "[red]FAILED[/]", "-", f"{r.seconds:.1f}s", "-"
             )
     console.print(table)
+    for r in results:
+        for note in r.notes:
+            err.print(f"[yellow]{r.profile}:[/] {escape(note)}")
     failed = [r for r in results if not r.ok]
     for r in failed:
         err.print(f"[bold red]{r.profile} failed:[/] {escape(str(r.error))}")

@@ -27,6 +27,7 @@ __all__ = [
     "graph_ops",
     "normalize_opsets",
     "opsets_of",
+    "rename_inputs",
     "repack_fp16",
 ]
 
@@ -112,6 +113,25 @@ def check_limits(model: onnx.ModelProto, max_opset: int, max_ml_opset: int, max_
         raise ConversionError(
             f"model has IR version {model.ir_version} but the profile allows at most {max_ir}"
         )
+
+
+def rename_inputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
+    """Give the graph's inputs ``names`` (in order), rewiring every node that reads them."""
+    inputs = [
+        i for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}
+    ]
+    if len(inputs) != len(names):
+        raise ConversionError(f"converter made {len(inputs)} inputs for {len(names)} columns")
+    mapping = {
+        value.name: new for value, new in zip(inputs, names, strict=True) if value.name != new
+    }
+    if not mapping:
+        return model
+    for value in inputs:
+        value.name = mapping.get(value.name, value.name)
+    for node in _walk(model.graph):
+        node.input[:] = [mapping.get(name, name) for name in node.input]
+    return model
 
 
 def repack_fp16(model: onnx.ModelProto) -> onnx.ModelProto:

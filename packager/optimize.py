@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 
 from packager.exceptions import OptimizationError, short_error
-from packager.graph import normalize_opsets, opsets_of, repack_fp16
+from packager.graph import ML_DOMAIN, normalize_opsets, opsets_of, repack_fp16
 from packager.profiles import Quantization
 
 __all__ = ["Optimized", "optimize"]
@@ -34,7 +34,13 @@ log = logging.getLogger(__name__)
 _QUANTIZED_OPS = ("MatMul", "Gemm", "Conv", "ConvTranspose")
 # After quant_pre_process, tensors fed by ai.onnx.ml operators lose their inferred type; they are
 # float. Only MatMuls with a constant weight are worth quantizing.
-_EXTRA_OPTIONS = {"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT}
+# QDQDisableWeightAdjustForInt32Bias: onnxruntime 1.32's bias-scale adjustment crashes on
+# per-channel MatMul weights ("truth value of an array is ambiguous").
+_EXTRA_OPTIONS = {
+    "MatMulConstBOnly": True,
+    "DefaultTensorType": onnx.TensorProto.FLOAT,
+    "QDQDisableWeightAdjustForInt32Bias": True,
+}
 
 
 @dataclass(frozen=True)
@@ -104,12 +110,17 @@ def _quantize(
     with tempfile.TemporaryDirectory(prefix="edgepack-quant-") as tmp, _quiet_root_logger():
         src, pre, out = Path(tmp, "in.onnx"), Path(tmp, "pre.onnx"), Path(tmp, "out.onnx")
         onnx.save(model, src)
-        try:
-            quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
-        except Exception as e:  # noqa: BLE001 - pre-processing is an optimization, not required
-            log.warning("quant_pre_process failed (%s); quantizing the model as converted", e)
-            notes.append(f"quant_pre_process skipped: {e}")
+        if any(op.domain == ML_DOMAIN for op in model.opset_import):
+            # After pre-processing, tensors fed by ai.onnx.ml operators (skl2onnx pipelines) lose
+            # their types, and the quantizer then leaves every activation in float.
             pre = src
+        else:
+            try:
+                quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
+            except Exception as e:  # noqa: BLE001 - pre-processing is an optimization
+                log.warning("quant_pre_process failed (%s); quantizing the model as converted", e)
+                notes.append(f"quant_pre_process skipped: {e}")
+                pre = src
         try:
             if static:
                 assert calibration is not None

@@ -175,7 +175,8 @@ def _require_columns(frame: pd.DataFrame, columns: Sequence[str]) -> None:
 
 @dataclass(frozen=True)
 class ReferenceSplit:
-    """Reference rows split for their jobs; all three are feature-only frames."""
+    """Reference rows split for their jobs; all three are feature-only frames whose index is the
+    row's position in the reference data (0 = first data row)."""
 
     all: pd.DataFrame
     calibration: pd.DataFrame
@@ -207,7 +208,7 @@ def split_reference(
             "fill or drop them first"
         )
     order = np.random.default_rng(seed).permutation(len(features))
-    shuffled = features.iloc[order].reset_index(drop=True)
+    shuffled = features.iloc[order]  # the index keeps each row's position in the reference file
     n_cal = min(calibration_rows, len(shuffled) // 2)
     calibration = shuffled.iloc[:n_cal]
     parity = shuffled.iloc[n_cal : n_cal + max_parity_rows]

@@ -7,6 +7,7 @@ that after conversion.
 
 from __future__ import annotations
 
+import copy
 from typing import Any, ClassVar
 
 import numpy as np
@@ -105,6 +106,11 @@ class XGBoostConverter(_BoostingConverter):
         from onnxmltools.convert.common.data_types import FloatTensorType
 
         spec = layout.specs[0]
+        if getattr(obj, "feature_names_in_", None) is not None:
+            # onnxmltools only understands XGBoost's default feature names f0, f1, ...; the
+            # column order is fixed by the layout, so the names can go.
+            obj = copy.deepcopy(obj)
+            obj.get_booster().feature_names = None
         try:
             return tools.convert_xgboost(
                 obj,

@@ -17,6 +17,7 @@ import pandas as pd
 
 from packager.converters import Prediction
 from packager.exceptions import UnsupportedModelError, short_error
+from packager.graph import rename_inputs
 from packager.reference import InputLayout, columns_layout, tensor_layout
 
 _TREE_MODULES = ("sklearn.ensemble", "sklearn.tree")
@@ -165,7 +166,7 @@ class SklearnConverter:
             if is_classifier(step):
                 options.setdefault(id(step), {})["zipmap"] = False
         try:
-            return convert_sklearn(
+            converted = convert_sklearn(
                 model,
                 initial_types=initial_types,
                 target_opset={"": opset, "ai.onnx.ml": ml_opset},
@@ -175,6 +176,9 @@ class SklearnConverter:
             raise UnsupportedModelError(
                 f"skl2onnx cannot convert {self.describe(obj)}: {short_error(e)}"
             ) from e
+        # skl2onnx turns column names into identifiers ('sepal length (cm)' → 'sepal_length__cm_');
+        # the bundle keeps the names the data has.
+        return rename_inputs(converted, [s.name for s in layout.specs])
 
     def _inputs(self, obj: Any, layout: InputLayout, frame: pd.DataFrame) -> Any:
         features = layout.select(frame)
