@@ -10,6 +10,7 @@ the process every time ends in a rollback instead of a crash loop.
 from __future__ import annotations
 
 import datetime as dt
+import uuid
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ class JournalEntry:
 
     op: str  # "install" | "rollback" | "retire"
     state: str
+    id: str = field(default_factory=lambda: uuid.uuid4().hex[:16])  # ties history events to it
     source: str | None = None  # where the bundle comes from (path or URL)
     incoming: str | None = None  # the local copy being installed
     expected_sha256: str | None = None

@@ -43,6 +43,7 @@ from agent.exceptions import (
     EdgepackError,
     InstallError,
     NotInstalledError,
+    StorageError,
     VersionError,
 )
 from agent.health import check_golden, open_session
@@ -253,6 +254,7 @@ class Lifecycle:
             op="retire",
             state=S.COMMITTING.value,
             model=name,
+            version=current.active,
             from_version=current.active,
             job_id=job_id,
         )
@@ -271,7 +273,8 @@ class Lifecycle:
             if attempts > self.config.limits.max_install_attempts and entry.op == "install":
                 resume = S.ROLLING_BACK
                 reason = f"interrupted {entry.attempts} times in state {state.value}"
-            elif attempts > self.config.limits.max_install_attempts:
+            elif attempts > self.config.limits.max_install_attempts and state is S.HEALTH_CHECK:
+                # A rollback that keeps crashing before its commit changes nothing: give up.
                 self.journal.clear()
                 return Outcome(
                     entry.op,
@@ -292,8 +295,8 @@ class Lifecycle:
                 attempts,
             )
             run = _Run(entry.moved(resume.value, attempts=attempts, reason=reason or entry.reason))
-            if reason:
-                run.error = InstallError(reason)
+            if run.entry.reason and resume is S.ROLLING_BACK:
+                run.error = InstallError(run.entry.reason)  # why it is being rolled back
             return self._drive(run)
 
     # -- the machine -------------------------------------------------------------------------
@@ -310,7 +313,14 @@ class Lifecycle:
     def _enter(self, run: _Run, state: State) -> None:
         run.entry = run.entry.moved(state.value)
         if state not in (S.DONE, S.FAILED):
-            self.journal.write(run.entry)  # save before acting
+            try:
+                self.journal.write(run.entry)  # save before acting
+            except StorageError:
+                if state is not S.ROLLING_BACK:
+                    raise  # this state fails before it acts
+                # Undoing must not wait for a full disk: roll back unjournaled; a crash now
+                # leaves the previous state's journal, whose recovery also ends here.
+                log.error("cannot journal the rollback (disk full?); rolling back anyway")
         run.trace.append(state.value)
         log.info("%s %s: %s", run.entry.op, run.entry.model or run.entry.source, state.value)
         if self.on_state:
@@ -320,8 +330,8 @@ class Lifecycle:
     def _drive(self, run: _Run) -> Outcome:
         state = State(run.entry.state)
         while state not in (S.DONE, S.FAILED):
-            self._enter(run, state)
             try:
+                self._enter(run, state)
                 event = SKIP if self._handlers[state](run) is SKIP else OK
             except EdgepackError as e:
                 log.warning(
@@ -332,6 +342,7 @@ class Lifecycle:
                     e,
                 )
                 run.error = run.error or e
+                run.entry = run.entry.moved(state.value, reason=str(run.error))
                 event = FAIL
             _fault("EDGEPACK_FAULT_KILL_AFTER", state, run.entry)
             following = TRANSITIONS.get((run.entry.op, state, event))
@@ -454,6 +465,7 @@ class Lifecycle:
             current.bundle_sha256 = _sha256_file(e.incoming)
             current.installed_at = _now()
             state.record(
+                op=e.id,
                 model=e.model,
                 action="install",
                 version=e.version,
@@ -469,6 +481,7 @@ class Lifecycle:
             current.active, current.previous = e.version, None
             current.installed_at = _now()
             state.record(
+                op=e.id,
                 model=e.model,
                 action="rollback",
                 version=e.version,
@@ -481,6 +494,7 @@ class Lifecycle:
                 return
             current.active = current.previous = None
             state.record(
+                op=e.id,
                 model=e.model,
                 action="retire",
                 version=e.from_version,
@@ -507,7 +521,10 @@ class Lifecycle:
             self.store.prune(e.model, current.retained())
         if e.incoming:
             Path(e.incoming).unlink(missing_ok=True)
+        if any(event.get("op") == e.id for event in state.history):
+            return  # recorded before a crash
         state.record(
+            op=e.id,
             model=e.model,
             action=e.op,
             version=e.version,
