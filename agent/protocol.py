@@ -92,6 +92,28 @@ def _bytes_elements(blob: bytes, name: str) -> list[str]:
     return items
 
 
+def _json_values(data: Any, datatype: str, name: str) -> np.ndarray:
+    """JSON data as ``datatype``, refusing lossy conversions (5.5 as INT64, 300 as UINT8)."""
+    if datatype == "BYTES":
+        return np.asarray(data, dtype=np.str_)
+    kind = np.dtype(_NUMPY[datatype])
+    raw = np.asarray(data)
+    if raw.dtype.kind in "USO":
+        raise RequestError(f"input {name!r}: data does not match datatype {datatype}: got text")
+    if kind.kind in "iub":
+        if raw.dtype.kind == "f" and not np.all(np.mod(raw, 1) == 0):
+            raise RequestError(f"input {name!r}: {datatype} data must be whole numbers")
+        if kind.kind in "iu" and raw.size:
+            info = np.iinfo(kind)
+            if raw.min() < info.min or raw.max() > info.max:
+                raise RequestError(
+                    f"input {name!r}: values outside the {datatype} range {info.min}..{info.max}"
+                )
+        if kind.kind == "b" and raw.size and not np.isin(raw, (0, 1)).all():
+            raise RequestError(f"input {name!r}: BOOL data must be true/false")
+    return raw.astype(kind)
+
+
 def _decode_input(item: Any, binary: bytes, offset: int) -> tuple[str, np.ndarray, int]:
     if not isinstance(item, dict):
         raise RequestError("each entry of 'inputs' must be an object")
@@ -126,14 +148,13 @@ def _decode_input(item: Any, binary: bytes, offset: int) -> tuple[str, np.ndarra
         else:
             if "data" not in item:
                 raise RequestError(f"input {name!r} has no 'data'")
-            kind = np.str_ if datatype == "BYTES" else _NUMPY[datatype]
-            values = np.asarray(item["data"], dtype=kind)
+            values = _json_values(item["data"], datatype, name)
         if values.size != count:
             raise RequestError(
                 f"input {name!r}: {values.size} values do not fill shape {shape} ({count})"
             )
         return name, values.reshape(shape), offset
-    except (TypeError, ValueError, UnicodeDecodeError) as e:
+    except (TypeError, ValueError, OverflowError, UnicodeDecodeError) as e:
         raise RequestError(f"input {name!r}: data does not match datatype {datatype}: {e}") from e
 
 
@@ -151,7 +172,7 @@ def decode_infer_request(body: bytes, header_length: int | None) -> InferRequest
         header, binary = body, b""
     try:
         data = json.loads(header)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise RequestError(f"request body is not valid JSON: {e}") from e
     if not isinstance(data, dict) or not isinstance(data.get("inputs"), list):
         raise RequestError("request must be a JSON object with an 'inputs' list")
@@ -169,7 +190,10 @@ def decode_infer_request(body: bytes, header_length: int | None) -> InferRequest
         if not isinstance(item, dict) or not isinstance(item.get("name"), str):
             raise RequestError("each entry of 'outputs' must be an object with a 'name'")
         outputs.append(item["name"])
-        if (item.get("parameters") or {}).get("binary_data"):
+        out_parameters = item.get("parameters") or {}
+        if not isinstance(out_parameters, dict):
+            raise RequestError(f"'outputs' entry {item['name']!r}: 'parameters' must be an object")
+        if out_parameters.get("binary_data"):
             binary_outputs.add(item["name"])
     parameters = data.get("parameters") or {}
     request_id = data.get("id")

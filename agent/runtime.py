@@ -219,7 +219,13 @@ class Runtime:
             ModelNotFoundError: no such model or version.
             RequestError: bad inputs or unknown outputs.
         """
-        served = self.get(name, version)
+        return self.run(self.get(name, version), inputs, outputs)
+
+    def run(
+        self, served: ServedModel, inputs: Mapping[str, Any], outputs: Sequence[str] | None = None
+    ) -> dict[str, np.ndarray]:
+        """Run on the model already held, even if a newer version was swapped in meanwhile."""
+        name = served.name
         feeds = self.prepare(served, inputs)
         names = served.output_names
         wanted = list(outputs) if outputs else names

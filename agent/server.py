@@ -19,6 +19,7 @@ import json
 import logging
 import re
 import socket
+import sys
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -42,6 +43,8 @@ HEADER_LENGTH = "Inference-Header-Content-Length"
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # A half-sent request or an idle keep-alive connection frees its thread after this long.
+    timeout = 60
     server_version = f"edgepack-agent/{agent.__version__}"
     server: _Server
 
@@ -137,13 +140,11 @@ class _Handler(BaseHTTPRequestHandler):
             return
         body = self.rfile.read(length)
         try:
-            header = self.headers.get(HEADER_LENGTH)
-            request = decode_infer_request(body, int(header) if header is not None else None)
+            request = decode_infer_request(body, _header_length(self.headers.get(HEADER_LENGTH)))
             version = int(match["version"]) if match["version"] else None
             served = self.server.runtime.get(match["name"], version)
-            outputs = self.server.runtime.infer(
-                served.name, request.inputs, served.version, request.outputs or None
-            )
+            # run on the model we hold: a hot swap right now must not fail this request
+            outputs = self.server.runtime.run(served, request.inputs, request.outputs or None)
             payload, header_length = encode_infer_response(
                 served.name, served.version, request, outputs
             )
@@ -182,6 +183,15 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
 
 
+def _header_length(value: str | None) -> int | None:
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise RequestError(f"{HEADER_LENGTH} must be an integer, got {value[:40]!r}") from None
+
+
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
@@ -200,6 +210,14 @@ class _Server(ThreadingHTTPServer):
         self.ready = ready
         self.on_request = on_request
         super().__init__(address, _Handler)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that hung up or timed out is routine; anything else is logged with its trace."""
+        error = sys.exc_info()[1]
+        if isinstance(error, (ConnectionError, TimeoutError)):
+            log.debug("client %s went away: %s", client_address, error)
+        else:
+            log.exception("unexpected error serving %s", client_address)
 
 
 class InferenceServer:
