@@ -15,6 +15,9 @@ grouped by whose fault the failure is, and each message says what went wrong and
     │   ├── NotInstalledError    no such model, or no retained version to roll back to
     │   └── StorageError         the state directory cannot be written (full disk, permissions)
     ├── ConfigError              agent.toml is missing, malformed, or names missing keys/paths
+    ├── CommandError             a fleet command is unsigned, untrusted, expired, replayed, or
+    │                            for another device: the device reports it REJECTED
+    ├── DownloadError            a bundle could not be downloaded (after retries)
     ├── RequestError             an inference request is malformed (HTTP 400)
     │   └── ModelNotFoundError   no such model or version is being served (HTTP 404)
     └── KeyFormatError           a key file cannot be used (unreadable, not ECDSA, wrong kind)
@@ -27,7 +30,9 @@ from __future__ import annotations
 __all__ = [
     "ArchiveError",
     "BundleError",
+    "CommandError",
     "ConfigError",
+    "DownloadError",
     "EdgepackError",
     "HealthCheckError",
     "IncompatibleBundleError",
@@ -106,3 +111,11 @@ class ModelNotFoundError(RequestError):
     """No model (or no such version of it) is being served."""
 
     status = 404
+
+
+class CommandError(EdgepackError):
+    """A fleet command was refused; the message is the reason reported with REJECTED."""
+
+
+class DownloadError(EdgepackError):
+    """A bundle download failed after its retries: server down, wrong size or hash, timeout."""
