@@ -39,7 +39,7 @@ def _agent(args: argparse.Namespace) -> Any:
     from agent.config import load_config
     from agent.daemon import Agent
 
-    overrides = {"state_dir": Path(args.state_dir)} if args.state_dir else {}
+    overrides = {"state_dir": Path(args.state_dir).resolve()} if args.state_dir else {}
     return Agent(load_config(Path(args.config), **overrides))
 
 
@@ -57,9 +57,17 @@ def _print_outcome(outcome: Any) -> int:
     return 1
 
 
+def _recover(agent: Any) -> None:
+    """Finish an interrupted operation first, and say so."""
+    outcome = agent.lifecycle.recover()
+    if outcome is not None:
+        print(f"recovered an interrupted {outcome.op}: ", end="")
+        _print_outcome(outcome)
+
+
 def cmd_install(args: argparse.Namespace) -> int:
     agent = _agent(args)
-    agent.lifecycle.recover()
+    _recover(agent)
     return _print_outcome(
         agent.lifecycle.install(str(Path(args.bundle).resolve()), expected_sha256=args.sha256)
     )
@@ -67,13 +75,13 @@ def cmd_install(args: argparse.Namespace) -> int:
 
 def cmd_rollback(args: argparse.Namespace) -> int:
     agent = _agent(args)
-    agent.lifecycle.recover()
+    _recover(agent)
     return _print_outcome(agent.lifecycle.rollback(args.model))
 
 
 def cmd_retire(args: argparse.Namespace) -> int:
     agent = _agent(args)
-    agent.lifecycle.recover()
+    _recover(agent)
     return _print_outcome(agent.lifecycle.retire(args.model))
 
 

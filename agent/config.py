@@ -157,7 +157,7 @@ def load_config(path: Path, **overrides: Any) -> AgentConfig:
         raise ConfigError(f"cannot read {path}: {e.strerror or e}") from e
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from e
-    base = path.parent
+    base = path.resolve().parent  # journaled paths must not depend on the working directory
     sections = {"server": ServerConfig, "runtime": RuntimeConfig, "limits": LimitsConfig}
     top: dict[str, Any] = {}
     extra: dict[str, Any] = {}

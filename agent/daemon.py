@@ -155,6 +155,7 @@ class Agent:
         """Installed and served models, any pending operation, and recent events."""
         state = self.lifecycle.store.load()
         served = {m.name: m.version for m in self.runtime.models()}
+        failed = self.runtime.failed
         pending = self.lifecycle.journal.read()
         return {
             "device_id": self.config.device_id,
@@ -165,6 +166,7 @@ class Agent:
                     "previous": m.previous,
                     "highest": m.highest,
                     "serving": served.get(name),
+                    "not_served_because": failed.get(name, (None, None))[1],
                     "installed_at": m.installed_at,
                 }
                 for name, m in sorted(state.models.items())

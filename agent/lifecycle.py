@@ -270,7 +270,12 @@ class Lifecycle:
             attempts = entry.attempts + 1
             resume = RESUME.get(state, S.ROLLING_BACK)
             reason = None
-            if attempts > self.config.limits.max_install_attempts and entry.op == "install":
+            pre_commit = state not in (S.COMMITTING, S.CLEANUP, S.ROLLING_BACK)
+            if (
+                attempts > self.config.limits.max_install_attempts
+                and entry.op == "install"
+                and pre_commit
+            ):
                 resume = S.ROLLING_BACK
                 reason = f"interrupted {entry.attempts} times in state {state.value}"
             elif attempts > self.config.limits.max_install_attempts and state is S.HEALTH_CHECK:
@@ -493,6 +498,7 @@ class Lifecycle:
             if current.active is None:
                 return
             current.active = current.previous = None
+            current.installed_at = None
             state.record(
                 op=e.id,
                 model=e.model,

@@ -20,7 +20,7 @@ import onnxruntime as ort
 
 from agent.bundle import MANIFEST_FILE, MODEL_FILE, SIGNATURE_FILE
 from agent.config import RuntimeConfig
-from agent.exceptions import ModelNotFoundError, RequestError
+from agent.exceptions import EdgepackError, ModelNotFoundError, RequestError, StorageError
 from agent.health import open_session
 from agent.manifest import Manifest, TensorSpec, parse_manifest
 from agent.signing import verify_files
@@ -114,6 +114,7 @@ class Runtime:
         self._models: dict[str, ServedModel] = {}
         self._sync_lock = threading.Lock()
         self.generation = -1
+        self.failed: dict[str, tuple[int, str]] = {}  # model -> (version, why it is not served)
 
     def get(self, name: str, version: int | None = None) -> ServedModel:
         """The served model, or :class:`ModelNotFoundError` naming what is there."""
@@ -154,17 +155,17 @@ class Runtime:
                     continue
                 if current is not None and current.version == model.active:
                     continue
-                files = store.read_files(name, model.active)
-                verify_files(
-                    {k: v for k, v in files.items() if k != SIGNATURE_FILE},
-                    files.get(SIGNATURE_FILE, b""),
-                    keys,
-                )
-                manifest = parse_manifest(files[MANIFEST_FILE])
-                self.put(
-                    ServedModel(manifest, open_session(files[MODEL_FILE], manifest, self._config))
-                )
-                changes.append(f"{name}: serving v{model.active}")
+                if self.failed.get(name, (None,))[0] == model.active:
+                    continue  # already reported; retried when the active version changes
+                try:
+                    self.put(self._load(store, name, model.active, keys))
+                    self.failed.pop(name, None)
+                    changes.append(f"{name}: serving v{model.active}")
+                except EdgepackError as e:
+                    # One broken model must not take the others down with it.
+                    self.remove(name)
+                    self.failed[name] = (model.active, str(e))
+                    log.error("runtime: not serving %s v%d: %s", name, model.active, e)
             for name in [n for n in self._models if n not in state.models]:
                 self.remove(name)
                 changes.append(f"{name}: removed")
@@ -172,6 +173,20 @@ class Runtime:
         for line in changes:
             log.info("runtime: %s", line)
         return changes
+
+    def _load(self, store: Store, name: str, version: int, keys: Sequence[Any]) -> ServedModel:
+        files = store.read_files(name, version)
+        if MANIFEST_FILE not in files or MODEL_FILE not in files:
+            raise StorageError(
+                f"{store.version_dir(name, version)} is incomplete; reinstall {name}"
+            )
+        verify_files(
+            {k: v for k, v in files.items() if k != SIGNATURE_FILE},
+            files.get(SIGNATURE_FILE, b""),
+            keys,
+        )
+        manifest = parse_manifest(files[MANIFEST_FILE])
+        return ServedModel(manifest, open_session(files[MODEL_FILE], manifest, self._config))
 
     def prepare(self, served: ServedModel, inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
         """Validate ``inputs`` against the manifest and build onnxruntime feeds.

@@ -114,7 +114,10 @@ class Store:
             InstallError: another process held it for longer than ``timeout`` seconds.
         """
         self.ensure()
-        fd = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fd = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as e:
+            raise storage_error("open the lock file", self.root / "lock", e) from e
         deadline = time.monotonic() + timeout
         try:
             while True:

@@ -502,7 +502,11 @@ def test_pending_operation_blocks_another_until_recovered(prepared, iris_bundles
         lifecycle.install(str(iris_bundles["v3"]))
     # The CLI recovers first, then installs.
     result = cli(work, "install", iris_bundles["v3"])
-    assert (result.returncode, result.stdout) == (0, "installed: iris v3 (was v2)\n")
+    assert result.returncode == 0
+    assert result.stdout == (
+        "recovered an interrupted install: installed: iris v2 (was v1)\n"
+        "installed: iris v3 (was v2)\n"
+    )
 
 
 @pytest.mark.parametrize(
@@ -635,6 +639,60 @@ def test_committed_retire_interrupted_too_often_still_ends_retired(
     assert outcome is not None
     assert_consistent(work, trusted, rows, active=None, previous=None)
     assert outcome.result == "retired"
+
+
+@pytest.mark.parametrize("state", ["committing", "cleanup"])
+def test_committed_install_interrupted_too_often_still_ends_installed(
+    state, prepared, iris_bundles, rows, trusted, tmp_path
+):
+    work = device(prepared["v1"], tmp_path)
+    kill(work, "EDGEPACK_FAULT_KILL_AFTER", state, "install", iris_bundles["v2"])
+    journal = Journal(work / "state" / "journal.json")
+    entry = journal.read()
+    assert entry is not None
+    journal.write(dataclasses.replace(entry, attempts=3))
+    outcome = Lifecycle(load_config(work / "agent.toml")).recover()
+    assert outcome is not None
+    assert outcome.result == "installed"
+    assert outcome.error is None
+    assert_consistent(work, trusted, rows, active=2, previous=1)
+
+
+def test_a_model_corrupted_at_rest_does_not_stop_the_others(
+    prepared, iris_model, keys, rows, tmp_path
+):
+    from packager.build import BuildRequest, build
+
+    model, reference = iris_model
+    [other] = build(
+        BuildRequest(
+            model=model,
+            name="other",
+            version=1,
+            profiles=["x86_64-cpu"],
+            reference=reference,
+            key=keys.private,
+            out_dir=tmp_path / "dist",
+            trust_pickle=True,
+        )
+    )
+    assert other.bundle is not None
+    work = device(prepared["v1"], tmp_path)
+    config = load_config(work / "agent.toml")
+    with Agent(config).start(serve_http=False) as agent:
+        assert agent.install(str(other.bundle)).ok
+    # damage one model's installed file behind the agent's back, then restart the agent
+    model_file = work / "state" / "models" / "iris" / "1" / MODEL_FILE
+    model_file.write_bytes(model_file.read_bytes() + b"\0")
+    with Agent(config).start(serve_http=False) as agent:
+        status = agent.status()["models"]
+        assert status["iris"]["serving"] is None
+        assert "modified after signing" in status["iris"]["not_served_because"]
+        with pytest.raises(ModelNotFoundError):
+            agent.infer("iris", {"input": rows.inputs[:1]})
+        assert status["other"]["serving"] == 1
+        out = agent.infer("other", {"input": rows.inputs})
+        np.testing.assert_array_equal(out["label"], rows.labels)  # same model, other name
 
 
 # --- the CLI ------------------------------------------------------------------------------------
