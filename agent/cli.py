@@ -38,9 +38,10 @@ def _table(headers: list[str], rows: list[list[Any]]) -> str:
 def _agent(args: argparse.Namespace) -> Any:
     from agent.config import load_config
     from agent.daemon import Agent
+    from agent.download import HttpFetcher
 
     overrides = {"state_dir": Path(args.state_dir).resolve()} if args.state_dir else {}
-    return Agent(load_config(Path(args.config), **overrides))
+    return Agent(load_config(Path(args.config), **overrides), fetcher=HttpFetcher())
 
 
 def _print_outcome(outcome: Any) -> int:
@@ -142,6 +143,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     agent.start()
+    link = None
+    if "mqtt" in agent.config.extra:
+        from agent.mqtt import DeviceLink, MqttConfig
+
+        source = agent.config.source or Path(args.config)
+        mqtt_config = MqttConfig.from_agent(
+            agent.config.extra["mqtt"], str(source), source.resolve().parent
+        )
+        link = DeviceLink(agent, mqtt_config).start()
     served = ", ".join(f"{m.name} v{m.version}" for m in agent.runtime.models()) or "no models"
     where = agent.server.url if agent.server else "no HTTP server"
     logging.getLogger("edgepack.agent").info(
@@ -150,6 +160,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         stop.wait()
     finally:
+        if link is not None:
+            link.stop()
         agent.stop()
     return 0
 

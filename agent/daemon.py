@@ -124,11 +124,18 @@ class Agent:
         return outcome
 
     def install(
-        self, source: str, *, expected_sha256: str | None = None, job_id: str | None = None
+        self,
+        source: str,
+        *,
+        expected_sha256: str | None = None,
+        expected_size: int | None = None,
+        job_id: str | None = None,
     ) -> Outcome:
         """Install a bundle (see :meth:`agent.lifecycle.Lifecycle.install`) and serve it."""
         return self._apply(
-            self.lifecycle.install(source, expected_sha256=expected_sha256, job_id=job_id)
+            self.lifecycle.install(
+                source, expected_sha256=expected_sha256, expected_size=expected_size, job_id=job_id
+            )
         )
 
     def rollback(self, name: str, *, job_id: str | None = None) -> Outcome:

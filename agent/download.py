@@ -1,26 +1,19 @@
 """Bundle downloads over HTTP(S): streamed to disk, capped, hash-checked and resumable.
 
-The lifecycle's FETCHING state (agent.lifecycle) calls ``fetcher.fetch(source, dest, max_bytes)``;
-:class:`HttpFetcher` is that fetcher for ``http://`` and ``https://`` sources and hands plain paths
-to :class:`~agent.lifecycle.LocalFetcher`.
+:class:`HttpFetcher` is the lifecycle's Fetcher (agent.lifecycle, state FETCHING) for http(s)
+sources; plain paths go to LocalFetcher. Bytes stream into ``<dest>.part``; the sidecar
+``<dest>.part.json`` keeps the URL and the server's validator (strong ETag, else Last-Modified).
+After a lost connection, or a power cut after which the lifecycle re-runs FETCHING with the same
+``dest``, the next attempt sends exactly one ``Range: bytes=<offset>-`` with ``If-Range:
+<validator>`` and keeps its bytes only if the answer is a 206 whose ``Content-Range`` starts at
+that offset; a 200 (the file changed, or ranges are ignored) or no validator restarts from zero.
 
-A download streams into ``<dest>.part``, never into ``dest``. Beside it, ``<dest>.part.json``
-records the URL and the server's validator (a strong ETag, else Last-Modified). When the network or
-the power goes, the next attempt (in the same call, or after a restart when the lifecycle re-runs
-FETCHING with the same ``dest``) asks for the rest with exactly one ``Range: bytes=<offset>-`` and
-an ``If-Range: <validator>``. The resumed bytes are kept only if the answer is a 206 whose
-``Content-Range`` starts at that offset; a 200 means the file changed or the server ignores ranges,
-so the part is truncated and the download starts again from zero. Without a validator there is no
-way to know the file did not change: no Range is sent at all.
-
-Nothing is written past the cap, ``min(max_bytes, expected_size)``: a ``Content-Length`` above it is
-refused before reading, a body that runs past it is cut off. When the body is complete its size and
-sha256 (the resumed prefix re-hashed from disk) go to :func:`check_download`, which does no I/O;
-only then is the part fsynced and renamed to ``dest``.
-
-Transient failures (connection errors, timeouts, bodies cut short, 5xx, 408, 429) are retried with
-exponential backoff and jitter, resuming each time; any other 4xx fails at once. Callers see one
-family: DownloadError (transport), BundleError (wrong bytes), StorageError (the local disk).
+Nothing is written past the cap, ``min(max_bytes, expected_size)``; a ``Content-Length`` above it is
+refused before reading. The complete file's size and sha256 (a resumed prefix is re-hashed from
+disk) go to :func:`check_download`, which does no I/O; then the part is fsynced and renamed to
+``dest``. Connection errors, timeouts, short bodies, 5xx, 408 and 429 are retried with exponential
+backoff and jitter, resuming each time; other 4xx fail at once. Callers see one family:
+DownloadError (transport), BundleError (wrong bytes), StorageError (the local disk).
 """
 
 from __future__ import annotations
@@ -73,15 +66,12 @@ def check_download(
         BundleError: the size or the sha256 is not the expected one.
     """
     if expected_size is not None and size != expected_size:
-        raise BundleError(
-            f"the download is {size} bytes, expected {expected_size}; "
-            "the bundle was corrupted or replaced"
-        )
-    if expected_sha256 is not None and sha256 != expected_sha256.lower():
-        raise BundleError(
-            f"sha256 {sha256} does not match the expected {expected_sha256}; "
-            "the bundle was corrupted or replaced"
-        )
+        problem = f"size {size} does not match the expected {expected_size}"
+    elif expected_sha256 is not None and sha256 != expected_sha256.lower():
+        problem = f"sha256 {sha256} does not match the expected {expected_sha256}"
+    else:
+        return
+    raise BundleError(f"{problem}; the bundle was corrupted or replaced")
 
 
 def partial_paths(dest: Path) -> tuple[Path, Path]:
@@ -97,22 +87,12 @@ class _Target:
     dest: Path
     cap: int
     expected_size: int | None
-
-    @property
-    def part(self) -> Path:
-        return partial_paths(self.dest)[0]
-
-    @property
-    def sidecar(self) -> Path:
-        return partial_paths(self.dest)[1]
+    part: Path
+    sidecar: Path
 
 
 class _RetryableError(Exception):
     """One attempt failed in a way a later one may fix; the part file is kept for resuming."""
-
-    def __init__(self, message: str, after: float | None = None) -> None:
-        super().__init__(message)
-        self.after = after  # the server's Retry-After, in seconds
 
 
 class _RestartError(_RetryableError):
@@ -169,15 +149,17 @@ class HttpFetcher:
         if scheme not in ("http", "https"):
             if scheme:
                 raise DownloadError(f"cannot download {source}: only http(s) URLs are supported")
-            self._fetch_local(source, dest, max_bytes, expected_size, expected_sha256)
+            from agent.lifecycle import LocalFetcher  # agent.lifecycle may import this module
+
+            LocalFetcher().fetch(source, dest, max_bytes)  # the lifecycle verifies what it copied
             return
         cap = max_bytes if expected_size is None else min(max_bytes, expected_size)
-        target = _Target(source, dest, cap, expected_size)
+        target = _Target(source, dest, cap, expected_size, *partial_paths(dest))
         attempts = self.config.retries + 1
         last: _RetryableError | None = None
         for attempt in range(attempts):
             if last is not None:
-                self._sleep(self._backoff(attempt, last))
+                self._sleep(self._backoff(attempt))
             try:
                 size, sha256 = self._attempt(target)
                 check_download(size, sha256, expected_size, expected_sha256)
@@ -188,93 +170,76 @@ class HttpFetcher:
             except BundleError:
                 _discard(dest)
                 raise
-            _commit(dest)
+            try:
+                with open(target.part, "rb") as handle:
+                    os.fsync(handle.fileno())
+                os.replace(target.part, dest)
+                fsync_dir(dest.parent)
+                target.sidecar.unlink(missing_ok=True)
+            except OSError as e:
+                raise storage_error("save the download as", dest, e) from e
             return
         raise DownloadError(f"could not download {source} after {attempts} attempts: {last}")
 
-    def _fetch_local(
-        self, source: str, dest: Path, max_bytes: int, size: int | None, sha256: str | None
-    ) -> None:
-        from agent.lifecycle import LocalFetcher  # agent.lifecycle may import this module
-
-        LocalFetcher().fetch(source, dest, max_bytes)
-        try:
-            check_download(*_hash_file(dest), size, sha256)
-        except BundleError:
-            dest.unlink(missing_ok=True)
-            raise
-
-    def _backoff(self, attempt: int, error: _RetryableError) -> float:
+    def _backoff(self, attempt: int) -> float:
         delay = min(self.config.backoff_max, self.config.backoff_initial * 2 ** (attempt - 1))
-        delay *= 0.5 + random.random() / 2  # devices that lost the network together spread out
-        if error.after is not None:
-            delay = max(delay, min(error.after, self.config.backoff_max))
-        return delay
+        return delay * (0.5 + random.random() / 2)  # devices cut off together come back apart
 
-    def _attempt(self, url: str, dest: Path, cap: int, expected_size: int | None) -> tuple[int, str]:
+    def _attempt(self, t: _Target) -> tuple[int, str]:
         """One GET; returns the size and sha256 of the complete part file."""
-        part, sidecar = partial_paths(dest)
-        offset, validator = _resume_point(url, part, sidecar, cap)
+        offset, validator = _resume_point(t)
         headers = {"Accept-Encoding": "identity"}  # Range offsets count the bytes as stored
         if validator is not None:
-            log.info("resuming %s at byte %d", url, offset)
+            log.info("resuming %s at byte %d", t.url, offset)
             headers["Range"] = f"bytes={offset}-"
             headers["If-Range"] = validator
         try:
             with self._client.stream(
-                "GET", url, headers=headers, timeout=self._timeout, follow_redirects=True
+                "GET", t.url, headers=headers, timeout=self._timeout, follow_redirects=True
             ) as response:
-                start = _start_of(response, url, offset, cap, expected_size)
-                if start is None:
-                    return _hash_file(part)  # 416: the part already holds the whole file
-                return self._receive(response, url, part, sidecar, start, cap, expected_size)
+                where = _start_of(response, t, offset)
+                if where is None:
+                    return offset, _hash_file(t.part).hexdigest()  # 416: the part is complete
+                return self._receive(response, t, *where)
         except _RestartError:
-            _discard(dest)
+            _discard(t.dest)
             raise
         except httpx.UnsupportedProtocol as e:
-            raise DownloadError(f"cannot download {url}: {e}") from e
+            raise DownloadError(f"cannot download {t.url}: {e}") from e
         except httpx.TransportError as e:  # connect/read errors, timeouts, bodies cut short
             raise _RetryableError(f"{type(e).__name__}: {e}") from e
         except httpx.HTTPError as e:  # too many redirects and the like: retrying will not help
-            raise DownloadError(f"cannot download {url}: {e}") from e
+            raise DownloadError(f"cannot download {t.url}: {e}") from e
 
     def _receive(
-        self,
-        response: httpx.Response,
-        url: str,
-        part: Path,
-        sidecar: Path,
-        start: int,
-        cap: int,
-        expected_size: int | None,
+        self, response: httpx.Response, t: _Target, start: int, declared: int | None
     ) -> tuple[int, str]:
-        sha = hashlib.sha256()
-        declared = _declared_total(response, start)
-        total = expected_size if expected_size is not None else declared
+        total = t.expected_size if t.expected_size is not None else declared
+        sha = _hash_file(t.part) if start else hashlib.sha256()  # the kept prefix, from disk
+        etag = response.headers.get("etag", "")
+        strong = etag and not etag.startswith("W/")  # a weak ETag does not promise the same bytes
+        validator = etag if strong else response.headers.get("last-modified")
         handle: BinaryIO
         try:
             if start == 0:
                 # A new inode and a new sidecar, made durable together by the directory fsync
                 # in write_json_atomic: an old part is never resumed with a new validator.
-                part.unlink(missing_ok=True)
-                handle = open(part, "wb")  # noqa: SIM115 - closed by the with below
-                write_json_atomic(sidecar, {"url": url, "validator": _validator(response)})
+                t.part.unlink(missing_ok=True)
+                handle = open(t.part, "wb")  # noqa: SIM115 - closed by the with below
+                write_json_atomic(t.sidecar, {"url": t.url, "validator": validator})
             else:
-                handle = open(part, "r+b")  # noqa: SIM115
-                _hash_into(sha, handle, start)
-                handle.truncate(start)
-                handle.seek(start)
+                handle = open(t.part, "ab")  # noqa: SIM115 - _resume_point: its size is start
         except OSError as e:
-            raise storage_error("write the download", part, e) from e
+            raise storage_error("write the download", t.part, e) from e
         done = start
         with handle:
             for chunk in response.iter_raw(_CHUNK):
-                if done + len(chunk) > cap:
-                    raise BundleError(f"{url} sent more than {cap} bytes, the most allowed")
+                if done + len(chunk) > t.cap:
+                    raise BundleError(f"{t.url} sent more than {t.cap} bytes, the most allowed")
                 try:
                     handle.write(chunk)
                 except OSError as e:
-                    raise storage_error("write the download", part, e) from e
+                    raise storage_error("write the download", t.part, e) from e
                 sha.update(chunk)
                 done += len(chunk)
                 if self._on_progress is not None:
@@ -284,115 +249,63 @@ class HttpFetcher:
         return done, sha.hexdigest()
 
 
-def _start_of(
-    response: httpx.Response, url: str, offset: int, cap: int, expected_size: int | None
-) -> int | None:
-    """Where this answer's body goes in the part file; ``None``: the part is already complete."""
-    status = response.status_code
+def _start_of(response: httpx.Response, t: _Target, offset: int) -> tuple[int, int | None] | None:
+    """Where this answer's body starts in the file, and the file's size if the server says it.
+
+    ``None``: the part file is already complete (a 416 for a range starting at its end).
+    """
+    status, headers = response.status_code, response.headers
     if status in (408, 429) or status >= 500:
-        retry_after = response.headers.get("retry-after", "")
-        after = float(retry_after) if retry_after.isdigit() else None
-        raise _RetryableError(f"HTTP {status} {response.reason_phrase}", after)
+        raise _RetryableError(f"HTTP {status} {response.reason_phrase}")
     if status == 416 and offset:
-        unsatisfied = _UNSATISFIED_RANGE.fullmatch(response.headers.get("content-range", ""))
-        total = int(unsatisfied[1]) if unsatisfied else expected_size
+        unsatisfied = _UNSATISFIED_RANGE.fullmatch(headers.get("content-range", ""))
+        total = int(unsatisfied[1]) if unsatisfied else t.expected_size
         if total == offset:
             return None
         raise _RestartError(f"HTTP 416 for bytes {offset}- (the file is {total} bytes)")
     if status not in (200, 206):
-        raise DownloadError(f"{url} answered HTTP {status} {response.reason_phrase}")
-    encoding = response.headers.get("content-encoding", "identity").lower()
-    if encoding != "identity":
-        raise DownloadError(f"{url} came {encoding}-encoded although identity was asked for")
-    start = 0
+        raise DownloadError(f"{t.url} answered HTTP {status} {response.reason_phrase}")
+    length = headers.get("content-length", "")
+    start, total = 0, int(length) if length.isdigit() else None
     if status == 206:
-        got = _CONTENT_RANGE.fullmatch(response.headers.get("content-range", ""))
-        if (
-            not offset
-            or got is None
-            or int(got[1]) != offset
-            or (expected_size is not None and got[3] != str(expected_size))
-        ):
-            shown = response.headers.get("content-range")
+        got = _CONTENT_RANGE.fullmatch(headers.get("content-range", ""))
+        size = str(t.expected_size) if t.expected_size is not None else None
+        if not offset or got is None or int(got[1]) != offset or size not in (None, got[3]):
+            shown = headers.get("content-range")
             raise _RestartError(f"asked for bytes {offset}-, got a 206 for {shown!r}")
         start = offset
-    length = response.headers.get("content-length", "")
-    if length.isdigit():
-        if start + int(length) > cap:
-            raise BundleError(f"{url} is {start + int(length)} bytes, above the limit of {cap}")
-        if status == 200 and expected_size is not None and int(length) != expected_size:
-            raise BundleError(
-                f"{url} is {length} bytes, expected {expected_size}; "
-                "the bundle was corrupted or replaced"
-            )
-    return start
+        total = int(got[3]) if got[3] != "*" else None
+    if length.isdigit() and start + int(length) > t.cap:
+        raise BundleError(f"{t.url} is {start + int(length)} bytes, above the limit of {t.cap}")
+    if status == 200 and total is not None:
+        check_download(total, "", t.expected_size, None)  # the wrong size: refused now
+    return start, total
 
 
-def _declared_total(response: httpx.Response, start: int) -> int | None:
-    got = _CONTENT_RANGE.fullmatch(response.headers.get("content-range", ""))
-    if response.status_code == 206 and got is not None and got[3] != "*":
-        return int(got[3])
-    length = response.headers.get("content-length", "")
-    return start + int(length) if length.isdigit() else None
-
-
-def _validator(response: httpx.Response) -> str | None:
-    etag = response.headers.get("etag")
-    if etag and not etag.startswith("W/"):  # a weak ETag does not promise the same bytes
-        return etag
-    return response.headers.get("last-modified")
-
-
-def _resume_point(url: str, part: Path, sidecar: Path, cap: int) -> tuple[int, str | None]:
+def _resume_point(t: _Target) -> tuple[int, str | None]:
     """(offset, validator) to resume from, or (0, None) to start from zero."""
     try:
-        size = part.stat().st_size
-        meta = json.loads(sidecar.read_bytes())
-    except FileNotFoundError:
-        return 0, None
-    except ValueError:
-        return 0, None  # a torn or foreign sidecar: start again
+        size = t.part.stat().st_size
+        meta = json.loads(t.sidecar.read_bytes())
+    except (FileNotFoundError, ValueError):
+        return 0, None  # nothing kept, or a torn sidecar: start from zero
     except OSError as e:
-        raise storage_error("read the partial download", part, e) from e
-    if not isinstance(meta, dict) or meta.get("url") != url:
-        return 0, None
-    validator = meta.get("validator")
-    if not isinstance(validator, str) or not 0 < size <= cap:
+        raise storage_error("read the partial download", t.part, e) from e
+    validator = meta.get("validator") if isinstance(meta, dict) else None
+    if not isinstance(validator, str) or meta.get("url") != t.url or not 0 < size <= t.cap:
         return 0, None
     return size, validator
 
 
-def _hash_into(sha: hashlib._Hash, handle: BinaryIO, size: int) -> None:
-    remaining = size
-    while remaining:
-        chunk = handle.read(min(_CHUNK, remaining))
-        if not chunk:
-            raise OSError(f"the file ended {remaining} bytes early")
-        sha.update(chunk)
-        remaining -= len(chunk)
-
-
-def _hash_file(path: Path) -> tuple[int, str]:
+def _hash_file(path: Path) -> hashlib._Hash:
     sha = hashlib.sha256()
     try:
         with open(path, "rb") as handle:
             for chunk in iter(lambda: handle.read(_CHUNK), b""):
                 sha.update(chunk)
-            return handle.tell(), sha.hexdigest()
     except OSError as e:
         raise storage_error("read", path, e) from e
-
-
-def _commit(dest: Path) -> None:
-    part, sidecar = partial_paths(dest)
-    try:
-        with open(part, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(part, dest)
-        fsync_dir(dest.parent)
-        sidecar.unlink(missing_ok=True)
-    except OSError as e:
-        raise storage_error("save the download as", dest, e) from e
+    return sha
 
 
 def _discard(dest: Path) -> None:

@@ -31,6 +31,7 @@ class JournalEntry:
     source: str | None = None  # where the bundle comes from (path or URL)
     incoming: str | None = None  # the local copy being installed
     expected_sha256: str | None = None
+    expected_size: int | None = None
     model: str | None = None  # known once verified (install) or from the start
     version: int | None = None
     from_version: int | None = None  # the version active when the operation started

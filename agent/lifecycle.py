@@ -119,13 +119,29 @@ RESUME: dict[State, State] = {
 class Fetcher(Protocol):
     """Brings a bundle from ``source`` to the local file ``dest``, at most ``max_bytes`` long."""
 
-    def fetch(self, source: str, dest: Path, max_bytes: int) -> None: ...
+    def fetch(
+        self,
+        source: str,
+        dest: Path,
+        max_bytes: int,
+        *,
+        expected_size: int | None = None,
+        expected_sha256: str | None = None,
+    ) -> None: ...
 
 
 class LocalFetcher:
     """Copies a bundle from a local path (offline and air-gapped installs)."""
 
-    def fetch(self, source: str, dest: Path, max_bytes: int) -> None:
+    def fetch(
+        self,
+        source: str,
+        dest: Path,
+        max_bytes: int,
+        *,
+        expected_size: int | None = None,
+        expected_sha256: str | None = None,
+    ) -> None:
         path = Path(source)
         try:
             size = path.stat().st_size
@@ -156,6 +172,7 @@ class Outcome:
     trace: list[str] = field(default_factory=list)
     session: ort.InferenceSession | None = None
     manifest: Manifest | None = None
+    job_id: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -212,7 +229,12 @@ class Lifecycle:
     # -- public operations -------------------------------------------------------------------
 
     def install(
-        self, source: str, *, expected_sha256: str | None = None, job_id: str | None = None
+        self,
+        source: str,
+        *,
+        expected_sha256: str | None = None,
+        expected_size: int | None = None,
+        job_id: str | None = None,
     ) -> Outcome:
         """Install the bundle at ``source`` (a path, or what the fetcher understands)."""
         entry = JournalEntry(
@@ -220,6 +242,7 @@ class Lifecycle:
             state=S.FETCHING.value,
             source=source,
             expected_sha256=expected_sha256,
+            expected_size=expected_size,
             job_id=job_id,
         )
         return self._start(entry)
@@ -385,6 +408,7 @@ class Lifecycle:
             trace=run.trace,
             session=run.session if final is S.DONE else None,
             manifest=run.manifest,
+            job_id=e.job_id,
         )
 
     # -- states ------------------------------------------------------------------------------
@@ -397,7 +421,13 @@ class Lifecycle:
         dest = self.store.incoming / f"{digest}.edgepack"
         run.entry = e.moved(e.state, incoming=str(dest))
         self.journal.write(run.entry)
-        self.fetcher.fetch(e.source, dest, self.config.limits.max_bundle_bytes)
+        self.fetcher.fetch(
+            e.source,
+            dest,
+            self.config.limits.max_bundle_bytes,
+            expected_size=e.expected_size,
+            expected_sha256=e.expected_sha256,
+        )
 
     def _verifying(self, run: _Run) -> object:
         e = run.entry

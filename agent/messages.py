@@ -23,6 +23,7 @@ device reports as ``REJECTED``. Every payload carries ``"schema": 1``.
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import json
 import re
@@ -51,6 +52,7 @@ __all__ = [
     "make_command",
     "new_job_id",
     "open_command",
+    "read_command",
     "utcnow",
 ]
 
@@ -243,6 +245,72 @@ def _bundles(raw: Any) -> dict[str, dict[str, Any]]:
     return out
 
 
+def read_command(raw: bytes, trusted_keys: Sequence[ec.EllipticCurvePublicKey] | None) -> Command:
+    """Parse a command envelope, verifying its signature when ``trusted_keys`` is given.
+
+    The collector uses this to record jobs; devices use :func:`open_command`, which also checks
+    the target and the validity period.
+
+    Raises:
+        CommandError: not a DSSE envelope, a bad signature, or malformed fields.
+    """
+    envelope = decode_json(raw, "command") if raw[:1] == b"{" else None
+    if envelope is None or "payloadType" not in envelope or "signatures" not in envelope:
+        raise CommandError("command is not a signed DSSE envelope; unsigned commands are refused")
+    signer = ""
+    if trusted_keys is None:
+        if envelope.get("payloadType") != COMMAND_PAYLOAD_TYPE:
+            raise CommandError("envelope does not hold an edgepack command")
+        try:
+            payload = base64.b64decode(str(envelope.get("payload", "")), validate=True)
+        except ValueError as e:
+            raise CommandError(f"command payload is not base64: {e}") from e
+    else:
+        try:
+            payload, key = dsse_verify(envelope, trusted_keys, payload_type=COMMAND_PAYLOAD_TYPE)
+        except SignatureError as e:
+            raise CommandError(f"command signature rejected: {e}") from e
+        signer = key_id(key)
+    data = decode_json(payload, "command payload")
+    kind, job_id, model = data.get("kind"), data.get("job_id"), data.get("model")
+    if kind not in KINDS:
+        raise CommandError(f"unknown command kind {kind!r}")
+    if not isinstance(job_id, str) or not _ID.match(job_id):
+        raise CommandError(f"command has a bad job_id {job_id!r}")
+    if not isinstance(model, str):
+        raise CommandError("command names no model")
+    try:
+        check_model_name(model)
+    except ManifestError as e:
+        raise CommandError(str(e)) from e
+    target = data.get("target")
+    if (
+        not isinstance(target, dict)
+        or len(target) != 1
+        or not ({"device", "group"} & set(target))
+        or not isinstance(next(iter(target.values())), str)
+    ):
+        raise CommandError("command target must name one device or one group")
+    version = data.get("version")
+    bundles: dict[str, dict[str, Any]] = {}
+    if kind == "deploy":
+        if isinstance(version, bool) or not isinstance(version, int) or version < 0:
+            raise CommandError("deploy command needs a non-negative integer 'version'")
+        bundles = _bundles(data.get("bundles"))
+    return Command(
+        kind=kind,
+        job_id=job_id,
+        model=model,
+        target=dict(target),
+        issued_at=_time(data, "issued_at"),
+        expires_at=_time(data, "expires_at"),
+        version=version if kind == "deploy" else None,
+        bundles=bundles,
+        key_id=signer,
+        raw=raw,
+    )
+
+
 def open_command(
     raw: bytes,
     trusted_keys: Sequence[ec.EllipticCurvePublicKey],
@@ -259,58 +327,20 @@ def open_command(
             future, or addressed to another device or group. The message is the reason the
             device reports with ``REJECTED``.
     """
-    envelope = decode_json(raw, "command") if raw[:1] == b"{" else None
-    if envelope is None or "payloadType" not in envelope or "signatures" not in envelope:
-        raise CommandError("command is not a signed DSSE envelope; unsigned commands are refused")
-    try:
-        payload, key = dsse_verify(envelope, trusted_keys, payload_type=COMMAND_PAYLOAD_TYPE)
-    except SignatureError as e:
-        raise CommandError(f"command signature rejected: {e}") from e
-    data = decode_json(payload, "command payload")
-    kind, job_id, model = data.get("kind"), data.get("job_id"), data.get("model")
-    if kind not in KINDS:
-        raise CommandError(f"unknown command kind {kind!r}")
-    if not isinstance(job_id, str) or not _ID.match(job_id):
-        raise CommandError(f"command has a bad job_id {job_id!r}")
-    if not isinstance(model, str):
-        raise CommandError("command names no model")
-    try:
-        check_model_name(model)
-    except ManifestError as e:
-        raise CommandError(str(e)) from e
-    target = data.get("target")
-    if not isinstance(target, dict) or len(target) != 1:
-        raise CommandError("command target must name one device or one group")
+    command = read_command(raw, trusted_keys)
+    target = command.target
     if target.get("device") not in (None, device):
         raise CommandError(f"command is for device {target['device']!r}, not {device!r}")
     if "group" in target and target["group"] not in groups:
         raise CommandError(f"command is for group {target['group']!r}, which {device} is not in")
-    if not ({"device", "group"} & set(target)):
-        raise CommandError("command target must be a device or a group")
-    issued, expires = _time(data, "issued_at"), _time(data, "expires_at")
     moment = now or utcnow()
-    if expires <= moment:
-        raise CommandError(f"command {job_id} expired at {_iso(expires)}")
-    if issued > moment + clock_skew:
-        raise CommandError(f"command {job_id} is issued in the future ({_iso(issued)})")
-    version = data.get("version")
-    bundles: dict[str, dict[str, Any]] = {}
-    if kind == "deploy":
-        if isinstance(version, bool) or not isinstance(version, int) or version < 0:
-            raise CommandError("deploy command needs a non-negative integer 'version'")
-        bundles = _bundles(data.get("bundles"))
-    return Command(
-        kind=kind,
-        job_id=job_id,
-        model=model,
-        target=dict(target),
-        issued_at=issued,
-        expires_at=expires,
-        version=version if kind == "deploy" else None,
-        bundles=bundles,
-        key_id=key_id(key),
-        raw=raw,
-    )
+    if command.expires_at <= moment:
+        raise CommandError(f"command {command.job_id} expired at {_iso(command.expires_at)}")
+    if command.issued_at > moment + clock_skew:
+        raise CommandError(
+            f"command {command.job_id} is issued in the future ({_iso(command.issued_at)})"
+        )
+    return command
 
 
 def job_status(

@@ -1,0 +1,33 @@
+"""Every error the fleet side raises, all :class:`~agent.exceptions.EdgepackError`::
+
+    EdgepackError (agent.exceptions)
+    └── FleetError             the operator's side could not do what was asked
+        ├── BrokerError        the MQTT broker is unreachable or refused us
+        ├── BundleLookupError  the bundles for a deploy cannot be found or read
+        └── StoreError         the collector's store cannot be opened, read or written
+
+Command signing errors are the agent's (:mod:`agent.messages`, :mod:`agent.signing`), since the
+device checks the same format.
+"""
+
+from __future__ import annotations
+
+from agent.exceptions import EdgepackError
+
+__all__ = ["BrokerError", "BundleLookupError", "FleetError", "StoreError"]
+
+
+class FleetError(EdgepackError):
+    """The fleet side could not do what was asked; the message says what to do."""
+
+
+class BrokerError(FleetError):
+    """The MQTT broker is unreachable, refused the connection, or did not acknowledge."""
+
+
+class BundleLookupError(FleetError):
+    """A deploy's bundles cannot be found (no bundle for the version, server down, bad index)."""
+
+
+class StoreError(FleetError):
+    """The collector's store (SQLite or PostgreSQL) cannot be opened, read or written."""
