@@ -233,7 +233,7 @@ class HttpFetcher:
             raise storage_error("write the download", t.part, e) from e
         done = start
         with handle:
-            for chunk in response.iter_raw(_CHUNK):
+            for chunk in response.iter_raw():  # as received: a cut loses nothing we got
                 if done + len(chunk) > t.cap:
                     raise BundleError(f"{t.url} sent more than {t.cap} bytes, the most allowed")
                 try:

@@ -278,7 +278,7 @@ class JobRunner:
 def _job_id_of(raw: bytes) -> str | None:
     """The job id inside an envelope that failed verification, to report REJECTED against."""
     try:
-        envelope = decode_json(raw, "command")
+        envelope = decode_json(raw, "command", schema=False)
         payload = decode_json(base64.b64decode(envelope.get("payload", "")), "payload")
         job_id = payload.get("job_id")
         return job_id if isinstance(job_id, str) and 0 < len(job_id) <= 128 else None

@@ -85,8 +85,8 @@ def encode(payload: Mapping[str, Any]) -> bytes:
     return json.dumps({"schema": SCHEMA, **payload}, separators=(",", ":"), sort_keys=True).encode()
 
 
-def decode_json(raw: bytes, what: str) -> dict[str, Any]:
-    """Parse a JSON object payload, bounded in size.
+def decode_json(raw: bytes, what: str, *, schema: bool = True) -> dict[str, Any]:
+    """Parse a JSON object payload, bounded in size (``schema``: require our schema field).
 
     Raises:
         CommandError: too large, not JSON, not an object, or a newer schema.
@@ -99,11 +99,15 @@ def decode_json(raw: bytes, what: str) -> dict[str, Any]:
         raise CommandError(f"{what} is not valid JSON: {e}") from e
     if not isinstance(data, dict):
         raise CommandError(f"{what} must be a JSON object")
-    schema = data.get("schema")
-    if not isinstance(schema, int) or isinstance(schema, bool) or schema < 1:
+    if not schema:
+        return data
+    version = data.get("schema")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
         raise CommandError(f"{what} has no valid 'schema' version")
-    if schema > SCHEMA:
-        raise CommandError(f"{what} uses schema {schema}; this agent understands {SCHEMA}: upgrade")
+    if version > SCHEMA:
+        raise CommandError(
+            f"{what} uses schema {version}; this agent understands {SCHEMA}: upgrade"
+        )
     return data
 
 
@@ -254,7 +258,7 @@ def read_command(raw: bytes, trusted_keys: Sequence[ec.EllipticCurvePublicKey] |
     Raises:
         CommandError: not a DSSE envelope, a bad signature, or malformed fields.
     """
-    envelope = decode_json(raw, "command") if raw[:1] == b"{" else None
+    envelope = decode_json(raw, "command", schema=False) if raw[:1] == b"{" else None
     if envelope is None or "payloadType" not in envelope or "signatures" not in envelope:
         raise CommandError("command is not a signed DSSE envelope; unsigned commands are refused")
     signer = ""
