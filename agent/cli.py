@@ -38,10 +38,11 @@ def _table(headers: list[str], rows: list[list[Any]]) -> str:
 def _agent(args: argparse.Namespace) -> Any:
     from agent.config import load_config
     from agent.daemon import Agent
-    from agent.download import HttpFetcher
+    from agent.download import HttpFetcher, download_config
 
     overrides = {"state_dir": Path(args.state_dir).resolve()} if args.state_dir else {}
-    return Agent(load_config(Path(args.config), **overrides), fetcher=HttpFetcher())
+    config = load_config(Path(args.config), **overrides)
+    return Agent(config, fetcher=HttpFetcher(download_config(config)))
 
 
 def _print_outcome(outcome: Any) -> int:

@@ -1,24 +1,24 @@
 """Bundle downloads over HTTP(S): streamed to disk, capped, hash-checked and resumable.
 
-:class:`HttpFetcher` is the lifecycle's Fetcher (agent.lifecycle, state FETCHING) for http(s)
-sources; plain paths go to LocalFetcher. Bytes stream into ``<dest>.part``; the sidecar
-``<dest>.part.json`` keeps the URL and the server's validator (strong ETag, else Last-Modified).
-After a lost connection, or a power cut after which the lifecycle re-runs FETCHING with the same
-``dest``, the next attempt sends exactly one ``Range: bytes=<offset>-`` with ``If-Range:
-<validator>`` and keeps its bytes only if the answer is a 206 whose ``Content-Range`` starts at
-that offset; a 200 (the file changed, or ranges are ignored) or no validator restarts from zero.
+:class:`HttpFetcher` is the lifecycle's Fetcher (agent.lifecycle, FETCHING) for http(s) sources;
+paths go to LocalFetcher. Bytes stream into ``<dest>.part``; ``<dest>.part.json`` keeps the URL and
+the validator (strong ETag, else Last-Modified). After a lost connection or a power cut (FETCHING
+is re-run with the same ``dest``) the next attempt sends one ``Range: bytes=<offset>-`` with
+``If-Range: <validator>`` and keeps its bytes only if the answer is a 206 whose ``Content-Range``
+starts at that offset; a 200 (file changed, ranges ignored) or no validator restarts from zero.
 
-Nothing is written past the cap, ``min(max_bytes, expected_size)``; a ``Content-Length`` above it is
-refused before reading. The complete file's size and sha256 (a resumed prefix is re-hashed from
-disk) go to :func:`check_download`, which does no I/O; then the part is fsynced and renamed to
-``dest``. Connection errors, timeouts, short bodies, 5xx, 408 and 429 are retried with exponential
-backoff and jitter, resuming each time; other 4xx fail at once. Callers see one family:
-DownloadError (transport), BundleError (wrong bytes), StorageError (the local disk).
+Nothing is written past the cap, ``min(max_bytes, expected_size)``; a larger ``Content-Length`` is
+refused before reading. The file's size and sha256 (a resumed prefix re-hashed from disk) go to
+:func:`check_download`, which does no I/O; then the part is fsynced and renamed to ``dest``.
+Connection errors, timeouts, short bodies, 5xx, 408 and 429 are retried with jittered exponential
+backoff, resuming; other 4xx fail at once. Errors: DownloadError (transport), BundleError (wrong
+bytes), StorageError (the local disk).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -29,15 +29,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
-from urllib.parse import urlsplit
+from typing import Any
 
 import httpx
 
 from agent.durable import fsync_dir, storage_error, write_json_atomic
-from agent.exceptions import BundleError, DownloadError
+from agent.exceptions import BundleError, ConfigError, DownloadError
 
-__all__ = ["DownloadConfig", "HttpFetcher", "check_download", "partial_paths"]
+__all__ = ["DownloadConfig", "HttpFetcher", "check_download", "download_config", "partial_paths"]
 
 log = logging.getLogger("edgepack.agent")
 
@@ -81,10 +80,9 @@ def partial_paths(dest: Path) -> tuple[Path, Path]:
 
 @dataclass(frozen=True)
 class _Target:
-    """One download: where from, where to, and how much may be written."""
+    """One download: the URL, how much may be written, the part file and its sidecar."""
 
     url: str
-    dest: Path
     cap: int
     expected_size: int | None
     part: Path
@@ -121,7 +119,7 @@ class HttpFetcher:
         self._owns_client = client is None
         self._client = client or httpx.Client(follow_redirects=True, max_redirects=5)
         self._timeout = httpx.Timeout(self.config.read_timeout, connect=self.config.connect_timeout)
-        self._on_progress = on_progress
+        self._on_progress = on_progress or (lambda done, total: None)
         self._sleep = sleep
 
     def close(self) -> None:
@@ -145,7 +143,7 @@ class HttpFetcher:
             BundleError: larger than the cap, or not the expected size or sha256 (nothing kept).
             StorageError: ``dest``'s directory cannot be written.
         """
-        scheme = urlsplit(source).scheme.lower()
+        scheme = source.partition("://")[0].lower() if "://" in source else ""
         if scheme not in ("http", "https"):
             if scheme:
                 raise DownloadError(f"cannot download {source}: only http(s) URLs are supported")
@@ -154,12 +152,13 @@ class HttpFetcher:
             LocalFetcher().fetch(source, dest, max_bytes)  # the lifecycle verifies what it copied
             return
         cap = max_bytes if expected_size is None else min(max_bytes, expected_size)
-        target = _Target(source, dest, cap, expected_size, *partial_paths(dest))
-        attempts = self.config.retries + 1
+        target = _Target(source, cap, expected_size, *partial_paths(dest))
+        config, attempts = self.config, self.config.retries + 1
         last: _RetryableError | None = None
         for attempt in range(attempts):
-            if last is not None:
-                self._sleep(self._backoff(attempt))
+            if last is not None:  # jittered, so that devices cut off together come back apart
+                delay = min(config.backoff_max, config.backoff_initial * 2 ** (attempt - 1))
+                self._sleep(delay * (0.5 + random.random() / 2))
             try:
                 size, sha256 = self._attempt(target)
                 check_download(size, sha256, expected_size, expected_sha256)
@@ -168,7 +167,7 @@ class HttpFetcher:
                 log.warning("download of %s, attempt %d/%d: %s", source, attempt + 1, attempts, e)
                 continue
             except BundleError:
-                _discard(dest)
+                _discard(target)
                 raise
             try:
                 with open(target.part, "rb") as handle:
@@ -179,11 +178,8 @@ class HttpFetcher:
             except OSError as e:
                 raise storage_error("save the download as", dest, e) from e
             return
-        raise DownloadError(f"could not download {source} after {attempts} attempts: {last}")
-
-    def _backoff(self, attempt: int) -> float:
-        delay = min(self.config.backoff_max, self.config.backoff_initial * 2 ** (attempt - 1))
-        return delay * (0.5 + random.random() / 2)  # devices cut off together come back apart
+        tries = f"{attempts} attempts" if attempts > 1 else "1 attempt"
+        raise DownloadError(f"could not download {source} after {tries}: {last}")
 
     def _attempt(self, t: _Target) -> tuple[int, str]:
         """One GET; returns the size and sha256 of the complete part file."""
@@ -191,8 +187,7 @@ class HttpFetcher:
         headers = {"Accept-Encoding": "identity"}  # Range offsets count the bytes as stored
         if validator is not None:
             log.info("resuming %s at byte %d", t.url, offset)
-            headers["Range"] = f"bytes={offset}-"
-            headers["If-Range"] = validator
+            headers.update({"Range": f"bytes={offset}-", "If-Range": validator})
         try:
             with self._client.stream(
                 "GET", t.url, headers=headers, timeout=self._timeout, follow_redirects=True
@@ -202,9 +197,9 @@ class HttpFetcher:
                     return offset, _hash_file(t.part).hexdigest()  # 416: the part is complete
                 return self._receive(response, t, *where)
         except _RestartError:
-            _discard(t.dest)
+            _discard(t)
             raise
-        except httpx.UnsupportedProtocol as e:
+        except (httpx.UnsupportedProtocol, httpx.InvalidURL) as e:
             raise DownloadError(f"cannot download {t.url}: {e}") from e
         except httpx.TransportError as e:  # connect/read errors, timeouts, bodies cut short
             raise _RetryableError(f"{type(e).__name__}: {e}") from e
@@ -212,21 +207,18 @@ class HttpFetcher:
             raise DownloadError(f"cannot download {t.url}: {e}") from e
 
     def _receive(
-        self, response: httpx.Response, t: _Target, start: int, declared: int | None
+        self, response: httpx.Response, t: _Target, start: int, total: int | None
     ) -> tuple[int, str]:
-        total = t.expected_size if t.expected_size is not None else declared
         sha = _hash_file(t.part) if start else hashlib.sha256()  # the kept prefix, from disk
-        etag = response.headers.get("etag", "")
-        strong = etag and not etag.startswith("W/")  # a weak ETag does not promise the same bytes
-        validator = etag if strong else response.headers.get("last-modified")
-        handle: BinaryIO
+        etag = response.headers.get("etag", "")  # a weak (W/) one does not promise the same bytes
+        validator = etag if etag[:2] not in ("", "W/") else response.headers.get("last-modified")
         try:
             if start == 0:
-                # A new inode and a new sidecar, made durable together by the directory fsync
-                # in write_json_atomic: an old part is never resumed with a new validator.
+                # The old part goes before the new sidecar is written (write_json_atomic fsyncs
+                # the directory): an old part is never resumed with a new validator.
                 t.part.unlink(missing_ok=True)
-                handle = open(t.part, "wb")  # noqa: SIM115 - closed by the with below
                 write_json_atomic(t.sidecar, {"url": t.url, "validator": validator})
+                handle = open(t.part, "wb")  # noqa: SIM115 - closed by the with below
             else:
                 handle = open(t.part, "ab")  # noqa: SIM115 - _resume_point: its size is start
         except OSError as e:
@@ -242,18 +234,14 @@ class HttpFetcher:
                     raise storage_error("write the download", t.part, e) from e
                 sha.update(chunk)
                 done += len(chunk)
-                if self._on_progress is not None:
-                    self._on_progress(done, total)
+                self._on_progress(done, total)
         if total is not None and done < total:
             raise _RetryableError(f"the body ended after {done} of {total} bytes")
         return done, sha.hexdigest()
 
 
 def _start_of(response: httpx.Response, t: _Target, offset: int) -> tuple[int, int | None] | None:
-    """Where this answer's body starts in the file, and the file's size if the server says it.
-
-    ``None``: the part file is already complete (a 416 for a range starting at its end).
-    """
+    """(where the body goes in the file, the file's size if told); ``None``: a 416, complete."""
     status, headers = response.status_code, response.headers
     if status in (408, 429) or status >= 500:
         raise _RetryableError(f"HTTP {status} {response.reason_phrase}")
@@ -271,15 +259,14 @@ def _start_of(response: httpx.Response, t: _Target, offset: int) -> tuple[int, i
         got = _CONTENT_RANGE.fullmatch(headers.get("content-range", ""))
         size = str(t.expected_size) if t.expected_size is not None else None
         if not offset or got is None or int(got[1]) != offset or size not in (None, got[3]):
-            shown = headers.get("content-range")
-            raise _RestartError(f"asked for bytes {offset}-, got a 206 for {shown!r}")
+            raise _RestartError(f"206 for {headers.get('content-range')!r}, not bytes {offset}-")
         start = offset
         total = int(got[3]) if got[3] != "*" else None
     if length.isdigit() and start + int(length) > t.cap:
         raise BundleError(f"{t.url} is {start + int(length)} bytes, above the limit of {t.cap}")
     if status == 200 and total is not None:
         check_download(total, "", t.expected_size, None)  # the wrong size: refused now
-    return start, total
+    return start, t.expected_size if t.expected_size is not None else total
 
 
 def _resume_point(t: _Target) -> tuple[int, str | None]:
@@ -292,9 +279,8 @@ def _resume_point(t: _Target) -> tuple[int, str | None]:
     except OSError as e:
         raise storage_error("read the partial download", t.part, e) from e
     validator = meta.get("validator") if isinstance(meta, dict) else None
-    if not isinstance(validator, str) or meta.get("url") != t.url or not 0 < size <= t.cap:
-        return 0, None
-    return size, validator
+    ok = isinstance(validator, str) and meta.get("url") == t.url and 0 < size <= t.cap
+    return (size, validator) if ok else (0, None)
 
 
 def _hash_file(path: Path) -> hashlib._Hash:
@@ -308,7 +294,25 @@ def _hash_file(path: Path) -> hashlib._Hash:
     return sha
 
 
-def _discard(dest: Path) -> None:
-    for path in partial_paths(dest):
+def _discard(t: _Target) -> None:
+    for path in (t.part, t.sidecar):
         with contextlib.suppress(OSError):
             path.unlink(missing_ok=True)
+
+
+def download_config(config: Any) -> DownloadConfig:
+    """The ``[download]`` table of an :class:`~agent.config.AgentConfig`, validated.
+
+    Raises:
+        ConfigError: an unknown key or a value that is not a non-negative number.
+    """
+    raw = config.extra.get("download", {})
+    known = {f.name for f in dataclasses.fields(DownloadConfig)}
+    values = {}
+    for key, value in raw.items():
+        if key not in known:
+            raise ConfigError(f"{config.source}: unknown key [download].{key}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            raise ConfigError(f"{config.source}: [download].{key} must be a non-negative number")
+        values[key] = int(value) if key == "retries" else float(value)
+    return DownloadConfig(**values)

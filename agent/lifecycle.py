@@ -381,7 +381,7 @@ class Lifecycle:
             state = following
         self._enter(run, state)
         if state is S.FAILED and run.entry.incoming:
-            Path(run.entry.incoming).unlink(missing_ok=True)  # a rejected bundle is not kept
+            _discard(run.entry.incoming)  # a rejected bundle is not kept
         self.journal.clear()
         return self._outcome(run, state)
 
@@ -421,6 +421,8 @@ class Lifecycle:
         dest = self.store.incoming / f"{digest}.edgepack"
         run.entry = e.moved(e.state, incoming=str(dest))
         self.journal.write(run.entry)
+        if e.expected_sha256 and dest.is_file() and _sha256_file(str(dest)) == e.expected_sha256:
+            return  # fetched completely before a crash
         self.fetcher.fetch(
             e.source,
             dest,
@@ -545,7 +547,7 @@ class Lifecycle:
         current = self.store.load().models.get(e.model, ModelState())
         self.store.prune(e.model, current.retained())
         if e.incoming:
-            Path(e.incoming).unlink(missing_ok=True)
+            _discard(e.incoming)
 
     def _rolling_back(self, run: _Run) -> None:
         e = run.entry
@@ -556,7 +558,7 @@ class Lifecycle:
                 self.store.remove_version(e.model, e.version)
             self.store.prune(e.model, current.retained())
         if e.incoming:
-            Path(e.incoming).unlink(missing_ok=True)
+            _discard(e.incoming)
         if any(event.get("op") == e.id for event in state.history):
             return  # recorded before a crash
         state.record(
@@ -570,6 +572,17 @@ class Lifecycle:
             job=e.job_id,
         )
         self.store.save(state)
+
+
+def _discard(incoming: str) -> None:
+    """Remove a fetched bundle and any partial download of it."""
+    path = Path(incoming)
+    for leftover in (
+        path,
+        path.with_name(path.name + ".part"),
+        path.with_name(path.name + ".part.json"),
+    ):
+        leftover.unlink(missing_ok=True)
 
 
 def _now() -> str:
