@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -117,6 +118,9 @@ class DeviceLink:
         self.topics = Topics(config.prefix)
         self.runner = JobRunner(agent, config.keys(), self._publish_status, self.groups)
         self.connected = threading.Event()
+        # Ties state messages to this connection, so a late Last Will of an older connection
+        # cannot mark the device offline after it came back.
+        self.session = uuid.uuid4().hex[:12]
         self._inbox: queue.Queue[tuple[str, bytes] | None] = queue.Queue(maxsize=10_000)
         self._worker = threading.Thread(target=self._work, name="edgepack-jobs", daemon=True)
         self._client = self._make_client()
@@ -137,7 +141,9 @@ class DeviceLink:
         client.on_message = self._on_message
         client.reconnect_delay_set(c.reconnect_min, c.reconnect_max)
         client.max_queued_messages_set(10_000)
-        offline = encode({"device": self.device, "online": False, "ts": _now()})
+        offline = encode(
+            {"device": self.device, "online": False, "session": self.session, "ts": _now()}
+        )
         client.will_set(self.topics.state(self.device), offline, qos=1, retain=True)
         if c.username:
             password = Path(c.password_file).read_text().strip() if c.password_file else None
@@ -170,7 +176,9 @@ class DeviceLink:
         if self.connected.is_set():
             info = self._client.publish(
                 self.topics.state(self.device),
-                encode({"device": self.device, "online": False, "ts": _now()}),
+                encode(
+                    {"device": self.device, "online": False, "session": self.session, "ts": _now()}
+                ),
                 qos=1,
                 retain=True,
             )
@@ -258,6 +266,7 @@ class DeviceLink:
                     "models": models,
                     "health": "degraded" if unhealthy else "ok",
                     "ts": _now(),
+                    "session": self.session,
                 }
             ),
             retain=True,

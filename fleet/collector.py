@@ -27,8 +27,7 @@ import paho.mqtt.client as mqtt
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from agent.exceptions import CommandError
-from agent.messages import Topics, decode_json, encode, read_command, utcnow
-from fleet.exceptions import StoreError as FleetStoreError
+from agent.messages import Command, Topics, decode_json, encode, read_command, utcnow
 from fleet.mqtt import BrokerOptions, connect
 from fleet.store import FleetStore, JobRow, StoreError
 
@@ -144,7 +143,7 @@ class Collector:
             topic, payload = item
             try:
                 self.handle(topic, payload)
-            except (StoreError, FleetStoreError) as e:
+            except StoreError as e:
                 log.error("store write failed for %s: %s", topic, e)
             except (CommandError, ValueError) as e:
                 self.stats.rejected += 1
@@ -156,9 +155,7 @@ class Collector:
         if not parts or not payload:
             return
         if parts[0] == "groups" and len(parts) == 4 and parts[2] == "jobs":
-            self._count(
-                self.store.record_job(JobRow.from_command(read_command(payload, self.keys)))
-            )
+            self._count(self.store.record_job(_job_row(read_command(payload, self.keys))))
             return
         if parts[0] != "devices" or len(parts) < 3:
             return
@@ -169,9 +166,7 @@ class Collector:
             self.store.record_state(device, data, utcnow())
             self.stats.written += 1
         elif len(kind) == 2 and kind[0] == "jobs":
-            self._count(
-                self.store.record_job(JobRow.from_command(read_command(payload, self.keys)))
-            )
+            self._count(self.store.record_job(_job_row(read_command(payload, self.keys))))
         elif len(kind) == 3 and kind[0] == "jobs" and kind[2] == "status":
             data = decode_json(payload, "job status")
             if data.get("device") != device:
@@ -203,6 +198,21 @@ class Collector:
         self._client.publish(self.topics.pending(device), answer, qos=1)
         self.stats.answered += 1
         log.debug("answered %s with %d pending command(s)", device, len(jobs))
+
+
+def _job_row(command: Command) -> JobRow:
+    ((target_type, target),) = command.target.items()
+    return JobRow(
+        command.job_id,
+        command.kind,
+        command.model,
+        command.version,
+        target_type,
+        target,
+        command.issued_at,
+        command.expires_at,
+        command.raw,
+    )
 
 
 def describe(stats: CollectorStats) -> str:
