@@ -1,0 +1,329 @@
+"""The whole fleet through a real mosquitto: deploy, converge, roll back, retire, refuse.
+
+Real parts only: a mosquitto broker on a free loopback port, the bundle server over HTTP, agents
+with their own state directories (in this process, each with its own MQTT connection), the
+collector writing to SQLite, packager-built bundles, and signed commands.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import json
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from brokers import Broker, mosquitto
+from conftest import KeyPair, _write_pair, write_agent_config
+
+from agent.config import load_config
+from agent.daemon import Agent
+from agent.download import DownloadConfig, HttpFetcher
+from agent.messages import TERMINAL, Topics, make_command
+from agent.mqtt import DeviceLink, MqttConfig
+from agent.signing import generate_private_key, load_private_key
+from fleet.bundle_server import BundleServer
+from fleet.collector import Collector
+from fleet.commands import find_bundles, publish_command
+from fleet.mqtt import BrokerOptions, connect, publish_and_wait
+from fleet.store import open_store
+
+WAIT = 30.0
+
+
+@pytest.fixture(scope="module")
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
+    with mosquitto(tmp_path_factory.mktemp("broker")) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def ops(tmp_path_factory: pytest.TempPathFactory) -> KeyPair:
+    """The operator's command-signing key (not the build server's bundle key)."""
+    return _write_pair(tmp_path_factory.mktemp("ops"), "ops")
+
+
+@pytest.fixture(scope="module")
+def bundle_server(iris_bundles: dict[str, Path]) -> Iterator[BundleServer]:
+    server = BundleServer(iris_bundles["v1"].parent, port=0).start()
+    yield server
+    server.stop()
+
+
+class Fleet:
+    """One test's fleet: its own prefix on the shared broker, devices, a collector."""
+
+    def __init__(
+        self,
+        root: Path,
+        broker: Broker,
+        keys: KeyPair,
+        ops: KeyPair,
+        server: BundleServer,
+        dist: Path,
+    ) -> None:
+        self.root, self.broker, self.keys, self.ops = root, broker, keys, ops
+        self.server, self.dist = server, dist
+        self.prefix = f"t{time.monotonic_ns()}/v1"  # isolates retained messages between tests
+        self.options = BrokerOptions(host=broker.host, port=broker.port, prefix=self.prefix)
+        self.store = open_store(root / "fleet.db")
+        self.collector = Collector(self.options, self.store).start()
+        self.devices: dict[str, tuple[Agent, DeviceLink]] = {}
+        self.ops_key = load_private_key(ops.private.read_bytes())
+
+    def device(self, name: str, groups: tuple[str, ...] = ("store-42",)) -> Agent:
+        """Start (or restart) a device with its own state directory and MQTT session."""
+        groups_toml = json.dumps(list(groups))
+        extra = (
+            f'[mqtt]\nhost = "{self.broker.host}"\nport = {self.broker.port}\n'
+            f'prefix = "{self.prefix}"\ncommand_keys = ["{self.ops.public}"]\n'
+            "reconnect_max = 2\n"
+        )
+        path = write_agent_config(self.root / name, self.keys, extra=extra)
+        text = path.read_text().replace(
+            'device_id = "test-device"', f'device_id = "{name}"\ngroups = {groups_toml}'
+        )
+        path.write_text(text.replace("[server]\n", "[server]\nenabled = false\n"))
+        config = load_config(path)
+        agent = Agent(config, fetcher=HttpFetcher(DownloadConfig(retries=2, backoff_initial=0.05)))
+        agent.start(serve_http=False)
+        mqtt_config = MqttConfig.from_agent(config.extra["mqtt"], str(path), path.parent)
+        link = DeviceLink(agent, mqtt_config).start()
+        assert link.connected.wait(10), f"{name} did not connect"
+        self.devices[name] = (agent, link)
+        return agent
+
+    def stop_device(self, name: str) -> None:
+        agent, link = self.devices.pop(name)
+        link.stop()
+        agent.stop()
+
+    def send(
+        self, kind: str, target: dict[str, str], version: int | None = None, key: Any = None
+    ) -> str:
+        bundles = find_bundles("iris", version, self.server.url, self.dist) if version else None
+        return publish_command(
+            self.options,
+            kind,
+            "iris",
+            target,
+            key or self.ops_key,
+            version=version,
+            bundles=bundles,
+        ).job_id
+
+    def publish_raw(self, topic: str, payload: bytes) -> None:
+        client = connect(self.options)
+        try:
+            publish_and_wait(client, topic, payload, retain=False)
+        finally:
+            client.disconnect()
+            client.loop_stop()
+
+    def wait_for(
+        self, job_id: str, devices: list[str], until: Callable[[Any], bool] | None = None
+    ) -> dict[str, Any]:
+        """Wait until each device's execution of ``job_id`` is terminal; {device: row}."""
+        deadline = time.monotonic() + WAIT
+        rows: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            rows = {e.device: e for e in self.store.executions(job_id)}
+            if all(d in rows and rows[d].status in TERMINAL for d in devices):
+                return rows
+            time.sleep(0.1)
+        raise AssertionError(f"job {job_id} not terminal on {devices} after {WAIT}s: {rows}")
+
+    def close(self) -> None:
+        for name in list(self.devices):
+            self.stop_device(name)
+        self.collector.stop()
+        self.store.close()
+
+
+@pytest.fixture
+def fleet(
+    tmp_path: Path,
+    broker: Broker,
+    keys: KeyPair,
+    ops: KeyPair,
+    bundle_server: BundleServer,
+    iris_bundles: dict[str, Path],
+) -> Iterator[Fleet]:
+    running = Fleet(tmp_path, broker, keys, ops, bundle_server, iris_bundles["v1"].parent)
+    yield running
+    running.close()
+
+
+def active(agent: Agent) -> int | None:
+    model = agent.lifecycle.store.load().models.get("iris")
+    return model.active if model else None
+
+
+def serving(agent: Agent) -> int | None:
+    return next((m.version for m in agent.runtime.models() if m.name == "iris"), None)
+
+
+def test_group_deploy_reaches_every_device(fleet: Fleet) -> None:
+    agents = [fleet.device(f"cam-{i}") for i in range(3)]
+    job = fleet.send("deploy", {"group": "store-42"}, version=1)
+    rows = fleet.wait_for(job, ["cam-0", "cam-1", "cam-2"])
+    for agent in agents:
+        assert rows[agent.config.device_id].status == "SUCCEEDED"
+        assert rows[agent.config.device_id].version_after == 1
+        assert serving(agent) == 1
+    history = fleet.store.history(job, "cam-0")
+    assert history[0].status == "QUEUED"
+    assert "downloading" in [h.step for h in history]
+    assert "health-check" in [h.step for h in history]
+    time.sleep(0.5)  # the devices' retained state after the job
+    devices = {d.device: d for d in fleet.store.devices("store-42")}
+    assert set(devices) == {"cam-0", "cam-1", "cam-2"}
+    assert all(d.online and d.models["iris"]["active"] == 1 for d in devices.values())
+
+
+def test_offline_device_converges_when_it_connects(fleet: Fleet) -> None:
+    online = fleet.device("cam-a")
+    job = fleet.send("deploy", {"group": "store-42"}, version=1)
+    fleet.wait_for(job, ["cam-a"])
+    assert serving(online) == 1
+    late = fleet.device("cam-b")  # new device: gets the retained group command on subscribe
+    rows = fleet.wait_for(job, ["cam-b"])
+    assert rows["cam-b"].status == "SUCCEEDED"
+    assert serving(late) == 1
+
+
+def test_restarted_agent_keeps_its_pending_job(fleet: Fleet) -> None:
+    fleet.device("cam-r")
+    fleet.stop_device("cam-r")  # its persistent session stays on the broker
+    job = fleet.send("deploy", {"device": "cam-r"}, version=1)
+    time.sleep(0.3)
+    assert fleet.store.executions(job) == []
+    agent = fleet.device("cam-r")
+    assert fleet.wait_for(job, ["cam-r"])["cam-r"].status == "SUCCEEDED"
+    assert serving(agent) == 1
+
+
+def test_rollback_and_retire(fleet: Fleet) -> None:
+    agent = fleet.device("cam-x")
+    for version in (1, 2):
+        fleet.wait_for(fleet.send("deploy", {"device": "cam-x"}, version=version), ["cam-x"])
+    assert (active(agent), serving(agent)) == (2, 2)
+    rows = fleet.wait_for(fleet.send("rollback", {"device": "cam-x"}), ["cam-x"])
+    assert rows["cam-x"].status == "SUCCEEDED"
+    assert (rows["cam-x"].version_before, rows["cam-x"].version_after) == (2, 1)
+    assert serving(agent) == 1
+    rows = fleet.wait_for(fleet.send("retire", {"device": "cam-x"}), ["cam-x"])
+    assert rows["cam-x"].status == "SUCCEEDED"
+    assert active(agent) is None
+    assert serving(agent) is None
+
+
+def _expired(key: Any) -> bytes:
+    past = dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=2)
+    return make_command(
+        "rollback", "iris", {"device": "cam-z"}, key, issued_at=past, ttl=dt.timedelta(days=1)
+    )[1]
+
+
+def _unsigned(key: Any) -> bytes:
+    return json.dumps(
+        {
+            "schema": 1,
+            "kind": "retire",
+            "job_id": "unsigned-1",
+            "model": "iris",
+            "target": {"device": "cam-z"},
+        }
+    ).encode()
+
+
+def _wrong_key(key: Any) -> bytes:
+    return make_command("retire", "iris", {"device": "cam-z"}, generate_private_key())[1]
+
+
+def _other_device(key: Any) -> bytes:
+    return make_command("retire", "iris", {"device": "cam-other"}, key)[1]
+
+
+def _bad_bundle_deploy(key: Any) -> bytes:
+    bundle = {
+        "url": "http://127.0.0.1:9/iris-9-x86_64-cpu.edgepack",
+        "sha256": "0" * 64,
+        "size": 100,
+    }
+    return make_command(
+        "deploy", "iris", {"device": "cam-z"}, key, version=9, bundles={"x86_64-cpu": bundle}
+    )[1]
+
+
+def _malformed(key: Any) -> bytes:
+    envelope = json.loads(make_command("retire", "iris", {"device": "cam-z"}, key)[1])
+    envelope["signatures"][0]["sig"] = "AAAA" + envelope["signatures"][0]["sig"][4:]
+    return json.dumps(envelope).encode()
+
+
+@pytest.mark.parametrize(
+    ("forge", "says"),
+    [
+        (_unsigned, None),  # no verifiable job id: ignored, and nothing changes
+        (_wrong_key, "signature rejected"),
+        (_expired, "expired"),
+        (_other_device, "for device 'cam-other'"),
+        (_malformed, "signature rejected"),
+        (_bad_bundle_deploy, "could not download"),
+    ],
+)
+def test_refused_commands_change_nothing(
+    fleet: Fleet, forge: Callable[[Any], bytes], says: str | None
+) -> None:
+    agent = fleet.device("cam-z")
+    fleet.wait_for(fleet.send("deploy", {"device": "cam-z"}, version=1), ["cam-z"])
+    before = agent.lifecycle.store.state_file.read_bytes()
+    raw = forge(fleet.ops_key)
+    topic = Topics(fleet.prefix).device_jobs("cam-z", "iris")
+    fleet.publish_raw(topic, raw)
+    time.sleep(1.0)
+    if says is not None:
+        payload = json.loads(base64.b64decode(json.loads(raw)["payload"]))
+        rows = fleet.wait_for(payload["job_id"], ["cam-z"])
+        assert rows["cam-z"].status in ("REJECTED", "FAILED")
+        assert says in (rows["cam-z"].reason or ""), rows["cam-z"].reason
+    after = json.loads(agent.lifecycle.store.state_file.read_bytes())
+    assert after["models"] == json.loads(before)["models"]
+    assert serving(agent) == 1
+
+
+def test_replayed_older_command_is_rejected(fleet: Fleet) -> None:
+    agent = fleet.device("cam-p")
+    first_job, first = make_command(
+        "deploy",
+        "iris",
+        {"device": "cam-p"},
+        fleet.ops_key,
+        version=1,
+        bundles=find_bundles("iris", 1, fleet.server.url, fleet.dist),
+    )
+    topic = Topics(fleet.prefix).device_jobs("cam-p", "iris")
+    fleet.publish_raw(topic, first)
+    fleet.wait_for(first_job, ["cam-p"])
+    fleet.wait_for(fleet.send("deploy", {"device": "cam-p"}, version=2), ["cam-p"])
+    old_job, old = make_command(
+        "rollback",
+        "iris",
+        {"device": "cam-p"},
+        fleet.ops_key,
+        issued_at=dt.datetime.now(dt.timezone.utc) - dt.timedelta(hours=1),
+    )
+    fleet.publish_raw(topic, old)
+    rows = fleet.wait_for(old_job, ["cam-p"])
+    assert rows["cam-p"].status == "REJECTED"
+    assert "replayed or stale" in (rows["cam-p"].reason or "")
+    assert serving(agent) == 2
+    # the first command delivered again is not run again: its final status is re-sent
+    fleet.publish_raw(topic, first)
+    time.sleep(0.5)
+    assert serving(agent) == 2
+    assert fleet.store.executions(first_job)[0].status == "SUCCEEDED"
