@@ -364,11 +364,17 @@ def status(ctx: click.Context, job_id: str, wait: bool, timeout: float) -> None:
         console.print(table)
         return
     deadline = time.monotonic() + timeout
-    with Live(table, console=console, refresh_per_second=4, transient=False) as live:
+    if console.is_terminal:
+        with Live(table, console=console, refresh_per_second=4, transient=False) as live:
+            while not done and time.monotonic() < deadline:
+                time.sleep(0.5)
+                table, done = _status_table(store, job_id)
+                live.update(table)
+    else:  # logs and pipes get the final table only
         while not done and time.monotonic() < deadline:
             time.sleep(0.5)
             table, done = _status_table(store, job_id)
-            live.update(table)
+        console.print(table)
     if not done:
         _fail(f"job {job_id} not finished on every device after {timeout:.0f} s")
     failed = [e for e in store.executions(job_id) if e.status != "SUCCEEDED"]

@@ -1,73 +1,112 @@
 #!/usr/bin/env bash
-# The main job, end to end on this machine: set up, train a small churn model, make a signing
-# key, build signed bundles for every device profile, verify and inspect one, then play the
-# device: install the bundle for this machine into a local agent, serve it over the Open
-# Inference Protocol, upgrade it under traffic, roll it back.
-# Everything it writes goes to ./demo (remove it to start over). Exits non-zero on any failure
-# and stops every process it started.
+# The main job, end to end on this machine:
+#   train a model → build signed bundles for every profile → serve them over HTTP → start a
+#   broker (mosquitto, or an embedded one when mosquitto is missing), a collector and three
+#   device agents → deploy v1 to the group → ask a device for predictions → build and deploy v2
+#   → roll one device back → print the fleet.
+# Everything it writes goes to ./demo (remove it to start over). Exits non-zero if any step
+# fails, and stops every process it started.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh all
 export PATH="$PWD/.venv/bin:$PATH"
 out=demo
-rm -rf "$out/device"
-mkdir -p "$out"
+rm -rf "$out/devices" "$out/fleet.db"* "$out/logs"
+mkdir -p "$out/logs"
 pids=()
-cleanup() { for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; done; }
+cleanup() {
+    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+    for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
+}
 trap cleanup EXIT
+port() { python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_port() { for _ in $(seq 1 100); do python -c "import socket,sys; socket.create_connection(('127.0.0.1',$1),0.2)" 2>/dev/null && return 0; sleep 0.1; done; echo "error: nothing listens on port $1" >&2; return 1; }
 
 echo "== 1. train a small churn model (scikit-learn pipeline with string columns and an MLP)"
 python scripts/train_demo.py --out "$out"
 
-echo "== 2. device profiles"
-edgepack profiles
-
-echo "== 3. signing key"
+echo "== 2. keys: the build server signs bundles, the operator signs fleet commands"
 [ -f "$out/keys/signing.key" ] || edgepack keygen --out "$out/keys"
+[ -f "$out/keys/ops.key" ] || edgepack keygen --out "$out/keys" --name ops > /dev/null
 
-echo "== 4. build one signed bundle per profile"
+echo "== 3. build v1: one signed bundle per device profile"
 edgepack build "$out/churn.joblib" --trust-pickle --name churn --version 1 \
     --profile x86_64-cpu --profile x86_64-vnni-cpu --profile arm64-cpu --profile nvidia-gpu \
     --reference "$out/reference.csv" --key "$out/keys/signing.key" --out "$out/dist"
-
-echo "== 5. verify and inspect the Raspberry Pi bundle"
 edgepack verify "$out/dist/churn-1-arm64-cpu.edgepack" --pub "$out/keys/signing.pub"
-edgepack inspect "$out/dist/churn-1-arm64-cpu.edgepack"
 
-echo "== 6. the device: an agent for this machine's profile"
+echo "== 4. broker, bundle server, collector"
+mqtt_port=$(port); http_port=$(port)
+if [ "${EDGEPACK_DEMO_BROKER:-}" != embedded ] && { command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ]; }; then
+    mosquitto_bin=$(command -v mosquitto || echo /usr/sbin/mosquitto)
+    printf 'listener %s 127.0.0.1\nallow_anonymous true\npersistence false\n' "$mqtt_port" > "$out/logs/mosquitto.conf"
+    "$mosquitto_bin" -c "$out/logs/mosquitto.conf" > "$out/logs/broker.log" 2>&1 &
+    protocol=5; echo "broker: mosquitto on 127.0.0.1:$mqtt_port"
+else
+    python scripts/embedded_broker.py "$mqtt_port" > "$out/logs/broker.log" 2>&1 &
+    protocol=3.1.1; echo "broker: embedded amqtt (MQTT 3.1.1) on 127.0.0.1:$mqtt_port (mosquitto not installed)"
+fi
+pids+=($!)
+wait_port "$mqtt_port"
+export EDGEPACK_BROKER="127.0.0.1:$mqtt_port" EDGEPACK_STORE="$out/fleet.db"
+fleet="edgepack-fleet --protocol $protocol"
+$fleet serve "$out/dist" --port "$http_port" > "$out/logs/bundles.log" 2>&1 &
+pids+=($!)
+$fleet collector > "$out/logs/collector.log" 2>&1 &
+pids+=($!)
+wait_port "$http_port"
+
+echo "== 5. three devices (their own state directories), group store-42"
 profile=$(python -c 'import platform, pathlib
 m = platform.machine().lower()
 flags = pathlib.Path("/proc/cpuinfo").read_text().split() if pathlib.Path("/proc/cpuinfo").exists() else []
 print("arm64-cpu" if m in ("aarch64", "arm64") else "x86_64-vnni-cpu" if ("avx512_vnni" in flags or "avx_vnni" in flags) else "x86_64-cpu")')
-mkdir -p "$out/device"
-cat > "$out/device/agent.toml" <<TOML
-device_id = "demo-device"
+api_ports=()
+for i in 1 2 3; do
+    dir="$out/devices/cam-$i"; mkdir -p "$dir"
+    api_ports+=("$(port)")
+    cat > "$dir/agent.toml" <<TOML
+device_id = "cam-$i"
 profile = "$profile"
+groups = ["store-42"]
 state_dir = "state"
-trusted_keys = ["../keys/signing.pub"]
+trusted_keys = ["../../keys/signing.pub"]
 [server]
-port = ${EDGEPACK_DEMO_PORT:-18080}
+port = ${api_ports[-1]}
+[mqtt]
+port = $mqtt_port
+protocol = "$protocol"
+command_keys = ["../../keys/ops.pub"]
 TOML
-agent="edgepack-agent --config $out/device/agent.toml"
-$agent install "$out/dist/churn-1-$profile.edgepack"
-$agent run > "$out/device/agent.log" 2>&1 &
-pids+=($!)
-url="http://127.0.0.1:${EDGEPACK_DEMO_PORT:-18080}"
-for _ in $(seq 1 50); do python scripts/demo_client.py "$url" ready && break; sleep 0.2; done
+    edgepack-agent --config "$dir/agent.toml" run > "$out/logs/cam-$i.log" 2>&1 &
+    pids+=($!)
+done
+for p in "${api_ports[@]}"; do wait_port "$p"; done
+sleep 1
 
-echo "== 7. inference over HTTP (Open Inference Protocol)"
-python scripts/demo_client.py "$url" infer
+echo "== 6. deploy churn v1 to group store-42"
+job=$($fleet deploy churn --version 1 --group store-42 --bundles "http://127.0.0.1:$http_port/" \
+    --key "$out/keys/ops.key" | tee /dev/stderr | sed -n 's/.*job \([^ ]*\)$/\1/p' | head -1)
+$fleet status "$job" --wait --timeout 120
 
-echo "== 8. build v2 and upgrade the running agent (hot swap, no request dropped)"
-edgepack build "$out/churn.joblib" --trust-pickle --name churn --version 2 --profile "$profile" \
+echo "== 7. predictions from cam-1 over HTTP (Open Inference Protocol)"
+python scripts/demo_client.py "http://127.0.0.1:${api_ports[0]}" infer
+
+echo "== 8. build v2 and deploy it to the group"
+edgepack build "$out/churn.joblib" --trust-pickle --name churn --version 2 \
+    --profile x86_64-cpu --profile x86_64-vnni-cpu --profile arm64-cpu --profile nvidia-gpu \
     --reference "$out/reference.csv" --key "$out/keys/signing.key" --out "$out/dist" > /dev/null
-$agent install "$out/dist/churn-2-$profile.edgepack"
-python scripts/demo_client.py "$url" wait-version 2
-python scripts/demo_client.py "$url" infer
+job=$($fleet deploy churn --version 2 --group store-42 --bundles "http://127.0.0.1:$http_port/" \
+    --key "$out/keys/ops.key" | sed -n 's/.*job \([^ ]*\)$/\1/p' | head -1)
+$fleet status "$job" --wait --timeout 120
 
-echo "== 9. roll back to v1"
-$agent rollback churn
-python scripts/demo_client.py "$url" wait-version 1
-$agent status
+echo "== 9. roll cam-2 back to v1"
+job=$($fleet rollback churn --device cam-2 --key "$out/keys/ops.key" | sed -n 's/.*job \([^ ]*\)$/\1/p' | head -1)
+$fleet status "$job" --wait --timeout 60
+python scripts/demo_client.py "http://127.0.0.1:${api_ports[1]}" wait-version 1
+
+echo "== 10. the fleet"
+sleep 1
+$fleet devices
 echo
-echo "demo finished: bundles in $out/dist/, device state in $out/device/state, agent log $out/device/agent.log"
+echo "demo finished: bundles in $out/dist/, device states in $out/devices/, logs in $out/logs/"
