@@ -85,8 +85,10 @@ for p in "${api_ports[@]}"; do wait_port "$p"; done
 sleep 1
 
 echo "== 6. deploy churn v1 to group store-42"
-job=$($fleet deploy churn --version 1 --group store-42 --bundles "http://127.0.0.1:$http_port/" \
-    --key "$out/keys/ops.key" | tee /dev/stderr | sed -n 's/.*job \([^ ]*\)$/\1/p' | head -1)
+sent=$($fleet deploy churn --version 1 --group store-42 --bundles "http://127.0.0.1:$http_port/" \
+    --key "$out/keys/ops.key")
+echo "$sent"
+job=$(echo "$sent" | sed -n 's/.*job \([^ ]*\)$/\1/p' | head -1)
 $fleet status "$job" --wait --timeout 120
 
 echo "== 7. predictions from cam-1 over HTTP (Open Inference Protocol)"
