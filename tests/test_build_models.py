@@ -312,10 +312,21 @@ def test_reference_statistics_recount(
     b = built(name)
     bundle = b.bundle(profile_id)
     stats = json.loads(bundle.files[REFERENCE_FILE])
-    frame = b.trained.frame
+    everything = b.trained.frame
+    # packager/statistics.py: the first half of a seed-1 permutation defines the reference, the
+    # second half calibrates the thresholds.
+    order = np.random.default_rng(1).permutation(len(everything))
+    reference_rows = order[: len(everything) // 2]
+    frame = everything.iloc[reference_rows]
     features = [c for spec in bundle.manifest.inputs for c in spec.columns]
     assert stats["rows"] == len(frame)
+    assert stats["holdout_rows"] == len(everything) - len(frame)
     assert [f["name"] for f in stats["features"]] == features
+    for column in [*stats["features"], stats["output"]]:
+        ks = {int(w): t["ks"] for w, t in column["thresholds"].items()}
+        assert sorted(ks) == [100, 250, 500, 1000]
+        assert all(0 < value <= 1 for value in ks.values())
+        assert ks[100] >= ks[1000]  # smaller windows are noisier: higher thresholds
 
     for feature in stats["features"]:
         column = frame[feature["name"]]
@@ -330,7 +341,7 @@ def test_reference_statistics_recount(
 
     output = stats["output"]
     assert output is not None
-    predictions = b.trained.model.predict(_source_inputs(b.trained))
+    predictions = np.asarray(b.trained.model.predict(_source_inputs(b.trained)))[reference_rows]
     if b.trained.task == "classification":
         assert output["kind"] == "categorical"
         counts = pd.Series(_as_text(predictions)).value_counts()
