@@ -26,6 +26,7 @@ from agent.durable import read_json
 from agent.exceptions import EdgepackError
 from agent.journal import JournalEntry
 from agent.lifecycle import Fetcher, Lifecycle, Outcome
+from agent.monitor import Monitor, MonitorConfig
 from agent.runtime import Runtime, ServedModel
 from agent.server import InferenceServer
 
@@ -54,6 +55,11 @@ class Agent:
         self.config = config
         self.lifecycle = Lifecycle(config, fetcher=fetcher, on_state=on_state)
         self.runtime = Runtime(config.runtime, config.server.max_batch_rows)
+        self.monitor = Monitor(
+            self.lifecycle.store,
+            MonitorConfig.from_extra(config.extra, str(config.source or "config")),
+        )
+        self.runtime.monitor = self.monitor
         self.server: InferenceServer | None = None
         self._poll_interval = poll_interval
         self._stop = threading.Event()
@@ -77,8 +83,10 @@ class Agent:
                 self.config.server.port,
                 self.config.server.max_request_bytes,
                 ready=lambda: self._ready,
+                metrics=self.metrics,
             ).start()
             log.info("serving the Open Inference Protocol on %s", self.server.url)
+        self.monitor.start()
         self._watcher = threading.Thread(target=self._watch, name="edgepack-watch", daemon=True)
         self._watcher.start()
         self._ready = True
@@ -93,6 +101,7 @@ class Agent:
             self.server = None
         if self._watcher is not None:
             self._watcher.join(timeout=5)
+        self.monitor.stop()
 
     def __enter__(self) -> Agent:
         return self
@@ -117,7 +126,16 @@ class Agent:
 
     # -- lifecycle -----------------------------------------------------------------------------
 
+    def metrics(self) -> str:
+        """Prometheus text for ``/metrics``."""
+        drift = {
+            f'edgepack_drift_status{{model="{name}",status="{report["status"]}"}}': 1
+            for name, report in self.monitor.latest.items()
+        }
+        return self.monitor.telemetry.prometheus(drift)
+
     def _apply(self, outcome: Outcome) -> Outcome:
+        self.monitor.telemetry.event(f"{outcome.op}:{outcome.result}")
         if outcome.ok and outcome.session is not None and outcome.manifest is not None:
             self.runtime.put(ServedModel(outcome.manifest, outcome.session))  # hot swap
         self.sync()
@@ -174,6 +192,7 @@ class Agent:
                     "highest": m.highest,
                     "serving": served.get(name),
                     "not_served_because": failed.get(name, (None, None))[1],
+                    "drift": (self.monitor.latest.get(name) or {}).get("status"),
                     "installed_at": m.installed_at,
                 }
                 for name, m in sorted(state.models.items())

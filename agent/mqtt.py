@@ -14,6 +14,7 @@ through :class:`agent.jobs.JobRunner`, oldest command first. Topics and payloads
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -33,6 +34,7 @@ from agent.daemon import Agent
 from agent.exceptions import ConfigError, EdgepackError, KeyFormatError
 from agent.jobs import JobRunner, StatusUpdate
 from agent.messages import DEFAULT_PREFIX, Topics, decode_json, encode, job_status, utcnow
+from agent.outbox import Outbox
 from agent.signing import load_public_key
 
 __all__ = ["DeviceLink", "MqttConfig"]
@@ -60,6 +62,7 @@ class MqttConfig:
     reconnect_min: int = 1
     reconnect_max: int = 60
     command_keys: tuple[str, ...] = ()  # operator public keys trusted to sign commands
+    outbox_max_messages: int = 10_000  # store-and-forward bound (telemetry dropped first)
 
     @classmethod
     def from_agent(cls, raw: Mapping[str, Any], source: str, base: Path) -> MqttConfig:
@@ -121,6 +124,10 @@ class DeviceLink:
         # Ties state messages to this connection, so a late Last Will of an older connection
         # cannot mark the device offline after it came back.
         self.session = uuid.uuid4().hex[:12]
+        self.outbox = Outbox(agent.config.state_dir / "outbox.db", config.outbox_max_messages)
+        agent.monitor.sink = self._queue_report
+        self._stopping = threading.Event()
+        self._sender = threading.Thread(target=self._send_loop, name="edgepack-outbox", daemon=True)
         self._inbox: queue.Queue[tuple[str, bytes] | None] = queue.Queue(maxsize=10_000)
         self._worker = threading.Thread(target=self._work, name="edgepack-jobs", daemon=True)
         self._client = self._make_client()
@@ -157,6 +164,7 @@ class DeviceLink:
     def start(self) -> DeviceLink:
         """Connect in the background (retrying with backoff while the broker is down)."""
         self._worker.start()
+        self._sender.start()
         c = self.config
         if c.protocol == "5":
             props = Properties(PacketTypes.CONNECT)
@@ -183,10 +191,14 @@ class DeviceLink:
                 retain=True,
             )
             info.wait_for_publish(timeout=2)
+        self._stopping.set()
+        self.outbox.added.set()
+        self._sender.join(timeout=10)
         self._client.disconnect()
         self._client.loop_stop()
         self._inbox.put(None)
         self._worker.join(timeout=10)
+        self.outbox.close()
 
     def _on_connect(
         self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any
@@ -227,7 +239,8 @@ class DeviceLink:
             log.info("offline: %s queued until the broker is back", topic)
 
     def _publish_status(self, update: StatusUpdate) -> None:
-        self._publish(
+        self.outbox.put(
+            "job",
             self.topics.job_status(self.device, update.job_id),
             job_status(
                 update.job_id,
@@ -241,6 +254,45 @@ class DeviceLink:
                 seq=update.seq,
             ),
         )
+
+    def _queue_report(self, kind: str, report: dict[str, Any]) -> None:
+        """Monitor sink: telemetry and drift reports go through the outbox, numbered."""
+        topic = (
+            self.topics.telemetry(self.device)
+            if kind == "telemetry"
+            else self.topics.drift(self.device)
+        )
+        extra: dict[str, Any] = {}
+        if kind == "telemetry":
+            extra["outbox"] = {"queued": len(self.outbox), **self.outbox.counters()}
+        payload = encode(
+            {
+                "device": self.device,
+                "seq": self.outbox.next_seq(kind),
+                "ts": _now(),
+                **report,
+                **extra,
+            }
+        )
+        self.outbox.put(kind, topic, payload)
+
+    def _send_loop(self) -> None:
+        """Drain the outbox in order: publish, wait for the broker's PUBACK, then forget."""
+        while not self._stopping.is_set():
+            if not self.connected.wait(0.5):
+                continue
+            message = self.outbox.peek()
+            if message is None:
+                self.outbox.added.wait(0.5)
+                self.outbox.added.clear()
+                continue
+            info = self._client.publish(message.topic, message.payload, qos=1)
+            with contextlib.suppress(ValueError, RuntimeError):
+                info.wait_for_publish(timeout=10)
+            if info.is_published():
+                self.outbox.remove(message.id)
+            else:  # disconnected meanwhile: the same message goes again after the reconnect
+                self._stopping.wait(0.5)
 
     def publish_state(self) -> None:
         """Publish this device's retained state: online, profile, models, health."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +24,7 @@ from agent.config import RuntimeConfig
 from agent.exceptions import EdgepackError, ModelNotFoundError, RequestError, StorageError
 from agent.health import open_session
 from agent.manifest import Manifest, TensorSpec, parse_manifest
+from agent.monitor import Monitor
 from agent.signing import verify_files
 from agent.store import DeviceState, Store
 
@@ -115,6 +117,7 @@ class Runtime:
         self._sync_lock = threading.Lock()
         self.generation = -1
         self.failed: dict[str, tuple[int, str]] = {}  # model -> (version, why it is not served)
+        self.monitor: Monitor | None = None  # telemetry and drift (agent.monitor)
 
     def get(self, name: str, version: int | None = None) -> ServedModel:
         """The served model, or :class:`ModelNotFoundError` naming what is there."""
@@ -241,7 +244,12 @@ class Runtime:
     ) -> dict[str, np.ndarray]:
         """Run on the model already held, even if a newer version was swapped in meanwhile."""
         name = served.name
-        feeds = self.prepare(served, inputs)
+        try:
+            feeds = self.prepare(served, inputs)
+        except RequestError:
+            if self.monitor is not None:
+                self.monitor.failed(name, served.version, "bad_request")
+            raise
         names = served.output_names
         wanted = list(outputs) if outputs else names
         unknown = [o for o in wanted if o not in names]
@@ -250,5 +258,21 @@ class Runtime:
                 f"{name}: unknown output(s) {', '.join(map(repr, unknown))}; "
                 f"the model has {', '.join(map(repr, names))}"
             )
-        results = served.session.run(wanted, feeds)
-        return dict(zip(wanted, results, strict=True))
+        # drift watches the model's first output (label / prediction): always compute it
+        first = names[0]
+        run = wanted if self.monitor is None or first in wanted else [first, *wanted]
+        start = time.perf_counter()
+        try:
+            results = served.session.run(run, feeds)
+        except Exception:
+            if self.monitor is not None:
+                self.monitor.failed(name, served.version, "runtime_error")
+            raise
+        elapsed = time.perf_counter() - start
+        computed = dict(zip(run, results, strict=True))
+        if self.monitor is not None:
+            rows = len(next(iter(feeds.values()))) if feeds else 0
+            self.monitor.observe(
+                name, served.version, feeds, {first: computed[first]}, elapsed, rows
+            )
+        return {key: computed[key] for key in wanted}

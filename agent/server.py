@@ -5,6 +5,7 @@ installs nothing more for it. Routes::
 
     GET  /v2                                     server metadata
     GET  /v2/health/live | /v2/health/ready      liveness / readiness
+    GET  /metrics                                Prometheus text: requests, latency, drift
     GET  /v2/models/{name}[/versions/{v}]        model metadata
     GET  /v2/models/{name}[/versions/{v}]/ready  model readiness
     POST /v2/models/{name}[/versions/{v}]/infer  inference (JSON or binary tensor extension)
@@ -90,6 +91,10 @@ class _Handler(BaseHTTPRequestHandler):
                 },
             )
             return
+        if path == "/metrics":
+            body = self.server.metrics().encode()
+            self._send(200, body, content_type="text/plain; version=0.0.4; charset=utf-8")
+            return
         if path == "/v2/health/live":
             self._json(200, {"live": True})
             return
@@ -149,7 +154,6 @@ class _Handler(BaseHTTPRequestHandler):
                 served.name, served.version, request, outputs
             )
         except RequestError as e:
-            self.server.on_request(match["name"], "error:" + type(e).__name__)
             self._error(e.status, str(e))
             return
         except ValueError as e:
@@ -203,12 +207,12 @@ class _Server(ThreadingHTTPServer):
         runtime: Runtime,
         max_request_bytes: int,
         ready: Callable[[], bool],
-        on_request: Callable[[str, str], None],
+        metrics: Callable[[], str],
     ) -> None:
         self.runtime = runtime
         self.max_request_bytes = max_request_bytes
         self.ready = ready
-        self.on_request = on_request
+        self.metrics = metrics
         super().__init__(address, _Handler)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
@@ -228,6 +232,7 @@ class InferenceServer:
         host, port: where to listen (port 0 picks a free one; see :attr:`port`).
         max_request_bytes: larger bodies get 413 without being read.
         ready: returns whether the agent is ready (for ``/v2/health/ready``).
+        metrics: returns the Prometheus text for ``/metrics``.
     """
 
     def __init__(
@@ -237,10 +242,10 @@ class InferenceServer:
         port: int = 8080,
         max_request_bytes: int = 16 * 1024**2,
         ready: Callable[[], bool] = lambda: True,
-        on_request: Callable[[str, str], None] = lambda _m, _k: None,
+        metrics: Callable[[], str] = lambda: "",
     ) -> None:
         try:
-            self._server = _Server((host, port), runtime, max_request_bytes, ready, on_request)
+            self._server = _Server((host, port), runtime, max_request_bytes, ready, metrics)
         except OSError as e:
             raise EdgepackError(
                 f"cannot listen on {host}:{port}: {e.strerror or e} (is another agent running? "

@@ -28,6 +28,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from agent.exceptions import CommandError
 from agent.messages import Command, Topics, decode_json, encode, read_command, utcnow
+from fleet.exceptions import BrokerError
 from fleet.mqtt import BrokerOptions, connect
 from fleet.store import FleetStore, JobRow, StoreError
 
@@ -45,6 +46,7 @@ class CollectorStats:
     duplicates: int = 0
     rejected: int = 0
     answered: int = 0
+    dropped: int = 0
 
 
 class Collector:
@@ -103,7 +105,13 @@ class Collector:
         subscribed = threading.Event()
         client.on_subscribe = lambda *_args: subscribed.set()
         client.subscribe(self._subscriptions())
-        subscribed.wait(10)
+        if not subscribed.wait(10):
+            client.disconnect()
+            client.loop_stop()
+            raise BrokerError(
+                f"the broker at {self.options.host}:{self.options.port} did not "
+                "confirm the collector's subscriptions within 10 s"
+            )
         self._client = client
         self.ready.set()
         log.info(
@@ -131,9 +139,14 @@ class Collector:
     def _on_message(self, _client: mqtt.Client, _userdata: Any, message: mqtt.MQTTMessage) -> None:
         self.stats.received += 1
         try:
-            self._queue.put_nowait((message.topic, bytes(message.payload)))
+            # Blocking here is deliberate back-pressure: paho stops reading and the broker
+            # queues for us, instead of this collector acknowledging and losing messages.
+            self._queue.put((message.topic, bytes(message.payload)), timeout=60)
         except queue.Full:
-            log.error("collector queue full: dropping %s (the store is too slow)", message.topic)
+            self.stats.dropped += 1
+            log.error(
+                "collector queue full for 60 s: dropping %s (the store is too slow)", message.topic
+            )
 
     def _write_loop(self) -> None:
         while True:

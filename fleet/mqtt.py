@@ -90,6 +90,14 @@ def connect(
             f"cannot reach the MQTT broker at {where}: {e.strerror or e} (is it running? "
             "check --broker)"
         ) from e
+    sock = client.socket()
+    if sock is not None and sock.fileno() >= 1024:
+        client.disconnect()
+        raise BrokerError(
+            "this process has more than 1023 open files, and paho's network loop (select()) "
+            "cannot watch a socket numbered above that; open fewer files in this process or run "
+            "the collector/commands in their own process"
+        )
     client.loop_start()
     if not done.wait(timeout):
         client.loop_stop()

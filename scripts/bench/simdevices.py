@@ -1,0 +1,358 @@
+"""Simulated devices for the fleet benchmarks: thousands of MQTT clients on one epoll thread.
+
+Each :class:`SimDevice` speaks the agent's protocol (``agent.mqtt.DeviceLink``): a paho-mqtt 2.x
+client (``CallbackAPIVersion.VERSION2``, MQTT 5, persistent session, a Last Will marking it
+offline) that on connect subscribes to its device and group job topics and its ``pending``
+answers, publishes its retained state and asks the collector for pending work. A command is
+verified for real with :func:`agent.messages.open_command` (signature, target, expiry), its
+bundle for the device's profile looked up, and the job reported as the agent reports it:
+``QUEUED → IN_PROGRESS (downloading) → IN_PROGRESS (health-check) → SUCCEEDED``, followed by a
+new retained state. Nothing is downloaded and no model is loaded: the simulator exercises the
+fan-out path (broker → devices → broker → collector → store), not the install itself.
+
+Why one thread: a paho ``loop_start()`` thread per client uses ``select()``, which cannot watch
+descriptors above 1024 (FD_SETSIZE); past about 339 clients (three sockets each) those threads
+die silently. :class:`SimFleet` instead drives every client from one thread through paho's
+external event loop API: ``on_socket_open``/``on_socket_close`` register a client's socket with
+an :class:`selectors.EpollSelector`, ``on_socket_register_write``/``on_socket_unregister_write``
+toggle write interest, and the loop calls ``loop_read``/``loop_write`` on readiness and
+``loop_misc`` once a second (keepalive). Clients connect through a sliding window, so the broker
+never sees thousands of SYNs at once. Every client is touched only by that thread; the caller
+hands it work through a queue and a wake-up socket, and reads counters.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import selectors
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from cryptography.hazmat.primitives.asymmetric import ec
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from agent.exceptions import CommandError
+from agent.messages import Topics, decode_json, encode, job_status, open_command, utcnow
+
+__all__ = ["SimDevice", "SimFleet"]
+
+# The updates the agent reports for an install (agent.jobs: lifecycle state -> step).
+STEPS = (
+    ("QUEUED", None),
+    ("IN_PROGRESS", "downloading"),
+    ("IN_PROGRESS", "health-check"),
+    ("SUCCEEDED", None),
+)
+
+
+def _now() -> str:
+    return utcnow().isoformat(timespec="seconds")
+
+
+class SimDevice:
+    """One simulated device: its client, what it installed, and when things happened."""
+
+    def __init__(self, fleet: SimFleet, name: str) -> None:
+        self.fleet, self.name = fleet, name
+        self.groups = list(fleet.groups)
+        self.session = uuid.uuid4().hex[:12]
+        self.models: dict[str, dict[str, Any]] = {}
+        self.finished: dict[str, int | None] = {}  # job id -> version installed
+        self.attempts = 0
+        self.command_at: float | None = None  # first command received (monotonic)
+        self.succeeded_at: float | None = None  # broker acknowledged the SUCCEEDED update
+        self._success_mid: int | None = None
+        topics = fleet.topics
+        client = mqtt.Client(
+            CallbackAPIVersion.VERSION2, client_id=f"edgepack-{name}", protocol=mqtt.MQTTv5
+        )
+        offline = encode({"device": name, "online": False, "session": self.session, "ts": _now()})
+        client.will_set(topics.state(name), offline, qos=1, retain=True)
+        client.max_queued_messages_set(10_000)
+        client.on_connect = self._on_connect
+        client.on_subscribe = self._on_subscribe
+        client.on_message = self._on_message
+        client.on_publish = self._on_publish
+        client.on_disconnect = self._on_disconnect
+        client.on_socket_open = fleet._socket_open
+        client.on_socket_close = fleet._socket_close
+        client.on_socket_register_write = fleet._want_write
+        client.on_socket_unregister_write = fleet._no_write
+        client.user_data_set(self)
+        self.client = client
+
+    # -- on the network thread only --------------------------------------------------------------
+
+    def connect(self) -> None:
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = 3600
+        self.attempts += 1
+        self.client.connect(
+            self.fleet.host,
+            self.fleet.port,
+            self.fleet.keepalive,
+            clean_start=False,
+            properties=props,
+        )
+
+    def _publish(self, topic: str, payload: bytes, retain: bool = False) -> int:
+        info = self.client.publish(topic, payload, qos=1, retain=retain)
+        if info.rc != mqtt.MQTT_ERR_SUCCESS:
+            self.fleet.fail(f"{self.name}: publish to {topic}: {mqtt.error_string(info.rc)}")
+        return info.mid
+
+    def publish_state(self) -> None:
+        state = {
+            "device": self.name,
+            "online": True,
+            "profile": self.fleet.profile,
+            "agent_version": "sim",
+            "groups": self.groups,
+            "models": self.models,
+            "health": "ok",
+            "ts": _now(),
+            "session": self.session,
+        }
+        self._publish(self.fleet.topics.state(self.name), encode(state), retain=True)
+
+    def _on_connect(self, client: mqtt.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
+        if reason.is_failure:
+            self.fleet.fail(f"{self.name}: broker refused the connection: {reason}")
+            return
+        topics = self.fleet.topics
+        wanted = [topics.device_jobs(self.name), topics.pending(self.name)]
+        wanted += [topics.group_jobs(group) for group in self.groups]
+        client.subscribe([(topic, 1) for topic in wanted])
+        self.publish_state()
+        ask = {"device": self.name, "groups": self.groups, "ts": _now()}
+        self._publish(topics.pending_get(self.name), encode(ask))
+
+    def _on_subscribe(self, *_args: Any) -> None:
+        self.fleet.connecting -= 1
+        self.fleet.ready += 1
+
+    def _on_disconnect(self, *_args: Any) -> None:
+        if not self.fleet.stopping:
+            self.fleet.fail(f"{self.name}: disconnected by the broker")
+
+    def _on_publish(self, _c: Any, _u: Any, mid: int, _reason: Any, _p: Any) -> None:
+        if mid == self._success_mid:
+            self.succeeded_at = time.monotonic()
+            self.fleet.succeeded += 1
+
+    def _on_message(self, _c: Any, _u: Any, message: mqtt.MQTTMessage) -> None:
+        payload = bytes(message.payload)
+        if not payload:
+            return  # a cleared retained command
+        if message.topic == self.fleet.topics.pending(self.name):
+            answer = decode_json(payload, "pending answer")
+            for raw in answer.get("commands", []):
+                self.handle(raw.encode())
+        else:
+            self.handle(payload)
+
+    def handle(self, raw: bytes) -> None:
+        """Verify a command like a device does, then report the install's updates."""
+        if self.command_at is None:
+            self.command_at = time.monotonic()
+        try:
+            command = open_command(raw, self.fleet.keys, device=self.name, groups=self.groups)
+            if command.kind == "deploy":
+                command.bundle_for(self.fleet.profile)  # a device needs its profile's bundle
+        except CommandError as e:
+            self.fleet.fail(f"{self.name}: rejected a command: {e}")
+            return
+        topic = self.fleet.topics.job_status(self.name, command.job_id)
+        if command.job_id in self.finished:  # delivered again: re-report, like the agent
+            update = job_status(
+                command.job_id, self.name, "SUCCEEDED", model=command.model, seq=len(STEPS)
+            )
+            self._publish(topic, update)
+            return
+        before = (self.models.get(command.model) or {}).get("active")
+        for seq, (status, step) in enumerate(STEPS, start=1):
+            done = status == "SUCCEEDED"
+            update = job_status(
+                command.job_id,
+                self.name,
+                status,
+                model=command.model,
+                step=step,
+                version_before=before,
+                version_after=command.version if done else None,
+                seq=seq,
+            )
+            mid = self._publish(topic, update)
+            if done:
+                self._success_mid = mid
+        self.finished[command.job_id] = command.version
+        self.models[command.model] = {
+            "active": command.version,
+            "previous": before,
+            "serving": command.version,
+        }
+        self.publish_state()
+
+
+class SimFleet:
+    """``count`` simulated devices in group(s) ``groups``, driven by one network thread.
+
+    Args:
+        host, port: the broker.
+        keys: operator public keys the devices trust for commands.
+        count: how many devices; they are named ``{name_prefix}-00000`` and up.
+        prefix: the topic prefix.
+        window: at most this many clients connecting (CONNECT sent, SUBACK not yet) at once.
+    """
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        keys: Sequence[ec.EllipticCurvePublicKey],
+        count: int,
+        *,
+        prefix: str,
+        groups: Sequence[str] = ("bench",),
+        profile: str = "x86_64-cpu",
+        name_prefix: str = "sim",
+        window: int = 200,
+        keepalive: int = 30,
+    ) -> None:
+        self.host, self.port, self.keys = host, port, list(keys)
+        self.topics, self.groups, self.profile = Topics(prefix), tuple(groups), profile
+        self.window, self.keepalive = window, keepalive
+        self.ready = self.connecting = self.succeeded = 0
+        self.errors: list[str] = []
+        self.stopping = False
+        self._sel = selectors.EpollSelector()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._sel.register(self._wake_r, selectors.EVENT_READ, None)
+        self._calls: collections.deque[Callable[[], None]] = collections.deque()
+        self._to_connect: collections.deque[SimDevice] = collections.deque()
+        self._quit = False
+        self._thread = threading.Thread(target=self._run, name="simdevices-net", daemon=True)
+        self.devices = [SimDevice(self, f"{name_prefix}-{i:05d}") for i in range(count)]
+
+    def fail(self, message: str) -> None:
+        if len(self.errors) < 100:
+            self.errors.append(message)
+
+    # -- the caller's side -----------------------------------------------------------------------
+
+    def start(self) -> SimFleet:
+        self._thread.start()
+        return self
+
+    def _call(self, fn: Callable[[], None]) -> None:
+        self._calls.append(fn)
+        with contextlib.suppress(BlockingIOError):
+            self._wake_w.send(b"x")
+
+    def wait(self, done: Callable[[], bool], timeout: float, what: str) -> float:
+        """Seconds until ``done()`` (polled every 10 ms); RuntimeError after ``timeout``."""
+        start = time.monotonic()
+        while not done():
+            if not self._thread.is_alive():
+                raise RuntimeError(f"the simulator's network thread died: {self.errors[:3]}")
+            if time.monotonic() - start > timeout:
+                raise RuntimeError(f"{what}: not done within {timeout:.0f} s ({self.errors[:3]})")
+            time.sleep(0.01)
+        return time.monotonic() - start
+
+    def connect_all(self, timeout: float) -> float:
+        """Connect and subscribe every device; returns the seconds it took."""
+        self._call(lambda: self._to_connect.extend(self.devices))
+        count = len(self.devices)
+        return self.wait(lambda: self.ready >= count, timeout, f"{count} devices connecting")
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Disconnect every device cleanly (no Last Will), stop the thread, close sockets."""
+        self.stopping = True
+        if self._thread.is_alive():
+            self._call(self._disconnect_all)
+            with contextlib.suppress(RuntimeError):
+                self.wait(lambda: len(self._sel.get_map()) <= 1, timeout, "disconnecting")
+            self._quit = True
+            self._call(lambda: None)
+            self._thread.join(timeout)
+        for device in self.devices:
+            sock = device.client.socket()
+            if sock is not None:
+                sock.close()
+        self._sel.close()
+        self._wake_r.close()
+        self._wake_w.close()
+
+    # -- the network thread ----------------------------------------------------------------------
+
+    def _disconnect_all(self) -> None:
+        self._to_connect.clear()
+        for device in self.devices:
+            if device.client.socket() is not None:
+                device.client.disconnect()
+
+    def _socket_open(self, client: mqtt.Client, device: SimDevice, sock: Any) -> None:
+        self._sel.register(sock, selectors.EVENT_READ, device)
+
+    def _socket_close(self, client: mqtt.Client, device: SimDevice, sock: Any) -> None:
+        with contextlib.suppress(KeyError, ValueError):
+            self._sel.unregister(sock)
+
+    def _want_write(self, client: mqtt.Client, device: SimDevice, sock: Any) -> None:
+        with contextlib.suppress(KeyError, ValueError):
+            self._sel.modify(sock, selectors.EVENT_READ | selectors.EVENT_WRITE, device)
+
+    def _no_write(self, client: mqtt.Client, device: SimDevice, sock: Any) -> None:
+        with contextlib.suppress(KeyError, ValueError):
+            self._sel.modify(sock, selectors.EVENT_READ, device)
+
+    def _start_connects(self) -> None:
+        while self._to_connect and self.connecting < self.window:
+            device = self._to_connect.popleft()
+            try:
+                device.connect()
+            except OSError as e:  # a refused or timed-out SYN: try again later, a few times
+                if device.attempts < 5:
+                    self._to_connect.append(device)
+                else:
+                    self.fail(f"{device.name}: cannot connect: {e}")
+                continue
+            self.connecting += 1
+
+    def _run(self) -> None:
+        next_misc = time.monotonic() + 1.0
+        while not self._quit:
+            while self._calls:
+                self._calls.popleft()()
+            self._start_connects()
+            for key, mask in self._sel.select(0.05):
+                device = key.data
+                if device is None:
+                    with contextlib.suppress(BlockingIOError):
+                        self._wake_r.recv(4096)
+                    continue
+                client = device.client
+                try:
+                    if mask & selectors.EVENT_READ:
+                        client.loop_read()
+                    if mask & selectors.EVENT_WRITE and client.socket() is not None:
+                        client.loop_write()
+                except Exception as e:  # noqa: BLE001 - record it; one device must not stop all
+                    self.fail(f"{device.name}: {type(e).__name__}: {e}")
+            now = time.monotonic()
+            if now >= next_misc:
+                next_misc = now + 1.0
+                for device in self.devices:
+                    if device.client.socket() is not None:
+                        device.client.loop_misc()
