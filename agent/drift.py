@@ -269,6 +269,13 @@ class DriftMonitor:
                     "drifting": drifting,
                     "live": [round(float(x), 6) for x in live],
                     "reference": [round(float(x), 6) for x in column.bins.reference],
+                    # bin labels for plots: inner edges, or the categories then "other"
+                    "edges": [float(x) for x in column.bins.edges]
+                    if column.bins.edges is not None
+                    else None,
+                    "categories": [*column.bins.categories, "other"]
+                    if column.bins.kind == "categorical"
+                    else None,
                 }
             )
             column.counts[:] = 0
