@@ -73,6 +73,11 @@ state_dir = "state"
 trusted_keys = ["../../keys/signing.pub"]
 [server]
 port = ${api_ports[-1]}
+[drift]
+window = 250
+min_rows = 100
+[telemetry]
+interval = 3
 [mqtt]
 port = $mqtt_port
 protocol = "$protocol"
@@ -110,5 +115,16 @@ python scripts/demo_client.py "http://127.0.0.1:${api_ports[1]}" wait-version 1
 echo "== 10. the fleet"
 sleep 1
 $fleet devices
+
+echo "== 11. live traffic: normal customers on cam-1, shifted ones on cam-3"
+python scripts/demo_client.py "http://127.0.0.1:${api_ports[0]}" traffic normal 1000
+python scripts/demo_client.py "http://127.0.0.1:${api_ports[2]}" traffic shifted 1000
+sleep 5  # a drift window closes every 250 rows; telemetry every 3 s; the outbox delivers
+$fleet drift --model churn
+$fleet telemetry --model churn
+
+echo "== 12. the fleet report"
+$fleet report --model churn --out "$out/report-churn.html"
 echo
-echo "demo finished: bundles in $out/dist/, device states in $out/devices/, logs in $out/logs/"
+echo "demo finished: bundles in $out/dist/, device states in $out/devices/, logs in $out/logs/,"
+echo "report in $out/report-churn.html"

@@ -1,4 +1,5 @@
-"""A tiny Open Inference Protocol client for the demo: readiness, one request, version waits."""
+"""A tiny Open Inference Protocol client for the demo: readiness, requests, version waits, and
+traffic (normal or shifted customers) so the device's drift detection has something to see."""
 
 from __future__ import annotations
 
@@ -34,6 +35,8 @@ def main() -> int:
             time.sleep(0.2)
         print(f"error: the agent did not switch to v{want} within 10 s", file=sys.stderr)
         return 1
+    if command == "traffic":
+        return traffic(url, shifted=sys.argv[3] == "shifted", rows=int(sys.argv[4]))
     inputs = [
         {
             "name": name,
@@ -50,6 +53,36 @@ def main() -> int:
     for i, label in enumerate(outputs["label"]):
         p = outputs["probabilities"][2 * i + 1]
         print(f"  customer {i}: churn={label} (p={p:.2f})  [model v{body['model_version']}]")
+    return 0
+
+
+def traffic(url: str, *, shifted: bool, rows: int, batch: int = 50) -> int:
+    """Send ``rows`` customers in batches; ``shifted`` ones call support far more often."""
+    import numpy as np
+
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+    from train_demo import churn_data
+
+    frame, _ = churn_data(rows=rows, seed=99)
+    if shifted:  # a new product release: everybody calls support, and spends more
+        frame["support_calls"] = frame["support_calls"] + 4
+        frame["monthly_spend"] = frame["monthly_spend"] * 1.6
+    with httpx.Client(timeout=10) as client:
+        for start in range(0, rows, batch):
+            part = frame.iloc[start : start + batch]
+            inputs = [
+                {
+                    "name": name,
+                    "shape": [len(part), 1],
+                    "datatype": "BYTES" if part[name].dtype == object else "FP32",
+                    "data": part[name].tolist()
+                    if part[name].dtype == object
+                    else part[name].astype(np.float32).tolist(),
+                }
+                for name in part.columns
+            ]
+            client.post(f"{url}/v2/models/churn/infer", json={"inputs": inputs}).raise_for_status()
+    print(f"  sent {rows} {'shifted' if shifted else 'normal'} customers to {url}")
     return 0
 
 
