@@ -167,6 +167,24 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export_samples(args: argparse.Namespace) -> int:
+    from agent.capture import CaptureConfig, SampleStore
+    from agent.config import load_config
+
+    config = load_config(Path(args.config))
+    path = config.state_dir / "samples.db"
+    if not path.exists():
+        print(
+            "error: no samples captured ([capture] enabled = true turns capture on)",
+            file=sys.stderr,
+        )
+        return 1
+    store = SampleStore(path, CaptureConfig.from_extra(config.extra, str(args.config)))
+    rows = store.export(args.model, Path(args.out))
+    print(f"wrote {rows} captured rows of {args.model} to {args.out}")
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edgepack-agent", description=__doc__.split("\n")[0])
     parser.add_argument(
@@ -194,6 +212,10 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_retire)
     p = sub.add_parser("recover", help="finish or undo an operation a crash interrupted")
     p.set_defaults(func=cmd_recover)
+    p = sub.add_parser("export-samples", help="write captured inputs/outputs (CSV or Parquet)")
+    p.add_argument("model")
+    p.add_argument("--out", required=True, help="a .csv or .parquet file")
+    p.set_defaults(func=cmd_export_samples)
     return parser
 
 

@@ -176,7 +176,7 @@ def load_config(path: Path, **overrides: Any) -> AgentConfig:
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                 raise ConfigError(f"{source}: {key} must be a list of strings")
             top[key] = tuple(base / v for v in value) if key == "trusted_keys" else tuple(value)
-        elif key in ("mqtt", "download", "telemetry", "drift"):
+        elif key in ("mqtt", "download", "telemetry", "drift", "capture"):
             extra[key] = value  # read by the parts that own them
         else:
             raise ConfigError(f"{source}: unknown key '{key}'")

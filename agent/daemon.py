@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from agent.capture import CaptureConfig, SampleStore
 from agent.config import AgentConfig
 from agent.durable import read_json
 from agent.exceptions import EdgepackError
@@ -55,9 +56,15 @@ class Agent:
         self.config = config
         self.lifecycle = Lifecycle(config, fetcher=fetcher, on_state=on_state)
         self.runtime = Runtime(config.runtime, config.server.max_batch_rows)
+        source = str(config.source or "config")
+        capture = CaptureConfig.from_extra(config.extra, source)
+        self.samples = (
+            SampleStore(config.state_dir / "samples.db", capture) if capture.enabled else None
+        )
         self.monitor = Monitor(
             self.lifecycle.store,
-            MonitorConfig.from_extra(config.extra, str(config.source or "config")),
+            MonitorConfig.from_extra(config.extra, source),
+            capture=self.samples,
         )
         self.runtime.monitor = self.monitor
         self.server: InferenceServer | None = None

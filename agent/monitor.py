@@ -9,7 +9,8 @@ model version's :class:`~agent.drift.DriftMonitor` (built from the installed bun
 the log when the device has no broker. The latest drift report per model is kept for ``status``.
 
 Configuration: ``[telemetry] interval`` and ``[drift] enabled, window, min_rows, max_age`` in
-``agent.toml``.
+``agent.toml``. With ``[capture] enabled = true`` the same thread also offers each batch to the
+sample store (agent.capture).
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
-from agent.bundle import REFERENCE_FILE
+from agent.bundle import MANIFEST_FILE, REFERENCE_FILE
+from agent.capture import SampleStore
 from agent.drift import DriftMonitor
 from agent.exceptions import ConfigError, EdgepackError
 from agent.store import Store
@@ -77,11 +79,16 @@ class Monitor:
     """Telemetry and drift detection for every model an agent serves."""
 
     def __init__(
-        self, store: Store, config: MonitorConfig | None = None, sink: Sink | None = None
+        self,
+        store: Store,
+        config: MonitorConfig | None = None,
+        sink: Sink | None = None,
+        capture: SampleStore | None = None,
     ) -> None:
         self.store = store
         self.config = config or MonitorConfig()
         self.sink = sink
+        self.capture = capture
         self.telemetry = Telemetry()
         self.latest: dict[str, dict[str, Any]] = {}
         self.skipped_batches = 0
@@ -89,6 +96,7 @@ class Monitor:
             collections.deque()
         )
         self._monitors: dict[str, tuple[int, DriftMonitor | None]] = {}
+        self._columns: dict[tuple[str, int], dict[str, list[str]]] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="edgepack-monitor", daemon=True)
         self._last_report = time.monotonic()
@@ -106,7 +114,7 @@ class Monitor:
     ) -> None:
         """Record one served request (cheap: two appends)."""
         self.telemetry.record(model, version, seconds, rows)
-        if self.config.drift:
+        if self.config.drift or self.capture is not None:
             if len(self._queue) >= self.config.max_queued_batches:
                 self.skipped_batches += 1
                 return
@@ -138,7 +146,9 @@ class Monitor:
         self.telemetry.fold()
         while self._queue:
             model, version, inputs, outputs = self._queue.popleft()
-            monitor = self._monitor(model, version)
+            if self.capture is not None:
+                self._capture(model, version, inputs, outputs)
+            monitor = self._monitor(model, version) if self.config.drift else None
             if monitor is None:
                 continue
             monitor.observe(dict(inputs), dict(outputs))
@@ -152,6 +162,30 @@ class Monitor:
             report = self.telemetry.report()
             report["skipped_drift_batches"] = self.skipped_batches
             self._emit("telemetry", report)
+
+    def _capture(
+        self, model: str, version: int, inputs: Mapping[str, Any], outputs: Mapping[str, Any]
+    ) -> None:
+        if self.capture is None:
+            return
+        columns = self._columns.get((model, version))
+        if columns is None:
+            columns = {}
+            try:
+                manifest = json.loads(
+                    (self.store.version_dir(model, version) / MANIFEST_FILE).read_bytes()
+                )
+                columns = {
+                    spec["name"]: list(spec.get("columns", []))
+                    for spec in manifest.get("inputs", [])
+                }
+            except (OSError, ValueError) as e:
+                log.warning("capturing %s v%d without column names: %s", model, version, e)
+            self._columns[(model, version)] = columns
+        try:
+            self.capture.offer(model, version, inputs, outputs, columns)
+        except EdgepackError as e:
+            log.error("sample capture failed: %s", e)
 
     def _monitor(self, model: str, version: int) -> DriftMonitor | None:
         current = self._monitors.get(model)

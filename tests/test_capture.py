@@ -1,0 +1,80 @@
+"""Optional sample capture: off by default, rate limited, bounded, exported as CSV/Parquet."""
+
+from __future__ import annotations
+
+import csv
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import KeyPair, write_agent_config
+
+from agent.capture import CaptureConfig, SampleStore
+from agent.config import load_config
+from agent.daemon import Agent
+from agent.exceptions import ConfigError
+
+COLUMNS = {"input": ["a", "b"]}
+
+
+def _batch(rows: int, seed: int = 0) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    x = np.random.default_rng(seed).random((rows, 2)).astype(np.float32)
+    return {"input": x}, {"label": (x[:, 0] > 0.5).astype(np.int64)}
+
+
+def test_rate_limit_and_bound(tmp_path: Path) -> None:
+    store = SampleStore(tmp_path / "s.db", CaptureConfig(enabled=True, per_minute=60, max_rows=50))
+    inputs, outputs = _batch(100)
+    assert store.offer("m", 1, inputs, outputs, COLUMNS) == 60  # the bucket holds one minute
+    assert store.offer("m", 1, inputs, outputs, COLUMNS) == 0  # empty until it refills
+    assert store.count("m") == 50  # the bound keeps the newest rows
+    time.sleep(1.1)
+    assert store.offer("m", 1, inputs, outputs, COLUMNS) == 1  # 1 row per second refills
+    assert store.count() == 50
+
+
+def test_export_csv_and_parquet_round_trip(tmp_path: Path) -> None:
+    store = SampleStore(tmp_path / "s.db", CaptureConfig(enabled=True, per_minute=10))
+    inputs, outputs = _batch(5, seed=3)
+    store.offer("m", 2, inputs, outputs, COLUMNS)
+    assert store.export("m", tmp_path / "out.csv") == 5
+    with (tmp_path / "out.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert [float(r["a"]) for r in rows] == pytest.approx(inputs["input"][:, 0].tolist())
+    assert [int(r["output.label"]) for r in rows] == outputs["label"].tolist()
+    assert {r["version"] for r in rows} == {"2"}
+    pq = pytest.importorskip("pyarrow.parquet")
+    assert store.export("m", tmp_path / "out.parquet") == 5
+    table = pq.read_table(tmp_path / "out.parquet").to_pydict()
+    assert table["b"] == pytest.approx(inputs["input"][:, 1].tolist())
+
+
+def test_bad_capture_config_names_the_field() -> None:
+    with pytest.raises(ConfigError, match=r"\[capture\]\.per_minute"):
+        CaptureConfig.from_extra({"capture": {"per_minute": -1}}, "agent.toml")
+    with pytest.raises(ConfigError, match=r"unknown key \[capture\]\.rate"):
+        CaptureConfig.from_extra({"capture": {"rate": 1}}, "agent.toml")
+
+
+def test_agent_captures_served_rows_only_when_enabled(
+    tmp_path: Path, keys: KeyPair, iris_bundles: dict[str, Path]
+) -> None:
+    rows = np.random.default_rng(0).random((8, 4)).astype(np.float32)
+    off = Agent(load_config(write_agent_config(tmp_path / "off", keys))).start(serve_http=False)
+    with off:
+        assert off.samples is None
+    config = write_agent_config(
+        tmp_path / "on", keys, extra="[capture]\nenabled = true\nper_minute = 600\n"
+    )
+    with Agent(load_config(config)).start(serve_http=False) as agent:
+        assert agent.install(str(iris_bundles["v1"])).ok
+        labels = agent.infer("iris", {"input": rows})["label"]
+        agent.monitor.tick()
+        assert agent.samples is not None
+        assert agent.samples.count("iris") == 8
+        assert agent.samples.export("iris", tmp_path / "x.csv") == 8
+    with (tmp_path / "x.csv").open() as handle:
+        exported = list(csv.DictReader(handle))
+    assert [int(r["output.label"]) for r in exported] == labels.tolist()
+    assert float(exported[0]["sepal length (cm)"]) == pytest.approx(float(rows[0, 0]))
