@@ -189,6 +189,12 @@ def load_config(path: Path, **overrides: Any) -> AgentConfig:
             f"{source}: device_id {top['device_id']!r} must be 1-128 letters, digits, '.', '_', "
             "':' or '-' (it becomes part of MQTT topics)"
         )
+    for group in top.get("groups", ()):
+        if not _DEVICE_ID.match(group):
+            raise ConfigError(
+                f"{source}: group {group!r} must be 1-128 letters, digits, '.', '_', ':' or '-' "
+                "(it becomes part of MQTT topics; '+', '#' and '/' are not allowed)"
+            )
     if not top["trusted_keys"]:
         raise ConfigError(f"{source}: trusted_keys is empty; the agent would trust no bundle")
     return AgentConfig(**top, extra=extra, source=path)

@@ -30,7 +30,7 @@ from agent.durable import read_json, write_json_atomic
 from agent.exceptions import CommandError, EdgepackError
 from agent.journal import JournalEntry
 from agent.lifecycle import Outcome
-from agent.messages import Command, decode_json, open_command
+from agent.messages import JOB_ID, Command, decode_json, open_command
 
 __all__ = ["JobLedger", "JobRunner", "StatusUpdate"]
 
@@ -176,6 +176,10 @@ class JobRunner:
                 )
             )
             return
+        newest = self.ledger.newest.get(command.model, {})
+        if newest.get("job_id") == command.job_id:  # finished long ago; its record was pruned
+            log.info("job %s was already applied; ignoring it", command.job_id)
+            return
         stale = self.ledger.stale(command)
         if stale:
             self._finish(
@@ -281,6 +285,7 @@ def _job_id_of(raw: bytes) -> str | None:
         envelope = decode_json(raw, "command", schema=False)
         payload = decode_json(base64.b64decode(envelope.get("payload", "")), "payload")
         job_id = payload.get("job_id")
-        return job_id if isinstance(job_id, str) and 0 < len(job_id) <= 128 else None
+        # only ids that are safe in a topic (no '+', '#', '/') can be reported against
+        return job_id if isinstance(job_id, str) and JOB_ID.match(job_id) else None
     except (CommandError, ValueError, TypeError):
         return None

@@ -41,6 +41,7 @@ from agent.signing import dsse_sign, dsse_verify, key_id
 __all__ = [
     "COMMAND_PAYLOAD_TYPE",
     "DEFAULT_PREFIX",
+    "JOB_ID",
     "JOB_STATUSES",
     "SCHEMA",
     "TERMINAL",
@@ -63,7 +64,7 @@ KINDS = ("deploy", "rollback", "retire")
 JOB_STATUSES = ("QUEUED", "IN_PROGRESS", "SUCCEEDED", "FAILED", "REJECTED")
 TERMINAL = frozenset({"SUCCEEDED", "FAILED", "REJECTED"})
 MAX_MESSAGE_BYTES = 256 * 1024
-_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
+JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")  # also device/group names
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -195,7 +196,7 @@ def make_command(
     """
     if kind not in KINDS:
         raise ValueError(f"unknown command kind {kind!r}")
-    if set(target) not in ({"device"}, {"group"}) or not _ID.match(next(iter(target.values()))):
+    if set(target) not in ({"device"}, {"group"}) or not JOB_ID.match(next(iter(target.values()))):
         raise ValueError("target must be {'device': id} or {'group': name}")
     check_model_name(model)
     if kind == "deploy" and (version is None or not bundles):
@@ -279,7 +280,7 @@ def read_command(raw: bytes, trusted_keys: Sequence[ec.EllipticCurvePublicKey] |
     kind, job_id, model = data.get("kind"), data.get("job_id"), data.get("model")
     if kind not in KINDS:
         raise CommandError(f"unknown command kind {kind!r}")
-    if not isinstance(job_id, str) or not _ID.match(job_id):
+    if not isinstance(job_id, str) or not JOB_ID.match(job_id):
         raise CommandError(f"command has a bad job_id {job_id!r}")
     if not isinstance(model, str):
         raise CommandError("command names no model")

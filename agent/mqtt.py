@@ -33,7 +33,15 @@ import agent as agent_package
 from agent.daemon import Agent
 from agent.exceptions import ConfigError, EdgepackError, KeyFormatError
 from agent.jobs import JobRunner, StatusUpdate
-from agent.messages import DEFAULT_PREFIX, Topics, decode_json, encode, job_status, utcnow
+from agent.messages import (
+    DEFAULT_PREFIX,
+    MAX_MESSAGE_BYTES,
+    Topics,
+    decode_json,
+    encode,
+    job_status,
+    utcnow,
+)
 from agent.outbox import Outbox
 from agent.signing import load_public_key
 
@@ -121,8 +129,8 @@ class DeviceLink:
         self.topics = Topics(config.prefix)
         self.runner = JobRunner(agent, config.keys(), self._publish_status, self.groups)
         self.connected = threading.Event()
-        # Ties state messages to this connection, so a late Last Will of an older connection
-        # cannot mark the device offline after it came back.
+        # Ties state messages to this agent run, so a late Last Will of an earlier run cannot
+        # mark the device offline after it came back.
         self.session = uuid.uuid4().hex[:12]
         self.outbox = Outbox(agent.config.state_dir / "outbox.db", config.outbox_max_messages)
         agent.monitor.sink = self._queue_report
@@ -274,6 +282,11 @@ class DeviceLink:
                 **extra,
             }
         )
+        if len(payload) > MAX_MESSAGE_BYTES:
+            log.error(
+                "%s report is %d bytes, above %d; not sent", kind, len(payload), MAX_MESSAGE_BYTES
+            )
+            return
         self.outbox.put(kind, topic, payload)
 
     def _send_loop(self) -> None:
@@ -286,7 +299,12 @@ class DeviceLink:
                 self.outbox.added.wait(0.5)
                 self.outbox.added.clear()
                 continue
-            info = self._client.publish(message.topic, message.payload, qos=1)
+            try:
+                info = self._client.publish(message.topic, message.payload, qos=1)
+            except ValueError as e:  # a topic paho refuses (never produced by this agent)
+                log.error("dropping an unpublishable message on %r: %s", message.topic, e)
+                self.outbox.remove(message.id)
+                continue
             with contextlib.suppress(ValueError, RuntimeError):
                 info.wait_for_publish(timeout=10)
             if info.is_published():

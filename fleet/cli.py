@@ -37,7 +37,7 @@ err = Console(stderr=True, highlight=False, width=_WIDTH)
 
 
 def _fail(message: str, code: int = 1) -> None:
-    err.print(f"[bold red]error:[/] {escape(message)}")
+    err.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
     sys.exit(code)
 
 
@@ -248,6 +248,11 @@ def retire(
 @cli.command()
 @click.option("--share", help="Shared-subscription name, to run several collectors together.")
 @click.option(
+    "--client-id",
+    help="MQTT client id (its session persists across restarts); give "
+    "each collector instance its own. Default: edgepack-collector-HOST[-SHARE].",
+)
+@click.option(
     "--command-key",
     "command_keys",
     multiple=True,
@@ -255,12 +260,16 @@ def retire(
     help="Operator public key(s): record only commands they signed.",
 )
 @click.pass_context
-def collector(ctx: click.Context, share: str | None, command_keys: tuple[Path, ...]) -> None:
+def collector(
+    ctx: click.Context, share: str | None, client_id: str | None, command_keys: tuple[Path, ...]
+) -> None:
     """Run the collector: keep device state and job progress in the store."""
     from fleet.collector import Collector
 
     keys = [load_public_key(p.read_bytes(), source=str(p)) for p in command_keys] or None
-    running = Collector(_broker(ctx), _store(ctx), share=share, command_keys=keys).start()
+    running = Collector(
+        _broker(ctx), _store(ctx), share=share, command_keys=keys, client_id=client_id
+    ).start()
     console.print(f"collector running: broker {ctx.obj['broker']}, store {ctx.obj['store']}")
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -379,6 +388,113 @@ def status(ctx: click.Context, job_id: str, wait: bool, timeout: float) -> None:
         _fail(f"job {job_id} not finished on every device after {timeout:.0f} s")
     failed = [e for e in store.executions(job_id) if e.status != "SUCCEEDED"]
     sys.exit(1 if failed else 0)
+
+
+_DRIFT_STYLE = {"ok": "green", "warning": "yellow", "drift": "bold red"}
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+@cli.command()
+@click.option("--group", help="Only devices in this group.")
+@click.option("--model", help="Only this model.")
+@click.option("--version", "version", type=int, help="Only this model version.")
+@click.pass_context
+def telemetry(
+    ctx: click.Context, group: str | None, model: str | None, version: int | None
+) -> None:
+    """Latest telemetry per device and model version: requests, errors, latency, memory."""
+    from fleet.report import sparkline, telemetry_rows
+
+    rows = telemetry_rows(_store(ctx), group=group, model=model, version=version)
+    table = Table("device", "model", "version", "requests", "errors", "p50 ms", "p95 ms")
+    table.add_column("p99 ms")
+    table.add_column("RSS MiB")
+    table.add_column("p95 trend")
+    table.add_column("last seen")
+    for column in table.columns[3:9]:
+        column.justify = "right"
+    for r in rows:
+        errors = sum(r.errors.values())
+        table.add_row(
+            escape(r.device),
+            escape(r.model),
+            escape(str(r.version)),
+            f"{r.requests:,}",
+            f"[red]{errors:,}[/]" if errors else "0",
+            _ms(r.p50),
+            _ms(r.p95),
+            _ms(r.p99),
+            "-" if r.rss_mib is None else f"{r.rss_mib:.1f}",
+            sparkline(r.trend),
+            _ago(r.seen),
+        )
+    console.print(table if rows else "no telemetry reports yet (is the collector running?)")
+
+
+@cli.command()
+@click.option("--group", help="Only devices in this group.")
+@click.option("--model", help="Only this model.")
+@click.option("--version", "version", type=int, help="Only this model version.")
+@click.pass_context
+def drift(ctx: click.Context, group: str | None, model: str | None, version: int | None) -> None:
+    """Latest drift window per device and model: status, drifting features, trend."""
+    from fleet.report import STATUS_GLYPHS, drift_rows
+
+    rows = drift_rows(_store(ctx), group=group, model=model, version=version)
+    table = Table("device", "model", "version", "status", "window", "drifting", "worst / thr")
+    table.add_column("trend")
+    for r in rows:
+        style = _DRIFT_STYLE.get(r.status, "")
+        worst = "-"
+        if r.worst is not None and r.worst_ratio is not None:
+            worst = f"{escape(r.worst)} {r.worst_ks:.3f}/{r.worst_threshold:.3f}"
+            worst = f"[red]{worst}[/]" if r.worst_ratio > 1 else worst
+        trend = "".join(
+            f"[{_DRIFT_STYLE.get(s, 'dim')}]{escape(STATUS_GLYPHS.get(s, '?'))}[/]"
+            for s in r.history
+        )
+        window_end = r.window_end
+        table.add_row(
+            escape(r.device),
+            escape(r.model),
+            escape(str(r.version)),
+            f"[{style}]{escape(r.status)}[/]" if style else escape(r.status),
+            f"{r.n:,} rows, {_ago(window_end)}",
+            escape(", ".join(r.drifting)) or "-",
+            worst,
+            trend,
+        )
+    console.print(table if rows else "no drift reports yet (is the collector running?)")
+
+
+@cli.command()
+@click.option("--model", required=True, help="The model to report on.")
+@click.option("--group", help="Only devices in this group.")
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="HTML file to write (default: report-MODEL.html).",
+)
+@click.option("--hours", type=click.FloatRange(min=0, min_open=True), help="Only the last H hours.")
+@click.pass_context
+def report(
+    ctx: click.Context, model: str, group: str | None, out: Path | None, hours: float | None
+) -> None:
+    """Write one self-contained HTML report on MODEL: drift, latency, versions."""
+    from fleet.report import default_path, write_report
+
+    since = utcnow() - dt.timedelta(hours=hours) if hours else None
+    try:
+        path = write_report(
+            _store(ctx), model, out or default_path(model), group=group, since=since
+        )
+    except OSError as e:
+        _fail(f"cannot write the report: {e}")
+        raise  # unreachable
+    console.print(str(path), soft_wrap=True)
 
 
 def main() -> None:

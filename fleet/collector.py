@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import queue
+import socket
 import threading
 import time
 from collections.abc import Sequence
@@ -67,6 +68,7 @@ class Collector:
         share: str | None = None,
         command_keys: Sequence[ec.EllipticCurvePublicKey] | None = None,
         client_id: str | None = None,
+        session_expiry: int = 86_400,
     ) -> None:
         self.options = options
         self.store = store
@@ -74,7 +76,10 @@ class Collector:
         self.keys = list(command_keys) if command_keys else None
         self.topics = Topics(options.prefix)
         self.stats = CollectorStats()
-        self._client_id = client_id
+        self._client_id = client_id or f"edgepack-collector-{socket.gethostname()}" + (
+            f"-{share}" if share else ""
+        )
+        self.session_expiry = session_expiry
         self._queue: queue.Queue[tuple[str, bytes] | None] = queue.Queue(maxsize=100_000)
         self._writer = threading.Thread(
             target=self._write_loop, name="edgepack-collector", daemon=True
@@ -99,7 +104,11 @@ class Collector:
     def start(self) -> Collector:
         """Connect, subscribe and start writing."""
         self._writer.start()
-        client = connect(self.options, client_id=self._client_id)
+        # A fixed client id and a persistent session: what devices report while the collector
+        # restarts waits at the broker instead of being lost.
+        client = connect(
+            self.options, client_id=self._client_id, session_expiry=self.session_expiry
+        )
         client.on_message = self._on_message
         client.on_connect = self._on_connect
         subscribed = threading.Event()
@@ -202,8 +211,11 @@ class Collector:
             self.stats.duplicates += 1
 
     def _answer_pending(self, device: str, payload: bytes) -> None:
-        data = decode_json(payload, "pending request")
-        groups = [g for g in data.get("groups", []) if isinstance(g, str)]
+        decode_json(payload, "pending request")
+        # The groups the device's own retained state declared, not what the request claims:
+        # a device must not fetch another group's commands by asking for them.
+        known = {d.device: d for d in self.store.devices()}.get(device)
+        groups = list(known.groups) if known is not None else []
         jobs = self.store.pending_for(device, groups, utcnow())
         if self._client is None:
             return

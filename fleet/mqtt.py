@@ -15,6 +15,8 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from agent.messages import DEFAULT_PREFIX
 from fleet.exceptions import BrokerError
@@ -49,9 +51,16 @@ class BrokerOptions:
 
 
 def connect(
-    options: BrokerOptions, *, timeout: float = 10.0, client_id: str | None = None
+    options: BrokerOptions,
+    *,
+    timeout: float = 10.0,
+    client_id: str | None = None,
+    session_expiry: int = 0,
 ) -> mqtt.Client:
     """Connect (blocking until CONNACK) and start the network loop.
+
+    With ``session_expiry`` (seconds) and a fixed ``client_id`` the session persists: QoS 1
+    messages published while this client is away are kept for it by the broker.
 
     Raises:
         BrokerError: unreachable, refused, or no CONNACK within ``timeout``.
@@ -61,6 +70,7 @@ def connect(
         CallbackAPIVersion.VERSION2,
         client_id=client_id or options.client_id or f"edgepack-fleet-{uuid.uuid4().hex[:8]}",
         protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
+        clean_session=None if v5 else not session_expiry,
     )
     if options.username:
         password = (
@@ -84,7 +94,14 @@ def connect(
     client.on_connect = on_connect
     where = f"{options.host}:{options.port}"
     try:
-        client.connect(options.host, options.port, keepalive=30)
+        if v5 and session_expiry:
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = session_expiry
+            client.connect(
+                options.host, options.port, keepalive=30, clean_start=False, properties=props
+            )
+        else:
+            client.connect(options.host, options.port, keepalive=30)
     except OSError as e:
         raise BrokerError(
             f"cannot reach the MQTT broker at {where}: {e.strerror or e} (is it running? "
