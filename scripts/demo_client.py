@@ -59,6 +59,7 @@ def main() -> int:
 def traffic(url: str, *, shifted: bool, rows: int, batch: int = 50) -> int:
     """Send ``rows`` customers in batches; ``shifted`` ones call support far more often."""
     import numpy as np
+    import pandas as pd
 
     sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
     from train_demo import churn_data
@@ -70,17 +71,19 @@ def traffic(url: str, *, shifted: bool, rows: int, batch: int = 50) -> int:
     with httpx.Client(timeout=10) as client:
         for start in range(0, rows, batch):
             part = frame.iloc[start : start + batch]
-            inputs = [
-                {
-                    "name": name,
-                    "shape": [len(part), 1],
-                    "datatype": "BYTES" if part[name].dtype == object else "FP32",
-                    "data": part[name].tolist()
-                    if part[name].dtype == object
-                    else part[name].astype(np.float32).tolist(),
-                }
-                for name in part.columns
-            ]
+            inputs = []
+            for name in part.columns:
+                text = not pd.api.types.is_numeric_dtype(part[name])
+                inputs.append(
+                    {
+                        "name": name,
+                        "shape": [len(part), 1],
+                        "datatype": "BYTES" if text else "FP32",
+                        "data": [str(v) for v in part[name]]
+                        if text
+                        else part[name].to_numpy(np.float32).tolist(),
+                    }
+                )
             client.post(f"{url}/v2/models/churn/infer", json={"inputs": inputs}).raise_for_status()
     print(f"  sent {rows} {'shifted' if shifted else 'normal'} customers to {url}")
     return 0
