@@ -4,7 +4,8 @@ Trains an MLP on scikit-learn's digits (no download), builds one real signed bun
 profile matching this machine, and serves the bundle's ``model.onnx`` four ways:
 
 * **raw** ``session.run`` in this process (the floor: onnxruntime alone);
-* **in-process** ``Agent.infer`` (an :class:`agent.daemon.Agent` without HTTP, in this process);
+* **in-process** ``Agent.infer`` (an :class:`agent.daemon.Agent` without HTTP, in this process),
+  once with telemetry and drift detection off and once on (the default);
 * **agent HTTP**: ``edgepack-agent run`` in its own process, Open Inference Protocol JSON;
 * **FastAPI**: the server users write themselves (FastAPI + uvicorn + onnxruntime, pydantic
   request model, OIP-shaped JSON), in its own process, with the same onnxruntime thread settings.
@@ -527,6 +528,7 @@ def run(tmp: Path) -> tuple[str, int]:
         return (lambda: session.run(None, feeds)), (lambda: None)
 
     inproc_config = agent_config(tmp / "inproc", bundle.public_key, bundle.profile, free_port())
+    quiet_config = agent_config(tmp / "quiet", bundle.public_key, bundle.profile, free_port())
     agent_port, api_port = free_port(), free_port()
     daemon_config = agent_config(tmp / "daemon", bundle.public_key, bundle.profile, agent_port)
     subprocess.run(
@@ -547,6 +549,7 @@ def run(tmp: Path) -> tuple[str, int]:
 
     with (
         Agent(load_config(inproc_config)).start(serve_http=False) as inproc,
+        Agent(load_config(quiet_config)).start(serve_http=False) as quiet,
         spawned(
             [*agent_cli(), "--config", str(daemon_config), "run"], tmp / "agent.log"
         ) as agent_proc,
@@ -555,6 +558,13 @@ def run(tmp: Path) -> tuple[str, int]:
         outcome = inproc.install(str(bundle.path))
         if not outcome.ok:
             raise SystemExit(f"in-process install failed: {outcome.reason}")
+        if not quiet.install(str(bundle.path)).ok:
+            raise SystemExit("in-process install failed")
+        quiet.runtime.monitor = None  # telemetry and drift off: the cost of monitoring
+
+        def quiet_caller(rows: np.ndarray) -> tuple[Call, Callable[[], None]]:
+            inputs = {INPUT: rows}
+            return (lambda: quiet.infer(NAME, inputs)), (lambda: None)
 
         def inproc_caller(rows: np.ndarray) -> tuple[Call, Callable[[], None]]:
             inputs = {INPUT: rows}
@@ -565,7 +575,10 @@ def run(tmp: Path) -> tuple[str, int]:
         wait_ready(f"{api_url}/v2/health/ready", api_proc, tmp / "api.log")
         variants = [
             Variant("raw", "`session.run` in this process", raw_caller),
-            Variant("in-process", "`Agent.infer` in this process", inproc_caller),
+            Variant(
+                "in-process, monitoring off", "`Agent.infer`, telemetry and drift off", quiet_caller
+            ),
+            Variant("in-process", "`Agent.infer`, telemetry and drift on", inproc_caller),
             Variant(
                 "agent HTTP",
                 "`edgepack-agent run`, `POST /v2/models/…/infer`",
@@ -585,7 +598,7 @@ def run(tmp: Path) -> tuple[str, int]:
             if not np.allclose(got, reference, rtol=0, atol=1e-6):
                 raise SystemExit(f"{v.label} does not serve the same model as raw session.run")
         variants[0].results["rss"] = bare_memory_mib(model_path, bundle)
-        for v in variants[2:]:
+        for v in variants[3:]:
             assert v.pid is not None
             v.results["rss"] = memory_mib(v.pid)[0]
         print("measuring ...", flush=True)
