@@ -135,10 +135,12 @@ class Agent:
 
     def metrics(self) -> str:
         """Prometheus text for ``/metrics``."""
-        drift = {
-            f'edgepack_drift_status{{model="{name}",status="{report["status"]}"}}': 1
-            for name, report in self.monitor.latest.items()
-        }
+        # 0 ok, 1 warning, 2 drift: one gauge per model, from its latest window
+        levels = {"ok": 0, "warning": 1, "drift": 2}
+        drift = [
+            ("edgepack_drift_status", {"model": name}, levels.get(report["status"], 0))
+            for name, report in sorted(self.monitor.latest.items())
+        ]
         return self.monitor.telemetry.prometheus(drift)
 
     def _apply(self, outcome: Outcome) -> Outcome:

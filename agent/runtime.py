@@ -254,6 +254,8 @@ class Runtime:
         wanted = list(outputs) if outputs else names
         unknown = [o for o in wanted if o not in names]
         if unknown:
+            if self.monitor is not None:
+                self.monitor.failed(name, served.version, "bad_request")
             raise RequestError(
                 f"{name}: unknown output(s) {', '.join(map(repr, unknown))}; "
                 f"the model has {', '.join(map(repr, names))}"

@@ -18,6 +18,7 @@ import random
 import resource
 import threading
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -185,7 +186,7 @@ class Telemetry:
             self._interval_started = now
         return report
 
-    def prometheus(self, extra: dict[str, float] | None = None) -> str:
+    def prometheus(self, extra: Sequence[tuple[str, Mapping[str, str], float]] = ()) -> str:
         """Prometheus text exposition (format 0.0.4) of the cumulative numbers."""
         self.fold()
         lines = [
@@ -245,8 +246,13 @@ class Telemetry:
             "# TYPE process_cpu_seconds_total counter",
             f"process_cpu_seconds_total {process['cpu_s']}",
         ]
-        for name, value in sorted((extra or {}).items()):
-            lines += [f"# TYPE {name} gauge", f"{name} {value}"]
+        typed: set[str] = set()
+        for name, labels, value in extra:  # extra gauges: one TYPE line per metric name
+            if name not in typed:
+                lines.append(f"# TYPE {name} gauge")
+                typed.add(name)
+            text = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+            lines.append(f"{name}{{{text}}} {value}" if text else f"{name} {value}")
         return "\n".join(lines) + "\n"
 
 
