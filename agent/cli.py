@@ -38,10 +38,13 @@ def _table(headers: list[str], rows: list[list[Any]]) -> str:
 def _agent(args: argparse.Namespace) -> Any:
     from agent.config import load_config
     from agent.daemon import Agent
-    from agent.download import HttpFetcher, download_config
 
     overrides = {"state_dir": Path(args.state_dir).resolve()} if args.state_dir else {}
     config = load_config(Path(args.config), **overrides)
+    if "mqtt" not in config.extra and "download" not in config.extra:
+        return Agent(config)  # an offline device copies local files: no HTTP stack in memory
+    from agent.download import HttpFetcher, download_config
+
     return Agent(config, fetcher=HttpFetcher(download_config(config)))
 
 

@@ -49,7 +49,7 @@ class MonitorConfig:
     window: int = 500  # rows per drift window
     min_rows: int = 100  # the fewest rows a time-flushed window may have
     max_age: float = 3600.0  # seconds after which a window with min_rows closes
-    max_queued_batches: int = 10_000  # drift work waiting; beyond it the oldest is skipped
+    max_queued_rows: int = 100_000  # drift work waiting; beyond it new batches are skipped
 
     @classmethod
     def from_extra(cls, extra: Mapping[str, Any], source: str) -> MonitorConfig:
@@ -58,7 +58,7 @@ class MonitorConfig:
         drift = extra.get("drift", {})
         for section, table, allowed in (
             ("telemetry", telemetry, {"interval"}),
-            ("drift", drift, {"enabled", "window", "min_rows", "max_age", "max_queued_batches"}),
+            ("drift", drift, {"enabled", "window", "min_rows", "max_age", "max_queued_rows"}),
         ):
             if not isinstance(table, dict):
                 raise ConfigError(f"{source}: [{section}] must be a table")
@@ -99,6 +99,8 @@ class Monitor:
         )
         self._monitors: dict[str, tuple[int, DriftMonitor | None]] = {}
         self._columns: dict[tuple[str, int], dict[str, list[str]]] = {}
+        self._status: dict[str, str] = {}
+        self._queued_rows = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="edgepack-monitor", daemon=True)
         self._last_report = time.monotonic()
@@ -117,9 +119,10 @@ class Monitor:
         """Record one served request (cheap: two appends)."""
         self.telemetry.record(model, version, seconds, rows)
         if self.config.drift or self.capture is not None:
-            if len(self._queue) >= self.config.max_queued_batches:
-                self.skipped_batches += 1
+            if self._queued_rows + rows > self.config.max_queued_rows:
+                self.skipped_batches += 1  # bounded memory: monitoring falls behind, not the device
                 return
+            self._queued_rows += rows
             self._queue.append((model, version, inputs, outputs))
 
     def failed(self, model: str, version: int, kind: str) -> None:
@@ -151,6 +154,7 @@ class Monitor:
         groups: dict[tuple[str, int], list[tuple[Mapping[str, Any], Mapping[str, Any]]]] = {}
         while self._queue:
             model, version, inputs, outputs = self._queue.popleft()
+            self._queued_rows -= len(next(iter(inputs.values()), ()))
             if self.capture is not None:
                 self._capture(model, version, inputs, outputs)
             groups.setdefault((model, version), []).append((inputs, outputs))
@@ -245,7 +249,14 @@ class Monitor:
         )
         self.latest[model] = report
         drifting = [f["name"] for f in report["features"] if f["drifting"]]
-        (log.warning if drifting else log.info)(
+        previous = self._status.get(model)
+        self._status[model] = report["status"]
+        # log changes, not every window: steady traffic closes a window every few seconds
+        level = logging.WARNING if report["status"] != previous and drifting else logging.INFO
+        if report["status"] == previous:
+            level = logging.DEBUG
+        log.log(
+            level,
             "drift window %s v%d: %s over %d rows%s",
             model,
             version,
