@@ -13,8 +13,9 @@ statistics compare the window with the reference:
 Fixed cut-offs (PSI ≥ 0.1 …) are really a function of window size, so each feature gets a
 threshold calibrated at build time by bootstrap (:func:`calibrate`): windows of the device's size
 drawn from held-out reference rows, the ``1 - alpha / features`` quantile of the statistic
-(Bonferroni). The device alarms on a feature whose binned-KS exceeds its threshold, and calls it
-drifting when that happens in 2 of the last 3 windows.
+(Bonferroni, over the columns and the two statistics). The device alarms on a column whose
+binned KS *or* PSI exceeds its threshold, and calls it drifting when that happens in 2 of the
+last 3 windows.
 """
 
 from __future__ import annotations
@@ -216,9 +217,12 @@ class DriftMonitor:
         if not column.thresholds:
             return 0, {"ks": float("inf"), "psi": float("inf")}
         sizes = sorted(column.thresholds)
-        usable = [s for s in sizes if s <= rows] or sizes[:1]
-        size = usable[-1]
-        return size, column.thresholds[size]
+        usable = [s for s in sizes if s <= rows]
+        if usable:
+            return usable[-1], column.thresholds[usable[-1]]
+        # Fewer rows than the smallest calibrated window: no calibrated threshold applies, and
+        # a guessed one would alarm all the time. Such a window is reported but not judged.
+        return 0, {"ks": float("inf"), "psi": float("inf")}
 
     def observe(self, inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> None:
         """Count a batch of rows (already validated inputs, and the model's outputs)."""
@@ -252,7 +256,9 @@ class DriftMonitor:
             ordered = column.bins.kind == "numeric"
             ks = float(binned_ks(column.bins.reference, column.counts, ordered))
             value_psi = float(psi(column.bins.reference, column.counts))
-            alarm = bool(self.rows > 0 and ks > threshold["ks"])
+            # either statistic; each was calibrated at alpha / (2 * columns): KS sees location
+            # shifts best, PSI changes in spread and in the tails
+            alarm = bool(self.rows > 0 and (ks > threshold["ks"] or value_psi > threshold["psi"]))
             column.alarms = ([*column.alarms, alarm])[-self.over :]
             drifting = sum(column.alarms) >= self.needed
             live = column.counts / max(1, column.counts.sum())
@@ -263,7 +269,8 @@ class DriftMonitor:
                     "output": column.bins.input == "__output__",
                     "ks": round(ks, 6),
                     "psi": round(value_psi, 6),
-                    "threshold": round(threshold["ks"], 6),
+                    "threshold": round(threshold["ks"], 6) if size else None,
+                    "psi_threshold": round(threshold["psi"], 6) if size else None,
                     "threshold_window": size,
                     "alarm": alarm,
                     "drifting": drifting,

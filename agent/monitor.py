@@ -67,6 +67,11 @@ class MonitorConfig:
                     raise ConfigError(f"{source}: unknown key [{section}].{key}")
                 name = "drift" if key == "enabled" else key
                 default = getattr(cls, name)
+                if key in ("window", "min_rows") and isinstance(value, int) and value < 100:
+                    raise ConfigError(
+                        f"{source}: [drift].{key} must be at least 100 rows: thresholds are "
+                        "calibrated for windows of 100, 250, 500 and 1000 rows"
+                    )
                 if isinstance(default, bool) != isinstance(value, bool) or (
                     not isinstance(default, bool)
                     and (not isinstance(value, (int, float)) or value <= 0)

@@ -69,6 +69,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         for key, value in (headers or {}).items():
             self.send_header(key, value)
+        if self.close_connection:
+            self.send_header("Connection", "close")  # so keep-alive clients do not reuse it
         self.end_headers()
         self.wfile.write(body)
 
@@ -140,7 +142,10 @@ class _Handler(BaseHTTPRequestHandler):
             return
         limit = self.server.max_request_bytes
         if length > limit:
-            self.close_connection = True  # do not read a body we refuse
+            # Read (and discard) a moderately large body so the client gets our 413 instead of
+            # a connection reset; past the cap, just hang up after answering.
+            self._discard(length, cap=max(4 * limit, 64 * 1024**2))
+            self.close_connection = True
             self._error(413, f"request body is {length} bytes, above the limit of {limit}")
             return
         body = self.rfile.read(length)
@@ -175,6 +180,14 @@ class _Handler(BaseHTTPRequestHandler):
                 {HEADER_LENGTH: str(header_length)},
                 content_type="application/octet-stream",
             )
+
+    def _discard(self, length: int, cap: int) -> None:
+        remaining = length if length <= cap else 0
+        while remaining > 0:
+            chunk = self.rfile.read(min(remaining, 1 << 20))
+            if not chunk:
+                break
+            remaining -= len(chunk)
 
     def _drain_or_close(self) -> None:
         try:

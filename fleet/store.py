@@ -437,7 +437,10 @@ class _Store:
         if since is not None:
             where, params = where + " AND received_at >= ?", [*params, _ts(since)]
         sql = f"SELECT device, received_at, payload FROM events WHERE {where}"
-        rows = self._rows(sql + " ORDER BY received_at DESC, seq DESC LIMIT ?", [*params, limit])
+        rows = self._rows(
+            sql + " ORDER BY received_at DESC, LENGTH(seq) DESC, seq DESC LIMIT ?",  # "10" > "9"
+            [*params, limit],
+        )
         return [(name, _from_ts(at), _from_json(data)) for name, at, data in reversed(rows)]
 
     def close(self) -> None:

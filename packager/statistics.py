@@ -10,9 +10,10 @@ first half and second half. The first half defines the reference:
 * the model's output: class counts (classification) or quantile bins of the prediction.
 
 The second half is held out to calibrate, per monitored column and per device window size, the
-threshold of the binned-KS statistic (and of PSI) by bootstrap (:func:`agent.drift.calibrate`),
-at the Bonferroni-corrected quantile ``1 - alpha / columns``. The device counts live windows into
-the same bins and compares (agent.drift). The format is in ``docs/bundle-format.md``.
+thresholds of the binned-KS statistic and of PSI by bootstrap (:func:`agent.drift.calibrate`),
+at the Bonferroni-corrected quantile ``1 - alpha / (2 * columns)`` (two statistics per column).
+The device counts live windows into the same bins and compares (agent.drift). The format is
+in ``docs/bundle-format.md``.
 """
 
 from __future__ import annotations
@@ -85,7 +86,7 @@ def _thresholds(
 ) -> dict[str, dict[str, float]]:
     bins = FeatureBins.from_reference(entry)
     counts = bins.count(np.asarray(holdout))
-    quantile = 1 - ALPHA / columns
+    quantile = 1 - ALPHA / (2 * columns)  # two statistics per column (binned KS or PSI)
     draws = min(MAX_DRAWS, max(2000, math.ceil(10 * columns / ALPHA)))
     return {
         str(window): calibrate(
@@ -149,7 +150,7 @@ def reference_statistics(
         "rows": len(build),
         "holdout_rows": len(holdout),
         "calibration": {
-            "statistic": "binned_ks",
+            "statistic": "binned_ks or psi",
             "alpha": ALPHA,
             "correction": "bonferroni",
             "columns": columns,

@@ -403,8 +403,6 @@ def test_negative_version_is_refused_before_any_work(work: Work) -> None:
     assert snapshot(work.path) == before
 
 
-
-
 def test_malformed_profile_error_names_the_table(work: Work) -> None:
     args, _ = malformed_profile(work)
     result = edgepack(*args, cwd=work.path)

@@ -199,7 +199,7 @@ def test_drift_table_shows_status_and_features(
     # dev-c: one window over its threshold is a warning, not (yet) drift
     assert (c["status"], c["drifting"], c["trend"]) == ("warning", "-", "·····!")
     assert c["worst"].startswith("tenure ")
-    assert b["window"] == f"{ROWS} rows, 10m ago"
+    assert b["window"] in (f"{ROWS} rows, 10m ago", f"{ROWS} rows, 11m ago")  # a slow run
     rows = {r.device: r for r in drift_rows(open_store(fleet_store.store_url), model="churn")}
     assert rows["dev-b"].drifting == ["monthly_charges"]
     assert rows["dev-b"].worst == "monthly_charges"
