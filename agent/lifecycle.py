@@ -247,12 +247,16 @@ class Lifecycle:
         )
         return self._start(entry)
 
-    def rollback(self, name: str, *, job_id: str | None = None) -> Outcome:
-        """Switch ``name`` back to its retained previous version (health-checked first)."""
+    def _installed(self, name: str) -> ModelState:
         check_model_name(name)
         current = self.store.load().models.get(name)
         if current is None or current.active is None:
             raise NotInstalledError(f"{name} is not installed on this device")
+        return current
+
+    def rollback(self, name: str, *, job_id: str | None = None) -> Outcome:
+        """Switch ``name`` back to its retained previous version (health-checked first)."""
+        current = self._installed(name)
         if current.previous is None:
             raise NotInstalledError(
                 f"{name} v{current.active} has no retained previous version to roll back to"
@@ -269,10 +273,7 @@ class Lifecycle:
 
     def retire(self, name: str, *, job_id: str | None = None) -> Outcome:
         """Uninstall ``name`` (its highest version is remembered: no later downgrade)."""
-        check_model_name(name)
-        current = self.store.load().models.get(name)
-        if current is None or current.active is None:
-            raise NotInstalledError(f"{name} is not installed on this device")
+        current = self._installed(name)
         entry = JournalEntry(
             op="retire",
             state=S.COMMITTING.value,
