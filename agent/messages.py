@@ -12,6 +12,7 @@ prefix (default ``edgepack/v1``)::
     {prefix}/devices/{device}/state            retained  online, profile, models, health (LWT)
     {prefix}/devices/{device}/jobs/{job}/status          job execution updates (QoS 1)
     {prefix}/devices/{device}/telemetry | /drift          (telemetry and drift reports)
+    {prefix}/collectors/{collector}            retained  a collector is online and subscribed
 
 Commands are DSSE envelopes (``agent.signing.dsse_sign``; payload type
 ``application/vnd.edgepack.command+json``) signed by an operator key the device trusts. Their
@@ -141,6 +142,10 @@ class Topics:
 
     def drift(self, device: str) -> str:
         return f"{self.prefix}/devices/{device}/drift"
+
+    def collector(self, collector: str = "+") -> str:
+        """Retained presence of a collector (online while it is subscribed; LWT offline)."""
+        return f"{self.prefix}/collectors/{collector}"
 
     def parse(self, topic: str) -> tuple[str, ...]:
         """The parts after the prefix (``("devices", "cam-17", "state")``), or ``()``."""

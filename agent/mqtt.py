@@ -133,6 +133,8 @@ class DeviceLink:
         # mark the device offline after it came back.
         self.session = uuid.uuid4().hex[:12]
         self.outbox = Outbox(agent.config.state_dir / "outbox.db", config.outbox_max_messages)
+        self._collectors: dict[str, bool] = {}
+        self._collector_seen = "seq_collector_seen" in self.outbox.counters()
         agent.monitor.sink = self._queue_report
         self._stopping = threading.Event()
         self._sender = threading.Thread(target=self._send_loop, name="edgepack-outbox", daemon=True)
@@ -214,7 +216,11 @@ class DeviceLink:
         if reason.is_failure:
             log.error("broker refused the connection: %s", reason)
             return
-        topics = [self.topics.device_jobs(self.device), self.topics.pending(self.device)]
+        topics = [
+            self.topics.device_jobs(self.device),
+            self.topics.pending(self.device),
+            self.topics.collector(),
+        ]
         topics += [self.topics.group_jobs(group) for group in self.groups]
         client.subscribe([(topic, 1) for topic in topics])
         self.connected.set()
@@ -229,9 +235,13 @@ class DeviceLink:
         self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any
     ) -> None:
         self.connected.clear()
+        self._collectors.clear()  # learned again from the retained presence on reconnect
         log.warning("disconnected from the broker (%s); reconnecting", reason)
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        if self.topics.parse(message.topic)[:1] == ("collectors",):
+            self._collector_presence(message.topic, bytes(message.payload))
+            return
         try:  # never block the network thread
             self._inbox.put_nowait((message.topic, bytes(message.payload)))
         except queue.Full:
@@ -289,10 +299,35 @@ class DeviceLink:
             return
         self.outbox.put(kind, topic, payload)
 
+    def _collector_presence(self, topic: str, payload: bytes) -> None:
+        """Track collectors' retained presence (called on the network thread: cheap)."""
+        try:
+            data = decode_json(payload, "collector presence") if payload else {}
+        except EdgepackError:
+            return
+        online = bool(data.get("online"))
+        self._collectors[topic] = online
+        if online and not self._collector_seen:
+            self._collector_seen = True
+            self.outbox.next_seq("collector_seen")  # remembered across restarts
+
+    def _collector_listening(self) -> bool:
+        """Whether reports can go now: a collector is online, or none was ever seen (a fleet
+        without a collector must not fill the outbox forever)."""
+        return not self._collector_seen or any(self._collectors.values())
+
     def _send_loop(self) -> None:
-        """Drain the outbox in order: publish, wait for the broker's PUBACK, then forget."""
+        """Drain the outbox in order: publish, wait for the broker's PUBACK, then forget.
+
+        Once a collector has been seen, reports wait while no collector is online (after a
+        broker restart the device often reconnects first; what it published then would reach
+        nobody and be gone from the outbox).
+        """
         while not self._stopping.is_set():
             if not self.connected.wait(0.5):
+                continue
+            if not self._collector_listening():
+                self._stopping.wait(0.2)
                 continue
             message = self.outbox.peek()
             if message is None:

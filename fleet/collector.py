@@ -14,6 +14,7 @@ collector records every job (inserts are idempotent). Writes are idempotent thro
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import queue
@@ -107,7 +108,10 @@ class Collector:
         # A fixed client id and a persistent session: what devices report while the collector
         # restarts waits at the broker instead of being lost.
         client = connect(
-            self.options, client_id=self._client_id, session_expiry=self.session_expiry
+            self.options,
+            client_id=self._client_id,
+            session_expiry=self.session_expiry,
+            will=(self.topics.collector(self._client_id), self._presence(False)),
         )
         client.on_message = self._on_message
         client.on_connect = self._on_connect
@@ -122,6 +126,7 @@ class Collector:
                 "confirm the collector's subscriptions within 10 s"
             )
         self._client = client
+        self._announce(client)
         self.ready.set()
         log.info(
             "collector subscribed on %s:%d%s",
@@ -131,12 +136,28 @@ class Collector:
         )
         return self
 
+    def _presence(self, online: bool) -> bytes:
+        return encode({"collector": self._client_id, "online": online, "ts": _now()})
+
+    def _announce(self, client: mqtt.Client) -> None:
+        """Say (retained) that this collector is subscribed: devices that have seen a collector
+        hold their reports until one is, so nothing is published into the void."""
+        client.publish(
+            self.topics.collector(self._client_id), self._presence(True), qos=1, retain=True
+        )
+
     def _on_connect(self, client: mqtt.Client, *_args: Any) -> None:
         client.subscribe(self._subscriptions())  # again after a reconnect
+        self._announce(client)  # after the SUBSCRIBE on the same connection: ordered
 
     def stop(self, drain_timeout: float = 10.0) -> None:
         """Stop receiving, write what is queued, close."""
         if self._client is not None:
+            info = self._client.publish(
+                self.topics.collector(self._client_id), self._presence(False), qos=1, retain=True
+            )
+            with contextlib.suppress(ValueError, RuntimeError):
+                info.wait_for_publish(timeout=2)
             self._client.disconnect()
             self._client.loop_stop()
         deadline = time.monotonic() + drain_timeout
@@ -243,3 +264,7 @@ def _job_row(command: Command) -> JobRow:
 def describe(stats: CollectorStats) -> str:
     """One line for logs."""
     return json.dumps(stats.__dict__)
+
+
+def _now() -> str:
+    return utcnow().isoformat(timespec="seconds")

@@ -56,6 +56,7 @@ def connect(
     timeout: float = 10.0,
     client_id: str | None = None,
     session_expiry: int = 0,
+    will: tuple[str, bytes] | None = None,
 ) -> mqtt.Client:
     """Connect (blocking until CONNACK) and start the network loop.
 
@@ -72,6 +73,8 @@ def connect(
         protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
         clean_session=None if v5 else not session_expiry,
     )
+    if will is not None:
+        client.will_set(will[0], will[1], qos=1, retain=True)
     if options.username:
         password = (
             Path(options.password_file).read_text().strip() if options.password_file else None
