@@ -16,7 +16,8 @@ without a gap.
 The device reaches the broker through a relay of ours that the test can cut. It is cut while the
 broker is down and reopened only once the collector has subscribed again: the broker keeps no
 sessions across a restart here, so a device that reconnected first would hand its backlog to a
-broker with no subscriber (see the strict xfail at the end).
+broker with no subscriber. The last test lets the device come back first: it must hold its
+reports until the collector announces itself again (collector presence).
 """
 
 from __future__ import annotations
