@@ -354,11 +354,11 @@ def main() -> None:
         "*edgepack*: `reference.json` from `packager.statistics.reference_statistics` "
         f"({document['rows']:,} rows define the bins, {document['holdout_rows']:,} calibrate; "
         f"built in {build_s:.1f} s), judged by `agent.drift.DriftMonitor`, one fresh monitor per "
-        "stream. Binned KS per column (the largest bin gap for `cat` and the label) against a "
-        "bootstrap threshold at "
-        f"1 − {calibration['alpha']}/{calibration['columns']} (KS thresholds for windows of "
+        "stream. Binned KS and PSI per column (KS: the largest bin gap for `cat` and the label), "
+        "each against a bootstrap threshold at "
+        f"1 − {calibration['alpha']}/(2·{calibration['columns']}) (KS thresholds for windows of "
         + "; ".join(f"{w}: {min(t):.3f}–{max(t):.3f}" for w, t in thresholds.items())
-        + "). *alarm (warning)*: any column over its threshold in this window; *drift (2 of 3)*: "
+        + "). *alarm (warning)*: any column over a threshold in this window; *drift (2 of 3)*: "
         "a column over its threshold in 2 of its last 3 windows.",
     ]
     if evidently is not None:
