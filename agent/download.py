@@ -147,7 +147,7 @@ class HttpFetcher:
         if scheme not in ("http", "https"):
             if scheme:
                 raise DownloadError(f"cannot download {source}: only http(s) URLs are supported")
-            from agent.lifecycle import LocalFetcher  # agent.lifecycle may import this module
+            from agent.fetch import LocalFetcher
 
             LocalFetcher().fetch(source, dest, max_bytes)  # the lifecycle verifies what it copied
             return

@@ -25,12 +25,11 @@ import enum
 import hashlib
 import logging
 import os
-import shutil
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import onnxruntime as ort
 
@@ -46,6 +45,7 @@ from agent.exceptions import (
     StorageError,
     VersionError,
 )
+from agent.fetch import Fetcher, LocalFetcher, discard_fetched, sha256_file
 from agent.health import check_golden, open_session
 from agent.journal import Journal, JournalEntry
 from agent.manifest import Manifest, check_model_name, parse_manifest
@@ -53,6 +53,7 @@ from agent.signing import verify_files
 from agent.store import ModelState, Store
 
 __all__ = ["RESUME", "TRANSITIONS", "Fetcher", "Lifecycle", "LocalFetcher", "Outcome", "State"]
+# Fetcher and LocalFetcher live in agent.fetch; re-exported here for callers of the lifecycle.
 
 log = logging.getLogger("edgepack.agent")
 
@@ -114,48 +115,6 @@ RESUME: dict[State, State] = {
     S.CLEANUP: S.CLEANUP,
     S.ROLLING_BACK: S.ROLLING_BACK,
 }
-
-
-class Fetcher(Protocol):
-    """Brings a bundle from ``source`` to the local file ``dest``, at most ``max_bytes`` long."""
-
-    def fetch(
-        self,
-        source: str,
-        dest: Path,
-        max_bytes: int,
-        *,
-        expected_size: int | None = None,
-        expected_sha256: str | None = None,
-    ) -> None: ...
-
-
-class LocalFetcher:
-    """Copies a bundle from a local path (offline and air-gapped installs)."""
-
-    def fetch(
-        self,
-        source: str,
-        dest: Path,
-        max_bytes: int,
-        *,
-        expected_size: int | None = None,
-        expected_sha256: str | None = None,
-    ) -> None:
-        path = Path(source)
-        try:
-            size = path.stat().st_size
-        except OSError as e:
-            raise InstallError(f"cannot read bundle {path}: {e.strerror or e}") from e
-        if size > max_bytes:
-            raise BundleError(f"bundle {path} is {size} bytes, above the limit of {max_bytes}")
-        try:
-            shutil.copyfile(path, dest)
-            with open(dest, "rb+") as handle:
-                os.fsync(handle.fileno())
-        except OSError as e:
-            dest.unlink(missing_ok=True)
-            raise storage_error("copy the bundle to", dest, e) from e
 
 
 @dataclass
@@ -382,7 +341,7 @@ class Lifecycle:
             state = following
         self._enter(run, state)
         if state is S.FAILED and run.entry.incoming:
-            _discard(run.entry.incoming)  # a rejected bundle is not kept
+            discard_fetched(run.entry.incoming)  # a rejected bundle is not kept
         self.journal.clear()
         return self._outcome(run, state)
 
@@ -422,7 +381,7 @@ class Lifecycle:
         dest = self.store.incoming / f"{digest}.edgepack"
         run.entry = e.moved(e.state, incoming=str(dest))
         self.journal.write(run.entry)
-        if e.expected_sha256 and dest.is_file() and _sha256_file(str(dest)) == e.expected_sha256:
+        if e.expected_sha256 and dest.is_file() and sha256_file(str(dest)) == e.expected_sha256:
             return  # fetched completely before a crash
         self.fetcher.fetch(
             e.source,
@@ -500,7 +459,7 @@ class Lifecycle:
                 return  # committed before a crash
             current.previous, current.active = current.active, e.version
             current.highest = max(current.highest, e.version)
-            current.bundle_sha256 = _sha256_file(e.incoming)
+            current.bundle_sha256 = sha256_file(e.incoming)
             current.installed_at = _now()
             state.record(
                 op=e.id,
@@ -548,7 +507,7 @@ class Lifecycle:
         current = self.store.load().models.get(e.model, ModelState())
         self.store.prune(e.model, current.retained())
         if e.incoming:
-            _discard(e.incoming)
+            discard_fetched(e.incoming)
 
     def _rolling_back(self, run: _Run) -> None:
         e = run.entry
@@ -559,7 +518,7 @@ class Lifecycle:
                 self.store.remove_version(e.model, e.version)
             self.store.prune(e.model, current.retained())
         if e.incoming:
-            _discard(e.incoming)
+            discard_fetched(e.incoming)
         if any(event.get("op") == e.id for event in state.history):
             return  # recorded before a crash
         state.record(
@@ -575,29 +534,8 @@ class Lifecycle:
         self.store.save(state)
 
 
-def _discard(incoming: str) -> None:
-    """Remove a fetched bundle and any partial download of it."""
-    path = Path(incoming)
-    for leftover in (
-        path,
-        path.with_name(path.name + ".part"),
-        path.with_name(path.name + ".part.json"),
-    ):
-        leftover.unlink(missing_ok=True)
-
-
 def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat()
-
-
-def _sha256_file(path: str | None) -> str | None:
-    if not path or not os.path.exists(path):
-        return None
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _fault(variable: str, state: State, entry: JournalEntry) -> None:
