@@ -447,3 +447,59 @@ def test_mtls_certificate_cn_is_the_username(broker: AclBroker, connect: Connect
     assert cam1.publish(f"{P}/devices/cam-1/state", retain=True) == SUCCESS
     assert cam1.publish(f"{P}/devices/cam-2/state") == NOT_AUTHORIZED
     assert cam1.publish(f"{P}/devices/cam-1/jobs/acl-d") == NOT_AUTHORIZED
+
+
+def test_an_agent_over_mtls_gets_its_commands_and_reports_back(
+    broker: AclBroker, connect: Connect, keys: Any, tmp_path: Path
+) -> None:
+    """The agent's own TLS options end to end: mTLS login (CN = device id) under the ACL, a
+    retained command delivered over TLS, its job status readable by the collector."""
+    from conftest import _write_pair, write_agent_config
+
+    from agent.config import load_config
+    from agent.daemon import Agent
+    from agent.messages import make_command
+    from agent.mqtt import DeviceLink, MqttConfig
+    from agent.signing import load_private_key
+
+    ops = _write_pair(tmp_path / "ops", "ops")
+    certs = broker.certs
+    extra = (
+        f'[mqtt]\nhost = "127.0.0.1"\nport = {broker.tls_port}\ntls = true\n'
+        f'ca_file = "{certs["ca.crt"]}"\ncert_file = "{certs["cam-1.crt"]}"\n'
+        f'key_file = "{certs["cam-1.key"]}"\ncommand_keys = ["{ops.public}"]\n'
+    )
+    path = write_agent_config(tmp_path / "cam-1", keys, extra=extra)
+    path.write_text(
+        path.read_text()
+        .replace('device_id = "test-device"', 'device_id = "cam-1"\ngroups = ["store-42"]')
+        .replace("[server]\n", "[server]\nenabled = false\n")
+    )
+    collector = connect("collector")
+    assert collector.connack() == SUCCESS
+    collector.subscribe(f"{P}/devices/cam-1/jobs/+/status", f"{P}/devices/cam-1/state")
+    config = load_config(path)
+    agent = Agent(config).start(serve_http=False)
+    link = DeviceLink(agent, MqttConfig.from_agent(config.extra["mqtt"], str(path), path.parent))
+    try:
+        link.start()
+        assert link.connected.wait(WAIT), "the agent did not connect over mTLS"
+        job_id, command = make_command(
+            "rollback", "iris", {"group": "store-42"}, load_private_key(ops.private.read_bytes())
+        )
+        ops_client = connect("ops")
+        assert ops_client.publish(f"{P}/groups/store-42/jobs/iris", command, retain=True) == (
+            SUCCESS
+        )
+        seen: dict[str, Any] = {}
+        while "status" not in seen or seen["status"].get("status") != "REJECTED":
+            message = collector.messages.get(timeout=WAIT)
+            body = json.loads(message.payload) if message.payload else {}
+            seen["state" if message.topic.endswith("/state") else "status"] = body
+        assert seen["status"]["job_id"] == job_id
+        assert "not installed" in seen["status"]["reason"]  # nothing to roll back: refused
+        assert seen["state"]["online"] is True
+        assert seen["state"]["groups"] == ["store-42"]
+    finally:
+        link.stop()
+        agent.stop()
