@@ -183,14 +183,41 @@ class Collector:
             item = self._queue.get()
             if item is None:
                 return
-            topic, payload = item
+            # Everything queued meanwhile goes into one transaction: one commit per batch
+            # instead of one fsync per message (writes are idempotent, so a retried batch
+            # changes nothing twice).
+            batch = [item]
+            stop = False
+            while len(batch) < 500:
+                try:
+                    more = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    stop = True
+                    break
+                batch.append(more)
             try:
-                self.handle(topic, payload)
+                self.store.batch(lambda batch=batch: [self._handle_one(t, p) for t, p in batch])
             except StoreError as e:
-                log.error("store write failed for %s: %s", topic, e)
-            except (CommandError, ValueError) as e:
-                self.stats.rejected += 1
-                log.warning("ignoring a malformed message on %s: %s", topic, e)
+                log.error(
+                    "store write failed for a batch of %d: %s; retrying one by one", len(batch), e
+                )
+                for topic, payload in batch:
+                    try:
+                        self._handle_one(topic, payload)
+                    except StoreError as again:
+                        log.error("store write failed for %s: %s", topic, again)
+            if stop:
+                return
+
+    def _handle_one(self, topic: str, payload: bytes) -> None:
+        """Handle one message; a malformed one is counted and skipped, not fatal to a batch."""
+        try:
+            self.handle(topic, payload)
+        except (CommandError, ValueError) as e:
+            self.stats.rejected += 1
+            log.warning("ignoring a malformed message on %s: %s", topic, e)
 
     def handle(self, topic: str, payload: bytes) -> None:
         """Write one message (public for tests and tools replaying captures)."""
@@ -235,8 +262,7 @@ class Collector:
         decode_json(payload, "pending request")
         # The groups the device's own retained state declared, not what the request claims:
         # a device must not fetch another group's commands by asking for them.
-        known = {d.device: d for d in self.store.devices()}.get(device)
-        groups = list(known.groups) if known is not None else []
+        groups = self.store.groups_of(device)
         jobs = self.store.pending_for(device, groups, utcnow())
         if self._client is None:
             return

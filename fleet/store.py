@@ -96,11 +96,13 @@ class FleetStore(Protocol):
 
     def record_state(self, device: str, state: Payload, received_at: datetime) -> None: ...
     def record_job(self, job: JobRow) -> bool: ...
+    def batch(self, work: Callable[[], T]) -> T: ...
     def record_execution(self, status: Payload) -> bool: ...
     def record_event(
         self, kind: str, device: str, payload: Payload, seq: int | str, received_at: datetime
     ) -> bool: ...
     def devices(self, group: str | None = None) -> list[DeviceRow]: ...
+    def groups_of(self, device: str) -> list[str]: ...
     def job(self, job_id: str) -> JobRow | None: ...
     def jobs(self, model: str | None = None, limit: int = 50) -> list[JobRow]: ...
     def executions(self, job_id: str) -> list[ExecutionRow]: ...
@@ -243,7 +245,8 @@ class _Store:
     _errors: tuple[type[Exception], ...] = (sqlite3.Error,)
 
     def __init__(self, name: str, conn: Any) -> None:
-        self.name, self._conn, self._lock = name, conn, threading.Lock()
+        self.name, self._conn, self._lock = name, conn, threading.RLock()
+        self._cursor: Any = None  # set while a batch() transaction is open
         self._run("creating the schema", self._create_schema, write=True)
 
     @classmethod
@@ -264,8 +267,23 @@ class _Store:
         with self._conn:  # COMMIT, or ROLLBACK if body raises
             return body(self._conn.cursor())
 
+    def batch(self, work: Callable[[], T]) -> T:
+        """Run ``work`` (which calls this store's methods) in one transaction: one commit (one
+        fsync) for many writes. Any database error rolls back the whole batch."""
+
+        def body(cur: Any) -> T:
+            self._cursor = cur
+            try:
+                return work()
+            finally:
+                self._cursor = None
+
+        return self._run("a batch of writes", body, write=True)
+
     def _run(self, what: str, body: Callable[[Any], T], *, write: bool = False) -> T:
         with self._lock:
+            if self._cursor is not None:  # inside batch(), on this thread (the lock is ours)
+                return body(self._cursor)
             try:
                 return self._transact(body, write)
             except self._errors as e:
@@ -364,6 +382,11 @@ class _Store:
         params = (kind, device, str(seq), _ts(received_at), _json(dict(payload)))
         sql = "INSERT INTO events (kind, device, seq, received_at, payload) VALUES (?, ?, ?, ?, ?)"
         return self._write(f"recording a {kind} event", sql + " ON CONFLICT DO NOTHING", params)
+
+    def groups_of(self, device: str) -> list[str]:
+        """The groups ``device`` declared in its latest state (empty if unknown)."""
+        rows = self._rows("SELECT grp FROM device_groups WHERE device = ? ORDER BY grp", (device,))
+        return [str(row[0]) for row in rows]
 
     def devices(self, group: str | None = None) -> list[DeviceRow]:
         """All devices, or those in ``group``, by name."""
