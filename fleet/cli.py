@@ -219,30 +219,30 @@ def deploy(
     )
 
 
-@cli.command()
-@click.argument("model")
-@click.option("--device")
-@click.option("--group")
-@click.option("--key", required=True, type=click.Path(dir_okay=False, path_type=Path))
-@click.pass_context
-def rollback(
-    ctx: click.Context, model: str, device: str | None, group: str | None, key: Path
-) -> None:
-    """Roll MODEL back to the retained previous version on a device or a group."""
-    _send(ctx, "rollback", model, _target(device, group), key)
+def _simple_command(kind: str, help_text: str) -> None:
+    """Register ``rollback``/``retire``: a model, one target, the operator key."""
+
+    @cli.command(name=kind, help=help_text)
+    @click.argument("model")
+    @click.option("--device")
+    @click.option("--group")
+    @click.option(
+        "--key",
+        required=True,
+        type=click.Path(dir_okay=False, path_type=Path),
+        help="Operator signing key.",
+    )
+    @click.pass_context
+    def command(
+        ctx: click.Context, model: str, device: str | None, group: str | None, key: Path
+    ) -> None:
+        _send(ctx, kind, model, _target(device, group), key)
 
 
-@cli.command()
-@click.argument("model")
-@click.option("--device")
-@click.option("--group")
-@click.option("--key", required=True, type=click.Path(dir_okay=False, path_type=Path))
-@click.pass_context
-def retire(
-    ctx: click.Context, model: str, device: str | None, group: str | None, key: Path
-) -> None:
-    """Uninstall MODEL from a device or a group."""
-    _send(ctx, "retire", model, _target(device, group), key)
+_simple_command(
+    "rollback", "Roll MODEL back to the retained previous version on a device or a group."
+)
+_simple_command("retire", "Uninstall MODEL from a device or a group.")
 
 
 @cli.command()
