@@ -327,3 +327,54 @@ def test_replayed_older_command_is_rejected(fleet: Fleet) -> None:
     time.sleep(0.5)
     assert serving(agent) == 2
     assert fleet.store.executions(first_job)[0].status == "SUCCEEDED"
+
+
+def test_the_cli_deploys_and_rolls_back(fleet: Fleet) -> None:
+    from click.testing import CliRunner
+
+    from fleet.cli import cli
+
+    agent = fleet.device("cam-cli")
+    common = [
+        "--broker",
+        fleet.broker.address,
+        "--prefix",
+        fleet.prefix,
+        "--store",
+        str(fleet.root / "fleet.db"),
+    ]
+
+    def run(*args: str) -> str:
+        result = CliRunner().invoke(cli, [*common, *args], catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        job = next(
+            w
+            for line in result.output.splitlines()
+            if ": job " in line
+            for w in [line.rsplit("job ", 1)[1].strip()]
+        )
+        fleet.wait_for(job, ["cam-cli"])
+        return job
+
+    for version in ("1", "2"):
+        run(
+            "deploy",
+            "iris",
+            "--version",
+            version,
+            "--device",
+            "cam-cli",
+            "--bundles",
+            fleet.server.url,
+            "--dist",
+            str(fleet.dist),
+            "--key",
+            str(fleet.ops.private),
+        )
+    assert serving(agent) == 2
+    job = run("rollback", "iris", "--device", "cam-cli", "--key", str(fleet.ops.private))
+    assert fleet.store.executions(job)[0].status == "SUCCEEDED"
+    assert serving(agent) == 1
+    status = CliRunner().invoke(cli, [*common, "status", job])
+    assert status.exit_code == 0
+    assert "SUCCEEDED" in status.output
