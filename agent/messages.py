@@ -13,6 +13,7 @@ prefix (default ``edgepack/v1``)::
     {prefix}/devices/{device}/jobs/{job}/status          job execution updates (QoS 1)
     {prefix}/devices/{device}/telemetry | /drift          (telemetry and drift reports)
     {prefix}/collectors/{collector}            retained  a collector is online and subscribed
+    {prefix}/presence/ping                     a device asks connected collectors to answer
 
 Commands are DSSE envelopes (``agent.signing.dsse_sign``; payload type
 ``application/vnd.edgepack.command+json``) signed by an operator key the device trusts. Their
@@ -146,6 +147,10 @@ class Topics:
     def collector(self, collector: str = "+") -> str:
         """Retained presence of a collector (online while it is subscribed; LWT offline)."""
         return f"{self.prefix}/collectors/{collector}"
+
+    def presence_ping(self) -> str:
+        """Devices ask here; every connected collector answers with a live presence message."""
+        return f"{self.prefix}/presence/ping"
 
     def parse(self, topic: str) -> tuple[str, ...]:
         """The parts after the prefix (``("devices", "cam-17", "state")``), or ``()``."""

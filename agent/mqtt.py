@@ -226,6 +226,7 @@ class DeviceLink:
         self.connected.set()
         log.info("connected to %s:%d as %s", self.config.host, self.config.port, self.device)
         self.publish_state()
+        self._publish(self.topics.presence_ping(), encode({"device": self.device, "ts": _now()}))
         self._publish(
             self.topics.pending_get(self.device),
             encode({"device": self.device, "groups": list(self.groups), "ts": _now()}),
@@ -240,7 +241,7 @@ class DeviceLink:
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         if self.topics.parse(message.topic)[:1] == ("collectors",):
-            self._collector_presence(message.topic, bytes(message.payload))
+            self._collector_presence(message.topic, bytes(message.payload), message.retain)
             return
         try:  # never block the network thread
             self._inbox.put_nowait((message.topic, bytes(message.payload)))
@@ -299,14 +300,19 @@ class DeviceLink:
             return
         self.outbox.put(kind, topic, payload)
 
-    def _collector_presence(self, topic: str, payload: bytes) -> None:
-        """Track collectors' retained presence (called on the network thread: cheap)."""
+    def _collector_presence(self, topic: str, payload: bytes, retained: bool) -> None:
+        """Track collectors' presence (called on the network thread: cheap).
+
+        A retained "online" may be stale (a broker restarted from its persistence file while
+        the collector was away), so only a live announcement counts as listening; the device
+        asks for one on every connect (``presence/ping``)."""
         try:
             data = decode_json(payload, "collector presence") if payload else {}
         except EdgepackError:
             return
         online = bool(data.get("online"))
-        self._collectors[topic] = online
+        if not online or not retained:
+            self._collectors[topic] = online
         if online and not self._collector_seen:
             self._collector_seen = True
             self.outbox.next_seq("collector_seen")  # remembered across restarts

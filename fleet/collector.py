@@ -99,7 +99,7 @@ class Collector:
         ]
         if self.share:
             shared = [f"$share/{self.share}/{topic}" for topic in shared]
-        plain = [f"{p}/devices/+/jobs/+", f"{p}/groups/+/jobs/+"]
+        plain = [f"{p}/devices/+/jobs/+", f"{p}/groups/+/jobs/+", self.topics.presence_ping()]
         return [(topic, 1) for topic in shared + plain]
 
     def start(self) -> Collector:
@@ -166,7 +166,10 @@ class Collector:
         self._queue.put(None)
         self._writer.join(timeout=drain_timeout)
 
-    def _on_message(self, _client: mqtt.Client, _userdata: Any, message: mqtt.MQTTMessage) -> None:
+    def _on_message(self, client: mqtt.Client, _userdata: Any, message: mqtt.MQTTMessage) -> None:
+        if message.topic == self.topics.presence_ping():
+            self._announce(client)  # a device asks who listens: answer live
+            return
         self.stats.received += 1
         try:
             # Blocking here is deliberate back-pressure: paho stops reading and the broker
