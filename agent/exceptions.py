@@ -1,31 +1,48 @@
-"""Every error the agent and the shared bundle format raise.
+"""Every error the agent raises, grouped by whose fault the failure is.
 
-All of them derive from :class:`EdgepackError`, so a caller can catch one family. They are
-grouped by whose fault the failure is, and each message says what went wrong and what to do::
+All of them derive from :class:`EdgepackError`, so a caller can catch one family; the errors of
+the shared formats (:mod:`edgepack.formats.exceptions`) are re-exported here. Each message says
+what went wrong and what to do::
 
     EdgepackError
     ├── BundleError              the bundle (or its archive) is bad or hostile: do not install it
     │   ├── ArchiveError         unsafe or corrupt tar: link, device, '..', absolute path, too big
     │   ├── ManifestError        manifest.json is missing, malformed or inconsistent
     │   ├── SignatureError       model.sig missing or invalid, a file not covered, an untrusted key
+    │   ├── ReferenceFormatError reference.json is malformed or of an unknown version
     │   ├── IncompatibleBundleError  built for another profile, arch or onnxruntime
     │   └── VersionError         not newer than what is installed (downgrades are refused)
     ├── InstallError             the device could not install or switch a model; old one kept
     │   ├── HealthCheckError     the new model failed its golden-sample check: rolled back
-    │   ├── NotInstalledError    no such model, or no retained version to roll back to
-    │   └── StorageError         the state directory cannot be written (full disk, permissions)
+    │   └── NotInstalledError    no such model, or no retained version to roll back to
+    ├── StorageError             the state directory cannot be written (full disk, permissions)
     ├── ConfigError              agent.toml is missing, malformed, or names missing keys/paths
-    ├── CommandError             a fleet command is unsigned, untrusted, expired, replayed, or
+    ├── MessageError             an MQTT message is malformed, oversized, or of a newer schema
+    │   └── CommandError         a fleet command is unsigned, untrusted, expired, replayed, or
     │                            for another device: the device reports it REJECTED
     ├── DownloadError            a bundle could not be downloaded (after retries)
     ├── RequestError             an inference request is malformed (HTTP 400)
     │   └── ModelNotFoundError   no such model or version is being served (HTTP 404)
+    ├── InferenceError           the model failed while computing an answer (HTTP 500)
     └── KeyFormatError           a key file cannot be used (unreadable, not ECDSA, wrong kind)
 
 Misuse by the calling program raises the ordinary ``ValueError``/``TypeError``/``RuntimeError``.
 """
 
 from __future__ import annotations
+
+from edgepack.formats.exceptions import (
+    ArchiveError,
+    BundleError,
+    CommandError,
+    EdgepackError,
+    KeyFormatError,
+    ManifestError,
+    MessageError,
+    ReferenceFormatError,
+    SignatureError,
+    StorageError,
+)
 
 __all__ = [
     "ArchiveError",
@@ -36,11 +53,14 @@ __all__ = [
     "EdgepackError",
     "HealthCheckError",
     "IncompatibleBundleError",
+    "InferenceError",
     "InstallError",
     "KeyFormatError",
     "ManifestError",
+    "MessageError",
     "ModelNotFoundError",
     "NotInstalledError",
+    "ReferenceFormatError",
     "RequestError",
     "SignatureError",
     "StorageError",
@@ -48,33 +68,8 @@ __all__ = [
 ]
 
 
-class EdgepackError(Exception):
-    """Base of every edgepack error; its message is meant for the operator."""
-
-
-class BundleError(EdgepackError):
-    """The bundle cannot be trusted or used. Nothing has been installed from it."""
-
-
-class ArchiveError(BundleError):
-    """The bundle's tar archive is corrupt or contains something not allowed."""
-
-
-class ManifestError(BundleError):
-    """The bundle's manifest.json is missing, not valid JSON, or does not match the schema."""
-
-
-class SignatureError(BundleError):
-    """The signature does not verify: wrong key, changed or extra or missing file, bad format."""
-
-
 class IncompatibleBundleError(BundleError):
     """The bundle was built for another device profile or runtime than this one."""
-
-
-class KeyFormatError(EdgepackError):
-    """A key file cannot be used: not PEM, not an ECDSA key, or a private key where a public one
-    is expected (or the reverse)."""
 
 
 class VersionError(BundleError):
@@ -93,10 +88,6 @@ class NotInstalledError(InstallError):
     """The model is not installed, or has no retained previous version to roll back to."""
 
 
-class StorageError(InstallError):
-    """The state directory could not be written or read (full disk, permissions, corruption)."""
-
-
 class ConfigError(EdgepackError):
     """The agent's configuration file is missing or wrong; the message names the field."""
 
@@ -113,8 +104,10 @@ class ModelNotFoundError(RequestError):
     status = 404
 
 
-class CommandError(EdgepackError):
-    """A fleet command was refused; the message is the reason reported with REJECTED."""
+class InferenceError(EdgepackError):
+    """The model failed while computing an answer (onnxruntime raised); the request was valid."""
+
+    status = 500
 
 
 class DownloadError(EdgepackError):

@@ -1,18 +1,18 @@
-"""Every error the fleet side raises, all :class:`~agent.exceptions.EdgepackError`::
+"""Every error the fleet side raises, all :class:`~edgepack.agent.exceptions.EdgepackError`::
 
-    EdgepackError (agent.exceptions)
+    EdgepackError (edgepack.agent.exceptions)
     └── FleetError             the operator's side could not do what was asked
         ├── BrokerError        the MQTT broker is unreachable or refused us
         ├── BundleLookupError  the bundles for a deploy cannot be found or read
         └── StoreError         the collector's store cannot be opened, read or written
 
-Command signing errors are the agent's (:mod:`agent.messages`, :mod:`agent.signing`), since the
-device checks the same format.
+Command signing errors are the agent's (:mod:`edgepack.formats.messages`,
+:mod:`edgepack.formats.modelsig`), since the device checks the same format.
 """
 
 from __future__ import annotations
 
-from agent.exceptions import EdgepackError
+from edgepack.formats.exceptions import EdgepackError
 
 __all__ = ["BrokerError", "BundleLookupError", "FleetError", "StoreError"]
 

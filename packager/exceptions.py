@@ -1,10 +1,10 @@
 """Every error the packager raises.
 
-All of them derive from :class:`PackagerError`, itself an :class:`agent.exceptions.EdgepackError`,
-so the CLI catches one family and prints the message. They are grouped by whose fault the
-failure is::
+All of them derive from :class:`PackagerError`, itself an
+:class:`edgepack.agent.exceptions.EdgepackError`, so the CLI catches one family and prints the
+message. They are grouped by whose fault the failure is::
 
-    EdgepackError                    (agent.exceptions)
+    EdgepackError                    (edgepack.agent.exceptions)
     ├── KeyFormatError               a signing key cannot be used (reused from the agent)
     └── PackagerError
         ├── ModelLoadError           input's fault: the model file is missing or corrupt
@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from agent.exceptions import EdgepackError, KeyFormatError
+from edgepack.formats.exceptions import EdgepackError, KeyFormatError
 
 __all__ = [
     "BuildError",

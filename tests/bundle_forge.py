@@ -16,9 +16,15 @@ from pathlib import Path
 
 import numpy as np
 
-from agent.bundle import GOLDEN_FILE, MANIFEST_FILE, SIGNATURE_FILE, read_archive, write_bundle
-from agent.manifest import parse_manifest
-from agent.signing import load_private_key
+from edgepack.formats.bundle import (
+    GOLDEN_FILE,
+    MANIFEST_FILE,
+    SIGNATURE_FILE,
+    read_archive,
+    write_bundle,
+)
+from edgepack.formats.keys import load_private_key
+from edgepack.formats.manifest import parse_manifest
 
 __all__ = ["Member", "golden", "member", "repack", "resign", "unpack", "wrong_golden"]
 

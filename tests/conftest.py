@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.signing import generate_private_key, private_key_pem, public_key_pem
+from edgepack.formats.keys import generate_private_key, private_key_pem, public_key_pem
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -66,7 +66,7 @@ def iris_bundles(
 
     Keys: ``"v1"``, ``"v2"``, ``"v3"`` and ``"arm64-v2"``. Signed with :func:`keys`.
     """
-    from packager.build import BuildRequest, build
+    from edgepack.packager._build import BuildRequest, build
 
     out = tmp_path_factory.mktemp("bundles")
     model, reference = iris_model

@@ -7,12 +7,12 @@ from pathlib import Path
 import pytest
 from conftest import REPO, KeyPair
 
-from agent.capture import CaptureConfig
-from agent.config import load_config
-from agent.download import download_config
-from agent.exceptions import ConfigError
-from agent.monitor import MonitorConfig
-from agent.mqtt import MqttConfig
+from edgepack.agent._capture import CaptureConfig
+from edgepack.agent._config import load_config
+from edgepack.agent._download import download_config
+from edgepack.agent._fleet_link import MqttConfig
+from edgepack.agent._monitor import MonitorConfig
+from edgepack.agent.exceptions import ConfigError
 
 
 def test_the_shipped_example_parses_in_every_section(tmp_path: Path) -> None:

@@ -30,10 +30,12 @@ import pytest
 from conftest import KeyPair, write_agent_config
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from agent.bundle import MODEL_FILE, SIGNATURE_FILE
-from agent.config import load_config
-from agent.daemon import Agent
-from agent.exceptions import (
+from edgepack.agent._config import load_config
+from edgepack.agent._daemon import Agent
+from edgepack.agent._journal import Journal, JournalEntry
+from edgepack.agent._lifecycle import Lifecycle
+from edgepack.agent._state import Store
+from edgepack.agent.exceptions import (
     ArchiveError,
     HealthCheckError,
     IncompatibleBundleError,
@@ -44,10 +46,9 @@ from agent.exceptions import (
     StorageError,
     VersionError,
 )
-from agent.journal import Journal, JournalEntry
-from agent.lifecycle import Lifecycle
-from agent.signing import load_public_key, verify_directory
-from agent.store import Store
+from edgepack.formats.bundle import MODEL_FILE, SIGNATURE_FILE
+from edgepack.formats.keys import load_public_key
+from tests.signed_dirs import verify_directory
 
 AGENT = Path(sys.executable).parent / "edgepack-agent"
 TRACEBACK = "Traceback (most recent call last)"
@@ -661,7 +662,7 @@ def test_committed_install_interrupted_too_often_still_ends_installed(
 def test_a_model_corrupted_at_rest_does_not_stop_the_others(
     prepared, iris_model, keys, rows, tmp_path
 ):
-    from packager.build import BuildRequest, build
+    from edgepack.packager._build import BuildRequest, build
 
     model, reference = iris_model
     [other] = build(

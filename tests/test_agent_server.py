@@ -31,14 +31,14 @@ import tritonclient.http as triton_http
 from conftest import BIN, KeyPair, write_agent_config
 from tritonclient.utils import InferenceServerException
 
-import agent as agent_package
-from agent.bundle import GOLDEN_FILE, MANIFEST_FILE, read_archive
-from agent.config import RuntimeConfig, ServerConfig, load_config
-from agent.daemon import Agent
-from agent.exceptions import ModelNotFoundError, RequestError
-from agent.manifest import parse_manifest
-from agent.runtime import Runtime
-from agent.server import InferenceServer
+import edgepack
+from edgepack.agent._config import RuntimeConfig, ServerConfig, load_config
+from edgepack.agent._daemon import Agent
+from edgepack.agent._http_server import InferenceServer
+from edgepack.agent._runtime import Runtime
+from edgepack.agent.exceptions import ModelNotFoundError, RequestError
+from edgepack.formats.bundle import GOLDEN_FILE, MANIFEST_FILE, read_archive
+from edgepack.formats.manifest import parse_manifest
 
 MAX_REQUEST_BYTES = 4096
 MAX_ROWS = 16
@@ -196,7 +196,7 @@ def test_health_and_server_metadata(http: httpx.Client) -> None:
     assert (ready.status_code, ready.json()) == (200, {"ready": True})
     assert meta.status_code == 200
     assert meta.json()["name"] == "edgepack-agent"
-    assert meta.json()["version"] == agent_package.__version__
+    assert meta.json()["version"] == edgepack.__version__
     assert "binary_tensor_data" in meta.json()["extensions"]
 
 

@@ -456,11 +456,11 @@ def test_an_agent_over_mtls_gets_its_commands_and_reports_back(
     retained command delivered over TLS, its job status readable by the collector."""
     from conftest import _write_pair, write_agent_config
 
-    from agent.config import load_config
-    from agent.daemon import Agent
-    from agent.messages import make_command
-    from agent.mqtt import DeviceLink, MqttConfig
-    from agent.signing import load_private_key
+    from edgepack.agent._config import load_config
+    from edgepack.agent._daemon import Agent
+    from edgepack.agent._fleet_link import DeviceLink, MqttConfig
+    from edgepack.formats.keys import load_private_key
+    from edgepack.formats.messages import make_command
 
     ops = _write_pair(tmp_path / "ops", "ops")
     certs = broker.certs

@@ -4,8 +4,8 @@ Eight models trained here on scikit-learn's bundled datasets (``tests/models.py`
 once for all four profiles; the parametrized tests then share those builds. Every bundle is
 verified with the real public key and opened the way a device would, and its claims are checked
 independently: the packaged ``model.onnx`` is rerun on the reference rows in onnxruntime and
-compared against the *source* model here (not through ``packager.parity``), the golden samples are
-replayed, and ``reference.json`` is recounted from the reference rows.
+compared against the *source* model here (not through ``edgepack.packager._parity``), the golden
+samples are replayed, and ``reference.json`` is recounted from the reference rows.
 
 Further tests: the parity gate catching float32 scaler→tree flips (with the converter's cure
 switched off, and where no cure can help), a model no converter handles, and ``.onnx`` files as
@@ -32,7 +32,8 @@ import pandas as pd
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from agent.bundle import (
+from edgepack.agent.exceptions import SignatureError
+from edgepack.formats.bundle import (
     BUNDLE_SUFFIX,
     GOLDEN_FILE,
     MODEL_FILE,
@@ -40,12 +41,11 @@ from agent.bundle import (
     VerifiedBundle,
     verify_bundle_file,
 )
-from agent.exceptions import SignatureError
-from agent.manifest import Manifest
-from agent.signing import load_public_key
-from packager.build import BuildRequest, ProfileResult, build
-from packager.exceptions import UnsupportedModelError
-from packager.profiles import Profile, get_profile
+from edgepack.formats.keys import load_public_key
+from edgepack.formats.manifest import Manifest
+from edgepack.packager._build import BuildRequest, ProfileResult, build
+from edgepack.packager._profiles import Profile, get_profile
+from edgepack.packager.exceptions import UnsupportedModelError
 
 PROFILES = ("x86_64-cpu", "x86_64-vnni-cpu", "arm64-cpu", "nvidia-gpu")
 MODEL_NAMES = tuple(models.MODELS)
@@ -504,7 +504,7 @@ def test_parity_gate_catches_scaler_tree_flips_without_the_cure(
     keys: Any,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import packager.converters.sklearn as sklearn_converter
+    import edgepack.packager._converters.sklearn as sklearn_converter
 
     monkeypatch.setattr(sklearn_converter, "_cure_scaler_before_tree", lambda obj, _options: obj)
     [result] = _build(flip_model, tmp_path, keys.private, ("x86_64-cpu",))
@@ -534,7 +534,7 @@ def test_parity_gate_catches_what_no_cure_can_fix(tmp_path: Path, keys: Any) -> 
 def test_parity_report_rows_point_into_the_reference_file(
     flip_model: models.Trained, tmp_path: Path, keys: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import packager.converters.sklearn as sklearn_converter
+    import edgepack.packager._converters.sklearn as sklearn_converter
 
     monkeypatch.setattr(sklearn_converter, "_cure_scaler_before_tree", lambda obj, _options: obj)
     [result] = _build(flip_model, tmp_path, keys.private, ("x86_64-cpu",))

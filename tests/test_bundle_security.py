@@ -2,8 +2,8 @@
 
 One real bundle is built per module. Each test sets up one lie in a fresh copy and checks both
 the error and that nothing was written. Tampering is checked three ways: the OpenSSF
-``model_signing`` CLI on the unpacked directory, :func:`agent.signing.verify_directory` on it,
-and ``edgepack verify`` on the directory packed again into a ``.edgepack``.
+``model_signing`` CLI on the unpacked directory, :func:`edgepack.formats.modelsig.verify_directory`
+on it, and ``edgepack verify`` on the directory packed again into a ``.edgepack``.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from agent.bundle import (
+from edgepack.agent.exceptions import ArchiveError, BundleError, ManifestError, SignatureError
+from edgepack.formats.bundle import (
     GOLDEN_FILE,
     MANIFEST_FILE,
     MODEL_FILE,
@@ -32,17 +33,11 @@ from agent.bundle import (
     read_archive,
     write_bundle,
 )
-from agent.exceptions import ArchiveError, BundleError, ManifestError, SignatureError
-from agent.manifest import parse_manifest
-from agent.signing import (
-    key_id,
-    load_private_key,
-    load_public_key,
-    sign_directory,
-    sign_files,
-    verify_directory,
-)
-from packager.build import BuildRequest, build
+from edgepack.formats.keys import key_id, load_private_key, load_public_key
+from edgepack.formats.manifest import parse_manifest
+from edgepack.formats.modelsig import sign_files
+from edgepack.packager._build import BuildRequest, build
+from tests.signed_dirs import sign_directory, verify_directory
 
 BIN = Path(sys.executable).parent
 TRACEBACK = "Traceback (most recent call last)"

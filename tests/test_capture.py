@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from conftest import KeyPair, write_agent_config
 
-from agent.capture import CaptureConfig, SampleStore
-from agent.config import load_config
-from agent.daemon import Agent
-from agent.exceptions import ConfigError
+from edgepack.agent._capture import CaptureConfig, SampleStore
+from edgepack.agent._config import load_config
+from edgepack.agent._daemon import Agent
+from edgepack.agent.exceptions import ConfigError
 
 COLUMNS = {"input": ["a", "b"]}
 

@@ -25,8 +25,8 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
-from agent.signing import load_private_key, load_public_key, public_key_pem
-from packager.profiles import DEFAULT_PROFILE_DIR
+from edgepack.formats.keys import load_private_key, load_public_key, public_key_pem
+from edgepack.packager._profiles import DEFAULT_PROFILE_DIR
 
 EDGEPACK = Path(sys.executable).parent / "edgepack"
 TRACEBACK = "Traceback (most recent call last)"

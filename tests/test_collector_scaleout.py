@@ -1,10 +1,10 @@
 """Collector scale-out: two collectors share one subscription and write into one PostgreSQL.
 
 Real parts only: mosquitto on a free loopback port (:mod:`tests.brokers`), a throwaway
-PostgreSQL server (:mod:`tests.postgres`), two :class:`fleet.collector.Collector` instances
-with ``share="collectors"`` and their own client ids and connections, and 50 simulated devices,
-each its own MQTT connection, publishing job status updates and their state. The broker hands
-each message of a shared subscription to one collector; the store's unique constraints make a
+PostgreSQL server (:mod:`tests.postgres`), two :class:`edgepack.fleet._collector.Collector`
+instances with ``share="collectors"`` and their own client ids and connections, and 50 simulated
+devices, each its own MQTT connection, publishing job status updates and their state. The broker
+hands each message of a shared subscription to one collector; the store's unique constraints make a
 second copy (a QoS 1 redelivery) change nothing. The last test checks the same on SQLite with
 a single collector.
 """
@@ -25,10 +25,10 @@ import pytest
 from brokers import Broker, mosquitto
 from postgres import fresh_database, postgres_server
 
-from agent.messages import Topics, encode, job_status
-from fleet.collector import Collector, CollectorStats
-from fleet.mqtt import BrokerOptions, connect
-from fleet.store import FleetStore, open_store
+from edgepack.fleet._broker import BrokerOptions, connect
+from edgepack.fleet._collector import Collector, CollectorStats
+from edgepack.fleet._database import FleetStore, open_store
+from edgepack.formats.messages import Topics, encode, job_status
 
 DEVICES, JOBS = 50, 10
 STEPS = (

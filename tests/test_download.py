@@ -1,4 +1,5 @@
-"""Bundle downloads (agent.download) and the bundle server (fleet.bundle_server), over loopback.
+"""Bundle downloads (edgepack.agent._download) and the bundle server
+(edgepack.fleet._bundle_server), over loopback.
 
 The honest server is a real BundleServer. The Liar is a ThreadingHTTPServer of our own that is told
 its lies one request at a time (cut the body, ignore Range, answer the wrong range, stall, 503, ...)
@@ -23,9 +24,9 @@ from typing import Any
 import httpx
 import pytest
 
-from agent.download import DownloadConfig, HttpFetcher, partial_paths
-from agent.exceptions import BundleError, DownloadError
-from fleet.bundle_server import BundleServer
+from edgepack.agent._download import DownloadConfig, HttpFetcher, partial_paths
+from edgepack.agent.exceptions import BundleError, DownloadError
+from edgepack.fleet._bundle_server import BundleServer
 
 DATA = os.urandom(2 * 1024 * 1024 + 123)
 HALF = len(DATA) // 2

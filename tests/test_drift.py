@@ -4,7 +4,7 @@ The reference is what ``edgepack build`` would put in a bundle: :func:`reference
 seeded 20,000-row frame (six standard-normal features ``x0``…``x5``, one categorical ``cat`` with
 five unequal categories, and a classifier-like label that depends on ``x0`` and ``x1``), read back
 from JSON the way the device reads ``reference.json``. Live windows are fresh seeded draws from the
-same generator, counted by :class:`DriftMonitor` exactly as the agent's monitor thread does.
+same generator, counted by :class:`DriftDetector` exactly as the agent's monitor thread does.
 
 What is promised (and asserted here):
 
@@ -37,8 +37,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from agent.drift import (
-    DriftMonitor,
+from edgepack.agent._drift import DriftDetector
+from edgepack.agent._monitor import MonitorConfig
+from edgepack.agent.exceptions import ConfigError
+from edgepack.formats.drift import (
     FeatureBins,
     binned_ks,
     calibrate,
@@ -46,11 +48,9 @@ from agent.drift import (
     count_numeric,
     psi,
 )
-from agent.exceptions import ConfigError
-from agent.monitor import MonitorConfig
-from packager.converters import Prediction
-from packager.reference import columns_layout
-from packager.statistics import WINDOW_SIZES, reference_statistics
+from edgepack.packager._converters import Prediction
+from edgepack.packager._reference import columns_layout
+from edgepack.packager._statistics import WINDOW_SIZES, reference_statistics
 
 NUMERIC = tuple(f"x{i}" for i in range(6))
 CATEGORIES = np.array(["a", "b", "c", "d", "e"])
@@ -108,7 +108,7 @@ def reference() -> dict[str, Any]:
     return parsed
 
 
-def judge(monitor: DriftMonitor, feeds: Feeds, labels: np.ndarray) -> dict[str, Any]:
+def judge(monitor: DriftDetector, feeds: Feeds, labels: np.ndarray) -> dict[str, Any]:
     """Count one full window and close it, as the agent's monitor does."""
     monitor.observe(feeds, {"label": labels})
     assert monitor.due()
@@ -218,7 +218,7 @@ class FakeClock:
 
 def test_time_based_flush_needs_max_age_and_min_rows(reference: dict[str, Any]) -> None:
     clock = FakeClock()
-    monitor = DriftMonitor(reference, window=500, min_rows=100, max_age=60.0, clock=clock)
+    monitor = DriftDetector(reference, window=500, min_rows=100, max_age=60.0, clock=clock)
     rng = np.random.default_rng(3)
 
     monitor.observe(*_one_batch(rng, 99))
@@ -258,7 +258,7 @@ def _one_batch(rng: np.random.Generator, n: int) -> tuple[Feeds, dict[str, np.nd
 def test_stationary_stream_raises_no_drift(
     reference: dict[str, Any], window: int, windows: int
 ) -> None:
-    monitor = DriftMonitor(reference, window=window, min_rows=window)
+    monitor = DriftDetector(reference, window=window, min_rows=window)
     rng = np.random.default_rng(window)
     statuses = [judge(monitor, *draw(rng, window))["status"] for _ in range(windows)]
     alarmed = sum(s != "ok" for s in statuses)
@@ -270,7 +270,7 @@ def test_windows_smaller_than_calibrated_sizes_are_reported_not_judged(
     reference: dict[str, Any],
 ) -> None:
     # no threshold is calibrated below 100 rows: a guessed one alarmed on ~25% of such windows
-    monitor = DriftMonitor(reference, window=50, min_rows=50)
+    monitor = DriftDetector(reference, window=50, min_rows=50)
     rng = np.random.default_rng(50)
     reports = [judge(monitor, *draw(rng, 50, shift={"x2": 3.0})) for _ in range(20)]
     assert all(r["status"] == "ok" for r in reports)  # even a huge shift: not judged
@@ -303,7 +303,7 @@ def windows_to_drift(
     Asserts along the way that nothing drifts before the change, and that what drifts when the
     status turns is exactly the changed column.
     """
-    monitor = DriftMonitor(reference, window=window, min_rows=window)
+    monitor = DriftDetector(reference, window=window, min_rows=window)
     rng = np.random.default_rng(seed)
     for _ in range(WARMUP):
         assert judge(monitor, *draw(rng, window))["status"] != "drift"

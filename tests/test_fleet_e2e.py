@@ -19,17 +19,17 @@ import pytest
 from brokers import Broker, mosquitto
 from conftest import KeyPair, _write_pair, write_agent_config
 
-from agent.config import load_config
-from agent.daemon import Agent
-from agent.download import DownloadConfig, HttpFetcher
-from agent.messages import TERMINAL, Topics, make_command
-from agent.mqtt import DeviceLink, MqttConfig
-from agent.signing import generate_private_key, load_private_key
-from fleet.bundle_server import BundleServer
-from fleet.collector import Collector
-from fleet.commands import find_bundles, publish_command
-from fleet.mqtt import BrokerOptions, connect, publish_and_wait
-from fleet.store import open_store
+from edgepack.agent._config import load_config
+from edgepack.agent._daemon import Agent
+from edgepack.agent._download import DownloadConfig, HttpFetcher
+from edgepack.agent._fleet_link import DeviceLink, MqttConfig
+from edgepack.fleet._broker import BrokerOptions, connect, publish_and_wait
+from edgepack.fleet._bundle_server import BundleServer
+from edgepack.fleet._collector import Collector
+from edgepack.fleet._commands import find_bundles, publish_command
+from edgepack.fleet._database import open_store
+from edgepack.formats.keys import generate_private_key, load_private_key
+from edgepack.formats.messages import TERMINAL, Topics, make_command
 
 WAIT = 30.0
 
@@ -332,7 +332,7 @@ def test_replayed_older_command_is_rejected(fleet: Fleet) -> None:
 def test_the_cli_deploys_and_rolls_back(fleet: Fleet) -> None:
     from click.testing import CliRunner
 
-    from fleet.cli import cli
+    from edgepack.fleet._cli import cli
 
     agent = fleet.device("cam-cli")
     common = [

@@ -2,9 +2,10 @@
 
 Three devices run ``churn``: dev-a (group eu, v2) sees the reference distribution, dev-b (eu, v2)
 sees ``monthly_charges`` shift for its last three windows (drift), dev-c (us, v1) sees ``tenure``
-shift in its last window only (warning). Their drift reports come from agent.drift.DriftMonitor
-over a reference built by packager.statistics, their telemetry from agent.telemetry.Telemetry
-after recording known latencies, so the payloads are exactly what devices send.
+shift in its last window only (warning). Their drift reports come from
+edgepack.agent._drift.DriftDetector over a reference built by edgepack.packager._statistics, their
+telemetry from edgepack.agent._telemetry.Telemetry after recording known latencies, so the payloads
+are exactly what devices send.
 """
 
 from __future__ import annotations
@@ -24,14 +25,14 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 
-import fleet.cli
-from agent.drift import DriftMonitor
-from agent.telemetry import Telemetry
-from fleet.report import build_report, drift_rows, sparkline, telemetry_rows
-from fleet.store import open_store
-from packager.converters import Prediction
-from packager.reference import columns_layout
-from packager.statistics import reference_statistics
+import edgepack.fleet._cli as fleet_cli
+from edgepack.agent._drift import DriftDetector
+from edgepack.agent._telemetry import Telemetry
+from edgepack.fleet._database import open_store
+from edgepack.fleet._report import build_report, drift_rows, sparkline, telemetry_rows
+from edgepack.packager._converters import Prediction
+from edgepack.packager._reference import columns_layout
+from edgepack.packager._statistics import reference_statistics
 
 NOW = datetime.now(timezone.utc).replace(microsecond=0)
 DEVICES = {"dev-a": ("eu", 2), "dev-b": ("eu", 2), "dev-c": ("us", 1)}
@@ -77,7 +78,7 @@ def fleet_store(tmp_path_factory: pytest.TempPathFactory) -> Fleet:
         state = {"ts": NOW.isoformat(), "groups": [group], "models": models, "online": True}
         store.record_state(device, state, NOW)
 
-        monitor = DriftMonitor(reference, window=ROWS, min_rows=100)
+        monitor = DriftDetector(reference, window=ROWS, min_rows=100)
         for w in range(WINDOWS):
             shift = {"dev-b": "monthly_charges" if w >= 3 else None, "dev-c": "tenure"}.get(device)
             if device == "dev-c" and w < WINDOWS - 1:
@@ -123,8 +124,8 @@ def fleet_store(tmp_path_factory: pytest.TempPathFactory) -> Fleet:
 
 
 def run(fleet_state: Fleet, *args: str, monkeypatch: pytest.MonkeyPatch) -> str:
-    monkeypatch.setattr(fleet.cli.console, "width", 200)  # no wrapping, whatever the terminal
-    result = CliRunner().invoke(fleet.cli.cli, ["--store", fleet_state.store_url, *args])
+    monkeypatch.setattr(fleet_cli.console, "width", 200)  # no wrapping, whatever the terminal
+    result = CliRunner().invoke(fleet_cli.cli, ["--store", fleet_state.store_url, *args])
     assert result.exit_code == 0, result.output
     return result.output
 
@@ -262,7 +263,10 @@ def test_sparkline() -> None:
 
 
 def test_cli_import_stays_free_of_matplotlib() -> None:
-    code = "import sys, fleet.cli, fleet.report; print('matplotlib' in sys.modules)"
+    code = (
+        "import sys, edgepack.fleet._cli, edgepack.fleet._report; "
+        "print('matplotlib' in sys.modules)"
+    )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
     )
@@ -370,10 +374,10 @@ def test_report_renders_in_headless_chromium(report: Path, chromium: str, tmp_pa
 def test_report_that_cannot_be_written_is_one_error_line(
     fleet_store: Fleet, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(fleet.cli.err, "width", 200)
+    monkeypatch.setattr(fleet_cli.err, "width", 200)
     out = tmp_path / "missing" / "report.html"
     args = ["--store", fleet_store.store_url, "report", "--model", "churn", "--out", str(out)]
-    result = CliRunner().invoke(fleet.cli.cli, args)
+    result = CliRunner().invoke(fleet_cli.cli, args)
     assert result.exit_code == 1
     assert result.output.startswith("error: cannot write the report:"), result.output
     assert list(tmp_path.iterdir()) == []

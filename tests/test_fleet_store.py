@@ -23,8 +23,8 @@ from pathlib import Path
 import pytest
 from postgres import fresh_database, postgres_server
 
-from agent.messages import job_status
-from fleet.store import FleetStore, JobRow, StoreError, open_store
+from edgepack.fleet._database import FleetStore, JobRow, StoreError, open_store
+from edgepack.formats.messages import job_status
 
 T0 = dt.datetime(2026, 11, 26, 16, 0, tzinfo=dt.timezone.utc)
 _counter = itertools.count()

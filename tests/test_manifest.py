@@ -7,8 +7,14 @@ from typing import Any
 
 import pytest
 
-from agent.exceptions import ManifestError
-from agent.manifest import FORMAT_VERSION, Manifest, TensorSpec, check_model_name, parse_manifest
+from edgepack.agent.exceptions import ManifestError
+from edgepack.formats.manifest import (
+    FORMAT_VERSION,
+    Manifest,
+    TensorSpec,
+    check_model_name,
+    parse_manifest,
+)
 
 
 def _manifest() -> Manifest:

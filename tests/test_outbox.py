@@ -41,18 +41,18 @@ from brokers import Broker, free_port, start_mosquitto
 from conftest import KeyPair, _write_pair, write_agent_config
 from paho.mqtt.enums import CallbackAPIVersion
 
-from agent.config import load_config
-from agent.daemon import Agent
-from agent.download import DownloadConfig, HttpFetcher
-from agent.messages import TERMINAL, encode
-from agent.mqtt import DeviceLink, MqttConfig
-from agent.outbox import KINDS, Outbox
-from agent.signing import load_private_key
-from fleet.bundle_server import BundleServer
-from fleet.collector import Collector
-from fleet.commands import find_bundles, publish_command
-from fleet.mqtt import BrokerOptions, connect, publish_and_wait
-from fleet.store import FleetStore, open_store
+from edgepack.agent._config import load_config
+from edgepack.agent._daemon import Agent
+from edgepack.agent._download import DownloadConfig, HttpFetcher
+from edgepack.agent._fleet_link import DeviceLink, MqttConfig
+from edgepack.agent._outbox import KINDS, Outbox
+from edgepack.fleet._broker import BrokerOptions, connect, publish_and_wait
+from edgepack.fleet._bundle_server import BundleServer
+from edgepack.fleet._collector import Collector
+from edgepack.fleet._commands import find_bundles, publish_command
+from edgepack.fleet._database import FleetStore, open_store
+from edgepack.formats.keys import load_private_key
+from edgepack.formats.messages import TERMINAL, encode
 
 WAIT = 30.0  # the longest any single wait may take
 OUTAGE = 3.0  # seconds the broker stays down, at least

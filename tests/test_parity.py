@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from packager.converters import Prediction
-from packager.parity import compare
-from packager.profiles import Tolerance
+from edgepack.packager._converters import Prediction
+from edgepack.packager._parity import compare
+from edgepack.packager._profiles import Tolerance
 
 STRICT = Tolerance(min_label_agreement=0.99, max_probability_error=0.01, max_relative_error=0.01)
 

@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from packager.exceptions import PackagerError, ProfileError
-from packager.profiles import (
+from edgepack.packager._profiles import (
     DEFAULT_PROFILE_DIR,
     FAMILIES,
     PRECISIONS,
@@ -20,6 +19,7 @@ from packager.profiles import (
     load_profile,
     load_profiles,
 )
+from edgepack.packager.exceptions import PackagerError, ProfileError
 
 REQUIRED_IDS = {"x86_64-cpu", "x86_64-vnni-cpu", "arm64-cpu", "nvidia-gpu"}
 BASE = (DEFAULT_PROFILE_DIR / "x86_64-cpu.toml").read_text(encoding="utf-8")

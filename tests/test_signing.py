@@ -1,4 +1,5 @@
-"""agent.signing: our model.sig must be what the OpenSSF model_signing CLI accepts, and both must
+"""edgepack.formats.modelsig: our model.sig must be what the OpenSSF model_signing CLI accepts, and
+both must
 refuse the same tampering. Each attack test sets up one lie and checks both verifiers."""
 
 from __future__ import annotations
@@ -16,22 +17,18 @@ import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
-from agent.exceptions import KeyFormatError, SignatureError
-from agent.signing import (
-    SIGNATURE_FILE,
-    dsse_sign,
-    dsse_verify,
+from edgepack.agent.exceptions import KeyFormatError, SignatureError
+from edgepack.formats.dsse import dsse_sign, dsse_verify
+from edgepack.formats.keys import (
     generate_private_key,
     key_id,
     load_private_key,
     load_public_key,
     private_key_pem,
     public_key_pem,
-    sign_directory,
-    sign_files,
-    verify_directory,
-    verify_files,
 )
+from edgepack.formats.modelsig import SIGNATURE_FILE, sign_files, verify_files
+from tests.signed_dirs import sign_directory, verify_directory
 
 CLI = Path(sys.executable).parent / "model_signing"
 needs_cli = pytest.mark.skipif(not CLI.exists(), reason="model_signing CLI not installed")

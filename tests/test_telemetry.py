@@ -24,10 +24,10 @@ import numpy as np
 import pytest
 from conftest import KeyPair, write_agent_config
 
-from agent.config import load_config
-from agent.daemon import Agent
-from agent.monitor import MonitorConfig
-from agent.telemetry import LATENCY_BUCKETS, RESERVOIR, Telemetry
+from edgepack.agent._config import load_config
+from edgepack.agent._daemon import Agent
+from edgepack.agent._monitor import MonitorConfig
+from edgepack.agent._telemetry import LATENCY_BUCKETS, RESERVOIR, Telemetry
 
 # --- Prometheus text exposition format 0.0.4, checked line by line --------------------------------
 

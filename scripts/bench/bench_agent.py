@@ -4,7 +4,8 @@ Trains an MLP on scikit-learn's digits (no download), builds one real signed bun
 profile matching this machine, and serves the bundle's ``model.onnx`` four ways:
 
 * **raw** ``session.run`` in this process (the floor: onnxruntime alone);
-* **in-process** ``Agent.infer`` (an :class:`agent.daemon.Agent` without HTTP, in this process),
+* **in-process** ``Agent.infer`` (an :class:`edgepack.agent._daemon.Agent` without HTTP, in this
+process),
   once with telemetry and drift detection off and once on (the default);
 * **agent HTTP**: ``edgepack-agent run`` in its own process, Open Inference Protocol JSON;
 * **FastAPI**: the server users write themselves (FastAPI + uvicorn + onnxruntime, pydantic
@@ -55,11 +56,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _report import write_section  # noqa: E402
 
-from agent.bundle import MANIFEST_FILE, MODEL_FILE, read_archive  # noqa: E402
-from agent.config import load_config  # noqa: E402
-from agent.daemon import Agent  # noqa: E402
-from agent.signing import generate_private_key, private_key_pem, public_key_pem  # noqa: E402
-from packager.build import BuildRequest, build  # noqa: E402
+from edgepack.agent._config import load_config  # noqa: E402
+from edgepack.agent._daemon import Agent  # noqa: E402
+from edgepack.formats.bundle import MANIFEST_FILE, MODEL_FILE, read_archive  # noqa: E402
+from edgepack.formats.keys import (  # noqa: E402
+    generate_private_key,
+    private_key_pem,
+    public_key_pem,
+)
+from edgepack.packager._build import BuildRequest, build  # noqa: E402
 
 MARK = "agent"
 NAME = "digits"
@@ -293,7 +298,7 @@ def agent_config(directory: Path, public_key: Path, profile: str, port: int) -> 
 
 def agent_cli() -> list[str]:
     script = BIN / "edgepack-agent"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "agent.cli"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "edgepack.agent._cli"]
 
 
 def bare_memory_mib(model: Path, bundle: Bundle) -> float:

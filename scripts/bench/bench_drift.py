@@ -12,10 +12,10 @@ Both detectors judge the very same windows of synthetic rows:
   or ``cat``'s proportions move; measured are the share of shifted windows alarmed and the delay
   (windows from the shift to the first alarm; 0 = the first shifted window).
 
-edgepack builds ``reference.json`` with :func:`packager.statistics.reference_statistics` (as the
-packager does) and runs one :class:`agent.drift.DriftMonitor` per stream (a fresh device), one
-batch per window; it reports both a single-window alarm (status ``warning`` or worse) and the
-persistent ``drift`` status (the same column alarmed in 2 of the last 3 windows).
+edgepack builds ``reference.json`` with :func:`edgepack.packager._statistics.reference_statistics`
+(as the packager does) and runs one :class:`edgepack.agent._drift.DriftDetector` per stream (a fresh
+device), one batch per window; it reports both a single-window alarm (status ``warning`` or worse)
+and the persistent ``drift`` status (the same column alarmed in 2 of the last 3 windows).
 
 Evidently runs ``Report([DataDriftPreset()])`` with every default, as its docs show. That costs
 about two seconds a window (mostly drawing the report's plots), so the preset runs on a few
@@ -54,10 +54,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _report import write_section  # noqa: E402
 
-from agent.drift import DriftMonitor  # noqa: E402
-from packager.converters import Prediction  # noqa: E402
-from packager.reference import columns_layout  # noqa: E402
-from packager.statistics import reference_statistics  # noqa: E402
+from edgepack.agent._drift import DriftDetector  # noqa: E402
+from edgepack.packager._converters import Prediction  # noqa: E402
+from edgepack.packager._reference import columns_layout  # noqa: E402
+from edgepack.packager._statistics import reference_statistics  # noqa: E402
 
 MARK = "drift"
 SEED = 2024
@@ -138,7 +138,7 @@ def edgepack_reference(reference: pd.DataFrame) -> dict[str, Any]:
 
 def edgepack_detector(reference: dict[str, Any], window: int, seconds: list[float]) -> Detector:
     def run(windows: Windows, _check: range) -> dict[str, np.ndarray]:
-        monitor = DriftMonitor(reference, window=window, min_rows=window)
+        monitor = DriftDetector(reference, window=window, min_rows=window)
         statuses = []
         for rows in windows:
             inputs = {c: rows[c].to_numpy().reshape(-1, 1) for c in FEATURES}
@@ -351,11 +351,11 @@ def main() -> None:
         f"categories p = {', '.join(map(str, CAT_SHIFTED))}. The same windows go to both "
         "detectors.",
         "",
-        "*edgepack*: `reference.json` from `packager.statistics.reference_statistics` "
+        "*edgepack*: `reference.json` from `edgepack.packager._statistics.reference_statistics` "
         f"({document['rows']:,} rows define the bins, {document['holdout_rows']:,} calibrate; "
-        f"built in {build_s:.1f} s), judged by `agent.drift.DriftMonitor`, one fresh monitor per "
-        "stream. Binned KS and PSI per column (KS: the largest bin gap for `cat` and the label), "
-        "each against a bootstrap threshold at "
+        f"built in {build_s:.1f} s), judged by `edgepack.agent._drift.DriftDetector`, one fresh "
+        "monitor per stream. Binned KS and PSI per column (KS: the largest bin gap for `cat` and "
+        "the label), each against a bootstrap threshold at "
         f"1 − {calibration['alpha']}/(2·{calibration['columns']}) (KS thresholds for windows of "
         + "; ".join(f"{w}: {min(t):.3f}–{max(t):.3f}" for w, t in thresholds.items())
         + "). *alarm (warning)*: any column over a threshold in this window; *drift (2 of 3)*: "

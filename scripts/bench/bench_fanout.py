@@ -2,13 +2,15 @@
 
 For each N (100, 1,000, 5,000) on a fresh mosquitto of its own (loopback, free port):
 
-1. a collector (``fleet.collector.Collector``, SQLite store in a temporary directory, operator
+1. a collector (``edgepack.fleet._collector.Collector``, SQLite store in a temporary directory,
+operator
    key required for commands, as ``edgepack-fleet collector --command-key`` runs it) starts in
    its own process;
 2. N simulated devices (``simdevices.SimFleet``: one process, one epoll thread for every client)
    connect through a sliding window, subscribe like the agent, publish their retained state and
    ask for pending work; we time that, and how long until the collector has every state stored;
-3. ``fleet.commands.publish_command`` publishes one signed deploy to the devices' group; each
+3. ``edgepack.fleet._commands.publish_command`` publishes one signed deploy to the devices' group;
+each
    device verifies it (signature, target, expiry) and reports QUEUED → IN_PROGRESS (downloading)
    → IN_PROGRESS (health-check) → SUCCEEDED and a new state. Nothing is downloaded and no model
    loaded: this measures the fan-out path, not installs. We time publish → every device has the
@@ -55,14 +57,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import write_section  # noqa: E402
 from simdevices import STEPS, SimFleet  # noqa: E402
 
-from agent.signing import (  # noqa: E402
+from edgepack.fleet._broker import BrokerOptions  # noqa: E402
+from edgepack.formats.keys import (  # noqa: E402
     generate_private_key,
     load_private_key,
     load_public_key,
     private_key_pem,
     public_key_pem,
 )
-from fleet.mqtt import BrokerOptions  # noqa: E402
 
 SIZES = (100, 1_000, 5_000)
 GROUP, MODEL, VERSION, PROFILE = "bench", "iris", 2, "x86_64-cpu"
@@ -134,8 +136,8 @@ def mosquitto(directory: Path) -> Iterator[int]:
 
 def _collector_process(pipe: Connection, port: int, prefix: str, db: str, key_pem: bytes) -> None:
     """Run a Collector; answer "samples" and "stop" over ``pipe``."""
-    from fleet.collector import Collector
-    from fleet.store import open_store
+    from edgepack.fleet._collector import Collector
+    from edgepack.fleet._database import open_store
 
     logging.basicConfig(level=logging.WARNING, format="collector: %(levelname)s %(message)s")
     options = BrokerOptions(port=port, prefix=prefix)
@@ -203,13 +205,13 @@ class CollectorProcess:
 
 
 # -- the operator, in its own process ----------------------------------------------------------
-# Not in this one: fleet.mqtt.connect runs paho's loop_start() thread, whose select() cannot
-# watch a descriptor above 1023, and this process holds one socket per simulated device.
+# Not in this one: edgepack.fleet._broker.connect runs paho's loop_start() thread, whose select()
+# cannot watch a descriptor above 1023, and this process holds one socket per simulated device.
 
 
 def _operator_process(pipe: Connection, port: int, prefix: str, key_pem: bytes) -> None:
     """On "go", publish one signed deploy to the group; send back its job id."""
-    from fleet.commands import publish_command
+    from edgepack.fleet._commands import publish_command
 
     key = load_private_key(key_pem)
     pipe.send("ready")
@@ -292,7 +294,7 @@ def _ingest(samples: list[tuple[float, int, int, int]], t0: float) -> tuple[floa
 
 
 def run_one(n: int, tmp: Path) -> Result:
-    from fleet.store import open_store
+    from edgepack.fleet._database import open_store
 
     key = generate_private_key()
     prefix = f"edgepack/bench{n}"
@@ -409,11 +411,11 @@ def table(results: list[Result], seconds: float) -> str:
             "Simulated devices (`scripts/bench/simdevices.py`): one process, one epoll thread "
             "driving every paho client through its external-loop API, MQTT 5 persistent "
             "sessions, connecting 200 at a time. Each verifies the signed deploy for real "
-            "(`agent.messages.open_command`) and reports QUEUED → IN_PROGRESS (downloading) → "
-            "IN_PROGRESS (health-check) → SUCCEEDED plus a new retained state, at once: **no "
-            "download, no onnxruntime, no health check** (and not the agent's 0.3 s batching "
-            "pause): this is the fan-out and ingest path, not install time. The collector runs "
-            "in its own process with a SQLite store, verifying the operator's key.",
+            "(`edgepack.formats.messages.open_command`) and reports QUEUED → IN_PROGRESS "
+            "(downloading) → IN_PROGRESS (health-check) → SUCCEEDED plus a new retained state, at "
+            "once: **no download, no onnxruntime, no health check** (and not the agent's 0.3 s "
+            "batching pause): this is the fan-out and ingest path, not install time. The collector "
+            "runs in its own process with a SQLite store, verifying the operator's key.",
             "",
             "| devices | connect + subscribe s | all states in store s | publish → command "
             "p50 / all s | publish → all SUCCEEDED at broker s | publish → all SUCCEEDED in "

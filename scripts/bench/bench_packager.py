@@ -1,7 +1,7 @@
 """Packager benchmark: build time, model size and parity per profile for a few model kinds.
 
 Trains models on scikit-learn's bundled datasets (no downloads), builds every built-in profile
-with ``packager.build.build`` and writes a table into BENCHMARKS.md between the
+with ``edgepack.packager._build.build`` and writes a table into BENCHMARKS.md between the
 ``<!-- packager -->`` markers. Run: ``.venv/bin/python scripts/bench/bench_packager.py``.
 """
 
@@ -30,8 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _report import write_section  # noqa: E402
 
-from agent.signing import generate_private_key, private_key_pem  # noqa: E402
-from packager.build import BuildRequest, build  # noqa: E402
+from edgepack.formats.keys import generate_private_key, private_key_pem  # noqa: E402
+from edgepack.packager._build import BuildRequest, build  # noqa: E402
 
 PROFILES = ("x86_64-cpu", "x86_64-vnni-cpu", "arm64-cpu", "nvidia-gpu")
 MARK = "packager"
@@ -63,7 +63,7 @@ def models() -> list[tuple[str, object, pd.DataFrame]]:
 
 
 def fp32_size(model: object, frame: pd.DataFrame) -> int:
-    from packager.converters import find_converter
+    from edgepack.packager._converters import find_converter
 
     converter = find_converter(model)
     return len(converter.convert(model, converter.layout(model, frame), 17, 3).SerializeToString())

@@ -1,12 +1,12 @@
 """Simulated devices for the fleet benchmarks: thousands of MQTT clients on one epoll thread.
 
-Each :class:`SimDevice` speaks the agent's protocol (``agent.mqtt.DeviceLink``): a paho-mqtt 2.x
-client (``CallbackAPIVersion.VERSION2``, MQTT 5, persistent session, a Last Will marking it
-offline) that on connect subscribes to its device and group job topics and its ``pending``
-answers, publishes its retained state and asks the collector for pending work. A command is
-verified for real with :func:`agent.messages.open_command` (signature, target, expiry), its
-bundle for the device's profile looked up, and the job reported as the agent reports it:
-``QUEUED → IN_PROGRESS (downloading) → IN_PROGRESS (health-check) → SUCCEEDED``, followed by a
+Each :class:`SimDevice` speaks the agent's protocol (``edgepack.agent._fleet_link.DeviceLink``): a
+paho-mqtt 2.x client (``CallbackAPIVersion.VERSION2``, MQTT 5, persistent session, a Last Will
+marking it offline) that on connect subscribes to its device and group job topics and its
+``pending`` answers, publishes its retained state and asks the collector for pending work. A command
+is verified for real with :func:`edgepack.formats.messages.open_command` (signature, target,
+expiry), its bundle for the device's profile looked up, and the job reported as the agent reports
+it: ``QUEUED → IN_PROGRESS (downloading) → IN_PROGRESS (health-check) → SUCCEEDED``, followed by a
 new retained state. Nothing is downloaded and no model is loaded: the simulator exercises the
 fan-out path (broker → devices → broker → collector → store), not the install itself.
 
@@ -39,12 +39,12 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from agent.exceptions import CommandError
-from agent.messages import Topics, decode_json, encode, job_status, open_command, utcnow
+from edgepack.agent.exceptions import CommandError
+from edgepack.formats.messages import Topics, decode_json, encode, job_status, open_command, utcnow
 
 __all__ = ["SimDevice", "SimFleet"]
 
-# The updates the agent reports for an install (agent.jobs: lifecycle state -> step).
+# The updates the agent reports for an install (edgepack.agent._jobs: lifecycle state -> step).
 STEPS = (
     ("QUEUED", None),
     ("IN_PROGRESS", "downloading"),

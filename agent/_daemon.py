@@ -1,0 +1,213 @@
+"""The agent itself: lifecycle + runtime + HTTP server, usable in-process or as the daemon.
+
+:class:`Agent` is the Python API for applications that embed edgepack::
+
+    with Agent(load_config(Path("agent.toml"))).start(serve_http=False) as agent:
+        agent.install("churn-7-arm64-cpu.edgepack")
+        agent.infer("churn", {"input": rows})
+
+``start`` first finishes or undoes any operation a crash interrupted (the journal), then loads
+the active version of every installed model, starts the HTTP server if asked, and watches
+``state.json`` so an install made by another process (``edgepack-agent install`` while the
+daemon runs) is picked up and hot-swapped within a second.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from edgepack._files import read_json
+from edgepack.agent._capture import CaptureConfig, SampleStore
+from edgepack.agent._config import AgentConfig
+from edgepack.agent._http_server import InferenceServer
+from edgepack.agent._journal import JournalEntry
+from edgepack.agent._lifecycle import Fetcher, Lifecycle, Outcome
+from edgepack.agent._monitor import Monitor, MonitorConfig
+from edgepack.agent._runtime import Runtime, ServedModel
+from edgepack.agent.exceptions import EdgepackError
+
+__all__ = ["Agent"]
+
+log = logging.getLogger("edgepack.agent")
+
+
+class Agent:
+    """One device's agent.
+
+    Args:
+        config: the agent configuration.
+        fetcher: how bundles are fetched (local paths by default).
+        on_state: called on every lifecycle state entered (job progress reporting).
+        poll_interval: how often to look for installs made by another process, in seconds.
+    """
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        fetcher: Fetcher | None = None,
+        on_state: Callable[[JournalEntry], None] | None = None,
+        poll_interval: float = 1.0,
+    ) -> None:
+        self.config = config
+        self.lifecycle = Lifecycle(config, fetcher=fetcher, on_state=on_state)
+        self.runtime = Runtime(config.runtime, config.server.max_batch_rows)
+        source = str(config.source or "config")
+        capture = CaptureConfig.from_extra(config.extra, source)
+        self.samples = (
+            SampleStore(config.state_dir / "samples.db", capture) if capture.enabled else None
+        )
+        self.monitor = Monitor(
+            self.lifecycle.store,
+            MonitorConfig.from_extra(config.extra, source),
+            capture=self.samples,
+        )
+        self.runtime.monitor = self.monitor
+        self.server: InferenceServer | None = None
+        self._poll_interval = poll_interval
+        self._stop = threading.Event()
+        self._watcher: threading.Thread | None = None
+        self._ready = False
+        self.recovered: Outcome | None = None
+
+    # -- running -------------------------------------------------------------------------------
+
+    def start(self, serve_http: bool | None = None) -> Agent:
+        """Recover, load installed models, and (by default per config) serve HTTP."""
+        self.lifecycle.store.ensure()
+        self.recovered = self.lifecycle.recover()
+        if self.recovered is not None:
+            log.warning("recovered an interrupted %s: %s", self.recovered.op, self.recovered.result)
+        self.sync()
+        if serve_http if serve_http is not None else self.config.server.enabled:
+            self.server = InferenceServer(
+                self.runtime,
+                self.config.server.host,
+                self.config.server.port,
+                self.config.server.max_request_bytes,
+                ready=lambda: self._ready,
+                metrics=self.metrics,
+            ).start()
+            log.info("serving the Open Inference Protocol on %s", self.server.url)
+        self.monitor.start()
+        self._watcher = threading.Thread(target=self._watch, name="edgepack-watch", daemon=True)
+        self._watcher.start()
+        self._ready = True
+        return self
+
+    def stop(self) -> None:
+        """Stop serving and watching (installed models stay installed)."""
+        self._ready = False
+        self._stop.set()
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
+        if self._watcher is not None:
+            self._watcher.join(timeout=5)
+        self.monitor.stop()
+
+    def __enter__(self) -> Agent:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def sync(self) -> list[str]:
+        """Serve exactly the committed active versions."""
+        store = self.lifecycle.store
+        return self.runtime.sync(store, store.load(), self.config.public_keys())
+
+    def _watch(self) -> None:
+        state_file = self.lifecycle.store.state_file
+        while not self._stop.wait(self._poll_interval):
+            try:
+                data = read_json(state_file)
+                if data is not None and data.get("generation") != self.runtime.generation:
+                    self.sync()
+            except EdgepackError as e:
+                log.error("cannot load the installed models: %s", e)
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def metrics(self) -> str:
+        """Prometheus text for ``/metrics``."""
+        # 0 ok, 1 warning, 2 drift: one gauge per model, from its latest window
+        levels = {"ok": 0, "warning": 1, "drift": 2}
+        drift = [
+            ("edgepack_drift_status", {"model": name}, levels.get(report["status"], 0))
+            for name, report in sorted(self.monitor.latest.items())
+        ]
+        return self.monitor.telemetry.prometheus(drift)
+
+    def _apply(self, outcome: Outcome) -> Outcome:
+        self.monitor.telemetry.event(f"{outcome.op}:{outcome.result}")
+        if outcome.ok and outcome.session is not None and outcome.manifest is not None:
+            self.runtime.put(ServedModel(outcome.manifest, outcome.session))  # hot swap
+        self.sync()
+        return outcome
+
+    def install(
+        self,
+        source: str,
+        *,
+        expected_sha256: str | None = None,
+        expected_size: int | None = None,
+        job_id: str | None = None,
+    ) -> Outcome:
+        """Install a bundle (see :meth:`edgepack.agent._lifecycle.Lifecycle.install`), serve it."""
+        return self._apply(
+            self.lifecycle.install(
+                source, expected_sha256=expected_sha256, expected_size=expected_size, job_id=job_id
+            )
+        )
+
+    def rollback(self, name: str, *, job_id: str | None = None) -> Outcome:
+        """Go back to the retained previous version of ``name`` and serve it."""
+        return self._apply(self.lifecycle.rollback(name, job_id=job_id))
+
+    def retire(self, name: str, *, job_id: str | None = None) -> Outcome:
+        """Uninstall ``name`` and stop serving it."""
+        return self._apply(self.lifecycle.retire(name, job_id=job_id))
+
+    # -- inference and status -------------------------------------------------------------------
+
+    def infer(
+        self,
+        name: str,
+        inputs: Mapping[str, Any],
+        version: int | None = None,
+        outputs: Sequence[str] | None = None,
+    ) -> dict[str, np.ndarray]:
+        """Run inference in-process (same validation as the HTTP endpoint)."""
+        return self.runtime.infer(name, inputs, version, outputs)
+
+    def status(self) -> dict[str, Any]:
+        """Installed and served models, any pending operation, and recent events."""
+        state = self.lifecycle.store.load()
+        served = {m.name: m.version for m in self.runtime.models()}
+        failed = self.runtime.failed
+        pending = self.lifecycle.journal.read()
+        return {
+            "device_id": self.config.device_id,
+            "profile": self.config.profile,
+            "models": {
+                name: {
+                    "active": m.active,
+                    "previous": m.previous,
+                    "highest": m.highest,
+                    "serving": served.get(name),
+                    "not_served_because": failed.get(name, (None, None))[1],
+                    "drift": (self.monitor.latest.get(name) or {}).get("status"),
+                    "installed_at": m.installed_at,
+                }
+                for name, m in sorted(state.models.items())
+            },
+            "pending": None
+            if pending is None
+            else {"op": pending.op, "state": pending.state, "model": pending.model},
+            "history": state.history[-10:],
+        }

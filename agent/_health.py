@@ -1,0 +1,111 @@
+"""Load a model into onnxruntime the way the device will serve it, and check it is healthy.
+
+:func:`open_session` creates an ``InferenceSession`` with the bundle's execution providers (those
+this device has, in the bundle's order) and thread settings (the agent's config overrides the
+profile's). :func:`check_golden` runs the bundle's ``golden.npz`` inputs and compares the outputs
+with the ones recorded at build time, within the manifest's ``health`` tolerance. The installer
+runs both before committing a new version; a failure means automatic rollback.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+
+import numpy as np
+import onnxruntime as ort
+
+from edgepack.agent._config import RuntimeConfig
+from edgepack.agent.exceptions import HealthCheckError
+from edgepack.formats.manifest import Manifest
+
+__all__ = ["check_golden", "open_session", "session_providers"]
+
+
+def session_providers(manifest: Manifest, runtime: RuntimeConfig) -> list[str]:
+    """The providers to ask for: the config's, else the bundle's that exist here, CPU last."""
+    available = ort.get_available_providers()
+    wanted = list(runtime.providers) or list(manifest.runtime.get("providers", []))
+    chosen = [p for p in wanted if p in available]
+    if "CPUExecutionProvider" not in chosen:
+        chosen.append("CPUExecutionProvider")
+    return chosen
+
+
+def open_session(model: bytes, manifest: Manifest, runtime: RuntimeConfig) -> ort.InferenceSession:
+    """Create the session that will serve ``model``.
+
+    Raises:
+        HealthCheckError: onnxruntime cannot load the model on this device.
+    """
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    intra = runtime.intra_op_threads or int(manifest.runtime.get("intra_op_threads", 0))
+    inter = runtime.inter_op_threads or int(manifest.runtime.get("inter_op_threads", 0))
+    options.intra_op_num_threads = intra
+    options.inter_op_num_threads = inter
+    try:
+        return ort.InferenceSession(model, options, providers=session_providers(manifest, runtime))
+    except Exception as e:
+        raise HealthCheckError(
+            f"{manifest.name} v{manifest.version} does not load in onnxruntime "
+            f"{ort.__version__} here: {str(e).splitlines()[0]}"
+        ) from e
+
+
+def _compare(name: str, got: np.ndarray, want: np.ndarray, health: dict) -> str | None:
+    if got.shape != want.shape:
+        return f"output {name!r} has shape {got.shape}, expected {want.shape}"
+    if want.dtype.kind in "fc":
+        got64, want64 = got.astype(np.float64), want.astype(np.float64)
+        atol, rtol = float(health.get("atol", 1e-4)), float(health.get("rtol", 1e-4))
+        if not np.allclose(got64, want64, atol=atol, rtol=rtol, equal_nan=False):
+            worst = float(np.nanmax(np.abs(got64 - want64))) if got.size else 0.0
+            return (
+                f"output {name!r} differs by up to {worst:.4g} (allowed atol {atol}, rtol {rtol})"
+            )
+        return None
+    same = got.astype(str) == want.astype(str)
+    agreement = float(same.mean()) if same.size else 1.0
+    needed = float(health.get("min_label_agreement", 1.0))
+    if agreement < needed:
+        return f"output {name!r} matches on {agreement:.0%} of golden rows (needs {needed:.0%})"
+    return None
+
+
+def check_golden(session: ort.InferenceSession, manifest: Manifest, golden: bytes) -> int:
+    """Run the golden inputs and compare with the recorded outputs.
+
+    Returns:
+        The number of golden rows checked.
+
+    Raises:
+        HealthCheckError: an output differs beyond tolerance, the model fails to run, or the
+            golden file is unreadable. The message names the output and the size of the error.
+    """
+    what = f"{manifest.name} v{manifest.version}"
+    try:
+        with np.load(io.BytesIO(golden), allow_pickle=False) as data:
+            arrays = {key: data[key] for key in data.files}
+    except Exception as e:
+        raise HealthCheckError(f"{what}: golden.npz is unreadable: {e}") from e
+    feeds = {k.removeprefix("input."): v for k, v in arrays.items() if k.startswith("input.")}
+    names: Sequence[str] = [o.name for o in session.get_outputs()]
+    try:
+        outputs = session.run(None, feeds)
+    except Exception as e:
+        raise HealthCheckError(
+            f"{what} fails on its golden inputs: {str(e).splitlines()[0]}"
+        ) from e
+    problems = []
+    for name, got in zip(names, outputs, strict=True):
+        want = arrays.get(f"output.{name}")
+        if want is None:
+            problems.append(f"golden.npz has no expected value for output {name!r}")
+            continue
+        problem = _compare(name, np.asarray(got), want, dict(manifest.health))
+        if problem:
+            problems.append(problem)
+    if problems:
+        raise HealthCheckError(f"{what} failed its health check: " + "; ".join(problems))
+    return len(next(iter(feeds.values()))) if feeds else 0

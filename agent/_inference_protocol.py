@@ -1,0 +1,270 @@
+"""The Open Inference Protocol (KServe v2 / Triton HTTP) messages, encoded and decoded.
+
+Pure functions, no I/O: :mod:`edgepack.agent._http_server` hands request bodies in and writes what
+comes out. Both the JSON form and Triton's binary tensor data extension are spoken, so the official
+``tritonclient[http]`` works unchanged with its defaults (binary inputs and outputs): the
+``Inference-Header-Content-Length`` header says how long the JSON part is, and raw tensors follow
+it in order (BYTES elements as a 4-byte little-endian length then the bytes).
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from edgepack.agent.exceptions import RequestError
+from edgepack.formats.manifest import TensorSpec
+
+__all__ = [
+    "DATATYPES",
+    "InferRequest",
+    "decode_infer_request",
+    "encode_infer_response",
+    "model_metadata",
+    "oip_datatype",
+]
+
+# manifest dtype -> OIP datatype
+DATATYPES: dict[str, str] = {
+    "float32": "FP32",
+    "float64": "FP64",
+    "float16": "FP16",
+    "int64": "INT64",
+    "int32": "INT32",
+    "int8": "INT8",
+    "uint8": "UINT8",
+    "bool": "BOOL",
+    "string": "BYTES",
+}
+_NUMPY: dict[str, Any] = {
+    "FP32": np.float32,
+    "FP64": np.float64,
+    "FP16": np.float16,
+    "INT64": np.int64,
+    "INT32": np.int32,
+    "INT16": np.int16,
+    "INT8": np.int8,
+    "UINT8": np.uint8,
+    "UINT16": np.uint16,
+    "UINT32": np.uint32,
+    "UINT64": np.uint64,
+    "BOOL": np.bool_,
+}
+
+
+def oip_datatype(array: np.ndarray) -> str:
+    """The OIP datatype of a numpy array (text is BYTES)."""
+    if array.dtype.kind in "USO":
+        return "BYTES"
+    for name, kind in _NUMPY.items():
+        if array.dtype == kind:
+            return name
+    raise ValueError(f"no Open Inference Protocol datatype for {array.dtype}")
+
+
+@dataclass(frozen=True)
+class InferRequest:
+    """A decoded inference request."""
+
+    id: str | None
+    inputs: dict[str, np.ndarray]
+    outputs: tuple[str, ...]  # empty: all
+    binary_outputs: frozenset[str]
+    binary_default: bool
+
+
+def _bytes_elements(blob: bytes, name: str) -> list[str]:
+    items, offset = [], 0
+    while offset < len(blob):
+        if offset + 4 > len(blob):
+            raise RequestError(f"input {name!r}: truncated BYTES element length")
+        (size,) = struct.unpack_from("<I", blob, offset)
+        offset += 4
+        if offset + size > len(blob):
+            raise RequestError(f"input {name!r}: BYTES element runs past the data")
+        items.append(blob[offset : offset + size].decode("utf-8", errors="strict"))
+        offset += size
+    return items
+
+
+def _json_values(data: Any, datatype: str, name: str) -> np.ndarray:
+    """JSON data as ``datatype``, refusing lossy conversions (5.5 as INT64, 300 as UINT8)."""
+    if datatype == "BYTES":
+        return np.asarray(data, dtype=np.str_)
+    kind = np.dtype(_NUMPY[datatype])
+    raw = np.asarray(data)
+    if raw.dtype.kind in "USO":
+        raise RequestError(f"input {name!r}: data does not match datatype {datatype}: got text")
+    if kind.kind in "iub":
+        if raw.dtype.kind == "f" and not np.all(np.mod(raw, 1) == 0):
+            raise RequestError(f"input {name!r}: {datatype} data must be whole numbers")
+        if kind.kind in "iu" and raw.size:
+            info = np.iinfo(kind)
+            if raw.min() < info.min or raw.max() > info.max:
+                raise RequestError(
+                    f"input {name!r}: values outside the {datatype} range {info.min}..{info.max}"
+                )
+        if kind.kind == "b" and raw.size and not np.isin(raw, (0, 1)).all():
+            raise RequestError(f"input {name!r}: BOOL data must be true/false")
+    return raw.astype(kind)
+
+
+def _decode_input(item: Any, binary: bytes, offset: int) -> tuple[str, np.ndarray, int]:
+    if not isinstance(item, dict):
+        raise RequestError("each entry of 'inputs' must be an object")
+    name, shape, datatype = item.get("name"), item.get("shape"), item.get("datatype")
+    if not isinstance(name, str):
+        raise RequestError("an input has no 'name'")
+    if not isinstance(shape, list) or not all(
+        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+    ):
+        raise RequestError(f"input {name!r}: 'shape' must be a list of non-negative integers")
+    if datatype != "BYTES" and datatype not in _NUMPY:
+        raise RequestError(f"input {name!r}: unknown datatype {datatype!r}")
+    count = int(np.prod(shape)) if shape else 1
+    parameters = item.get("parameters") or {}
+    size = parameters.get("binary_data_size") if isinstance(parameters, dict) else None
+    try:
+        if size is not None:
+            if not isinstance(size, int) or size < 0 or offset + size > len(binary):
+                raise RequestError(f"input {name!r}: binary_data_size {size!r} runs past the body")
+            blob = binary[offset : offset + size]
+            offset += size
+            if datatype == "BYTES":
+                values: Any = np.array(_bytes_elements(blob, name), dtype=np.str_)
+            else:
+                dtype = np.dtype(_NUMPY[datatype]).newbyteorder("<")
+                if size != count * dtype.itemsize:
+                    raise RequestError(
+                        f"input {name!r}: {size} bytes of binary data for shape {shape} of "
+                        f"{datatype} (needs {count * dtype.itemsize})"
+                    )
+                values = np.frombuffer(blob, dtype=dtype)
+        else:
+            if "data" not in item:
+                raise RequestError(f"input {name!r} has no 'data'")
+            values = _json_values(item["data"], datatype, name)
+        if values.size != count:
+            raise RequestError(
+                f"input {name!r}: {values.size} values do not fill shape {shape} ({count})"
+            )
+        return name, values.reshape(shape), offset
+    except (TypeError, ValueError, OverflowError, UnicodeDecodeError) as e:
+        raise RequestError(f"input {name!r}: data does not match datatype {datatype}: {e}") from e
+
+
+def decode_infer_request(body: bytes, header_length: int | None) -> InferRequest:
+    """Parse an infer request body (JSON, or JSON header + binary tensors).
+
+    Raises:
+        RequestError: malformed JSON, bad shapes or datatypes, binary sizes that do not add up.
+    """
+    if header_length is not None:
+        if header_length < 0 or header_length > len(body):
+            raise RequestError("Inference-Header-Content-Length is larger than the body")
+        header, binary = body[:header_length], body[header_length:]
+    else:
+        header, binary = body, b""
+    try:
+        data = json.loads(header)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise RequestError(f"request body is not valid JSON: {e}") from e
+    if not isinstance(data, dict) or not isinstance(data.get("inputs"), list):
+        raise RequestError("request must be a JSON object with an 'inputs' list")
+    inputs: dict[str, np.ndarray] = {}
+    offset = 0
+    for item in data["inputs"]:
+        name, array, offset = _decode_input(item, binary, offset)
+        if name in inputs:
+            raise RequestError(f"input {name!r} appears twice")
+        inputs[name] = array
+    if offset != len(binary):
+        raise RequestError(f"{len(binary) - offset} bytes of binary data are not claimed by inputs")
+    outputs, binary_outputs = [], set()
+    for item in data.get("outputs") or []:
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+            raise RequestError("each entry of 'outputs' must be an object with a 'name'")
+        outputs.append(item["name"])
+        out_parameters = item.get("parameters") or {}
+        if not isinstance(out_parameters, dict):
+            raise RequestError(f"'outputs' entry {item['name']!r}: 'parameters' must be an object")
+        if out_parameters.get("binary_data"):
+            binary_outputs.add(item["name"])
+    parameters = data.get("parameters") or {}
+    request_id = data.get("id")
+    return InferRequest(
+        id=str(request_id) if request_id is not None else None,
+        inputs=inputs,
+        outputs=tuple(outputs),
+        binary_outputs=frozenset(binary_outputs),
+        binary_default=bool(isinstance(parameters, dict) and parameters.get("binary_data_output")),
+    )
+
+
+def _binary(array: np.ndarray) -> bytes:
+    if array.dtype.kind in "USO":
+        parts = []
+        for item in array.ravel():
+            raw = item if isinstance(item, bytes) else str(item).encode()
+            parts.append(struct.pack("<I", len(raw)) + raw)
+        return b"".join(parts)
+    return np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
+
+
+def encode_infer_response(
+    model: str, version: int, request: InferRequest, outputs: Mapping[str, np.ndarray]
+) -> tuple[bytes, int | None]:
+    """The response body, and the JSON header length when binary outputs follow it."""
+    entries, blobs = [], []
+    for name, value in outputs.items():
+        array = np.asarray(value)
+        entry: dict[str, Any] = {
+            "name": name,
+            "datatype": oip_datatype(array),
+            "shape": list(array.shape),
+        }
+        if name in request.binary_outputs or (request.binary_default and not request.outputs):
+            blob = _binary(array)
+            entry["parameters"] = {"binary_data_size": len(blob)}
+            blobs.append(blob)
+        elif array.dtype.kind in "USO":
+            entry["data"] = [str(x) for x in array.ravel()]
+        else:
+            entry["data"] = array.ravel().tolist()
+        entries.append(entry)
+    body: dict[str, Any] = {"model_name": model, "model_version": str(version), "outputs": entries}
+    if request.id is not None:
+        body["id"] = request.id
+    header = json.dumps(body, separators=(",", ":")).encode()
+    if not blobs:
+        return header, None
+    return header + b"".join(blobs), len(header)
+
+
+def _tensor(spec: TensorSpec) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "name": spec.name,
+        "datatype": DATATYPES.get(spec.dtype, "FP32"),
+        "shape": [-1 if d is None else d for d in spec.shape],
+    }
+    if spec.columns:
+        out["parameters"] = {"columns": list(spec.columns)}
+    return out
+
+
+def model_metadata(
+    name: str, versions: Sequence[int], inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec]
+) -> dict[str, Any]:
+    """``GET /v2/models/{name}``: name, versions, platform, inputs and outputs."""
+    return {
+        "name": name,
+        "versions": [str(v) for v in versions],
+        "platform": "onnxruntime_onnx",
+        "inputs": [_tensor(s) for s in inputs],
+        "outputs": [_tensor(s) for s in outputs],
+    }

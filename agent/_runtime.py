@@ -1,0 +1,280 @@
+"""The models this device serves: one onnxruntime session per model, swappable under load.
+
+:class:`Runtime` maps model names to :class:`ServedModel` (session + manifest). Swapping in a new
+version replaces the map with a new one in a single assignment; a request that already holds the
+old :class:`ServedModel` finishes on the old session, so a hot swap never fails or drops a request.
+:meth:`Runtime.infer` is the one inference path: the in-process Python API and the HTTP server
+both go through it, and it validates inputs against the manifest before onnxruntime sees them.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from edgepack.agent._config import RuntimeConfig
+from edgepack.agent._health import open_session
+from edgepack.agent._monitor import Monitor
+from edgepack.agent._state import DeviceState, Store
+from edgepack.agent.exceptions import EdgepackError, ModelNotFoundError, RequestError, StorageError
+from edgepack.formats.bundle import MANIFEST_FILE, MODEL_FILE, SIGNATURE_FILE
+from edgepack.formats.manifest import Manifest, TensorSpec, parse_manifest
+from edgepack.formats.modelsig import verify_files
+
+__all__ = ["NUMPY_DTYPES", "Runtime", "ServedModel"]
+
+log = logging.getLogger("edgepack.agent")
+
+NUMPY_DTYPES: dict[str, Any] = {
+    "float32": np.float32,
+    "float64": np.float64,
+    "float16": np.float16,
+    "int64": np.int64,
+    "int32": np.int32,
+    "int8": np.int8,
+    "uint8": np.uint8,
+    "bool": np.bool_,
+    "string": np.str_,
+}
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """One loaded model version."""
+
+    manifest: Manifest
+    session: ort.InferenceSession
+
+    @property
+    def name(self) -> str:
+        return self.manifest.name
+
+    @property
+    def version(self) -> int:
+        return self.manifest.version
+
+    @property
+    def output_names(self) -> list[str]:
+        return [o.name for o in self.session.get_outputs()]
+
+
+def _check_input(spec: TensorSpec, value: Any, max_rows: int, model: str) -> np.ndarray:
+    """Convert and validate one input; RequestError says exactly what is wrong."""
+    want = NUMPY_DTYPES[spec.dtype]
+    try:
+        array = np.asarray(value)
+        if spec.dtype == "string":
+            if array.dtype.kind not in "USO":
+                raise TypeError(f"got {array.dtype}")
+            array = array.astype(str)
+        elif array.dtype.kind in "USO":
+            raise TypeError(f"got text ({array.dtype})")
+        elif array.dtype != want:
+            lossy = spec.dtype.startswith(("int", "uint")) and array.dtype.kind == "f"
+            if lossy and not (np.all(np.isfinite(array)) and np.all(np.mod(array, 1) == 0)):
+                raise TypeError("got non-integer numbers")
+            array = array.astype(want)
+    except (TypeError, ValueError) as e:
+        raise RequestError(f"{model}: input {spec.name!r} must be {spec.dtype}: {e}") from e
+    if array.ndim == len(spec.shape) - 1:
+        array = array.reshape(1, *array.shape)  # one row without its batch dimension
+    if array.ndim != len(spec.shape):
+        raise RequestError(
+            f"{model}: input {spec.name!r} must have {len(spec.shape)} dimensions "
+            f"{_shape(spec.shape)}, got shape {list(array.shape)}"
+        )
+    for axis, (got, want_dim) in enumerate(zip(array.shape, spec.shape, strict=True)):
+        if want_dim is not None and got != want_dim:
+            raise RequestError(
+                f"{model}: input {spec.name!r} dimension {axis} must be {want_dim} "
+                f"{_shape(spec.shape)}, got shape {list(array.shape)}"
+            )
+    if array.ndim and array.shape[0] > max_rows:
+        raise RequestError(f"{model}: {array.shape[0]} rows is above the limit of {max_rows}")
+    if array.dtype.kind == "f" and not np.all(np.isfinite(array)):
+        raise RequestError(f"{model}: input {spec.name!r} contains NaN or infinity")
+    return np.ascontiguousarray(array)
+
+
+def _shape(shape: Sequence[int | None]) -> str:
+    return "[" + ", ".join("batch" if d is None else str(d) for d in shape) + "]"
+
+
+class Runtime:
+    """Serves the active version of every installed model."""
+
+    def __init__(self, runtime: RuntimeConfig, max_rows: int = 4096) -> None:
+        self._config = runtime
+        self._max_rows = max_rows
+        self._models: dict[str, ServedModel] = {}
+        self._sync_lock = threading.Lock()
+        self.generation = -1
+        self.failed: dict[str, tuple[int, str]] = {}  # model -> (version, why it is not served)
+        self.monitor: Monitor | None = None  # telemetry and drift (edgepack.agent._monitor)
+
+    def get(self, name: str, version: int | None = None) -> ServedModel:
+        """The served model, or :class:`ModelNotFoundError` naming what is there."""
+        served = self._models.get(name)
+        if served is None:
+            known = ", ".join(sorted(self._models)) or "none"
+            raise ModelNotFoundError(f"model {name!r} is not served here (serving: {known})")
+        if version is not None and version != served.version:
+            raise ModelNotFoundError(
+                f"{name} v{version} is not served; the active version is v{served.version}"
+            )
+        return served
+
+    def models(self) -> list[ServedModel]:
+        return sorted(self._models.values(), key=lambda m: m.name)
+
+    def put(self, served: ServedModel) -> None:
+        """Serve ``served`` from now on; requests in flight finish on the model they hold."""
+        self._models = {**self._models, served.name: served}
+
+    def remove(self, name: str) -> None:
+        self._models = {k: v for k, v in self._models.items() if k != name}
+
+    def sync(self, store: Store, state: DeviceState, keys: Sequence[Any]) -> list[str]:
+        """Make the served set match ``state``: load new active versions, drop retired models.
+
+        Installed files are verified against the trusted keys again before loading, so files
+        changed at rest are never served. Returns a line per change.
+        """
+        changes = []
+        with self._sync_lock:
+            for name, model in state.models.items():
+                current = self._models.get(name)
+                if model.active is None:
+                    if current is not None:
+                        self.remove(name)
+                        changes.append(f"{name}: retired")
+                    continue
+                if current is not None and current.version == model.active:
+                    continue
+                if self.failed.get(name, (None,))[0] == model.active:
+                    continue  # already reported; retried when the active version changes
+                try:
+                    self.put(self._load(store, name, model.active, keys))
+                    self.failed.pop(name, None)
+                    changes.append(f"{name}: serving v{model.active}")
+                except EdgepackError as e:
+                    # One broken model must not take the others down with it.
+                    self.remove(name)
+                    self.failed[name] = (model.active, str(e))
+                    log.error("runtime: not serving %s v%d: %s", name, model.active, e)
+            for name in [n for n in self._models if n not in state.models]:
+                self.remove(name)
+                changes.append(f"{name}: removed")
+            self.generation = state.generation
+        for line in changes:
+            log.info("runtime: %s", line)
+        return changes
+
+    def _load(self, store: Store, name: str, version: int, keys: Sequence[Any]) -> ServedModel:
+        files = store.read_files(name, version)
+        if MANIFEST_FILE not in files or MODEL_FILE not in files:
+            raise StorageError(
+                f"{store.version_dir(name, version)} is incomplete; reinstall {name}"
+            )
+        verify_files(
+            {k: v for k, v in files.items() if k != SIGNATURE_FILE},
+            files.get(SIGNATURE_FILE, b""),
+            keys,
+        )
+        manifest = parse_manifest(files[MANIFEST_FILE])
+        return ServedModel(manifest, open_session(files[MODEL_FILE], manifest, self._config))
+
+    def prepare(self, served: ServedModel, inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        """Validate ``inputs`` against the manifest and build onnxruntime feeds.
+
+        Raises:
+            RequestError: an input is missing, unknown, or of the wrong dtype or shape.
+        """
+        specs = {spec.name: spec for spec in served.manifest.inputs}
+        unknown = sorted(set(inputs) - set(specs))
+        if unknown:
+            raise RequestError(
+                f"{served.name}: unknown input(s) {', '.join(map(repr, unknown))}; the model "
+                f"takes {', '.join(map(repr, specs))}"
+            )
+        missing = [name for name in specs if name not in inputs]
+        if missing:
+            raise RequestError(f"{served.name}: missing input(s) {', '.join(map(repr, missing))}")
+        feeds = {
+            name: _check_input(spec, inputs[name], self._max_rows, served.name)
+            for name, spec in specs.items()
+        }
+        rows = {len(v) for v in feeds.values() if v.ndim}
+        if len(rows) > 1:
+            raise RequestError(
+                f"{served.name}: inputs have different numbers of rows {sorted(rows)}"
+            )
+        return feeds
+
+    def infer(
+        self,
+        name: str,
+        inputs: Mapping[str, Any],
+        version: int | None = None,
+        outputs: Sequence[str] | None = None,
+    ) -> dict[str, np.ndarray]:
+        """Run one request through the active model.
+
+        Args:
+            name: the model.
+            inputs: input name → array-like (a single row may omit the batch dimension).
+            version: fail unless this is the active version.
+            outputs: the outputs wanted (all when ``None``).
+
+        Raises:
+            ModelNotFoundError: no such model or version.
+            RequestError: bad inputs or unknown outputs.
+        """
+        return self.run(self.get(name, version), inputs, outputs)
+
+    def run(
+        self, served: ServedModel, inputs: Mapping[str, Any], outputs: Sequence[str] | None = None
+    ) -> dict[str, np.ndarray]:
+        """Run on the model already held, even if a newer version was swapped in meanwhile."""
+        name = served.name
+        try:
+            feeds = self.prepare(served, inputs)
+        except RequestError:
+            if self.monitor is not None:
+                self.monitor.failed(name, served.version, "bad_request")
+            raise
+        names = served.output_names
+        wanted = list(outputs) if outputs else names
+        unknown = [o for o in wanted if o not in names]
+        if unknown:
+            if self.monitor is not None:
+                self.monitor.failed(name, served.version, "bad_request")
+            raise RequestError(
+                f"{name}: unknown output(s) {', '.join(map(repr, unknown))}; "
+                f"the model has {', '.join(map(repr, names))}"
+            )
+        # drift watches the model's first output (label / prediction): always compute it
+        first = names[0]
+        run = wanted if self.monitor is None or first in wanted else [first, *wanted]
+        start = time.perf_counter()
+        try:
+            results = served.session.run(run, feeds)
+        except Exception:
+            if self.monitor is not None:
+                self.monitor.failed(name, served.version, "runtime_error")
+            raise
+        elapsed = time.perf_counter() - start
+        computed = dict(zip(run, results, strict=True))
+        if self.monitor is not None:
+            rows = len(next(iter(feeds.values()))) if feeds else 0
+            self.monitor.observe(
+                name, served.version, feeds, {first: computed[first]}, elapsed, rows
+            )
+        return {key: computed[key] for key in wanted}

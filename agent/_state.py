@@ -1,0 +1,211 @@
+"""The agent's state directory: which versions are installed, and their files.
+
+Layout (``state_dir``, e.g. ``/var/lib/edgepack``)::
+
+    state.json                 committed state: per model the active and previous version, the
+                               highest version ever committed, and a bounded event history
+    journal.json               the operation in flight, if any (edgepack.agent._journal)
+    lock                       flock()ed by whoever changes anything (daemon or CLI)
+    incoming/                  bundles being fetched (copied or downloaded)
+    staging/                   bundles being extracted, in fresh private directories
+    models/NAME/VERSION/       the extracted, verified files of each retained version
+
+``state.json`` is the single source of truth and only ever replaced atomically (edgepack._files),
+so "which version is active" switches in one rename. Model directories are created by renaming a
+fully written and fsynced staging directory into place, so a version directory is complete or
+absent. At most the active and the previous version of a model are kept.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import errno
+import fcntl
+import os
+import shutil
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgepack._files import fsync_dir, read_json, storage_error, write_json_atomic
+from edgepack.agent.exceptions import InstallError, StorageError
+
+__all__ = ["DeviceState", "ModelState", "Store"]
+
+HISTORY_LIMIT = 100
+_STATE_VERSION = 1
+
+
+@dataclass
+class ModelState:
+    """One model on this device. ``highest`` never decreases: it is the downgrade guard."""
+
+    active: int | None = None
+    previous: int | None = None
+    highest: int = -1
+    bundle_sha256: str | None = None
+    installed_at: str | None = None
+
+    def retained(self) -> set[int]:
+        return {v for v in (self.active, self.previous) if v is not None}
+
+
+@dataclass
+class DeviceState:
+    """Everything committed on this device."""
+
+    generation: int = 0
+    models: dict[str, ModelState] = field(default_factory=dict)
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    def record(self, **event: Any) -> None:
+        """Append an event (install, rollback, retire, recovery) to the bounded history."""
+        now = dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat()
+        self.history.append({"time": now, **event})
+        del self.history[:-HISTORY_LIMIT]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "state_version": _STATE_VERSION,
+            "generation": self.generation,
+            "models": {name: asdict(m) for name, m in sorted(self.models.items())},
+            "history": self.history,
+        }
+
+    @classmethod
+    def from_json(cls, data: Any, source: Path) -> DeviceState:
+        try:
+            return cls(
+                generation=int(data["generation"]),
+                models={name: ModelState(**m) for name, m in data["models"].items()},
+                history=list(data.get("history", [])),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise StorageError(f"{source} is not a valid edgepack state file: {e}") from e
+
+
+class Store:
+    """Paths and durable operations on one state directory."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.root = state_dir
+        self.state_file = state_dir / "state.json"
+        self.journal_file = state_dir / "journal.json"
+        self.incoming = state_dir / "incoming"
+        self.staging = state_dir / "staging"
+        self.models = state_dir / "models"
+
+    def ensure(self) -> None:
+        """Create the directory tree (mode 0700: bundles may hold proprietary models)."""
+        try:
+            for path in (self.root, self.incoming, self.staging, self.models):
+                path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as e:
+            raise storage_error("create", self.root, e) from e
+
+    @contextlib.contextmanager
+    def lock(self, timeout: float = 30.0) -> Iterator[None]:
+        """Hold the state directory's exclusive lock (one changer at a time, across processes).
+
+        Raises:
+            InstallError: another process held it for longer than ``timeout`` seconds.
+        """
+        self.ensure()
+        try:
+            fd = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as e:
+            raise storage_error("open the lock file", self.root / "lock", e) from e
+        deadline = time.monotonic() + timeout
+        try:
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except OSError as e:
+                    if e.errno not in (errno.EAGAIN, errno.EACCES) or time.monotonic() > deadline:
+                        raise InstallError(
+                            f"another edgepack-agent operation holds {self.root / 'lock'}; "
+                            "wait for it to finish and retry"
+                        ) from e
+                    time.sleep(0.05)
+            yield
+        finally:
+            os.close(fd)  # closing releases the flock
+
+    def load(self) -> DeviceState:
+        """The committed state (empty on a new device)."""
+        data = read_json(self.state_file)
+        return DeviceState() if data is None else DeviceState.from_json(data, self.state_file)
+
+    def save(self, state: DeviceState) -> None:
+        """Commit ``state`` atomically; bumps its generation so readers notice."""
+        state.generation += 1
+        write_json_atomic(self.state_file, state.to_json())
+
+    def version_dir(self, name: str, version: int) -> Path:
+        return self.models / name / str(version)
+
+    def stage(self, name: str, version: int, files: Mapping[str, bytes]) -> Path:
+        """Write ``files`` into a fresh private directory, fsync everything, rename into place.
+
+        A leftover directory for the same version (from an interrupted earlier attempt, never
+        committed) is replaced.
+
+        Raises:
+            StorageError: the disk is full or not writable; nothing is left behind.
+        """
+        self.ensure()
+        target = self.version_dir(name, version)
+        tmp = self.staging / f"{name}-{version}.{os.getpid()}.{time.monotonic_ns()}"
+        try:
+            tmp.mkdir(mode=0o700)
+            for rel, content in files.items():
+                path = tmp / rel
+                path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                with os.fdopen(fd, "wb") as handle:
+                    handle.write(content)
+                    handle.flush()
+                    os.fsync(handle.fileno())
+            for directory in sorted({(tmp / rel).parent for rel in files}, reverse=True):
+                fsync_dir(directory)
+            target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            if target.exists():
+                shutil.rmtree(target)
+            os.rename(tmp, target)
+            fsync_dir(target.parent)
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise storage_error("write model files to", target, e) from e
+        return target
+
+    def remove_version(self, name: str, version: int) -> None:
+        """Delete one version's files (missing is fine)."""
+        shutil.rmtree(self.version_dir(name, version), ignore_errors=True)
+
+    def prune(self, name: str, keep: set[int]) -> None:
+        """Delete every version directory of ``name`` not in ``keep``, and stale staging dirs."""
+        directory = self.models / name
+        if directory.is_dir():
+            for child in directory.iterdir():
+                if not (child.name.isdigit() and int(child.name) in keep):
+                    shutil.rmtree(child, ignore_errors=True)
+            if not keep:
+                shutil.rmtree(directory, ignore_errors=True)
+        for child in self.staging.glob(f"{name}-*") if self.staging.is_dir() else ():
+            shutil.rmtree(child, ignore_errors=True)
+
+    def read_files(self, name: str, version: int) -> dict[str, bytes]:
+        """Every file of an installed version (relative path → bytes)."""
+        root = self.version_dir(name, version)
+        try:
+            return {
+                p.relative_to(root).as_posix(): p.read_bytes()
+                for p in sorted(root.rglob("*"))
+                if p.is_file()
+            }
+        except OSError as e:
+            raise storage_error("read", root, e) from e

@@ -1,0 +1,512 @@
+"""``edgepack-fleet``: deploy, roll back and retire models on devices, and watch the fleet.
+
+Commands: ``serve`` (bundles over HTTP), ``deploy``, ``rollback``, ``retire`` (signed commands
+over MQTT; no collector needed), ``collector`` (keeps fleet state in a store), ``devices`` and
+``status`` (read that store). Broker and store come from ``--broker``/``--store`` or the
+``EDGEPACK_BROKER``/``EDGEPACK_STORE`` environment variables. Errors are one red ``error:`` line
+and exit code 1 (2 for bad usage).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.live import Live
+from rich.markup import escape
+from rich.table import Table
+
+from edgepack.formats.exceptions import EdgepackError, KeyFormatError
+from edgepack.formats.keys import load_private_key, load_public_key
+from edgepack.formats.messages import TERMINAL, utcnow
+
+__all__ = ["main"]
+
+_WIDTH = None if sys.stdout.isatty() else 160
+console = Console(highlight=False, width=_WIDTH)
+err = Console(stderr=True, highlight=False, width=_WIDTH)
+
+
+def _fail(message: str, code: int = 1) -> None:
+    err.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
+    sys.exit(code)
+
+
+def _ago(moment: dt.datetime | None) -> str:
+    if moment is None:
+        return "-"
+    seconds = int((utcnow() - moment).total_seconds())
+    if seconds < 60:
+        return f"{max(seconds, 0)}s ago"
+    if seconds < 3600:
+        return f"{seconds // 60}m ago"
+    return f"{seconds // 3600}h ago" if seconds < 86400 else f"{seconds // 86400}d ago"
+
+
+def _broker(ctx: click.Context) -> Any:
+    from edgepack.fleet._broker import BrokerOptions
+
+    o = ctx.obj
+    return BrokerOptions.parse(
+        o["broker"],
+        prefix=o["prefix"],
+        protocol=o["protocol"],
+        username=o["username"] or "",
+        password_file=o["password_file"] or "",
+        tls=bool(o["ca_file"] or o["tls"]),
+        ca_file=o["ca_file"] or "",
+        cert_file=o["cert_file"] or "",
+        key_file=o["client_key"] or "",
+    )
+
+
+def _store(ctx: click.Context) -> Any:
+    from edgepack.fleet._database import StoreError, open_store
+
+    try:
+        return open_store(ctx.obj["store"])
+    except StoreError as e:
+        _fail(str(e))
+        raise  # unreachable
+
+
+def _key(path: Path) -> Any:
+    try:
+        return load_private_key(path.read_bytes(), source=str(path))
+    except OSError as e:
+        raise KeyFormatError(f"cannot read signing key {path}: {e.strerror or e}") from e
+
+
+def _target(device: str | None, group: str | None) -> dict[str, str]:
+    if bool(device) == bool(group):
+        _fail("name exactly one target: --device ID or --group NAME", 2)
+    return {"device": device} if device else {"group": group}  # type: ignore[dict-item]
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--broker",
+    envvar="EDGEPACK_BROKER",
+    default="127.0.0.1:1883",
+    show_default=True,
+    help="MQTT broker HOST[:PORT].",
+)
+@click.option("--prefix", envvar="EDGEPACK_PREFIX", default="edgepack/v1", show_default=True)
+@click.option("--protocol", type=click.Choice(["5", "3.1.1"]), default="5", show_default=True)
+@click.option(
+    "--store",
+    envvar="EDGEPACK_STORE",
+    default="fleet.db",
+    show_default=True,
+    help="Collector store: a SQLite file or postgresql://...",
+)
+@click.option("--username", envvar="EDGEPACK_MQTT_USERNAME")
+@click.option("--password-file", type=click.Path(dir_okay=False))
+@click.option("--tls", is_flag=True, help="Use TLS with the system CAs.")
+@click.option("--ca-file", type=click.Path(dir_okay=False), help="CA bundle (implies --tls).")
+@click.option("--cert-file", type=click.Path(dir_okay=False), help="Client certificate (mTLS).")
+@click.option("--client-key", type=click.Path(dir_okay=False), help="Client key (mTLS).")
+@click.option("-v", "--verbose", is_flag=True)
+@click.pass_context
+def cli(ctx: click.Context, verbose: bool, **options: Any) -> None:
+    """Deploy, roll back and retire models on edge devices over MQTT."""
+    ctx.obj = options
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+@cli.command()
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True, type=int)
+def serve(directory: Path, host: str, port: int) -> None:
+    """Serve the bundles in DIRECTORY over HTTP (with resumable downloads)."""
+    from edgepack.fleet._bundle_server import BundleServer
+
+    if not directory.is_dir():
+        _fail(f"{directory} is not a directory", 2)
+    server = BundleServer(directory, host=host, port=port).start()
+    console.print(f"serving {directory} at {server.url}/ (Ctrl-C to stop)")
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    server.stop()
+
+
+def _send(
+    ctx: click.Context, kind: str, model: str, target: dict[str, str], key: Path, **kwargs: Any
+) -> None:
+    from edgepack.fleet._commands import publish_command
+
+    published = publish_command(_broker(ctx), kind, model, target, _key(key), **kwargs)
+    where = f"device {target['device']}" if "device" in target else f"group {target['group']}"
+    console.print(f"{kind} {model} → {where}: job [bold]{published.job_id}[/]")
+    if published.bundles:
+        table = Table("profile", "bundle", "size", "sha256")
+        for profile, entry in sorted(published.bundles.items()):
+            table.add_row(profile, entry["url"], f"{entry['size']:,}", entry["sha256"][:16] + "…")
+        console.print(table)
+    console.print(f"watch it: edgepack-fleet status {published.job_id} --wait")
+
+
+@cli.command()
+@click.argument("model")
+@click.option("--version", "version", required=True, type=int)
+@click.option("--device")
+@click.option("--group")
+@click.option(
+    "--bundles",
+    "base_url",
+    required=True,
+    help="Base URL the devices download bundles from (e.g. http://host:8000/).",
+)
+@click.option(
+    "--dist",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Local copy of the bundles, to hash them here instead of asking the server.",
+)
+@click.option(
+    "--key",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Operator signing key.",
+)
+@click.option(
+    "--ttl-hours",
+    default=168,
+    show_default=True,
+    type=int,
+    help="The command expires after this long.",
+)
+@click.pass_context
+def deploy(
+    ctx: click.Context,
+    model: str,
+    version: int,
+    device: str | None,
+    group: str | None,
+    base_url: str,
+    dist: Path | None,
+    key: Path,
+    ttl_hours: int,
+) -> None:
+    """Deploy MODEL --version N to a device or a group."""
+    from edgepack.fleet._commands import find_bundles
+
+    target = _target(device, group)
+    bundles = find_bundles(model, version, base_url, dist)
+    _send(
+        ctx,
+        "deploy",
+        model,
+        target,
+        key,
+        version=version,
+        bundles=bundles,
+        ttl=dt.timedelta(hours=ttl_hours),
+    )
+
+
+def _simple_command(kind: str, help_text: str) -> None:
+    """Register ``rollback``/``retire``: a model, one target, the operator key."""
+
+    @cli.command(name=kind, help=help_text)
+    @click.argument("model")
+    @click.option("--device")
+    @click.option("--group")
+    @click.option(
+        "--key",
+        required=True,
+        type=click.Path(dir_okay=False, path_type=Path),
+        help="Operator signing key.",
+    )
+    @click.pass_context
+    def command(
+        ctx: click.Context, model: str, device: str | None, group: str | None, key: Path
+    ) -> None:
+        _send(ctx, kind, model, _target(device, group), key)
+
+
+_simple_command(
+    "rollback", "Roll MODEL back to the retained previous version on a device or a group."
+)
+_simple_command("retire", "Uninstall MODEL from a device or a group.")
+
+
+@cli.command()
+@click.option("--share", help="Shared-subscription name, to run several collectors together.")
+@click.option(
+    "--client-id",
+    help="MQTT client id (its session persists across restarts); give "
+    "each collector instance its own. Default: edgepack-collector-HOST[-SHARE].",
+)
+@click.option(
+    "--command-key",
+    "command_keys",
+    multiple=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Operator public key(s): record only commands they signed.",
+)
+@click.pass_context
+def collector(
+    ctx: click.Context, share: str | None, client_id: str | None, command_keys: tuple[Path, ...]
+) -> None:
+    """Run the collector: keep device state and job progress in the store."""
+    from edgepack.fleet._collector import Collector
+
+    keys = [load_public_key(p.read_bytes(), source=str(p)) for p in command_keys] or None
+    running = Collector(
+        _broker(ctx), _store(ctx), share=share, command_keys=keys, client_id=client_id
+    ).start()
+    console.print(f"collector running: broker {ctx.obj['broker']}, store {ctx.obj['store']}")
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    running.stop()
+    console.print(f"collector stopped: {running.stats}")
+
+
+@cli.command()
+@click.option("--group")
+@click.pass_context
+def devices(ctx: click.Context, group: str | None) -> None:
+    """List devices: online, profile, models, health, last seen."""
+    rows = _store(ctx).devices(group)
+    table = Table("device", "online", "profile", "models", "health", "groups", "last seen")
+    for d in rows:
+        models = ", ".join(
+            f"{n}@{m.get('active')}" + (f" (prev {m['previous']})" if m.get("previous") else "")
+            for n, m in sorted(d.models.items())
+            if m.get("active") is not None
+        )
+        table.add_row(
+            d.device,
+            "[green]yes[/]" if d.online else "[red]no[/]",
+            d.profile or "-",
+            models or "-",
+            d.health or "-",
+            ", ".join(d.groups) or "-",
+            _ago(d.last_seen),
+        )
+    console.print(table if rows else "no devices known yet (is the collector running?)")
+
+
+_STYLE = {
+    "SUCCEEDED": "green",
+    "FAILED": "red",
+    "REJECTED": "red",
+    "IN_PROGRESS": "yellow",
+    "QUEUED": "cyan",
+}
+
+
+def _status_table(store: Any, job_id: str) -> tuple[Table, bool]:
+    job = store.job(job_id)
+    executions = {e.device: e for e in store.executions(job_id)}
+    expected: set[str] = set(executions)
+    if job is not None:
+        if job.target_type == "device":
+            expected.add(job.target)
+        else:
+            expected |= {d.device for d in store.devices(job.target)}
+    title = (
+        f"{job.kind} {job.model}"
+        + (f" v{job.version}" if job.version is not None else "")
+        + f" → {job.target_type} {job.target}"
+        if job
+        else job_id
+    )
+    table = Table(
+        "device",
+        "status",
+        "step",
+        "before",
+        "after",
+        "reason",
+        "updated",
+        title=f"job {job_id}: {title}",
+    )
+    done = bool(expected)
+    for device in sorted(expected):
+        e = executions.get(device)
+        if e is None:
+            table.add_row(device, "[dim]waiting[/]", "", "", "", "", "")
+            done = False
+            continue
+        done &= e.status in TERMINAL
+        style = _STYLE.get(e.status, "")
+        table.add_row(
+            device,
+            f"[{style}]{e.status}[/]",
+            e.step or "",
+            str(e.version_before if e.version_before is not None else "-"),
+            str(e.version_after if e.version_after is not None else "-"),
+            escape(e.reason or ""),
+            _ago(e.updated_at),
+        )
+    return table, done
+
+
+@cli.command()
+@click.argument("job_id")
+@click.option("--wait", is_flag=True, help="Follow live until every device is done.")
+@click.option("--timeout", default=600.0, show_default=True, help="Seconds to wait at most.")
+@click.pass_context
+def status(ctx: click.Context, job_id: str, wait: bool, timeout: float) -> None:
+    """Per-device progress of a job (from the collector's store)."""
+    store = _store(ctx)
+    table, done = _status_table(store, job_id)
+    if not wait:
+        console.print(table)
+        return
+    deadline = time.monotonic() + timeout
+    if console.is_terminal:
+        with Live(table, console=console, refresh_per_second=4, transient=False) as live:
+            while not done and time.monotonic() < deadline:
+                time.sleep(0.5)
+                table, done = _status_table(store, job_id)
+                live.update(table)
+    else:  # logs and pipes get the final table only
+        while not done and time.monotonic() < deadline:
+            time.sleep(0.5)
+            table, done = _status_table(store, job_id)
+        console.print(table)
+    if not done:
+        _fail(f"job {job_id} not finished on every device after {timeout:.0f} s")
+    failed = [e for e in store.executions(job_id) if e.status != "SUCCEEDED"]
+    sys.exit(1 if failed else 0)
+
+
+_DRIFT_STYLE = {"ok": "green", "warning": "yellow", "drift": "bold red"}
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+@cli.command()
+@click.option("--group", help="Only devices in this group.")
+@click.option("--model", help="Only this model.")
+@click.option("--version", "version", type=int, help="Only this model version.")
+@click.pass_context
+def telemetry(
+    ctx: click.Context, group: str | None, model: str | None, version: int | None
+) -> None:
+    """Latest telemetry per device and model version: requests, errors, latency, memory."""
+    from edgepack.fleet._report import sparkline, telemetry_rows
+
+    rows = telemetry_rows(_store(ctx), group=group, model=model, version=version)
+    table = Table("device", "model", "version", "requests", "errors", "p50 ms", "p95 ms")
+    table.add_column("p99 ms")
+    table.add_column("RSS MiB")
+    table.add_column("p95 trend")
+    table.add_column("last seen")
+    for column in table.columns[3:9]:
+        column.justify = "right"
+    for r in rows:
+        errors = sum(r.errors.values())
+        table.add_row(
+            escape(r.device),
+            escape(r.model),
+            escape(str(r.version)),
+            f"{r.requests:,}",
+            f"[red]{errors:,}[/]" if errors else "0",
+            _ms(r.p50),
+            _ms(r.p95),
+            _ms(r.p99),
+            "-" if r.rss_mib is None else f"{r.rss_mib:.1f}",
+            sparkline(r.trend),
+            _ago(r.seen),
+        )
+    console.print(table if rows else "no telemetry reports yet (is the collector running?)")
+
+
+@cli.command()
+@click.option("--group", help="Only devices in this group.")
+@click.option("--model", help="Only this model.")
+@click.option("--version", "version", type=int, help="Only this model version.")
+@click.pass_context
+def drift(ctx: click.Context, group: str | None, model: str | None, version: int | None) -> None:
+    """Latest drift window per device and model: status, drifting features, trend."""
+    from edgepack.fleet._report import STATUS_GLYPHS, drift_rows
+
+    rows = drift_rows(_store(ctx), group=group, model=model, version=version)
+    table = Table("device", "model", "version", "status", "window", "drifting", "worst / thr")
+    table.add_column("trend")
+    for r in rows:
+        style = _DRIFT_STYLE.get(r.status, "")
+        worst = "-"
+        if r.worst is not None and r.worst_ratio is not None:
+            worst = f"{escape(r.worst)} {r.worst_ks:.3f}/{r.worst_threshold:.3f}"
+            worst = f"[red]{worst}[/]" if r.worst_ratio > 1 else worst
+        trend = "".join(
+            f"[{_DRIFT_STYLE.get(s, 'dim')}]{escape(STATUS_GLYPHS.get(s, '?'))}[/]"
+            for s in r.history
+        )
+        window_end = r.window_end
+        table.add_row(
+            escape(r.device),
+            escape(r.model),
+            escape(str(r.version)),
+            f"[{style}]{escape(r.status)}[/]" if style else escape(r.status),
+            f"{r.n:,} rows, {_ago(window_end)}",
+            escape(", ".join(r.drifting)) or "-",
+            worst,
+            trend,
+        )
+    console.print(table if rows else "no drift reports yet (is the collector running?)")
+
+
+@cli.command()
+@click.option("--model", required=True, help="The model to report on.")
+@click.option("--group", help="Only devices in this group.")
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="HTML file to write (default: report-MODEL.html).",
+)
+@click.option("--hours", type=click.FloatRange(min=0, min_open=True), help="Only the last H hours.")
+@click.pass_context
+def report(
+    ctx: click.Context, model: str, group: str | None, out: Path | None, hours: float | None
+) -> None:
+    """Write one self-contained HTML report on MODEL: drift, latency, versions."""
+    from edgepack.fleet._report import default_path, write_report
+
+    since = utcnow() - dt.timedelta(hours=hours) if hours else None
+    try:
+        path = write_report(
+            _store(ctx), model, out or default_path(model), group=group, since=since
+        )
+    except OSError as e:
+        _fail(f"cannot write the report: {e}")
+        raise  # unreachable
+    console.print(str(path), soft_wrap=True)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    try:
+        cli(standalone_mode=True)
+    except EdgepackError as e:
+        _fail(str(e))
+    except ValueError as e:
+        _fail(str(e), 2)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    main()

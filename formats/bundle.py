@@ -1,0 +1,284 @@
+"""The ``.edgepack`` bundle: layout, safe archive reading, and the one verification path.
+
+A bundle is a gzip-compressed tar of one directory, ``NAME-VERSION-PROFILE/``, holding::
+
+    manifest.json    what the model is and what it was built for   (edgepack.formats.manifest)
+    model.onnx       the model, optimized for the profile
+    reference.json   reference statistics for drift detection
+    golden.npz       a few inputs with their expected outputs, for the health check
+    model.sig        OpenSSF model-signing v1.0 signature over all the files above
+    (edgepack.formats.modelsig)
+
+The packager writes bundles with :func:`write_bundle`. Everyone who reads one (``edgepack
+verify``, ``edgepack inspect``, the agent) goes through :func:`read_archive`, which applies its own
+allow-list rather than ``tarfile``'s defaults: regular files and directories only, no absolute
+paths, no ``..``, no duplicates, one top-level directory, bounded sizes. :func:`open_bundle` then
+checks the signature against trusted keys *before* anything is parsed, and only then parses the
+manifest. Both work on bytes in memory; :func:`verify_bundle_file` is the thin I/O wrapper.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import os
+import tarfile
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from edgepack.formats.exceptions import ArchiveError, ManifestError, SignatureError
+from edgepack.formats.manifest import Manifest, parse_manifest
+from edgepack.formats.modelsig import SIGNATURE_FILE, VerifiedSignature, sign_files, verify_files
+
+__all__ = [
+    "BUNDLE_SUFFIX",
+    "GOLDEN_FILE",
+    "MANIFEST_FILE",
+    "MODEL_FILE",
+    "REFERENCE_FILE",
+    "REQUIRED_FILES",
+    "SIGNATURE_FILE",
+    "ArchiveLimits",
+    "VerifiedBundle",
+    "bundle_filename",
+    "open_bundle",
+    "read_archive",
+    "verify_bundle_file",
+    "write_bundle",
+]
+
+BUNDLE_SUFFIX = ".edgepack"
+MANIFEST_FILE = "manifest.json"
+MODEL_FILE = "model.onnx"
+REFERENCE_FILE = "reference.json"
+GOLDEN_FILE = "golden.npz"
+REQUIRED_FILES = (MANIFEST_FILE, MODEL_FILE, REFERENCE_FILE, GOLDEN_FILE, SIGNATURE_FILE)
+
+
+@dataclass(frozen=True)
+class ArchiveLimits:
+    """Bounds applied while reading an archive, before any content is trusted."""
+
+    max_archive_bytes: int = 2 * 1024**3
+    max_member_bytes: int = 1024**3
+    max_total_bytes: int = 2 * 1024**3
+    max_members: int = 64
+
+
+@dataclass(frozen=True)
+class VerifiedBundle:
+    """A bundle whose signature verified with a trusted key and whose manifest parsed."""
+
+    manifest: Manifest
+    files: Mapping[str, bytes]
+    signature: VerifiedSignature
+    top: str
+
+
+def bundle_filename(name: str, version: int, profile: str) -> str:
+    """The file name the packager gives a bundle: ``NAME-VERSION-PROFILE.edgepack``."""
+    return f"{name}-{version}-{profile}{BUNDLE_SUFFIX}"
+
+
+def _member_kind(member: tarfile.TarInfo) -> str:
+    if member.issym():
+        return f"a symbolic link (to {member.linkname!r})"
+    if member.islnk():
+        return f"a hard link (to {member.linkname!r})"
+    if member.ischr() or member.isblk():
+        return "a device node"
+    if member.isfifo():
+        return "a FIFO"
+    return f"an entry of tar type {member.type!r}"
+
+
+def _safe_parts(name: str) -> tuple[str, ...]:
+    if not name or name.startswith("/") or "\\" in name or "\x00" in name:
+        raise ArchiveError(f"archive member {name!r} has an absolute or malformed path; refusing")
+    parts = tuple(p for p in PurePosixPath(name).parts if p != ".")
+    if not parts:
+        raise ArchiveError(
+            f"archive member {name!r} is the archive root; a bundle holds one named directory"
+        )
+    if any(p == ".." for p in parts):
+        raise ArchiveError(f"archive member {name!r} escapes the bundle directory ('..'); refusing")
+    return parts
+
+
+def read_archive(data: bytes, limits: ArchiveLimits | None = None) -> tuple[str, dict[str, bytes]]:
+    """Read a bundle archive into memory under a strict allow-list.
+
+    Args:
+        data: the archive's bytes (gzip-compressed or plain tar).
+        limits: size and count bounds; the defaults suit models up to 1 GiB.
+
+    Returns:
+        The top-level directory name and a mapping of relative POSIX path to file content.
+
+    Raises:
+        ArchiveError: not a tar archive, or a member that is a link, device, FIFO, has an
+            absolute or ``..`` path, appears twice, lies outside the single top-level directory,
+            or breaks a size or count limit.
+    """
+    limits = limits or ArchiveLimits()
+    if len(data) > limits.max_archive_bytes:
+        raise ArchiveError(
+            f"bundle is {len(data)} bytes, above the limit of {limits.max_archive_bytes}"
+        )
+    files: dict[str, bytes] = {}
+    seen: set[tuple[str, ...]] = set()
+    top: str | None = None
+    total = 0
+    try:
+        mode = "r:gz" if data[:2] == b"\x1f\x8b" else "r:"  # gzip or plain tar, nothing else
+        with tarfile.open(fileobj=io.BytesIO(data), mode=mode) as archive:
+            for count, member in enumerate(archive, start=1):
+                if count > limits.max_members:
+                    raise ArchiveError(f"bundle has more than {limits.max_members} entries")
+                parts = _safe_parts(member.name)
+                if parts in seen:
+                    raise ArchiveError(f"archive member {member.name!r} appears twice; refusing")
+                seen.add(parts)
+                if top is None:
+                    top = parts[0]
+                elif parts[0] != top:
+                    raise ArchiveError(
+                        f"archive member {member.name!r} is outside the bundle directory {top!r}"
+                    )
+                if member.isdir():
+                    continue
+                if not member.isfile():
+                    raise ArchiveError(
+                        f"archive member {member.name!r} is {_member_kind(member)}; bundles may "
+                        "only contain regular files and directories"
+                    )
+                if len(parts) < 2:
+                    raise ArchiveError(f"archive member {member.name!r} is not inside a directory")
+                if member.size > limits.max_member_bytes:
+                    raise ArchiveError(
+                        f"archive member {member.name!r} is {member.size} bytes, above the "
+                        f"per-file limit of {limits.max_member_bytes}"
+                    )
+                total += member.size
+                if total > limits.max_total_bytes:
+                    raise ArchiveError(
+                        f"bundle unpacks to more than {limits.max_total_bytes} bytes; refusing"
+                    )
+                handle = archive.extractfile(member)
+                if handle is None:  # pragma: no cover - isfile() members always have data
+                    raise ArchiveError(f"archive member {member.name!r} has no data")
+                content = handle.read(member.size + 1)
+                if len(content) != member.size:
+                    raise ArchiveError(f"archive member {member.name!r} is truncated")
+                files["/".join(parts[1:])] = content
+    except (tarfile.TarError, EOFError, OSError, gzip.BadGzipFile) as e:
+        raise ArchiveError(f"bundle is not a readable tar archive: {e}") from e
+    if top is None:
+        raise ArchiveError("bundle archive is empty")
+    return top, files
+
+
+def open_bundle(
+    data: bytes,
+    trusted_keys: Sequence[ec.EllipticCurvePublicKey],
+    limits: ArchiveLimits | None = None,
+) -> VerifiedBundle:
+    """Verify a bundle's bytes and parse its manifest. No I/O.
+
+    The signature is checked before anything in the bundle is parsed: every file must be covered,
+    none may be missing or changed, and one of ``trusted_keys`` must have signed.
+
+    Raises:
+        ArchiveError: see :func:`read_archive`.
+        SignatureError: no ``model.sig``, or it does not verify (the message says why).
+        ManifestError: the signed manifest is malformed, or a required file is missing.
+    """
+    top, files = read_archive(data, limits)
+    signature = files.get(SIGNATURE_FILE)
+    if signature is None:
+        raise SignatureError(
+            f"bundle has no {SIGNATURE_FILE}; it is unsigned and cannot be trusted"
+        )
+    content = {name: blob for name, blob in files.items() if name != SIGNATURE_FILE}
+    verified = verify_files(content, signature, trusted_keys)
+    missing = [name for name in REQUIRED_FILES if name not in files]
+    if missing:
+        raise ManifestError(f"bundle is missing {', '.join(missing)}")
+    manifest = parse_manifest(files[MANIFEST_FILE])
+    return VerifiedBundle(manifest=manifest, files=files, signature=verified, top=top)
+
+
+def verify_bundle_file(
+    path: Path,
+    trusted_keys: Sequence[ec.EllipticCurvePublicKey],
+    limits: ArchiveLimits | None = None,
+) -> VerifiedBundle:
+    """Read ``path`` (size-checked first) and :func:`open_bundle` it."""
+    limits = limits or ArchiveLimits()
+    try:
+        size = path.stat().st_size
+        if size > limits.max_archive_bytes:
+            raise ArchiveError(
+                f"{path}: {size} bytes is above the limit of {limits.max_archive_bytes}"
+            )
+        data = path.read_bytes()
+    except OSError as e:
+        raise ArchiveError(f"cannot read bundle {path}: {e.strerror or e}") from e
+    return open_bundle(data, trusted_keys, limits)
+
+
+def _tar_bytes(top: str, files: Mapping[str, bytes]) -> bytes:
+    """A deterministic tar.gz: sorted names, fixed owner, modes and times."""
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as archive:
+        root = tarfile.TarInfo(top)
+        root.type, root.mode, root.mtime = tarfile.DIRTYPE, 0o755, 0
+        archive.addfile(root)
+        for name in sorted(files):
+            info = tarfile.TarInfo(f"{top}/{name}")
+            info.size, info.mode, info.mtime = len(files[name]), 0o644, 0
+            archive.addfile(info, io.BytesIO(files[name]))
+    return gzip.compress(raw.getvalue(), compresslevel=6, mtime=0)
+
+
+def write_bundle(
+    out_dir: Path,
+    manifest: Manifest,
+    files: Mapping[str, bytes],
+    key: ec.EllipticCurvePrivateKey,
+) -> Path:
+    """Sign ``files`` plus the manifest and write ``NAME-VERSION-PROFILE.edgepack`` atomically.
+
+    Args:
+        out_dir: where the bundle goes (created if missing).
+        manifest: the bundle's manifest; written as ``manifest.json``.
+        files: the other files of the bundle (``model.onnx``, ``reference.json``, ``golden.npz``).
+        key: the ECDSA signing key.
+
+    Returns:
+        The bundle's path. A partly written bundle is never left under its final name.
+    """
+    content = dict(files)
+    content[MANIFEST_FILE] = manifest.to_json()
+    if SIGNATURE_FILE in content:
+        raise ValueError(f"{SIGNATURE_FILE} is written by write_bundle itself")
+    top = manifest.bundle_stem
+    content[SIGNATURE_FILE] = sign_files(content, key, model_name=top)
+    data = _tar_bytes(top, content)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    final = out_dir / bundle_filename(manifest.name, manifest.version, manifest.profile)
+    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{final.name}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, final)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return final

@@ -1,0 +1,154 @@
+"""Drift statistics, shared by the packager (calibration) and the device (detection). No I/O.
+
+A feature's reference distribution is a set of bins: quantile bins for numbers (inner edges;
+the outer bins are open-ended; a value equal to an edge goes to the bin on its right) and the
+top-K categories plus "other" for strings. A live window is counted into the same bins, and two
+statistics compare the window with the reference:
+
+* the **binned Kolmogorov–Smirnov** statistic, the largest gap between the cumulative
+  proportions (categories are compared as the largest bin gap, since they have no order);
+* the **population stability index** (PSI), ``Σ (live - ref) · ln(live / ref)`` with a small
+  floor on empty bins.
+
+Fixed cut-offs (PSI ≥ 0.1 …) are really a function of window size, so each feature gets a
+threshold calibrated at build time by bootstrap (:func:`calibrate`): windows of the device's size
+drawn from held-out reference rows, the ``1 - alpha / features`` quantile of the statistic
+(Bonferroni, over the columns and the two statistics). The device's detector
+(``edgepack.agent``) alarms on a column whose binned KS *or* PSI exceeds its threshold, and calls
+it drifting when that happens in 2 of the last 3 windows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "FeatureBins",
+    "binned_ks",
+    "calibrate",
+    "count_categorical",
+    "count_numeric",
+    "psi",
+]
+
+PSI_FLOOR = 1e-4
+
+
+@dataclass(frozen=True)
+class FeatureBins:
+    """One monitored column (an input feature, or the model's output) and its reference."""
+
+    name: str
+    kind: str  # "numeric" | "categorical"
+    reference: np.ndarray  # reference proportion per bin (sums to 1)
+    edges: np.ndarray | None = None  # numeric: inner edges
+    categories: tuple[str, ...] = ()  # categorical: the tracked categories; last bin is "other"
+    input: str = ""  # which model input (or output) carries it
+    index: int = 0  # column index inside that tensor
+
+    @property
+    def bins(self) -> int:
+        return len(self.reference)
+
+    @classmethod
+    def from_reference(cls, entry: dict[str, Any]) -> FeatureBins:
+        """Build from one ``features[]`` (or ``output``) entry of ``reference.json``."""
+        counts = np.asarray(entry["counts"], dtype=np.float64)
+        if entry["kind"] == "categorical":
+            counts = np.append(counts, float(entry.get("other", 0)))
+        total = counts.sum()
+        reference = counts / total if total > 0 else np.full(len(counts), 1 / len(counts))
+        return cls(
+            name=str(entry["name"]),
+            kind=str(entry["kind"]),
+            reference=reference,
+            edges=np.asarray(entry.get("edges", []), dtype=np.float64)
+            if entry["kind"] == "numeric"
+            else None,
+            categories=tuple(str(c) for c in entry.get("categories", [])),
+            input=str(entry.get("input", "")),
+            index=int(entry.get("index", 0)),
+        )
+
+    def count(self, values: np.ndarray) -> np.ndarray:
+        """Bin counts of ``values`` in this feature's bins."""
+        if self.kind == "numeric":
+            assert self.edges is not None
+            return count_numeric(values, self.edges)
+        return count_categorical(values, self.categories)
+
+
+def count_numeric(values: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    """Counts per bin for inner ``edges`` (len(edges) + 1 bins); NaN values are not counted."""
+    flat = np.asarray(values, dtype=np.float64).ravel()
+    flat = flat[~np.isnan(flat)]
+    return np.bincount(np.searchsorted(edges, flat, side="right"), minlength=len(edges) + 1)
+
+
+def count_categorical(values: np.ndarray, categories: Sequence[str]) -> np.ndarray:
+    """Counts per category, then one "other" bin for everything else."""
+    lookup = {c: i for i, c in enumerate(categories)}
+    other = len(categories)
+    indices = [lookup.get(str(v), other) for v in np.asarray(values).ravel()]
+    return np.bincount(np.asarray(indices, dtype=np.int64), minlength=other + 1)
+
+
+def binned_ks(reference: np.ndarray, counts: np.ndarray, ordered: bool = True) -> np.ndarray:
+    """Binned KS of live ``counts`` (…, bins) against ``reference`` proportions (bins,).
+
+    Works on one window (1-D counts) or many at once (2-D: windows × bins).
+    """
+    counts = np.asarray(counts, dtype=np.float64)
+    n = counts.sum(axis=-1, keepdims=True)
+    live = np.divide(counts, n, out=np.zeros_like(counts), where=n > 0)
+    if ordered:
+        return np.abs(np.cumsum(live - reference, axis=-1)).max(axis=-1)
+    return np.abs(live - reference).max(axis=-1)
+
+
+def psi(reference: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Population stability index of live ``counts`` (…, bins) against ``reference``."""
+    counts = np.asarray(counts, dtype=np.float64)
+    n = counts.sum(axis=-1, keepdims=True)
+    live = np.divide(counts, n, out=np.zeros_like(counts), where=n > 0)
+    ref = np.maximum(reference, PSI_FLOOR)
+    live = np.maximum(live, PSI_FLOOR)
+    return ((live - ref) * np.log(live / ref)).sum(axis=-1)
+
+
+def calibrate(
+    reference: np.ndarray,
+    holdout_counts: np.ndarray,
+    window: int,
+    quantile: float,
+    draws: int,
+    *,
+    ordered: bool = True,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Thresholds for one feature at one window size, by bootstrap from held-out rows.
+
+    Resampling ``window`` held-out rows with replacement puts Multinomial(window, p_holdout)
+    counts in the bins, so the windows are drawn directly as counts.
+
+    Args:
+        reference: the reference proportions the device will compare against.
+        holdout_counts: bin counts of held-out reference rows (not used to make ``reference``).
+        window: the device's window size (rows).
+        quantile: e.g. ``1 - alpha / features``.
+        draws: bootstrap windows (at least ``10 * features / alpha`` for a stable quantile).
+
+    Returns:
+        ``{"ks": threshold, "psi": threshold}``.
+    """
+    total = holdout_counts.sum()
+    p = holdout_counts / total if total > 0 else reference
+    windows = np.random.default_rng(seed).multinomial(window, p, size=draws)
+    return {
+        "ks": float(np.quantile(binned_ks(reference, windows, ordered), quantile)),
+        "psi": float(np.quantile(psi(reference, windows), quantile)),
+    }

@@ -1,0 +1,207 @@
+"""Make a converted model fit its profile's precision: int8 quantization or fp16 conversion.
+
+The precision comes from the profile's policy for the model's family (tree/linear models stay
+fp32: they have nothing to quantize, and fp16 flips tree thresholds). For int8 the graph first
+goes through ``quant_pre_process`` (shape inference and fusions), then static QDQ quantization
+calibrated on reference rows when the profile asks for it and rows exist, else dynamic
+quantization. fp16 uses ``onnxruntime.transformers.float16`` with float32 inputs and outputs
+kept, then stores the fp16 weights as ``raw_data``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from edgepack.packager._graph import ML_DOMAIN, normalize_opsets, opsets_of, repack_fp16
+from edgepack.packager._profiles import Quantization
+from edgepack.packager.exceptions import OptimizationError, short_error
+
+__all__ = ["Optimized", "optimize"]
+
+log = logging.getLogger(__name__)
+
+# Only the weight-bearing operators: quantizing the activation/softmax tail of converted
+# scikit-learn MLPs fails inside onnxruntime and buys nothing.
+_QUANTIZED_OPS = ("MatMul", "Gemm", "Conv", "ConvTranspose")
+# After quant_pre_process, tensors fed by ai.onnx.ml operators lose their inferred type; they are
+# float. Only MatMuls with a constant weight are worth quantizing.
+# QDQDisableWeightAdjustForInt32Bias: onnxruntime 1.32's bias-scale adjustment crashes on
+# per-channel MatMul weights ("truth value of an array is ambiguous").
+_EXTRA_OPTIONS = {
+    "MatMulConstBOnly": True,
+    "DefaultTensorType": onnx.TensorProto.FLOAT,
+    "QDQDisableWeightAdjustForInt32Bias": True,
+}
+
+
+@dataclass(frozen=True)
+class Optimized:
+    """The model to ship and what was done to it."""
+
+    model: onnx.ModelProto
+    precision: str
+    quantization: dict[str, Any] | None = None
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+
+class _Reader:
+    """onnxruntime's CalibrationDataReader over a list of feed dicts (one row per feed)."""
+
+    def __init__(self, feeds: Sequence[dict[str, np.ndarray]]) -> None:
+        self._iter: Iterator[dict[str, np.ndarray]] = iter(feeds)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._iter, None)
+
+
+@contextlib.contextmanager
+def _quiet_root_logger() -> Iterator[None]:
+    """onnxruntime.quantization logs type-inference chatter on the root logger; hide it."""
+    import onnxruntime as ort
+
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    ort.set_default_logger_severity(3)  # "removing unused initializer" warnings from pre-process
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+        ort.set_default_logger_severity(2)
+
+
+def _rows(feeds: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
+    n = len(next(iter(feeds.values())))
+    return [{k: v[i : i + 1] for k, v in feeds.items()} for i in range(n)]
+
+
+def _quantize(
+    model: onnx.ModelProto, settings: Quantization, calibration: dict[str, np.ndarray] | None
+) -> Optimized:
+    from onnxruntime.quantization import (
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quant_pre_process,
+        quantize_dynamic,
+        quantize_static,
+    )
+
+    types = {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}
+    methods = {
+        "minmax": CalibrationMethod.MinMax,
+        "entropy": CalibrationMethod.Entropy,
+        "percentile": CalibrationMethod.Percentile,
+    }
+    static = settings.mode == "static" and calibration is not None
+    notes = []
+    if settings.mode == "static" and calibration is None:
+        notes.append("no reference rows for calibration: used dynamic int8 quantization")
+    default_opset = opsets_of(model).get("", 17)
+    with tempfile.TemporaryDirectory(prefix="edgepack-quant-") as tmp, _quiet_root_logger():
+        src, pre, out = Path(tmp, "in.onnx"), Path(tmp, "pre.onnx"), Path(tmp, "out.onnx")
+        onnx.save(model, src)
+        if any(op.domain == ML_DOMAIN for op in model.opset_import):
+            # After pre-processing, tensors fed by ai.onnx.ml operators (skl2onnx pipelines) lose
+            # their types, and the quantizer then leaves every activation in float.
+            pre = src
+        else:
+            try:
+                quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
+            except Exception as e:  # noqa: BLE001 - pre-processing is an optimization
+                log.warning("quant_pre_process failed (%s); quantizing the model as converted", e)
+                notes.append(f"quant_pre_process skipped: {e}")
+                pre = src
+        try:
+            if static:
+                assert calibration is not None
+                quantize_static(
+                    str(pre),
+                    str(out),
+                    _Reader(_rows(calibration)),
+                    quant_format=QuantFormat.QDQ
+                    if settings.format == "qdq"
+                    else QuantFormat.QOperator,
+                    activation_type=types[settings.activation_type],
+                    weight_type=types[settings.weight_type],
+                    per_channel=settings.per_channel,
+                    reduce_range=settings.reduce_range,
+                    calibrate_method=methods[settings.calibration_method],
+                    op_types_to_quantize=list(_QUANTIZED_OPS),
+                    extra_options=_EXTRA_OPTIONS,
+                )
+            else:
+                quantize_dynamic(
+                    str(pre),
+                    str(out),
+                    weight_type=types[settings.weight_type],
+                    per_channel=settings.per_channel,
+                    reduce_range=settings.reduce_range,
+                    op_types_to_quantize=list(_QUANTIZED_OPS),
+                )
+            quantized = onnx.load(out)
+        except Exception as e:
+            raise OptimizationError(f"int8 quantization failed: {short_error(e)}") from e
+    normalize_opsets(quantized, default_opset)
+    used = {
+        "mode": "static" if static else "dynamic",
+        "format": settings.format if static else "qoperator",
+        "weight_type": settings.weight_type,
+        "activation_type": settings.activation_type if static else "uint8 (dynamic)",
+        "per_channel": settings.per_channel,
+        "reduce_range": settings.reduce_range,
+        "calibration_method": settings.calibration_method if static else None,
+        "calibration_rows": len(next(iter(calibration.values()))) if static and calibration else 0,
+    }
+    return Optimized(quantized, "int8", used, tuple(notes))
+
+
+def _fp16(model: onnx.ModelProto) -> Optimized:
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+
+    try:
+        converted = convert_float_to_float16(
+            model,
+            keep_io_types=True,
+            # Concat joining an fp32 branch (e.g. a OneHotEncoder, kept fp32) with an fp16 one
+            # gets mixed input types; keeping Concat in fp32 makes the converter insert casts.
+            op_block_list=[*DEFAULT_OP_BLOCK_LIST, "Concat"],
+        )
+    except Exception as e:
+        raise OptimizationError(f"fp16 conversion failed: {short_error(e)}") from e
+    return Optimized(repack_fp16(converted), "fp16", {"keep_io_types": True})
+
+
+def optimize(
+    model: onnx.ModelProto,
+    precision: str,
+    settings: Quantization,
+    calibration: dict[str, np.ndarray] | None,
+) -> Optimized:
+    """Return the model at ``precision`` (``fp32`` returns it unchanged).
+
+    Args:
+        model: the converted fp32 model.
+        precision: ``fp32``, ``int8`` or ``fp16``, from the profile's policy for the family.
+        settings: the profile's quantization parameters.
+        calibration: onnxruntime feeds of the calibration rows (``None`` without reference data).
+
+    Raises:
+        OptimizationError: the quantizer or fp16 converter failed; the message says which.
+    """
+    if precision == "fp32":
+        return Optimized(model, "fp32")
+    if precision == "int8":
+        return _quantize(model, settings, calibration)
+    if precision == "fp16":
+        return _fp16(model)
+    raise ValueError(f"unknown precision {precision!r}")

@@ -1,0 +1,167 @@
+"""Reference statistics for on-device drift detection (the bundle's ``reference.json``).
+
+The reference rows are split in two halves: ``numpy.random.default_rng(1).permutation(rows)``,
+first half and second half. The first half defines the reference:
+
+* each numeric feature: quantile bin edges (inner edges; the outer bins are open-ended; a value
+  equal to an edge goes right) and the reference count in each bin, aiming for 25–50 reference
+  rows per bin, at most 10 bins;
+* each categorical feature: the top-K categories with their counts, plus an "other" count;
+* the model's output: class counts (classification) or quantile bins of the prediction.
+
+The second half is held out to calibrate, per monitored column and per device window size, the
+thresholds of the binned-KS statistic and of PSI by bootstrap
+(:func:`edgepack.formats.drift.calibrate`), at the Bonferroni-corrected quantile ``1 - alpha / (2 *
+columns)`` (two statistics per column). The device counts live windows into the same bins and
+compares (edgepack.formats.drift). The format is in ``docs/bundle-format.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from edgepack.formats.drift import FeatureBins, calibrate
+from edgepack.packager._converters import Prediction
+from edgepack.packager._reference import InputLayout
+
+__all__ = ["REFERENCE_FORMAT_VERSION", "WINDOW_SIZES", "reference_statistics", "to_json"]
+
+REFERENCE_FORMAT_VERSION = 2
+MAX_BINS = 10
+MIN_PER_BIN = 25
+TOP_K = 20
+WINDOW_SIZES = (100, 250, 500, 1000)
+ALPHA = 0.01  # false alarms per window over all columns, before the 2-of-3 persistence rule
+MAX_DRAWS = 20_000
+
+
+def _bins_for(n: int) -> int:
+    return int(min(MAX_BINS, max(2, n // MIN_PER_BIN)))
+
+
+def _numeric(values: np.ndarray) -> dict[str, Any]:
+    values = values[np.isfinite(values)]
+    bins = _bins_for(len(values))
+    quantiles = np.quantile(values, np.linspace(0, 1, bins + 1)[1:-1]) if len(values) else []
+    edges = sorted({float(q) for q in quantiles})
+    counts = np.bincount(np.searchsorted(edges, values, side="right"), minlength=len(edges) + 1)
+    return {
+        "kind": "numeric",
+        "edges": edges,
+        "counts": [int(c) for c in counts],
+        "n": len(values),
+        "min": float(values.min()) if len(values) else None,
+        "max": float(values.max()) if len(values) else None,
+        "mean": float(values.mean()) if len(values) else None,
+        "std": float(values.std()) if len(values) else None,
+    }
+
+
+def _categorical(values: pd.Series) -> dict[str, Any]:
+    counts = values.astype(str).value_counts()
+    top = counts.iloc[:TOP_K]
+    return {
+        "kind": "categorical",
+        "categories": [str(c) for c in top.index],
+        "counts": [int(c) for c in top.to_numpy()],
+        "other": int(counts.iloc[TOP_K:].sum()),
+        "n": len(values),
+    }
+
+
+def _column(values: Any) -> dict[str, Any]:
+    series = pd.Series(np.asarray(values).ravel()) if not isinstance(values, pd.Series) else values
+    numeric = pd.api.types.is_numeric_dtype(series) and not pd.api.types.is_bool_dtype(series)
+    return _numeric(series.to_numpy(np.float64)) if numeric else _categorical(series)
+
+
+def _thresholds(
+    entry: dict[str, Any], holdout: Any, columns: int, windows: Sequence[int]
+) -> dict[str, dict[str, float]]:
+    bins = FeatureBins.from_reference(entry)
+    counts = bins.count(np.asarray(holdout))
+    quantile = 1 - ALPHA / (2 * columns)  # two statistics per column (binned KS or PSI)
+    draws = min(MAX_DRAWS, max(2000, math.ceil(10 * columns / ALPHA)))
+    return {
+        str(window): calibrate(
+            bins.reference,
+            counts,
+            window,
+            quantile,
+            draws,
+            ordered=bins.kind == "numeric",
+            seed=window,
+        )
+        for window in windows
+    }
+
+
+def reference_statistics(
+    frame: pd.DataFrame,
+    layout: InputLayout,
+    task: str,
+    prediction: Prediction,
+    windows: Sequence[int] = WINDOW_SIZES,
+) -> dict[str, Any]:
+    """Build the ``reference.json`` document.
+
+    Args:
+        frame: the feature columns of all reference rows.
+        layout: the model's input layout (gives each feature its input tensor and index).
+        task: ``classification``, ``regression`` or ``tensor``.
+        prediction: the source model's outputs on ``frame``'s rows (same order).
+        windows: device window sizes to calibrate thresholds for.
+    """
+    order = np.random.default_rng(1).permutation(len(frame))
+    half = max(1, len(frame) // 2)
+    build, holdout = order[:half], order[half:] if len(frame) > 1 else order
+    outputs: np.ndarray | None = None
+    if task == "classification" and prediction.labels is not None:
+        outputs = np.asarray(prediction.labels).ravel()
+    elif task == "regression" and prediction.values is not None:
+        outputs = np.asarray(prediction.values, dtype=np.float64).ravel()
+    columns = len(layout.columns) + (1 if outputs is not None else 0)
+    features = []
+    for index, column in enumerate(layout.columns):
+        series = frame[column].reset_index(drop=True)
+        entry = _column(series.iloc[build])
+        spec = layout.specs[0] if layout.mode == "tensor" else layout.specs[index]
+        entry.update(name=column, input=spec.name, index=index if layout.mode == "tensor" else 0)
+        entry["thresholds"] = _thresholds(entry, series.iloc[holdout].to_numpy(), columns, windows)
+        features.append(entry)
+    output = None
+    if outputs is not None:
+        # class labels are categories even when they are numbers
+        output = (
+            _categorical(pd.Series(outputs[build]))
+            if task == "classification"
+            else _numeric(outputs[build])
+        )
+        output["name"] = "label" if task == "classification" else "prediction"
+        output["thresholds"] = _thresholds(output, outputs[holdout], columns, windows)
+    return {
+        "format_version": REFERENCE_FORMAT_VERSION,
+        "rows": len(build),
+        "holdout_rows": len(holdout),
+        "calibration": {
+            "statistic": "binned_ks or psi",
+            "alpha": ALPHA,
+            "correction": "bonferroni",
+            "columns": columns,
+            "windows": list(windows),
+            "persistence": {"alarms": 2, "of_windows": 3},
+        },
+        "features": features,
+        "output": output,
+    }
+
+
+def to_json(stats: dict[str, Any]) -> bytes:
+    """Canonical JSON bytes for the bundle."""
+    return (json.dumps(stats, indent=2, sort_keys=True) + "\n").encode()
