@@ -150,15 +150,15 @@ class DriftDetector:
                 }
             )
             column.counts[:] = 0
-        drifting = [f for f in features if f["drifting"]]
+        drifting_features = [f for f in features if f["drifting"]]
         report = {
             "window_start": self.opened_wall,
             "window_end": self._wall(),
             "n": self.rows,
             "features": features,
-            "drifted_share": round(len(drifting) / max(1, len(features)), 4),
+            "drifted_share": round(len(drifting_features) / max(1, len(features)), 4),
             "status": "drift"
-            if drifting
+            if drifting_features
             else ("warning" if any(f["alarm"] for f in features) else "ok"),
         }
         self.rows = 0

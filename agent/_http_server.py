@@ -282,7 +282,7 @@ class InferenceServer:
     @property
     def url(self) -> str:
         host = self._server.server_address[0]
-        return f"http://{host}:{self.port}"
+        return f"http://{host!s}:{self.port}"
 
     def start(self) -> InferenceServer:
         self._thread.start()

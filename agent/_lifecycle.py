@@ -466,7 +466,7 @@ class Lifecycle:
                 return  # committed before a crash
             current.previous, current.active = current.active, e.version
             current.highest = max(current.highest, e.version)
-            current.bundle_sha256 = sha256_file(e.incoming)
+            current.bundle_sha256 = _bundle_sha256(e.incoming)
             current.installed_at = _now()
             state.record(
                 op=e.id,
@@ -539,6 +539,13 @@ class Lifecycle:
             job=e.job_id,
         )
         self.store.save(state)
+
+
+def _bundle_sha256(path: str | None) -> str | None:
+    """The fetched bundle's sha256 for the record, or None once it was cleaned up."""
+    if not path or not os.path.isfile(path):
+        return None
+    return sha256_file(path)
 
 
 def _now() -> str:

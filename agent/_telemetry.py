@@ -248,12 +248,12 @@ class Telemetry:
             f"process_cpu_seconds_total {process['cpu_s']}",
         ]
         typed: set[str] = set()
-        for name, labels, value in extra:  # extra gauges: one TYPE line per metric name
-            if name not in typed:
-                lines.append(f"# TYPE {name} gauge")
-                typed.add(name)
-            text = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
-            lines.append(f"{name}{{{text}}} {value}" if text else f"{name} {value}")
+        for gauge, gauge_labels, value in extra:  # extra gauges: one TYPE line per metric name
+            if gauge not in typed:
+                lines.append(f"# TYPE {gauge} gauge")
+                typed.add(gauge)
+            text = ",".join(f'{k}="{v}"' for k, v in sorted(gauge_labels.items()))
+            lines.append(f"{gauge}{{{text}}} {value}" if text else f"{gauge} {value}")
         return "\n".join(lines) + "\n"
 
 

@@ -23,6 +23,7 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -201,7 +202,7 @@ class Collector:
                     break
                 batch.append(more)
             try:
-                self.store.batch(lambda batch=batch: [self._handle_one(t, p) for t, p in batch])
+                self.store.batch(partial(self._handle_batch, batch))
             except StoreError as e:
                 log.error(
                     "store write failed for a batch of %d: %s; retrying one by one", len(batch), e
@@ -213,6 +214,10 @@ class Collector:
                         log.error("store write failed for %s: %s", topic, again)
             if stop:
                 return
+
+    def _handle_batch(self, batch: Sequence[tuple[str, bytes]]) -> None:
+        for topic, payload in batch:
+            self._handle_one(topic, payload)
 
     def _handle_one(self, topic: str, payload: bytes) -> None:
         """Handle one message; a malformed one is counted and skipped, not fatal to a batch."""

@@ -381,7 +381,7 @@ def _versions_chart(counts: dict[str, int]) -> str:
     ax.set_ylabel("devices")
     ax.set_title("active version")
     ax.set_ylim(0, max(counts.values()) * 1.2)
-    ax.yaxis.get_major_locator().set_params(integer=True)
+    ax.yaxis.get_major_locator().set_params(integer=True)  # type: ignore[call-arg]
     return _img(figure, "devices per active version")
 
 

@@ -134,8 +134,8 @@ def read_archive(data: bytes, limits: ArchiveLimits | None = None) -> tuple[str,
     top: str | None = None
     total = 0
     try:
-        mode = "r:gz" if data[:2] == b"\x1f\x8b" else "r:"  # gzip or plain tar, nothing else
-        with tarfile.open(fileobj=io.BytesIO(data), mode=mode) as archive:
+        gzipped = data[:2] == b"\x1f\x8b"  # gzip or plain tar, nothing else
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz" if gzipped else "r:") as archive:
             for count, member in enumerate(archive, start=1):
                 if count > limits.max_members:
                     raise ArchiveError(f"bundle has more than {limits.max_members} entries")

@@ -16,7 +16,7 @@ from pathlib import Path
 import click
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, Progress, SpinnerColumn, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from edgepack.formats.bundle import MANIFEST_FILE, ArchiveLimits, read_archive, verify_bundle_file
@@ -193,7 +193,7 @@ def build(
         transient=True,
     )
     steps = ("converting", "optimizing", "checking parity", "signing", "done")
-    tasks: dict[str, int] = {}
+    tasks: dict[str, TaskID] = {}
 
     def on_step(profile_id: str, step: str) -> None:
         done = next((i for i, s in enumerate(steps) if step.startswith(s)), 0)
