@@ -19,12 +19,12 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from edgepack.formats.exceptions import KeyFormatError, SignatureError
 from edgepack.formats.keys import check_ecdsa, key_id, signature_algorithm
 
-__all__ = ["dsse_sign", "dsse_verify"]
+__all__ = ["dsse_sign", "dsse_verify", "pae"]
 
 _MAX_DSSE_SIGNATURES = 8
 
 
-def _pae(payload_type: str, payload: bytes) -> bytes:
+def pae(payload_type: str, payload: bytes) -> bytes:
     """DSSE v1 pre-authentication encoding: what the signature actually covers."""
     t = payload_type.encode()
     return b"DSSEv1 %d %b %d %b" % (len(t), t, len(payload), payload)
@@ -39,7 +39,7 @@ def dsse_sign(payload_type: str, payload: bytes, key: ec.EllipticCurvePrivateKey
     check_ecdsa(key, "signing key")
     if not isinstance(key, ec.EllipticCurvePrivateKey):
         raise KeyFormatError("signing key: this is a public key; a private key is needed")
-    sig = key.sign(_pae(payload_type, payload), signature_algorithm(key))
+    sig = key.sign(pae(payload_type, payload), signature_algorithm(key))
     return {
         "payload": base64.b64encode(payload).decode(),
         "payloadType": payload_type,
@@ -72,7 +72,7 @@ def _dsse_verify(
     signatures = envelope.get("signatures")
     if not isinstance(signatures, list) or not 1 <= len(signatures) <= _MAX_DSSE_SIGNATURES:
         raise SignatureError(f"DSSE envelope needs 1 to {_MAX_DSSE_SIGNATURES} signatures")
-    message = _pae(payload_type, payload)
+    message = pae(payload_type, payload)
     claimed: list[str] = []
     for entry in signatures:
         if not isinstance(entry, Mapping):
