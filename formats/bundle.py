@@ -24,15 +24,20 @@ import io
 import os
 import tarfile
 import tempfile
-from collections.abc import Mapping, Sequence
+import zlib
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import Any, BinaryIO
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from edgepack.formats.exceptions import ArchiveError, ManifestError, SignatureError
 from edgepack.formats.manifest import Manifest, parse_manifest
 from edgepack.formats.modelsig import SIGNATURE_FILE, VerifiedSignature, sign_files, verify_files
+
+_CHUNK = 1 << 20
+_RATIO_FLOOR = 64 * 1024**2
 
 __all__ = [
     "BUNDLE_SUFFIX",
@@ -43,8 +48,10 @@ __all__ = [
     "REQUIRED_FILES",
     "SIGNATURE_FILE",
     "ArchiveLimits",
+    "Member",
     "VerifiedBundle",
     "bundle_filename",
+    "iter_members",
     "open_bundle",
     "read_archive",
     "verify_bundle_file",
@@ -67,6 +74,8 @@ class ArchiveLimits:
     max_member_bytes: int = 1024**3
     max_total_bytes: int = 2 * 1024**3
     max_members: int = 64
+    # uncompressed bytes per compressed byte, checked once a bundle unpacks past 64 MiB
+    max_ratio: float = 200.0
 
 
 @dataclass(frozen=True)
@@ -109,33 +118,85 @@ def _safe_parts(name: str) -> tuple[str, ...]:
     return parts
 
 
-def read_archive(data: bytes, limits: ArchiveLimits | None = None) -> tuple[str, dict[str, bytes]]:
-    """Read a bundle archive into memory under a strict allow-list.
+@dataclass(frozen=True)
+class Member:
+    """One regular file of an archive being streamed: the bundle's top-level directory, the
+    file's path inside it, and its size; :meth:`chunks` reads its content, once, in pieces."""
+
+    top: str
+    name: str
+    size: int
+    _handle: BinaryIO
+
+    def chunks(self, chunk_size: int = _CHUNK) -> Iterator[bytes]:
+        """The member's bytes, at most ``chunk_size`` at a time.
+
+        Raises:
+            ArchiveError: the archive ends before the member does.
+        """
+        left = self.size
+        try:
+            while left > 0:
+                piece = self._handle.read(min(chunk_size, left))
+                if not piece:
+                    raise ArchiveError(f"archive member {self.name!r} is truncated")
+                left -= len(piece)
+                yield piece
+        except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
+            raise ArchiveError(f"bundle is not a readable tar archive: {e}") from e
+
+    def read(self) -> bytes:
+        """The whole content (for small members: the manifest, the signature)."""
+        return b"".join(self.chunks())
+
+
+class _Counting(io.RawIOBase):
+    """Counts the compressed bytes read from a stream, for the inflation-ratio limit."""
+
+    def __init__(self, raw: BinaryIO) -> None:
+        self.raw = raw
+        self.count = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.raw.read(len(buffer))
+        buffer[: len(data)] = data
+        self.count += len(data)
+        return len(data)
+
+
+def iter_members(stream: BinaryIO, limits: ArchiveLimits | None = None) -> Iterator[Member]:
+    """Stream a bundle archive under a strict allow-list, one regular file at a time.
+
+    Nothing is held in memory beyond one chunk: the caller reads each :class:`Member`'s
+    :meth:`~Member.chunks` (hashing and writing them as they pass) before asking for the next.
+    A member that is never read is skipped. Sizes are checked against ``limits`` before a
+    member's content is read, and the uncompressed total against the compressed bytes consumed
+    (``max_ratio``), so a compression bomb is refused as soon as it passes a limit.
 
     Args:
-        data: the archive's bytes (gzip-compressed or plain tar).
-        limits: size and count bounds; the defaults suit models up to 1 GiB.
+        stream: the archive (gzip-compressed or plain tar), positioned at its start.
+        limits: size, count and ratio bounds; the defaults suit models up to 1 GiB.
 
-    Returns:
-        The top-level directory name and a mapping of relative POSIX path to file content.
+    Yields:
+        The regular files, in archive order.
 
     Raises:
         ArchiveError: not a tar archive, or a member that is a link, device, FIFO, has an
             absolute or ``..`` path, appears twice, lies outside the single top-level directory,
-            or breaks a size or count limit.
+            or breaks a size, count or ratio limit.
     """
     limits = limits or ArchiveLimits()
-    if len(data) > limits.max_archive_bytes:
-        raise ArchiveError(
-            f"bundle is {len(data)} bytes, above the limit of {limits.max_archive_bytes}"
-        )
-    files: dict[str, bytes] = {}
+    counted = _Counting(stream)
+    buffered = io.BufferedReader(counted, buffer_size=_CHUNK)
     seen: set[tuple[str, ...]] = set()
     top: str | None = None
     total = 0
     try:
-        gzipped = data[:2] == b"\x1f\x8b"  # gzip or plain tar, nothing else
-        with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz" if gzipped else "r:") as archive:
+        gzipped = buffered.peek(2)[:2] == b"\x1f\x8b"  # gzip or plain tar, nothing else
+        with tarfile.open(fileobj=buffered, mode="r|gz" if gzipped else "r|") as archive:
             for count, member in enumerate(archive, start=1):
                 if count > limits.max_members:
                     raise ArchiveError(f"bundle has more than {limits.max_members} entries")
@@ -168,17 +229,46 @@ def read_archive(data: bytes, limits: ArchiveLimits | None = None) -> tuple[str,
                     raise ArchiveError(
                         f"bundle unpacks to more than {limits.max_total_bytes} bytes; refusing"
                     )
+                if total > _RATIO_FLOOR and total > limits.max_ratio * max(counted.count, 1):
+                    raise ArchiveError(
+                        f"bundle inflates {total / max(counted.count, 1):.0f}-fold (more than "
+                        f"{limits.max_ratio:.0f}-fold): a compression bomb; refusing"
+                    )
                 handle = archive.extractfile(member)
                 if handle is None:  # pragma: no cover - isfile() members always have data
                     raise ArchiveError(f"archive member {member.name!r} has no data")
-                content = handle.read(member.size + 1)
-                if len(content) != member.size:
-                    raise ArchiveError(f"archive member {member.name!r} is truncated")
-                files["/".join(parts[1:])] = content
-    except (tarfile.TarError, EOFError, OSError, gzip.BadGzipFile) as e:
+                yield Member(top, "/".join(parts[1:]), member.size, handle)
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
         raise ArchiveError(f"bundle is not a readable tar archive: {e}") from e
     if top is None:
         raise ArchiveError("bundle archive is empty")
+
+
+def read_archive(data: bytes, limits: ArchiveLimits | None = None) -> tuple[str, dict[str, bytes]]:
+    """Read a bundle archive into memory under the allow-list of :func:`iter_members`.
+
+    For small bundles and tools (``edgepack inspect``); the agent streams instead.
+
+    Args:
+        data: the archive's bytes (gzip-compressed or plain tar).
+        limits: size and count bounds; the defaults suit models up to 1 GiB.
+
+    Returns:
+        The top-level directory name and a mapping of relative POSIX path to file content.
+
+    Raises:
+        ArchiveError: see :func:`iter_members`; also an archive above ``max_archive_bytes``.
+    """
+    limits = limits or ArchiveLimits()
+    if len(data) > limits.max_archive_bytes:
+        raise ArchiveError(
+            f"bundle is {len(data)} bytes, above the limit of {limits.max_archive_bytes}"
+        )
+    top = ""
+    files: dict[str, bytes] = {}
+    for member in iter_members(io.BytesIO(data), limits):
+        top = member.top
+        files[member.name] = member.read()
     return top, files
 
 
