@@ -5,6 +5,11 @@ over MQTT; no collector needed), ``collector`` (keeps fleet state in a store), `
 ``status`` (read that store). Broker and store come from ``--broker``/``--store`` or the
 ``EDGEPACK_BROKER``/``EDGEPACK_STORE`` environment variables. Errors are one red ``error:`` line
 and exit code 1 (2 for bad usage).
+
+``telemetry``, ``drift`` and ``report`` read the collector's store through edgepack.fleet._views
+(the rows) and edgepack.fleet._report (the HTML page); this module only renders them. Ages ("12m
+ago") and report times come from the clock in click's context object (``obj={"clock": ...}``, an
+:data:`edgepack._clock.Clock`; default: the wall clock), so tests fix it.
 """
 
 from __future__ import annotations
@@ -25,9 +30,10 @@ from rich.live import Live
 from rich.markup import escape
 from rich.table import Table
 
+from edgepack._clock import Clock, utc_now
+from edgepack.errors import StorageError
 from edgepack.formats.exceptions import EdgepackError, KeyFormatError
 from edgepack.formats.keys import load_private_key, load_public_key
-from edgepack.formats.messages import TERMINAL, utcnow
 
 __all__ = ["main"]
 
@@ -41,15 +47,10 @@ def _fail(message: str, code: int = 1) -> None:
     sys.exit(code)
 
 
-def _ago(moment: dt.datetime | None) -> str:
-    if moment is None:
-        return "-"
-    seconds = int((utcnow() - moment).total_seconds())
-    if seconds < 60:
-        return f"{max(seconds, 0)}s ago"
-    if seconds < 3600:
-        return f"{seconds // 60}m ago"
-    return f"{seconds // 3600}h ago" if seconds < 86400 else f"{seconds // 86400}d ago"
+def _now(ctx: click.Context) -> dt.datetime:
+    """The current moment, from the context's clock (see the module docstring)."""
+    clock: Clock = ctx.obj["clock"]
+    return clock()
 
 
 def _broker(ctx: click.Context) -> Any:
@@ -119,7 +120,7 @@ def _target(device: str | None, group: str | None) -> dict[str, str]:
 @click.pass_context
 def cli(ctx: click.Context, verbose: bool, **options: Any) -> None:
     """Deploy, roll back and retire models on edge devices over MQTT."""
-    ctx.obj = options
+    ctx.obj = {"clock": utc_now, **(ctx.obj or {}), **options}  # obj may bring a clock (tests)
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -284,22 +285,19 @@ def collector(
 @click.pass_context
 def devices(ctx: click.Context, group: str | None) -> None:
     """List devices: online, profile, models, health, last seen."""
-    rows = _store(ctx).devices(group)
+    from edgepack.fleet._views import ago, installed_models
+
+    rows, now = _store(ctx).devices(group), _now(ctx)
     table = Table("device", "online", "profile", "models", "health", "groups", "last seen")
     for d in rows:
-        models = ", ".join(
-            f"{n}@{m.get('active')}" + (f" (prev {m['previous']})" if m.get("previous") else "")
-            for n, m in sorted(d.models.items())
-            if m.get("active") is not None
-        )
         table.add_row(
             d.device,
             "[green]yes[/]" if d.online else "[red]no[/]",
             d.profile or "-",
-            models or "-",
+            installed_models(d.models),
             d.health or "-",
             ", ".join(d.groups) or "-",
-            _ago(d.last_seen),
+            ago(d.last_seen, now),
         )
     console.print(table if rows else "no devices known yet (is the collector running?)")
 
@@ -313,22 +311,10 @@ _STYLE = {
 }
 
 
-def _status_table(store: Any, job_id: str) -> tuple[Table, bool]:
-    job = store.job(job_id)
-    executions = {e.device: e for e in store.executions(job_id)}
-    expected: set[str] = set(executions)
-    if job is not None:
-        if job.target_type == "device":
-            expected.add(job.target)
-        else:
-            expected |= {d.device for d in store.devices(job.target)}
-    title = (
-        f"{job.kind} {job.model}"
-        + (f" v{job.version}" if job.version is not None else "")
-        + f" → {job.target_type} {job.target}"
-        if job
-        else job_id
-    )
+def _status_table(store: Any, job_id: str, now: dt.datetime) -> tuple[Table, bool]:
+    from edgepack.fleet._views import ago, job_progress
+
+    progress = job_progress(store, job_id)
     table = Table(
         "device",
         "status",
@@ -337,16 +323,12 @@ def _status_table(store: Any, job_id: str) -> tuple[Table, bool]:
         "after",
         "reason",
         "updated",
-        title=f"job {job_id}: {title}",
+        title=f"job {job_id}: {progress.title}",
     )
-    done = bool(expected)
-    for device in sorted(expected):
-        e = executions.get(device)
+    for device, e in progress.devices:
         if e is None:
             table.add_row(device, "[dim]waiting[/]", "", "", "", "", "")
-            done = False
             continue
-        done &= e.status in TERMINAL
         style = _STYLE.get(e.status, "")
         table.add_row(
             device,
@@ -355,9 +337,9 @@ def _status_table(store: Any, job_id: str) -> tuple[Table, bool]:
             str(e.version_before if e.version_before is not None else "-"),
             str(e.version_after if e.version_after is not None else "-"),
             escape(e.reason or ""),
-            _ago(e.updated_at),
+            ago(e.updated_at, now),
         )
-    return table, done
+    return table, progress.done
 
 
 @cli.command()
@@ -368,7 +350,7 @@ def _status_table(store: Any, job_id: str) -> tuple[Table, bool]:
 def status(ctx: click.Context, job_id: str, wait: bool, timeout: float) -> None:
     """Per-device progress of a job (from the collector's store)."""
     store = _store(ctx)
-    table, done = _status_table(store, job_id)
+    table, done = _status_table(store, job_id, _now(ctx))
     if not wait:
         console.print(table)
         return
@@ -377,12 +359,12 @@ def status(ctx: click.Context, job_id: str, wait: bool, timeout: float) -> None:
         with Live(table, console=console, refresh_per_second=4, transient=False) as live:
             while not done and time.monotonic() < deadline:
                 time.sleep(0.5)
-                table, done = _status_table(store, job_id)
+                table, done = _status_table(store, job_id, _now(ctx))
                 live.update(table)
     else:  # logs and pipes get the final table only
         while not done and time.monotonic() < deadline:
             time.sleep(0.5)
-            table, done = _status_table(store, job_id)
+            table, done = _status_table(store, job_id, _now(ctx))
         console.print(table)
     if not done:
         _fail(f"job {job_id} not finished on every device after {timeout:.0f} s")
@@ -391,10 +373,6 @@ def status(ctx: click.Context, job_id: str, wait: bool, timeout: float) -> None:
 
 
 _DRIFT_STYLE = {"ok": "green", "warning": "yellow", "drift": "bold red"}
-
-
-def _ms(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2f}"
 
 
 @cli.command()
@@ -406,9 +384,10 @@ def telemetry(
     ctx: click.Context, group: str | None, model: str | None, version: int | None
 ) -> None:
     """Latest telemetry per device and model version: requests, errors, latency, memory."""
-    from edgepack.fleet._report import sparkline, telemetry_rows
+    from edgepack.fleet._views import ago, milliseconds, sparkline, telemetry_rows
 
     rows = telemetry_rows(_store(ctx), group=group, model=model, version=version)
+    now = _now(ctx)
     table = Table("device", "model", "version", "requests", "errors", "p50 ms", "p95 ms")
     table.add_column("p99 ms")
     table.add_column("RSS MiB")
@@ -424,12 +403,12 @@ def telemetry(
             escape(str(r.version)),
             f"{r.requests:,}",
             f"[red]{errors:,}[/]" if errors else "0",
-            _ms(r.p50),
-            _ms(r.p95),
-            _ms(r.p99),
+            milliseconds(r.p50),
+            milliseconds(r.p95),
+            milliseconds(r.p99),
             "-" if r.rss_mib is None else f"{r.rss_mib:.1f}",
             sparkline(r.trend),
-            _ago(r.seen),
+            ago(r.seen, now),
         )
     console.print(table if rows else "no telemetry reports yet (is the collector running?)")
 
@@ -441,28 +420,26 @@ def telemetry(
 @click.pass_context
 def drift(ctx: click.Context, group: str | None, model: str | None, version: int | None) -> None:
     """Latest drift window per device and model: status, drifting features, trend."""
-    from edgepack.fleet._report import STATUS_GLYPHS, drift_rows
+    from edgepack.fleet._views import STATUS_GLYPHS, ago, drift_rows
 
     rows = drift_rows(_store(ctx), group=group, model=model, version=version)
+    now = _now(ctx)
     table = Table("device", "model", "version", "status", "window", "drifting", "worst / thr")
     table.add_column("trend")
     for r in rows:
         style = _DRIFT_STYLE.get(r.status, "")
-        worst = "-"
-        if r.worst is not None and r.worst_ratio is not None:
-            worst = f"{escape(r.worst)} {r.worst_ks:.3f}/{r.worst_threshold:.3f}"
-            worst = f"[red]{worst}[/]" if r.worst_ratio > 1 else worst
+        worst = "-" if r.worst_text is None else escape(r.worst_text)
+        worst = f"[red]{worst}[/]" if (r.worst_ratio or 0) > 1 else worst
         trend = "".join(
             f"[{_DRIFT_STYLE.get(s, 'dim')}]{escape(STATUS_GLYPHS.get(s, '?'))}[/]"
             for s in r.history
         )
-        window_end = r.window_end
         table.add_row(
             escape(r.device),
             escape(r.model),
             escape(str(r.version)),
             f"[{style}]{escape(r.status)}[/]" if style else escape(r.status),
-            f"{r.n:,} rows, {_ago(window_end)}",
+            f"{r.n:,} rows, {ago(r.window_end, now)}",
             escape(", ".join(r.drifting)) or "-",
             worst,
             trend,
@@ -486,13 +463,14 @@ def report(
     """Write one self-contained HTML report on MODEL: drift, latency, versions."""
     from edgepack.fleet._report import default_path, write_report
 
-    since = utcnow() - dt.timedelta(hours=hours) if hours else None
+    now = _now(ctx)
+    since = now - dt.timedelta(hours=hours) if hours else None
     try:
         path = write_report(
-            _store(ctx), model, out or default_path(model), group=group, since=since
+            _store(ctx), model, out or default_path(model), group=group, since=since, now=now
         )
-    except OSError as e:
-        _fail(f"cannot write the report: {e}")
+    except StorageError as e:
+        _fail(str(e))
         raise  # unreachable
     console.print(str(path), soft_wrap=True)
 

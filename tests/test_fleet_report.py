@@ -6,6 +6,9 @@ shift in its last window only (warning). Their drift reports come from
 edgepack.agent._drift.DriftDetector over a reference built by edgepack.packager._statistics, their
 telemetry from edgepack.agent._telemetry.Telemetry after recording known latencies, so the payloads
 are exactly what devices send.
+
+No test reads the wall clock: the reports are stamped relative to a fixed NOW, and the CLI is
+given a clock that says NOW (click's context object), so every age it prints is exact.
 """
 
 from __future__ import annotations
@@ -29,12 +32,13 @@ import edgepack.fleet._cli as fleet_cli
 from edgepack.agent._drift import DriftDetector
 from edgepack.agent._telemetry import Telemetry
 from edgepack.fleet._database import open_store
-from edgepack.fleet._report import build_report, drift_rows, sparkline, telemetry_rows
+from edgepack.fleet._report import build_report
+from edgepack.fleet._views import ago, drift_rows, sparkline, telemetry_rows
 from edgepack.packager._converters import Prediction
 from edgepack.packager._reference import columns_layout
 from edgepack.packager._statistics import reference_statistics
 
-NOW = datetime.now(timezone.utc).replace(microsecond=0)
+NOW = datetime(2026, 3, 2, 12, 0, tzinfo=timezone.utc)  # "now" for the reports and the CLI
 DEVICES = {"dev-a": ("eu", 2), "dev-b": ("eu", 2), "dev-c": ("us", 1)}
 WINDOWS, INTERVALS, ROWS = 6, 8, 250
 IMG = re.compile(r'<img [^>]*src="data:image/png;base64,([A-Za-z0-9+/=]+)"')
@@ -123,9 +127,13 @@ def fleet_store(tmp_path_factory: pytest.TempPathFactory) -> Fleet:
     return Fleet(url, last)
 
 
-def run(fleet_state: Fleet, *args: str, monkeypatch: pytest.MonkeyPatch) -> str:
+def run(
+    fleet_state: Fleet, *args: str, monkeypatch: pytest.MonkeyPatch, now: datetime = NOW
+) -> str:
+    """The output of ``edgepack-fleet --store STORE ARGS...`` with a clock that says ``now``."""
     monkeypatch.setattr(fleet_cli.console, "width", 200)  # no wrapping, whatever the terminal
-    result = CliRunner().invoke(fleet_cli.cli, ["--store", fleet_state.store_url, *args])
+    args = ("--store", fleet_state.store_url, *args)
+    result = CliRunner().invoke(fleet_cli.cli, args, obj={"clock": lambda: now})
     assert result.exit_code == 0, result.output
     return result.output
 
@@ -142,6 +150,7 @@ def devices_in(output: str) -> set[str]:
 
 
 TELEMETRY = ["device", "model", "version", "requests", "errors", "p50", "p95", "p99", "rss"]
+TELEMETRY += ["trend", "seen"]
 DRIFT = ["device", "model", "version", "status", "window", "drifting", "worst", "trend"]
 
 
@@ -158,6 +167,7 @@ def test_telemetry_table_shows_the_latest_interval(
         bad = 3 if device == "dev-c" else 0  # dev-c had three bad inputs in its last interval
         assert (row["requests"], row["errors"]) == (str(200 + bad), str(bad))
         assert float(row["rss"]) > 1
+        assert row["seen"] == "4m ago"  # the last interval ended 5 minutes ago, received 1 s later
     trend = cells(output, "dev-b", "churn")[9]  # its latency grew every interval
     assert len(trend) == INTERVALS
     assert trend[0] == "▁"
@@ -200,13 +210,27 @@ def test_drift_table_shows_status_and_features(
     # dev-c: one window over its threshold is a warning, not (yet) drift
     assert (c["status"], c["drifting"], c["trend"]) == ("warning", "-", "·····!")
     assert c["worst"].startswith("tenure ")
-    assert b["window"] in (f"{ROWS} rows, 10m ago", f"{ROWS} rows, 11m ago")  # a slow run
+    assert b["window"] == f"{ROWS} rows, 10m ago"  # the last window ended 10 minutes ago
     rows = {r.device: r for r in drift_rows(open_store(fleet_store.store_url), model="churn")}
     assert rows["dev-b"].drifting == ["monthly_charges"]
     assert rows["dev-b"].worst == "monthly_charges"
     assert rows["dev-b"].worst_ratio is not None
     assert rows["dev-b"].worst_ratio > 1
     assert rows["dev-c"].alarms == ["tenure"]
+
+
+def test_ages_come_from_the_clock(fleet_store: Fleet, monkeypatch: pytest.MonkeyPatch) -> None:
+    later = NOW + timedelta(days=2, hours=3)
+    drift = run(fleet_store, "drift", "--group", "us", monkeypatch=monkeypatch, now=later)
+    assert cells(drift, "dev-c")[4] == f"{ROWS} rows, 2d ago"
+    devices = run(fleet_store, "devices", monkeypatch=monkeypatch, now=NOW + timedelta(hours=1))
+    row = cells(devices, "dev-a")
+    assert row[3] == "churn@2, fraud@1"
+    assert row[-1] == "1h ago"  # its state was received at NOW
+    assert [ago(NOW - timedelta(seconds=s), NOW) for s in (-5, 59, 60, 3599, 3600, 86400)] == [
+        "0s ago", "59s ago", "1m ago", "59m ago", "1h ago", "1d ago",
+    ]  # fmt: skip
+    assert ago(None, NOW) == "-"
 
 
 @pytest.mark.parametrize(
@@ -237,7 +261,7 @@ def test_malformed_reports_lose_cells_not_tables(tmp_path: Path) -> None:
     assert (row.device, row.model, row.p95, row.trend) == ("odd", "churn", None, [])
     (drift,) = drift_rows(store)
     assert (drift.status, drift.worst, drift.n) == ("?", None, 0)
-    assert "No drift reports yet" not in build_report(store, "churn")
+    assert "No drift reports yet" not in build_report(store, "churn", now=NOW)
 
 
 def test_odd_names_are_plotted_as_text(tmp_path: Path) -> None:
@@ -248,12 +272,14 @@ def test_odd_names_are_plotted_as_text(tmp_path: Path) -> None:
         "edges": None, "categories": ["$5", "<b>$10</b>", "other"],
     }  # fmt: skip
     payload = {"model": "churn", "version": 1, "status": "drift", "n": 100, "features": [feature]}
-    store.record_event("drift", "_edge$1", payload | {"window_end": NOW.timestamp()}, 1, NOW)
-    text = build_report(store, "churn")
+    store.record_event("drift", "_edge$<i>1", payload | {"window_end": NOW.timestamp()}, 1, NOW)
+    text = build_report(store, "churn", now=NOW)
     assert len(IMG.findall(text)) == 2  # the histogram and the drift statistic over time
     assert "<b>$10</b>" not in text
     assert "&lt;b&gt;" not in text  # category names are only in the plot
     assert "price $" in text
+    assert "_edge$&lt;i&gt;1" in text  # names are text in the page, never markup
+    assert "<i>" not in text
 
 
 def test_sparkline() -> None:
@@ -264,7 +290,7 @@ def test_sparkline() -> None:
 
 def test_cli_import_stays_free_of_matplotlib() -> None:
     code = (
-        "import sys, edgepack.fleet._cli, edgepack.fleet._report; "
+        "import sys, edgepack.fleet._cli, edgepack.fleet._report, edgepack.fleet._plots; "
         "print('matplotlib' in sys.modules)"
     )
     out = subprocess.run(
@@ -305,6 +331,24 @@ def test_report_is_one_self_contained_file(report: Path) -> None:
         assert device in text
     assert text.count(">drift</span>") == 1
     assert text.count(">warning</span>") == 1
+    assert report.stat().st_mode & 0o777 == 0o644  # a report is for sharing
+
+
+def test_report_takes_its_times_from_the_clock(
+    fleet_store: Fleet, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "churn.html"
+    args = ["report", "--model", "churn", "--hours", "1", "--out", str(out)]
+    run(fleet_store, *args, monkeypatch=monkeypatch, now=NOW + timedelta(minutes=1))
+    recent = out.read_text()
+    assert "Generated 2026-03-02 12:01 UTC" in recent
+    assert "No drift reports yet" not in recent  # windows received in the last hour
+    run(fleet_store, *args, monkeypatch=monkeypatch, now=NOW + timedelta(hours=2))
+    later = out.read_text()
+    assert "Generated 2026-03-02 14:00 UTC" in later
+    assert "No drift reports yet for churn" in later
+    assert "No telemetry yet for churn" in later
+    assert [p.name for p in tmp_path.iterdir()] == [out.name]  # no temporary file left
 
 
 def test_report_of_a_group_and_of_nothing(fleet_store: Fleet, tmp_path: Path) -> None:
@@ -380,4 +424,6 @@ def test_report_that_cannot_be_written_is_one_error_line(
     result = CliRunner().invoke(fleet_cli.cli, args)
     assert result.exit_code == 1
     assert result.output.startswith("error: cannot write the report:"), result.output
+    assert f"the folder {out.parent} does not exist: create it" in result.output
+    assert len(result.output.strip().splitlines()) == 1, result.output
     assert list(tmp_path.iterdir()) == []

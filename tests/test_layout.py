@@ -85,6 +85,7 @@ def test_a_wheel_installs_only_edgepack_import_names(tmp_path: Path) -> None:
     for module in ("edgepack/formats/bundle.py", "edgepack/agent/_lifecycle.py",
                    "edgepack/packager/_build.py", "edgepack/fleet/_collector.py"):
         assert module in names
+    assert "edgepack/fleet/templates/report.html.j2" in names  # package data: the report's page
 
 
 def _requirements(extra: str, extras: dict[str, list[str]], seen: set[str]) -> set[str]:
