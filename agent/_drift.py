@@ -1,10 +1,11 @@
 """Drift detection on the device: one model version's live rows, counted into windows and judged.
 
 The statistics and the bins are the shared ones (:mod:`edgepack.formats.drift`, the same code the
-packager calibrated the thresholds with); this module adds what only the device does: counting
-live inputs and outputs into the current window with O(features × bins) memory, closing a window
-when it is full or old, and judging it against the thresholds calibrated for its size. The
-monitor (``_monitor``) owns one :class:`DriftDetector` per served model version.
+packager calibrated the thresholds with), built from the bundle's parsed ``reference.json``
+(:func:`edgepack.formats.reference.parse_reference`); this module adds what only the device does:
+counting live inputs and outputs into the current window with O(features × bins) memory, closing
+a window when it is full or old, and judging it against the thresholds calibrated for its size.
+The monitor (``_monitor``) owns one :class:`DriftDetector` per served model version.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from edgepack.formats.drift import FeatureBins, binned_ks, psi
+from edgepack.formats.reference import Reference, Thresholds
 
 __all__ = ["DriftDetector"]
 
@@ -23,9 +25,13 @@ __all__ = ["DriftDetector"]
 @dataclass
 class _Column:
     bins: FeatureBins
-    thresholds: dict[int, dict[str, float]]
+    thresholds: dict[int, Thresholds]
     counts: np.ndarray
     alarms: list[bool]
+    output: bool  # the model's output (its first output tensor), not an input feature
+
+
+_UNJUDGED = Thresholds(float("inf"), float("inf"))
 
 
 class DriftDetector:
@@ -37,7 +43,8 @@ class DriftDetector:
     that is not larger, so small windows are never judged by a too-strict threshold).
 
     Args:
-        reference: the parsed ``reference.json``.
+        reference: the parsed ``reference.json``
+            (:func:`~edgepack.formats.reference.parse_reference`).
         window: rows per window (nearest calibrated size is used for thresholds).
         min_rows: the fewest rows a time-flushed window may have.
         max_age: seconds after which a window closes if it has ``min_rows``.
@@ -45,7 +52,7 @@ class DriftDetector:
 
     def __init__(
         self,
-        reference: dict[str, Any],
+        reference: Reference,
         window: int = 500,
         min_rows: int = 100,
         max_age: float = 3600.0,
@@ -56,51 +63,47 @@ class DriftDetector:
         self.window = window
         self.min_rows = min_rows
         self.max_age = max_age
-        persistence = reference.get("calibration", {}).get("persistence", {})
-        self.needed = int(persistence.get("alarms", 2))
-        self.over = int(persistence.get("of_windows", 3))
-        entries = list(reference.get("features", []))
-        if reference.get("output"):
-            entries.append({**reference["output"], "input": "__output__"})
+        self.needed = reference.persistence.alarms
+        self.over = reference.persistence.of_windows
         self.columns = [
             _Column(
-                FeatureBins.from_reference(e),
-                {int(w): t for w, t in e.get("thresholds", {}).items()},
+                FeatureBins.from_reference(column),
+                dict(column.thresholds),
                 np.zeros(
-                    len(e["counts"]) + (1 if e["kind"] == "categorical" else 0), dtype=np.int64
+                    len(column.counts) + (1 if column.kind == "categorical" else 0), dtype=np.int64
                 ),
                 [],
+                output=column is reference.output,
             )
-            for e in entries
+            for column in reference.columns
         ]
         self.rows = 0
         self.opened = self._clock()
         self.opened_wall = self._wall()
 
-    def _threshold(self, column: _Column, rows: int) -> tuple[int, dict[str, float]]:
+    def _threshold(self, column: _Column, rows: int) -> tuple[int, Thresholds]:
         if not column.thresholds:
-            return 0, {"ks": float("inf"), "psi": float("inf")}
+            return 0, _UNJUDGED
         sizes = sorted(column.thresholds)
         usable = [s for s in sizes if s <= rows]
         if usable:
             return usable[-1], column.thresholds[usable[-1]]
         # Fewer rows than the smallest calibrated window: no calibrated threshold applies, and
         # a guessed one would alarm all the time. Such a window is reported but not judged.
-        return 0, {"ks": float("inf"), "psi": float("inf")}
+        return 0, _UNJUDGED
 
     def observe(self, inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> None:
         """Count a batch of rows (already validated inputs, and the model's outputs)."""
         rows = 0
         for column in self.columns:
-            source = outputs if column.bins.input == "__output__" else inputs
-            if column.bins.input == "__output__":
-                values = next(iter(source.values()), None)  # the first output: label/prediction
+            if column.output:
+                values = next(iter(outputs.values()), None)  # the first output: label/prediction
             else:
-                values = source.get(column.bins.input)
+                values = inputs.get(column.bins.input)
             if values is None:
                 continue
             array = np.asarray(values)
-            if array.ndim == 2 and column.bins.input != "__output__":
+            if array.ndim == 2 and not column.output:
                 array = array[:, column.bins.index]
             column.counts += column.bins.count(array)
             rows = max(rows, len(array))
@@ -122,7 +125,7 @@ class DriftDetector:
             value_psi = float(psi(column.bins.reference, column.counts))
             # either statistic; each was calibrated at alpha / (2 * columns): KS sees location
             # shifts best, PSI changes in spread and in the tails
-            alarm = bool(self.rows > 0 and (ks > threshold["ks"] or value_psi > threshold["psi"]))
+            alarm = bool(self.rows > 0 and (ks > threshold.ks or value_psi > threshold.psi))
             column.alarms = ([*column.alarms, alarm])[-self.over :]
             drifting = sum(column.alarms) >= self.needed
             live = column.counts / max(1, column.counts.sum())
@@ -130,11 +133,11 @@ class DriftDetector:
                 {
                     "name": column.bins.name,
                     "kind": column.bins.kind,
-                    "output": column.bins.input == "__output__",
+                    "output": column.output,
                     "ks": round(ks, 6),
                     "psi": round(value_psi, 6),
-                    "threshold": round(threshold["ks"], 6) if size else None,
-                    "psi_threshold": round(threshold["psi"], 6) if size else None,
+                    "threshold": round(threshold.ks, 6) if size else None,
+                    "psi_threshold": round(threshold.psi, 6) if size else None,
                     "threshold_window": size,
                     "alarm": alarm,
                     "drifting": drifting,

@@ -8,8 +8,13 @@ its retained state (a Last Will marks it offline), and asks the collector for pe
 rather than trusting the broker's queue alone.
 
 Callbacks never block: they put messages in a queue; one worker thread verifies and runs them
-through :class:`edgepack.agent._jobs.JobRunner`, oldest command first. Topics and payloads come from
-:mod:`edgepack.formats.messages`. Configuration is the ``[mqtt]`` table of ``agent.toml``.
+through :class:`edgepack.agent._jobs.JobRunner`, oldest command first. Topics come from
+:mod:`edgepack.formats.topics` (whose one parser reads every topic received), payloads from
+:mod:`edgepack.formats.messages`, and the paho client is set up by :mod:`edgepack._mqtt`, as
+the fleet's are. Configuration is the ``[mqtt]`` table of ``agent.toml``, parsed
+with the rest of it (:class:`edgepack.agent._config.MqttConfig`). The monitor's telemetry and
+drift reports reach the outbox through the agent's :class:`~edgepack.agent._monitor.ReportRelay`,
+which the link connects when it is built.
 """
 
 from __future__ import annotations
@@ -19,107 +24,44 @@ import logging
 import queue
 import threading
 import uuid
-from collections.abc import Mapping
-from dataclasses import dataclass, fields
-from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 
 import edgepack
+from edgepack._mqtt import ClientSettings, Will, connect_options, make_client
+from edgepack.agent._config import MqttConfig
 from edgepack.agent._daemon import Agent
 from edgepack.agent._jobs import JobRunner, StatusUpdate
 from edgepack.agent._outbox import Outbox
-from edgepack.agent.exceptions import ConfigError, EdgepackError, KeyFormatError
-from edgepack.formats.keys import load_public_key
+from edgepack.agent.exceptions import EdgepackError
+from edgepack.formats.exceptions import MessageError
 from edgepack.formats.messages import (
-    DEFAULT_PREFIX,
-    MAX_MESSAGE_BYTES,
-    Topics,
-    decode_json,
-    encode,
-    job_status,
-    utcnow,
+    ModelState,
+    ReportKind,
+    build_device_offline,
+    build_device_state,
+    build_job_status,
+    build_pending_get,
+    build_presence_ping,
+    build_report,
+    parse_collector_presence,
+    parse_pending_answer,
 )
+from edgepack.formats.topics import TopicKind, Topics
 
-__all__ = ["DeviceLink", "MqttConfig"]
+__all__ = ["DeviceLink"]
 
 log = logging.getLogger("edgepack.agent.mqtt")
 
 
-@dataclass(frozen=True)
-class MqttConfig:
-    """The ``[mqtt]`` table of ``agent.toml``."""
-
-    host: str = "127.0.0.1"
-    port: int = 1883
-    prefix: str = DEFAULT_PREFIX
-    protocol: str = "5"  # "5" or "3.1.1"
-    client_id: str = ""  # default: edgepack-<device_id>
-    username: str = ""
-    password_file: str = ""
-    tls: bool = False
-    ca_file: str = ""
-    cert_file: str = ""  # client certificate (mTLS)
-    key_file: str = ""
-    keepalive: int = 30
-    session_expiry: int = 7 * 24 * 3600
-    reconnect_min: int = 1
-    reconnect_max: int = 60
-    command_keys: tuple[str, ...] = ()  # operator public keys trusted to sign commands
-    outbox_max_messages: int = 10_000  # store-and-forward bound (telemetry dropped first)
-
-    @classmethod
-    def from_agent(cls, raw: Mapping[str, Any], source: str, base: Path) -> MqttConfig:
-        """Validate the raw ``[mqtt]`` table; ConfigError names the field."""
-        known = {f.name: f for f in fields(cls)}
-        values: dict[str, Any] = {}
-        for key, value in raw.items():
-            if key not in known:
-                raise ConfigError(f"{source}: unknown key [mqtt].{key}")
-            default = getattr(cls, key)
-            if isinstance(default, bool) and not isinstance(value, bool):
-                raise ConfigError(f"{source}: [mqtt].{key} must be true or false")
-            if (
-                isinstance(default, int)
-                and not isinstance(default, bool)
-                and (isinstance(value, bool) or not isinstance(value, int) or value < 0)
-            ):
-                raise ConfigError(f"{source}: [mqtt].{key} must be a non-negative integer")
-            if isinstance(default, str) and not isinstance(value, str):
-                raise ConfigError(f"{source}: [mqtt].{key} must be a string")
-            if key == "command_keys":
-                if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-                    raise ConfigError(f"{source}: [mqtt].command_keys must be a list of paths")
-                values[key] = tuple(str(base / v) for v in value)
-            elif key in ("password_file", "ca_file", "cert_file", "key_file") and value:
-                values[key] = str(base / value)
-            else:
-                values[key] = value
-        config = cls(**values)
-        if config.protocol not in ("5", "3.1.1"):
-            raise ConfigError(f'{source}: [mqtt].protocol must be "5" or "3.1.1"')
-        if not config.command_keys:
-            raise ConfigError(f"{source}: [mqtt].command_keys is empty; no command would verify")
-        return config
-
-    def keys(self) -> list[Any]:
-        out = []
-        for path in self.command_keys:
-            try:
-                out.append(load_public_key(Path(path).read_bytes(), source=path))
-            except OSError as e:
-                raise ConfigError(f"[mqtt] command key {path} cannot be read: {e.strerror}") from e
-            except KeyFormatError as e:
-                raise ConfigError(f"[mqtt] command key: {e}") from e
-        return out
-
-
 class DeviceLink:
-    """Connects one :class:`~edgepack.agent._daemon.Agent` to the fleet over MQTT."""
+    """Connects one :class:`~edgepack.agent._daemon.Agent` to the fleet over MQTT.
+
+    Args:
+        agent: the device's agent; its monitor's reports are routed to this link's outbox.
+        config: the ``[mqtt]`` table (``agent.config.mqtt``).
+    """
 
     def __init__(self, agent: Agent, config: MqttConfig) -> None:
         self.agent = agent
@@ -135,7 +77,7 @@ class DeviceLink:
         self.outbox = Outbox(agent.config.state_dir / "outbox.db", config.outbox_max_messages)
         self._collectors: dict[str, bool] = {}
         self._collector_seen = "seq_collector_seen" in self.outbox.counters()
-        agent.monitor.sink = self._queue_report
+        agent.reports.connect(self._queue_report)
         self._stopping = threading.Event()
         self._sender = threading.Thread(target=self._send_loop, name="edgepack-outbox", daemon=True)
         self._inbox: queue.Queue[tuple[str, bytes] | None] = queue.Queue(maxsize=10_000)
@@ -146,44 +88,37 @@ class DeviceLink:
 
     def _make_client(self) -> mqtt.Client:
         c = self.config
-        v5 = c.protocol == "5"
-        client = mqtt.Client(
-            CallbackAPIVersion.VERSION2,
+        self._settings = ClientSettings(
             client_id=c.client_id or f"edgepack-{self.device}",
-            protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
-            clean_session=None if v5 else False,  # keep the session: queued commands survive
+            host=c.host,
+            port=c.port,
+            protocol=c.protocol,
+            keepalive=c.keepalive,
+            username=c.username,
+            password_file=c.password_file,
+            tls=c.tls,
+            ca_file=c.ca_file,
+            cert_file=c.cert_file,
+            key_file=c.key_file,
+            persistent=True,  # keep the session: commands queued while away survive
+            session_expiry=c.session_expiry,
+            reconnect_min=c.reconnect_min,
+            reconnect_max=c.reconnect_max,
+            max_queued=10_000,
         )
+        offline = build_device_offline(self.device, self.session)
+        client = make_client(self._settings, will=Will(self.topics.state(self.device), offline))
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
-        client.reconnect_delay_set(c.reconnect_min, c.reconnect_max)
-        client.max_queued_messages_set(10_000)
-        offline = encode(
-            {"device": self.device, "online": False, "session": self.session, "ts": _now()}
-        )
-        client.will_set(self.topics.state(self.device), offline, qos=1, retain=True)
-        if c.username:
-            password = Path(c.password_file).read_text().strip() if c.password_file else None
-            client.username_pw_set(c.username, password)
-        if c.tls:
-            client.tls_set(
-                ca_certs=c.ca_file or None, certfile=c.cert_file or None, keyfile=c.key_file or None
-            )
         return client
 
     def start(self) -> DeviceLink:
         """Connect in the background (retrying with backoff while the broker is down)."""
         self._worker.start()
         self._sender.start()
-        c = self.config
-        if c.protocol == "5":
-            props = Properties(PacketTypes.CONNECT)
-            props.SessionExpiryInterval = c.session_expiry
-            self._client.connect_async(
-                c.host, c.port, c.keepalive, clean_start=False, properties=props
-            )
-        else:
-            self._client.connect_async(c.host, c.port, c.keepalive)
+        c = self._settings
+        self._client.connect_async(c.host, c.port, c.keepalive, **connect_options(c))
         self._client.loop_start()
         if self.agent.recovered is not None:
             self.runner.finish_recovered(self.agent.recovered)
@@ -191,12 +126,11 @@ class DeviceLink:
 
     def stop(self) -> None:
         """Say offline, disconnect, stop the worker."""
+        self.agent.reports.connect(None)  # the outbox closes below; later reports go nowhere
         if self.connected.is_set():
             info = self._client.publish(
                 self.topics.state(self.device),
-                encode(
-                    {"device": self.device, "online": False, "session": self.session, "ts": _now()}
-                ),
+                build_device_offline(self.device, self.session),
                 qos=1,
                 retain=True,
             )
@@ -226,10 +160,9 @@ class DeviceLink:
         self.connected.set()
         log.info("connected to %s:%d as %s", self.config.host, self.config.port, self.device)
         self.publish_state()
-        self._publish(self.topics.presence_ping(), encode({"device": self.device, "ts": _now()}))
+        self._publish(self.topics.presence_ping(), build_presence_ping(self.device))
         self._publish(
-            self.topics.pending_get(self.device),
-            encode({"device": self.device, "groups": list(self.groups), "ts": _now()}),
+            self.topics.pending_get(self.device), build_pending_get(self.device, self.groups)
         )
 
     def _on_disconnect(
@@ -240,7 +173,12 @@ class DeviceLink:
         log.warning("disconnected from the broker (%s); reconnecting", reason)
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
-        if self.topics.parse(message.topic)[:1] == ("collectors",):
+        try:
+            where = self.topics.parse(message.topic)
+        except MessageError as e:
+            log.warning("ignoring a message: %s", e)
+            return
+        if where.kind is TopicKind.COLLECTOR:
             self._collector_presence(message.topic, bytes(message.payload), message.retain)
             return
         try:  # never block the network thread
@@ -261,7 +199,7 @@ class DeviceLink:
         self.outbox.put(
             "job",
             self.topics.job_status(self.device, update.job_id),
-            job_status(
+            build_job_status(
                 update.job_id,
                 self.device,
                 update.status,
@@ -276,29 +214,18 @@ class DeviceLink:
 
     def _queue_report(self, kind: str, report: dict[str, Any]) -> None:
         """Monitor sink: telemetry and drift reports go through the outbox, numbered."""
-        topic = (
-            self.topics.telemetry(self.device)
-            if kind == "telemetry"
-            else self.topics.drift(self.device)
-        )
-        extra: dict[str, Any] = {}
-        if kind == "telemetry":
-            extra["outbox"] = {"queued": len(self.outbox), **self.outbox.counters()}
-        payload = encode(
-            {
-                "device": self.device,
-                "seq": self.outbox.next_seq(kind),
-                "ts": _now(),
-                **report,
-                **extra,
-            }
-        )
-        if len(payload) > MAX_MESSAGE_BYTES:
-            log.error(
-                "%s report is %d bytes, above %d; not sent", kind, len(payload), MAX_MESSAGE_BYTES
-            )
+        what = ReportKind(kind)
+        if what is ReportKind.TELEMETRY:
+            topic = self.topics.telemetry(self.device)
+            report = {**report, "outbox": {"queued": len(self.outbox), **self.outbox.counters()}}
+        else:
+            topic = self.topics.drift(self.device)
+        try:
+            payload = build_report(what, self.device, self.outbox.next_seq(what.value), report)
+        except MessageError as e:  # too large
+            log.error("%s", e)
             return
-        self.outbox.put(kind, topic, payload)
+        self.outbox.put(what.value, topic, payload)
 
     def _collector_presence(self, topic: str, payload: bytes, retained: bool) -> None:
         """Track collectors' presence (called on the network thread: cheap).
@@ -307,10 +234,10 @@ class DeviceLink:
         the collector was away), so only a live announcement counts as listening; the device
         asks for one on every connect (``presence/ping``)."""
         try:
-            data = decode_json(payload, "collector presence") if payload else {}
-        except EdgepackError:
+            online = parse_collector_presence(payload).online
+        except MessageError as e:
+            log.debug("ignoring a malformed collector presence: %s", e)
             return
-        online = bool(data.get("online"))
         if not online or not retained:
             self._collectors[topic] = online
         if online and not self._collector_seen:
@@ -357,7 +284,7 @@ class DeviceLink:
         """Publish this device's retained state: online, profile, models, health."""
         status = self.agent.status()
         models = {
-            name: {"active": m["active"], "previous": m["previous"], "serving": m["serving"]}
+            name: ModelState(m["active"], m["previous"], m["serving"])
             for name, m in status["models"].items()
         }
         unhealthy = [
@@ -367,18 +294,14 @@ class DeviceLink:
         ]
         self._publish(
             self.topics.state(self.device),
-            encode(
-                {
-                    "device": self.device,
-                    "online": True,
-                    "profile": self.agent.config.profile,
-                    "agent_version": edgepack.__version__,
-                    "groups": list(self.groups),
-                    "models": models,
-                    "health": "degraded" if unhealthy else "ok",
-                    "ts": _now(),
-                    "session": self.session,
-                }
+            build_device_state(
+                self.device,
+                profile=self.agent.config.profile,
+                agent_version=edgepack.__version__,
+                groups=self.groups,
+                models=models,
+                health="degraded" if unhealthy else "ok",
+                session=self.session,
             ),
             retain=True,
         )
@@ -412,19 +335,12 @@ class DeviceLink:
                 self.publish_state()
 
     def _commands_in(self, topic: str, payload: bytes) -> list[bytes]:
-        parts = self.topics.parse(topic)
-        if parts[-1:] == ("pending",):
+        if self.topics.parse(topic).kind is TopicKind.PENDING:  # parsed before it was queued
             try:
-                answer = decode_json(payload, "pending answer")
-            except EdgepackError as e:
+                return list(parse_pending_answer(payload, device=self.device).commands)
+            except MessageError as e:
                 log.warning("ignoring a malformed pending answer: %s", e)
                 return []
-            commands = answer.get("commands", [])
-            return [c.encode() for c in commands if isinstance(c, str)]
         if not payload:
             return []  # a cleared retained message
         return [payload]
-
-
-def _now() -> str:
-    return utcnow().isoformat(timespec="seconds")

@@ -4,8 +4,10 @@
 collector's answer to ``pending/get``) and reports job execution updates through a callback,
 AWS IoT Jobs style: ``QUEUED → IN_PROGRESS (step) → SUCCEEDED | FAILED | REJECTED``.
 
-Every command is checked by :func:`edgepack.formats.messages.open_command` (signature by a trusted
-operator key, target, expiry). The :class:`JobLedger` (``jobs.json`` in the state directory, written
+Every command is checked by :func:`edgepack.formats.commands.open_command` (signature by a trusted
+operator key, target, expiry). Statuses and steps are :class:`~edgepack.formats.messages.JobStatus`
+and :class:`~edgepack.formats.messages.JobStep`; two tables below map the lifecycle's states and
+outcomes to them. The :class:`JobLedger` (``jobs.json`` in the state directory, written
 atomically) remembers finished jobs, so a retained command delivered again after a reconnect is
 not run twice (its final status is re-sent instead, which the collector ignores as a duplicate),
 and remembers the newest command applied per model: an older command for the same model, even
@@ -14,9 +16,7 @@ validly signed, is a replay and is rejected.
 
 from __future__ import annotations
 
-import base64
 import datetime as dt
-import json
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -28,45 +28,57 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from edgepack._files import read_json, write_json_atomic
 from edgepack.agent._daemon import Agent
 from edgepack.agent._journal import JournalEntry
-from edgepack.agent._lifecycle import Outcome
+from edgepack.agent._lifecycle import OnState, Outcome, State
 from edgepack.agent.exceptions import CommandError, EdgepackError
-from edgepack.formats.messages import JOB_ID, Command, decode_json, open_command
+from edgepack.formats.commands import Command, CommandKind, open_command, peek_command
+from edgepack.formats.messages import JobStatus, JobStep
 
 __all__ = ["JobLedger", "JobRunner", "StatusUpdate"]
 
 log = logging.getLogger("edgepack.agent.jobs")
 
 LEDGER_LIMIT = 500
-# lifecycle state -> the step a job execution reports
-_STEPS = {
-    "fetching": "downloading",
-    "verifying": "verifying",
-    "staging": "installing",
-    "health_check": "health-check",
-    "committing": "committing",
-    "cleanup": "committing",
-    "rolling_back": "rolling-back",
+# lifecycle state -> the step a job execution reports (states not listed report nothing)
+_STEPS: dict[State, JobStep] = {
+    State.FETCHING: JobStep.DOWNLOADING,
+    State.VERIFYING: JobStep.VERIFYING,
+    State.STAGING: JobStep.INSTALLING,
+    State.HEALTH_CHECK: JobStep.HEALTH_CHECK,
+    State.COMMITTING: JobStep.COMMITTING,
+    State.CLEANUP: JobStep.COMMITTING,
+    State.ROLLING_BACK: JobStep.ROLLING_BACK,
 }
-# lifecycle outcome -> job execution status
-_STATUS = {
-    "installed": "SUCCEEDED",
-    "already-active": "SUCCEEDED",
-    "rolled-back-to": "SUCCEEDED",
-    "retired": "SUCCEEDED",
-    "rolled-back": "FAILED",
-    "rejected": "REJECTED",
+# lifecycle outcome (Outcome.result) -> job execution status (anything else: FAILED)
+_STATUS: dict[str, JobStatus] = {
+    "installed": JobStatus.SUCCEEDED,
+    "already-active": JobStatus.SUCCEEDED,
+    "rolled-back-to": JobStatus.SUCCEEDED,
+    "retired": JobStatus.SUCCEEDED,
+    "rolled-back": JobStatus.FAILED,
+    "rejected": JobStatus.REJECTED,
 }
+
+
+def _step(state: str) -> JobStep | None:
+    try:
+        return _STEPS.get(State(state))
+    except ValueError:  # not a lifecycle state this table knows
+        return None
+
+
+def _status(result: str) -> JobStatus:
+    return _STATUS.get(str(getattr(result, "value", result)), JobStatus.FAILED)
 
 
 @dataclass(frozen=True)
 class StatusUpdate:
-    """One job execution update, ready for :func:`edgepack.formats.messages.job_status`."""
+    """One job execution update, ready for :func:`edgepack.formats.messages.build_job_status`."""
 
     job_id: str
-    status: str
+    status: JobStatus
     seq: int
     model: str | None = None
-    step: str | None = None
+    step: JobStep | None = None
     reason: str | None = None
     version_before: int | None = None
     version_after: int | None = None
@@ -89,7 +101,7 @@ class JobLedger:
 
     def finish(self, command: Command | None, job_id: str, update: StatusUpdate) -> None:
         self.finished[job_id] = {
-            "status": update.status,
+            "status": update.status.value,
             "seq": update.seq,
             "reason": update.reason,
             "model": update.model,
@@ -97,7 +109,7 @@ class JobLedger:
             "version_after": update.version_after,
             "issued_at": command.issued_at.isoformat() if command else "",
         }
-        if command is not None and update.status != "REJECTED":
+        if command is not None and update.status is not JobStatus.REJECTED:
             self.newest[command.model] = {
                 "job_id": job_id,
                 "issued_at": command.issued_at.isoformat(),
@@ -142,32 +154,29 @@ class JobRunner:
 
     @staticmethod
     def issued_at(raw: bytes) -> str:
-        """Sort key for a batch of raw commands (unverified; only orders them)."""
-        try:
-            payload = json.loads(base64.b64decode(json.loads(raw)["payload"]))
-            return str(payload.get("issued_at", ""))
-        except (ValueError, TypeError, KeyError, AttributeError):
-            return ""  # a malformed command sorts first and is rejected
+        """Sort key for a batch of raw commands (unverified; only orders them). A malformed
+        command sorts first and is rejected."""
+        return peek_command(raw).issued_at
 
     def handle(self, raw: bytes) -> None:
         """Verify and run one command (or re-report a finished one). Never raises."""
         try:
             command = open_command(raw, self.keys, device=self.device, groups=self.groups)
         except CommandError as e:
-            job_id = _job_id_of(raw)
+            job_id = peek_command(raw).job_id
             if job_id is None or job_id in self.ledger.finished:
                 log.warning("ignoring an unusable command: %s", e)
                 return
             # Reported, not recorded: an unverified job id must not block the real job later.
             log.warning("rejecting command %s: %s", job_id, e)
-            self.report(StatusUpdate(job_id, "REJECTED", 1, reason=str(e)))
+            self.report(StatusUpdate(job_id, JobStatus.REJECTED, 1, reason=str(e)))
             return
         done = self.ledger.finished.get(command.job_id)
         if done is not None:  # delivered again (retained message, reconnect, pending answer)
             self.report(
                 StatusUpdate(
                     command.job_id,
-                    done["status"],
+                    JobStatus(done["status"]),
                     done["seq"],
                     model=done.get("model"),
                     reason=done.get("reason"),
@@ -185,7 +194,9 @@ class JobRunner:
             self._finish(
                 command,
                 command.job_id,
-                StatusUpdate(command.job_id, "REJECTED", 1, model=command.model, reason=stale),
+                StatusUpdate(
+                    command.job_id, JobStatus.REJECTED, 1, model=command.model, reason=stale
+                ),
             )
             return
         self._run(command)
@@ -194,18 +205,20 @@ class JobRunner:
         seq = 1
         active = self._active(command.model)
         self.report(
-            StatusUpdate(command.job_id, "QUEUED", seq, model=command.model, version_before=active)
+            StatusUpdate(
+                command.job_id, JobStatus.QUEUED, seq, model=command.model, version_before=active
+            )
         )
 
         def on_state(entry: JournalEntry) -> None:
             nonlocal seq
-            step = _STEPS.get(entry.state)
-            if step:
+            step = _step(entry.state)
+            if step is not None:
                 seq += 1
                 self.report(
                     StatusUpdate(
                         command.job_id,
-                        "IN_PROGRESS",
+                        JobStatus.IN_PROGRESS,
                         seq,
                         model=command.model,
                         step=step,
@@ -213,20 +226,17 @@ class JobRunner:
                     )
                 )
 
-        self.agent.lifecycle.on_state = on_state
         try:
-            outcome = self._execute(command)
+            outcome = self._execute(command, on_state)
         except EdgepackError as e:  # refused before the lifecycle started (e.g. no such model)
-            outcome = Outcome(command.kind, "rejected", command.model, error=e, reason=str(e))
-        finally:
-            self.agent.lifecycle.on_state = None
+            outcome = Outcome(command.kind.value, "rejected", command.model, error=e, reason=str(e))
         seq += 1
         self._finish(
             command,
             command.job_id,
             StatusUpdate(
                 command.job_id,
-                _STATUS.get(outcome.result, "FAILED"),
+                _status(outcome.result),
                 seq,
                 model=command.model,
                 reason=outcome.reason if not outcome.ok else None,
@@ -235,18 +245,20 @@ class JobRunner:
             ),
         )
 
-    def _execute(self, command: Command) -> Outcome:
-        if command.kind == "deploy":
+    def _execute(self, command: Command, on_state: OnState) -> Outcome:
+        """Run ``command`` through the lifecycle, reporting each state it enters to ``on_state``."""
+        if command.kind is CommandKind.DEPLOY:
             bundle = command.bundle_for(self.profile)
             return self.agent.install(
-                bundle["url"],
-                expected_sha256=bundle["sha256"],
-                expected_size=bundle["size"],
+                bundle.url,
+                expected_sha256=bundle.sha256,
+                expected_size=bundle.size,
                 job_id=command.job_id,
+                on_state=on_state,
             )
-        if command.kind == "rollback":
-            return self.agent.rollback(command.model, job_id=command.job_id)
-        return self.agent.retire(command.model, job_id=command.job_id)
+        if command.kind is CommandKind.ROLLBACK:
+            return self.agent.rollback(command.model, job_id=command.job_id, on_state=on_state)
+        return self.agent.retire(command.model, job_id=command.job_id, on_state=on_state)
 
     def finish_recovered(self, outcome: Outcome) -> None:
         """Report the end of a job whose install a crash interrupted (recovered on start)."""
@@ -256,7 +268,7 @@ class JobRunner:
                 outcome.job_id,
                 StatusUpdate(
                     outcome.job_id,
-                    _STATUS.get(outcome.result, "FAILED"),
+                    _status(outcome.result),
                     1000,
                     model=outcome.model,
                     reason=outcome.reason if not outcome.ok else None,
@@ -277,15 +289,3 @@ class JobRunner:
             return None
         state = self.agent.lifecycle.store.load().models.get(model)
         return state.active if state else None
-
-
-def _job_id_of(raw: bytes) -> str | None:
-    """The job id inside an envelope that failed verification, to report REJECTED against."""
-    try:
-        envelope = decode_json(raw, "command", schema=False)
-        payload = decode_json(base64.b64decode(envelope.get("payload", "")), "payload")
-        job_id = payload.get("job_id")
-        # only ids that are safe in a topic (no '+', '#', '/') can be reported against
-        return job_id if isinstance(job_id, str) and JOB_ID.match(job_id) else None
-    except (CommandError, ValueError, TypeError):
-        return None

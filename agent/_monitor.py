@@ -5,13 +5,15 @@
 request path. A background thread every half second folds telemetry, counts queued batches into each
 model version's :class:`~edgepack.agent._drift.DriftDetector` (built from the installed bundle's
 ``reference.json``), closes windows that are due, and hands drift reports and, every
-``interval`` seconds, telemetry reports to a sink: the MQTT link's outbox (edgepack.agent._outbox),
-or just the log when the device has no broker. The latest drift report per model is kept for
-``status``.
+``interval`` seconds, telemetry reports to a sink given to the constructor. The agent gives it a
+:class:`ReportRelay`, which the MQTT link, built later, connects to its outbox
+(edgepack.agent._outbox); with no broker the reports go nowhere (``/metrics`` and ``status``
+still show them). The latest drift report per model is kept for ``status``.
 
-Configuration: ``[telemetry] interval`` and ``[drift] enabled, window, min_rows, max_age`` in
-``agent.toml``. With ``[capture] enabled = true`` the same thread also offers each batch to the
-sample store (edgepack.agent._capture).
+Configuration: :class:`~edgepack.agent._config.MonitorConfig`, from ``[telemetry] interval`` and
+``[drift] enabled, window, min_rows, max_age, max_queued_rows`` in ``agent.toml``. With
+``[capture] enabled = true`` the same thread also offers each batch to the sample store
+(edgepack.agent._capture).
 """
 
 from __future__ import annotations
@@ -22,69 +24,57 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
 
 from edgepack.agent._capture import SampleStore
+from edgepack.agent._config import MonitorConfig
 from edgepack.agent._drift import DriftDetector
 from edgepack.agent._state import Store
 from edgepack.agent._telemetry import Telemetry
-from edgepack.agent.exceptions import ConfigError, EdgepackError
+from edgepack.agent.exceptions import EdgepackError
 from edgepack.formats.bundle import MANIFEST_FILE, REFERENCE_FILE
+from edgepack.formats.reference import parse_reference
 
-__all__ = ["Monitor", "MonitorConfig"]
+__all__ = ["Monitor", "ReportRelay", "Sink"]
 
 log = logging.getLogger("edgepack.agent.monitor")
 
 Sink = Callable[[str, dict[str, Any]], None]
+"""Takes a report: its kind (``"telemetry"`` or ``"drift"``) and its JSON-ready body."""
 
 
-@dataclass(frozen=True)
-class MonitorConfig:
-    """``[telemetry]`` and ``[drift]`` settings."""
+class ReportRelay:
+    """A sink for a monitor whose real destination is built after it (the MQTT link).
 
-    interval: float = 60.0  # seconds between telemetry reports
-    drift: bool = True
-    window: int = 500  # rows per drift window
-    min_rows: int = 100  # the fewest rows a time-flushed window may have
-    max_age: float = 3600.0  # seconds after which a window with min_rows closes
-    max_queued_rows: int = 100_000  # drift work waiting; beyond it new batches are skipped
+    The agent creates the relay and passes it to :class:`Monitor`; the link calls
+    :meth:`connect` with its outbox writer once it exists. Until then, and after
+    ``connect(None)``, reports are dropped (telemetry is still served at ``/metrics``).
+    """
 
-    @classmethod
-    def from_extra(cls, extra: Mapping[str, Any], source: str) -> MonitorConfig:
-        values: dict[str, Any] = {}
-        telemetry = extra.get("telemetry", {})
-        drift = extra.get("drift", {})
-        for section, table, allowed in (
-            ("telemetry", telemetry, {"interval"}),
-            ("drift", drift, {"enabled", "window", "min_rows", "max_age", "max_queued_rows"}),
-        ):
-            if not isinstance(table, dict):
-                raise ConfigError(f"{source}: [{section}] must be a table")
-            for key, value in table.items():
-                if key not in allowed:
-                    raise ConfigError(f"{source}: unknown key [{section}].{key}")
-                name = "drift" if key == "enabled" else key
-                default = getattr(cls, name)
-                if key in ("window", "min_rows") and isinstance(value, int) and value < 100:
-                    raise ConfigError(
-                        f"{source}: [drift].{key} must be at least 100 rows: thresholds are "
-                        "calibrated for windows of 100, 250, 500 and 1000 rows"
-                    )
-                if isinstance(default, bool) != isinstance(value, bool) or (
-                    not isinstance(default, bool)
-                    and (not isinstance(value, (int, float)) or value <= 0)
-                ):
-                    raise ConfigError(f"{source}: [{section}].{key} has a bad value {value!r}")
-                values[name] = type(default)(value)
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in names})
+    def __init__(self) -> None:
+        self._target: Sink | None = None
+
+    def connect(self, target: Sink | None) -> None:
+        """Send reports to ``target`` from now on (``None``: drop them)."""
+        self._target = target
+
+    def __call__(self, kind: str, report: dict[str, Any]) -> None:
+        target = self._target  # one read: a concurrent connect() never splits a report
+        if target is not None:
+            target(kind, report)
 
 
 class Monitor:
-    """Telemetry and drift detection for every model an agent serves."""
+    """Telemetry and drift detection for every model an agent serves.
+
+    Args:
+        store: the state directory (installed manifests and ``reference.json``).
+        config: report interval and drift windows.
+        sink: where telemetry and drift reports go (none: nowhere).
+        capture: the sample store, when ``[capture]`` is enabled.
+    """
 
     def __init__(
         self,
@@ -95,7 +85,7 @@ class Monitor:
     ) -> None:
         self.store = store
         self.config = config or MonitorConfig()
-        self.sink = sink
+        self._sink = sink
         self.capture = capture
         self.telemetry = Telemetry()
         self.latest: dict[str, dict[str, Any]] = {}
@@ -237,12 +227,12 @@ class Monitor:
         try:
             raw = self.store.version_dir(model, version) / REFERENCE_FILE
             monitor = DriftDetector(
-                json.loads(raw.read_bytes()),
+                parse_reference(raw.read_bytes()),
                 window=self.config.window,
                 min_rows=self.config.min_rows,
                 max_age=self.config.max_age,
             )
-        except (OSError, ValueError, KeyError, EdgepackError) as e:
+        except (OSError, EdgepackError) as e:  # unreadable, or a ReferenceFormatError
             log.warning("no drift detection for %s v%d: %s", model, version, e)
         self._monitors[model] = (version, monitor)
         return monitor
@@ -273,9 +263,9 @@ class Monitor:
         self._emit("drift", report)
 
     def _emit(self, kind: str, payload: dict[str, Any]) -> None:
-        if self.sink is None:
+        if self._sink is None:
             return
         try:
-            self.sink(kind, payload)
+            self._sink(kind, payload)
         except EdgepackError as e:
             log.error("cannot queue the %s report: %s", kind, e)

@@ -1,9 +1,10 @@
 """MQTT connections for the operator's tools: connect, publish and wait, subscribe.
 
 The CLI needs short-lived connections (publish a signed command, wait for the broker's PUBACK);
-the collector a long-lived one. Both use paho-mqtt 2.x with ``CallbackAPIVersion.VERSION2`` and
-turn paho's failures into :class:`~edgepack.fleet.exceptions.BrokerError` with a message that names
-the broker and says what to check.
+the collector a long-lived one. Both are paho-mqtt 2.x clients set up by :mod:`edgepack._mqtt`
+(the same setup as the device's: protocol, TLS/mTLS, credentials, persistent sessions), and this
+module turns paho's failures into :class:`~edgepack.fleet.exceptions.BrokerError` with a message
+that names the broker and says what to check.
 """
 
 from __future__ import annotations
@@ -11,15 +12,13 @@ from __future__ import annotations
 import threading
 import uuid
 from dataclasses import dataclass
-from pathlib import Path
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 
+from edgepack._mqtt import ClientSettings, Will, connect_options, make_client
+from edgepack.errors import StorageError
 from edgepack.fleet.exceptions import BrokerError
-from edgepack.formats.messages import DEFAULT_PREFIX
+from edgepack.formats.topics import DEFAULT_PREFIX
 
 __all__ = ["BrokerOptions", "connect", "publish_and_wait"]
 
@@ -63,29 +62,37 @@ def connect(
     With ``session_expiry`` (seconds) and a fixed ``client_id`` the session persists: QoS 1
     messages published while this client is away are kept for it by the broker.
 
+    Args:
+        options: the broker and how to log in.
+        timeout: seconds to wait for the CONNACK.
+        client_id: default: ``options.client_id``, else a random ``edgepack-fleet-…``.
+        session_expiry: seconds the broker keeps the session (0: a clean session).
+        will: ``(topic, payload)`` of a retained QoS 1 Last Will.
+
+    Returns:
+        The connected client, its network loop running.
+
     Raises:
-        BrokerError: unreachable, refused, or no CONNACK within ``timeout``.
+        BrokerError: unreachable, refused, no CONNACK within ``timeout``, or a password or TLS
+            file that cannot be read.
     """
-    v5 = options.protocol == "5"
-    client = mqtt.Client(
-        CallbackAPIVersion.VERSION2,
+    settings = ClientSettings(
         client_id=client_id or options.client_id or f"edgepack-fleet-{uuid.uuid4().hex[:8]}",
-        protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
-        clean_session=None if v5 else not session_expiry,
+        host=options.host,
+        port=options.port,
+        protocol=options.protocol,
+        username=options.username,
+        password_file=options.password_file,
+        tls=options.tls,
+        ca_file=options.ca_file,
+        cert_file=options.cert_file,
+        key_file=options.key_file,
+        session_expiry=session_expiry,
     )
-    if will is not None:
-        client.will_set(will[0], will[1], qos=1, retain=True)
-    if options.username:
-        password = (
-            Path(options.password_file).read_text().strip() if options.password_file else None
-        )
-        client.username_pw_set(options.username, password)
-    if options.tls:
-        client.tls_set(
-            ca_certs=options.ca_file or None,
-            certfile=options.cert_file or None,
-            keyfile=options.key_file or None,
-        )
+    try:
+        client = make_client(settings, will=None if will is None else Will(*will))
+    except (ValueError, StorageError) as e:
+        raise BrokerError(f"cannot set up the MQTT client: {e}") from e
     done = threading.Event()
     result: list[str] = []
 
@@ -97,14 +104,9 @@ def connect(
     client.on_connect = on_connect
     where = f"{options.host}:{options.port}"
     try:
-        if v5 and session_expiry:
-            props = Properties(PacketTypes.CONNECT)
-            props.SessionExpiryInterval = session_expiry
-            client.connect(
-                options.host, options.port, keepalive=30, clean_start=False, properties=props
-            )
-        else:
-            client.connect(options.host, options.port, keepalive=30)
+        client.connect(
+            options.host, options.port, keepalive=settings.keepalive, **connect_options(settings)
+        )
     except OSError as e:
         raise BrokerError(
             f"cannot reach the MQTT broker at {where}: {e.strerror or e} (is it running? "

@@ -1,9 +1,12 @@
 """The collector: keeps what the fleet says (state, jobs, job executions) in a store.
 
 It subscribes to every device's retained state, every job execution update, every job command
-(so ``status`` knows what was asked), and every device's request for pending work, which it
-answers from the store. Messages are handed from paho's network thread to one writer thread
-through a bounded queue, so a slow database never blocks the MQTT connection.
+(so ``status`` knows what was asked), every telemetry and drift report, and every device's
+request for pending work, which it answers from the store. Topics are read by
+:func:`edgepack.formats.topics.parse_topic` and payloads by :mod:`edgepack.formats.messages` and
+:func:`edgepack.formats.commands.read_command`; a malformed message is counted and skipped.
+Messages are handed from paho's network thread to one writer thread through a bounded queue, so
+a slow database never blocks the MQTT connection.
 
 Scale-out: start several collectors with the same ``share`` name against a clustered broker; the
 high-volume topics are then subscribed as MQTT shared subscriptions (``$share/NAME/...``) and each
@@ -29,11 +32,24 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from edgepack._clock import Clock, utc_now
 from edgepack.fleet._broker import BrokerOptions, connect
 from edgepack.fleet._database import FleetStore, JobRow, StoreError
 from edgepack.fleet.exceptions import BrokerError
-from edgepack.formats.exceptions import CommandError
-from edgepack.formats.messages import Command, Topics, decode_json, encode, read_command, utcnow
+from edgepack.formats.commands import Command, read_command
+from edgepack.formats.exceptions import MessageError
+from edgepack.formats.messages import (
+    PendingGet,
+    ReportKind,
+    build_collector_presence,
+    build_pending_answer,
+    parse_device_state,
+    parse_job_status,
+    parse_pending_get,
+    parse_presence_ping,
+    parse_report,
+)
+from edgepack.formats.topics import TopicKind, Topics
 
 __all__ = ["Collector", "CollectorStats"]
 
@@ -60,6 +76,9 @@ class Collector:
         store: where to write (SQLite or PostgreSQL).
         share: a shared-subscription group name, for several collectors sharing the load.
         command_keys: operator keys; when given, job commands must verify to be recorded.
+        client_id: the MQTT client id (default ``edgepack-collector-HOST[-SHARE]``).
+        session_expiry: seconds the broker keeps this collector's session while it is away.
+        clock: the time received messages are stamped with.
     """
 
     def __init__(
@@ -71,6 +90,7 @@ class Collector:
         command_keys: Sequence[ec.EllipticCurvePublicKey] | None = None,
         client_id: str | None = None,
         session_expiry: int = 86_400,
+        clock: Clock = utc_now,
     ) -> None:
         self.options = options
         self.store = store
@@ -82,6 +102,7 @@ class Collector:
             f"-{share}" if share else ""
         )
         self.session_expiry = session_expiry
+        self._clock = clock
         self._queue: queue.Queue[tuple[str, bytes] | None] = queue.Queue(maxsize=100_000)
         self._writer = threading.Thread(
             target=self._write_loop, name="edgepack-collector", daemon=True
@@ -90,17 +111,17 @@ class Collector:
         self.ready = threading.Event()
 
     def _subscriptions(self) -> list[tuple[str, int]]:
-        p = self.options.prefix
+        t = self.topics
         shared = [
-            f"{p}/devices/+/state",
-            f"{p}/devices/+/jobs/+/status",
-            f"{p}/devices/+/pending/get",
-            f"{p}/devices/+/telemetry",
-            f"{p}/devices/+/drift",
+            t.state("+"),
+            t.job_status("+", "+"),
+            t.pending_get("+"),
+            t.telemetry("+"),
+            t.drift("+"),
         ]
         if self.share:
             shared = [f"$share/{self.share}/{topic}" for topic in shared]
-        plain = [f"{p}/devices/+/jobs/+", f"{p}/groups/+/jobs/+", self.topics.presence_ping()]
+        plain = [t.device_jobs("+"), t.group_jobs("+"), t.presence_ping()]
         return [(topic, 1) for topic in shared + plain]
 
     def start(self) -> Collector:
@@ -138,7 +159,7 @@ class Collector:
         return self
 
     def _presence(self, online: bool) -> bytes:
-        return encode({"collector": self._client_id, "online": online, "ts": _now()})
+        return build_collector_presence(self._client_id, online, self._clock())
 
     def _announce(self, client: mqtt.Client) -> None:
         """Say (retained) that this collector is subscribed: devices that have seen a collector
@@ -169,6 +190,11 @@ class Collector:
 
     def _on_message(self, client: mqtt.Client, _userdata: Any, message: mqtt.MQTTMessage) -> None:
         if message.topic == self.topics.presence_ping():
+            try:
+                parse_presence_ping(bytes(message.payload))
+            except MessageError as e:
+                log.debug("ignoring a malformed presence ping: %s", e)
+                return
             self._announce(client)  # a device asks who listens: answer live
             return
         self.stats.received += 1
@@ -223,42 +249,41 @@ class Collector:
         """Handle one message; a malformed one is counted and skipped, not fatal to a batch."""
         try:
             self.handle(topic, payload)
-        except (CommandError, ValueError) as e:
+        except MessageError as e:  # CommandError included
             self.stats.rejected += 1
             log.warning("ignoring a malformed message on %s: %s", topic, e)
 
     def handle(self, topic: str, payload: bytes) -> None:
-        """Write one message (public for tests and tools replaying captures)."""
-        parts = self.topics.parse(topic)
-        if not parts or not payload:
-            return
-        if parts[0] == "groups" and len(parts) == 4 and parts[2] == "jobs":
+        """Write one message (public for tests and tools replaying captures).
+
+        Raises:
+            MessageError: the topic or the payload is malformed (CommandError: a bad command).
+            StoreError: the store failed.
+        """
+        if not payload:
+            return  # a cleared retained message
+        where = self.topics.parse(topic)
+        kind, device = where.kind, where.device or ""
+        now = self._clock()
+        if kind in (TopicKind.DEVICE_JOBS, TopicKind.GROUP_JOBS):
             self._count(self.store.record_job(_job_row(read_command(payload, self.keys))))
-            return
-        if parts[0] != "devices" or len(parts) < 3:
-            return
-        device = parts[1]
-        kind = parts[2:]
-        if kind == ("state",):
-            data = decode_json(payload, "device state")
-            self.store.record_state(device, data, utcnow())
+        elif kind is TopicKind.STATE:
+            self.store.record_state(device, parse_device_state(payload, device=device), now)
             self.stats.written += 1
-        elif len(kind) == 2 and kind[0] == "jobs":
-            self._count(self.store.record_job(_job_row(read_command(payload, self.keys))))
-        elif len(kind) == 3 and kind[0] == "jobs" and kind[2] == "status":
-            data = decode_json(payload, "job status")
-            if data.get("device") != device:
-                raise ValueError(f"status from {data.get('device')!r} on {device}'s topic")
-            self._count(self.store.record_execution(data))
-        elif kind == ("pending", "get"):
-            self._answer_pending(device, payload)
-        elif kind in (("telemetry",), ("drift",)):
-            data = decode_json(payload, kind[0])
-            self._count(
-                self.store.record_event(
-                    kind[0], device, data, data.get("seq", data.get("ts", "")), utcnow()
+        elif kind is TopicKind.JOB_STATUS:
+            update = parse_job_status(payload, device=device)
+            if update.job_id != where.job_id:
+                raise MessageError(
+                    f"status of job {update.job_id!r} on the topic of {where.job_id}"
                 )
-            )
+            self._count(self.store.record_execution(update, now))
+        elif kind is TopicKind.PENDING_GET:
+            self._answer_pending(parse_pending_get(payload, device=device))
+        elif kind in (TopicKind.TELEMETRY, TopicKind.DRIFT):
+            report = parse_report(payload, ReportKind(kind.value), device=device)
+            new = self.store.record_event(report.kind, device, report.payload, report.seq, now)
+            self._count(new)
+        # pending answers and presence are for devices; the collector keeps nothing of them
 
     def _count(self, new: bool) -> None:
         if new:
@@ -266,15 +291,15 @@ class Collector:
         else:
             self.stats.duplicates += 1
 
-    def _answer_pending(self, device: str, payload: bytes) -> None:
-        decode_json(payload, "pending request")
+    def _answer_pending(self, request: PendingGet) -> None:
+        device = request.device
         # The groups the device's own retained state declared, not what the request claims:
         # a device must not fetch another group's commands by asking for them.
         groups = self.store.groups_of(device)
-        jobs = self.store.pending_for(device, groups, utcnow())
+        jobs = self.store.pending_for(device, groups, self._clock())
         if self._client is None:
             return
-        answer = encode({"device": device, "commands": [job.envelope.decode() for job in jobs]})
+        answer = build_pending_answer(device, [job.envelope for job in jobs])
         self._client.publish(self.topics.pending(device), answer, qos=1)
         self.stats.answered += 1
         log.debug("answered %s with %d pending command(s)", device, len(jobs))
@@ -284,7 +309,7 @@ def _job_row(command: Command) -> JobRow:
     ((target_type, target),) = command.target.items()
     return JobRow(
         command.job_id,
-        command.kind,
+        command.kind.value,
         command.model,
         command.version,
         target_type,
@@ -298,7 +323,3 @@ def _job_row(command: Command) -> JobRow:
 def describe(stats: CollectorStats) -> str:
     """One line for logs."""
     return json.dumps(stats.__dict__)
-
-
-def _now() -> str:
-    return utcnow().isoformat(timespec="seconds")

@@ -3,9 +3,10 @@
 A deploy names one bundle per device profile (URL, sha256, size); each device picks its own. The
 bundles are found either in a local ``dist/`` directory (``--dist``: hashed here) or through the
 index that ``edgepack-fleet serve`` publishes at its root. The signed command
-(:func:`edgepack.formats.messages.make_command`) is published retained at QoS 1 on the target's job
-topic for that model, so devices that are offline or join the group later still converge; a newer
-command for the same model and target replaces it. No collector needs to run for this.
+(:func:`edgepack.formats.commands.make_command`) is published retained at QoS 1 on the target's
+job topic for that model (:class:`edgepack.formats.topics.Topics`), so devices that are offline
+or join the group later still converge; a newer command for the same model and target replaces
+it. No collector needs to run for this.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from edgepack.fleet._broker import BrokerOptions, connect, publish_and_wait
 from edgepack.fleet.exceptions import BundleLookupError
 from edgepack.formats.bundle import BUNDLE_SUFFIX
-from edgepack.formats.messages import Topics, make_command
+from edgepack.formats.commands import CommandKind, make_command
+from edgepack.formats.topics import Topics
 
 __all__ = ["Published", "find_bundles", "publish_command"]
 
@@ -34,7 +36,7 @@ class Published:
 
     job_id: str
     topic: str
-    kind: str
+    kind: CommandKind
     model: str
     target: dict[str, str]
     bundles: dict[str, dict[str, Any]]
@@ -102,7 +104,7 @@ def find_bundles(
 
 def publish_command(
     options: BrokerOptions,
-    kind: str,
+    kind: CommandKind | str,
     model: str,
     target: dict[str, str],
     key: ec.EllipticCurvePrivateKey,
@@ -113,10 +115,23 @@ def publish_command(
 ) -> Published:
     """Sign a command and publish it retained on the target's job topic for ``model``.
 
+    Args:
+        options: the broker.
+        kind: deploy, rollback or retire.
+        model: the model's name.
+        target: ``{"device": id}`` or ``{"group": name}``.
+        key: the operator's signing key.
+        version, bundles: a deploy's version and bundles (:func:`find_bundles`).
+        ttl: how long the command stays valid.
+
+    Returns:
+        What was sent.
+
     Raises:
         BrokerError: the broker is unreachable or did not acknowledge.
-        ValueError: a bad target or a deploy without bundles.
+        ValueError: an unknown kind, a bad target or a deploy without bundles.
     """
+    kind = CommandKind(kind)
     job_id, envelope = make_command(
         kind, model, target, key, version=version, bundles=bundles, ttl=ttl
     )

@@ -19,7 +19,12 @@ idempotent by unique constraints in the database, which hold across processes:
   it and the stored state carry a ``session`` id it applies only to its own session, so a late
   or redelivered will from an old connection cannot mark a reconnected device offline.
 
-Database failures raise :class:`StoreError`; malformed payloads raise :class:`ValueError`.
+The store writes messages already parsed by :mod:`edgepack.formats.messages` (a
+:class:`~edgepack.formats.messages.DeviceState` or its Last Will, a
+:class:`~edgepack.formats.messages.JobUpdate`); it parses nothing itself. Database failures raise
+:class:`StoreError`; a state handed in as a plain mapping is validated by
+:func:`~edgepack.formats.messages.read_device_state`, which raises
+:class:`~edgepack.formats.exceptions.MessageError`.
 """
 
 # SQL text is assembled only from this module's constants; values always travel as parameters.
@@ -40,17 +45,24 @@ from typing import Any, Protocol, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 from edgepack.fleet.exceptions import StoreError
-from edgepack.formats.messages import JOB_STATUSES, TERMINAL
+from edgepack.formats.messages import (
+    TERMINAL,
+    DeviceOffline,
+    DeviceState,
+    JobStatus,
+    JobUpdate,
+    ReportKind,
+    read_device_state,
+)
 
 __all__ = ["DeviceRow", "ExecutionRow", "FleetStore", "JobRow", "StoreError", "open_store"]
 
 SCHEMA_VERSION = 1
 _UTC = timezone.utc
-_LWT_KEYS = frozenset({"online", "schema", "ts", "device", "session"})
-_OPTIONAL = (("step", str), ("reason", str), ("version_before", int), ("version_after", int))
 _HINT = "check that the database is reachable and not full"
 T = TypeVar("T")
 Payload = Mapping[str, Any]  # a decoded JSON object
+State = DeviceState | DeviceOffline | Payload  # a mapping is validated by read_device_state
 
 
 @dataclass(frozen=True)
@@ -82,7 +94,7 @@ class JobRow:
 class ExecutionRow:
     job_id: str
     device: str
-    status: str
+    status: JobStatus  # a str enum: compares equal to "SUCCEEDED" and the like
     step: str | None
     reason: str | None
     version_before: int | None
@@ -94,12 +106,12 @@ class ExecutionRow:
 class FleetStore(Protocol):
     """What the collector and the CLI need from a store; see the module docstring."""
 
-    def record_state(self, device: str, state: Payload, received_at: datetime) -> None: ...
+    def record_state(self, device: str, state: State, received_at: datetime) -> None: ...
     def record_job(self, job: JobRow) -> bool: ...
     def batch(self, work: Callable[[], T]) -> T: ...
-    def record_execution(self, status: Payload) -> bool: ...
+    def record_execution(self, update: JobUpdate, received_at: datetime | None = None) -> bool: ...
     def record_event(
-        self, kind: str, device: str, payload: Payload, seq: int | str, received_at: datetime
+        self, kind: ReportKind | str, device: str, payload: Payload, seq: int | str, at: datetime
     ) -> bool: ...
     def devices(self, group: str | None = None) -> list[DeviceRow]: ...
     def groups_of(self, device: str) -> list[str]: ...
@@ -202,22 +214,6 @@ def _from_json(value: Any) -> Any:
     return json.loads(value) if isinstance(value, str) else value  # PostgreSQL decodes JSONB
 
 
-def _parse_ts(value: Any, default: datetime) -> str:
-    if value is None:
-        return _ts(default)
-    try:
-        return _ts(datetime.fromisoformat(str(value).replace("Z", "+00:00")))
-    except ValueError as e:
-        raise ValueError(f"'ts' is not an ISO time: {value!r}") from e
-
-
-def _optional(data: Mapping[str, Any], key: str, kind: type) -> Any:
-    value = data.get(key)
-    if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
-        raise ValueError(f"{key!r} must be a {kind.__name__} or null, not {value!r}")
-    return value
-
-
 def _redact(url: str) -> str:
     parts = urlsplit(url)
     if parts.password is None:
@@ -236,7 +232,10 @@ def _job(row: Sequence[Any]) -> JobRow:
 
 
 def _execution(row: Sequence[Any]) -> ExecutionRow:
-    return ExecutionRow(*(*row[:8], _from_ts(row[8])))
+    job_id, device, status, step, reason, before, after, seq, updated = row
+    return ExecutionRow(
+        job_id, device, JobStatus(status), step, reason, before, after, seq, _from_ts(updated)
+    )
 
 
 class _Store:
@@ -315,23 +314,33 @@ class _Store:
         if version > SCHEMA_VERSION:
             raise StoreError(f"its schema {version} is newer than ours: upgrade edgepack")
 
-    def record_state(self, device: str, state: Payload, received_at: datetime) -> None:
-        """Upsert a device's state (ordering: see the module docstring); ValueError if malformed."""
-        session, seen = _optional(state, "session", str), _ts(received_at)
-        if set(state) <= _LWT_KEYS and state.get("online") is False:
-            lwt = (device, False, "{}", session, seen)
+    def record_state(self, device: str, state: State, received_at: datetime) -> None:
+        """Upsert a device's state or apply its Last Will (ordering: see the module docstring).
+
+        Args:
+            device: the device (from the topic).
+            state: the parsed state or will; a mapping is validated first.
+            received_at: when it arrived (its ``ts``, when it has none).
+
+        Raises:
+            MessageError: ``state`` is a mapping that is not a valid state.
+            StoreError: the database failed.
+        """
+        if not isinstance(state, (DeviceState, DeviceOffline)):
+            state = read_device_state(state, device=device)
+        seen = _ts(received_at)
+        if isinstance(state, DeviceOffline):
+            lwt = (device, False, "{}", state.session, seen)
             self._write("recording a last will", _UPSERT_LWT, lwt)
             return
-        groups, models = state.get("groups") or [], state.get("models") or {}
-        if not isinstance(groups, list) or not all(isinstance(g, str) for g in groups):
-            raise ValueError(f"state of {device}: 'groups' must be a list of names")
-        if not isinstance(models, dict):
-            raise ValueError(f"state of {device}: 'models' must be an object")
-        health = state.get("health")
-        health = health if health is None or isinstance(health, str) else _json(health)
-        online, ts = bool(state.get("online", True)), _parse_ts(state.get("ts"), received_at)
-        profile, agent = _optional(state, "profile", str), _optional(state, "agent_version", str)
-        params = (device, online, profile, agent, _json(models), health, session, ts, seen)
+        groups = state.groups
+        models = {
+            name: {"active": m.active, "previous": m.previous, "serving": m.serving}
+            for name, m in state.models.items()
+        }
+        ts = _ts(state.ts if state.ts is not None else received_at)
+        described = (state.profile, state.agent_version, _json(models), state.health)
+        params = (device, state.online, *described, state.session, ts, seen)
 
         def body(cur: Any) -> None:
             cur.execute(self._q(_UPSERT_STATE), params)
@@ -349,22 +358,25 @@ class _Store:
         sql = f"INSERT INTO jobs ({_JOB_COLUMNS}) {_NINE} ON CONFLICT DO NOTHING"
         return self._write("recording a job", sql, params)
 
-    def record_execution(self, status: Payload) -> bool:
-        """Record a job status update (an ``edgepack.formats.messages.job_status`` payload).
+    def record_execution(self, update: JobUpdate, received_at: datetime | None = None) -> bool:
+        """Record a job status update (parsed by ``edgepack.formats.messages.parse_job_status``).
 
-        Returns True if it was new; False for a copy of one already recorded (same ``job_id``,
-        ``device`` and ``seq``), which changes nothing. Raises ValueError for a malformed one.
+        Args:
+            update: the update.
+            received_at: when it arrived; its time when the update carries no ``ts``.
+
+        Returns:
+            True if it was new; False for a copy of one already recorded (same ``job_id``,
+            ``device`` and ``seq``), which changes nothing.
+
+        Raises:
+            StoreError: the database failed.
         """
-        job_id, device, state, seq = (status.get(k) for k in ("job_id", "device", "status", "seq"))
-        if not (isinstance(job_id, str) and job_id and isinstance(device, str) and device):
-            raise ValueError("job status needs a 'job_id' and a 'device'")
-        if state not in JOB_STATUSES:
-            raise ValueError(f"job status {state!r} is not one of {', '.join(JOB_STATUSES)}")
-        if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
-            raise ValueError(f"job status 'seq' must be a non-negative integer, not {seq!r}")
-        optional = [_optional(status, key, kind) for key, kind in _OPTIONAL]
-        updated = _parse_ts(status.get("ts"), datetime.now(_UTC))
-        params = (job_id, device, state, *optional, seq, updated)
+        moment = update.ts or received_at or datetime.now(_UTC)
+        step = None if update.step is None else update.step.value
+        versions = (update.version_before, update.version_after)
+        head = (update.job_id, update.device, update.status.value, step, update.reason)
+        params = (*head, *versions, update.seq, _ts(moment))
 
         def body(cur: Any) -> bool:
             cur.execute(self._q(_INSERT_HISTORY), params)
@@ -376,10 +388,11 @@ class _Store:
         return self._run("recording a job status", body, write=True)
 
     def record_event(
-        self, kind: str, device: str, payload: Payload, seq: int | str, received_at: datetime
+        self, kind: ReportKind | str, device: str, payload: Payload, seq: int | str, at: datetime
     ) -> bool:
         """Append a telemetry or drift report unless ``(kind, device, seq)`` is recorded."""
-        params = (kind, device, str(seq), _ts(received_at), _json(dict(payload)))
+        kind = str(kind)  # a ReportKind prints as its value
+        params = (kind, device, str(seq), _ts(at), _json(dict(payload)))
         sql = "INSERT INTO events (kind, device, seq, received_at, payload) VALUES (?, ?, ?, ?, ?)"
         return self._write(f"recording a {kind} event", sql + " ON CONFLICT DO NOTHING", params)
 
@@ -436,7 +449,7 @@ class _Store:
         targets = "(target_type = 'device' AND target = ?)"
         if groups:
             targets += f" OR (target_type = 'group' AND target IN ({', '.join('?' * len(groups))}))"
-        terminal = sorted(TERMINAL)
+        terminal = sorted(status.value for status in TERMINAL)
         done = (
             "EXISTS (SELECT 1 FROM execution_history h WHERE h.job_id = jobs.job_id AND"
             f" h.device = ? AND h.status IN ({', '.join('?' * len(terminal))}))"

@@ -14,8 +14,9 @@ module         owns
 ``dsse``       DSSE envelopes (signed payloads)
 ``modelsig``   ``model.sig``, the OpenSSF model-signing v1.0 signature over a bundle's files
 ``topics``     MQTT topic names under the prefix, and the one topic parser
-``messages``   every MQTT payload but commands: job status, device state, presence, pending
-               answers, telemetry and drift reports; bounded JSON decoding
+``messages``   every MQTT payload but commands: job status, device state and Last Will, collector
+               presence and ping, pending work, telemetry and drift envelopes; bounded JSON
+               decoding (shared with ``commands`` through the private ``_payload``)
 ``commands``   signed fleet commands (deploy, rollback, retire): made, read, verified
 ``drift``      the drift statistics (bins, binned KS, PSI, calibration) shared by build and device
 ``reference``  ``reference.json``: the drift reference a bundle carries, with its format version

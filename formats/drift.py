@@ -15,16 +15,18 @@ threshold calibrated at build time by bootstrap (:func:`calibrate`): windows of 
 drawn from held-out reference rows, the ``1 - alpha / features`` quantile of the statistic
 (Bonferroni, over the columns and the two statistics). The device's detector
 (``edgepack.agent``) alarms on a column whose binned KS *or* PSI exceeds its threshold, and calls
-it drifting when that happens in 2 of the last 3 windows.
+it drifting when that happens in 2 of the last 3 windows. The bins come from a parsed
+``reference.json`` (:mod:`edgepack.formats.reference`, which owns the file's format).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
+
+from edgepack.formats.reference import ColumnKind, ColumnReference
 
 __all__ = [
     "FeatureBins",
@@ -47,7 +49,7 @@ class FeatureBins:
     reference: np.ndarray  # reference proportion per bin (sums to 1)
     edges: np.ndarray | None = None  # numeric: inner edges
     categories: tuple[str, ...] = ()  # categorical: the tracked categories; last bin is "other"
-    input: str = ""  # which model input (or output) carries it
+    input: str = ""  # which model input carries it ("" for the output)
     index: int = 0  # column index inside that tensor
 
     @property
@@ -55,23 +57,22 @@ class FeatureBins:
         return len(self.reference)
 
     @classmethod
-    def from_reference(cls, entry: dict[str, Any]) -> FeatureBins:
-        """Build from one ``features[]`` (or ``output``) entry of ``reference.json``."""
-        counts = np.asarray(entry["counts"], dtype=np.float64)
-        if entry["kind"] == "categorical":
-            counts = np.append(counts, float(entry.get("other", 0)))
+    def from_reference(cls, column: ColumnReference) -> FeatureBins:
+        """The bins of one parsed ``reference.json`` column (a feature or the output)."""
+        counts = np.asarray(column.counts, dtype=np.float64)
+        if column.kind is ColumnKind.CATEGORICAL:
+            counts = np.append(counts, float(column.other))
         total = counts.sum()
         reference = counts / total if total > 0 else np.full(len(counts), 1 / len(counts))
+        numeric = column.kind is ColumnKind.NUMERIC
         return cls(
-            name=str(entry["name"]),
-            kind=str(entry["kind"]),
+            name=column.name,
+            kind=column.kind.value,
             reference=reference,
-            edges=np.asarray(entry.get("edges", []), dtype=np.float64)
-            if entry["kind"] == "numeric"
-            else None,
-            categories=tuple(str(c) for c in entry.get("categories", [])),
-            input=str(entry.get("input", "")),
-            index=int(entry.get("index", 0)),
+            edges=np.asarray(column.edges, dtype=np.float64) if numeric else None,
+            categories=column.categories,
+            input=column.input or "",
+            index=column.index,
         )
 
     def count(self, values: np.ndarray) -> np.ndarray:

@@ -11,11 +11,12 @@ raises one of these; the message names the field or file that is wrong. The tree
     │   ├── ManifestError        manifest.json is missing, malformed or inconsistent
     │   ├── SignatureError       model.sig missing or invalid, a file not covered, an untrusted key
     │   └── ReferenceFormatError reference.json is malformed or of an unknown format version
-    ├── MessageError             an MQTT payload or topic is malformed, oversized or of a newer
-    schema │   └── CommandError         a fleet command is refused: unsigned, untrusted, expired,
-    replayed, │                            for another device; the message is the reason reported as
-    REJECTED └── KeyFormatError           a key file cannot be used (unreadable, not ECDSA, wrong
-    kind)
+    ├── MessageError             an MQTT payload or topic is malformed, oversized, nested too
+    │   │                        deeply, or of a newer schema
+    │   └── CommandError         a fleet command is refused: unsigned, untrusted, expired,
+    │                            replayed, for another device; the message is the reason
+    │                            reported as REJECTED
+    └── KeyFormatError           a key file cannot be used (unreadable, not ECDSA, wrong kind)
 """
 
 from __future__ import annotations

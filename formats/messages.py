@@ -1,390 +1,496 @@
-"""Fleet messages over MQTT: topics, payloads, and signed commands. No I/O.
+"""Every MQTT payload but commands: built and parsed here, and nowhere else. No I/O.
 
-Every side (the agent, ``edgepack-fleet``, the collector) builds and reads MQTT messages only
-through this module, so the protocol lives in one place; ``docs/protocol.md`` describes it for
-people driving a device with ``mosquitto_pub``/``mosquitto_sub``. Topics, under a configurable
-prefix (default ``edgepack/v1``)::
+The device's link (``edgepack.agent._fleet_link``), the collector (``edgepack.fleet._collector``)
+and the fleet store build these payloads with the ``build_*`` functions and read them with the
+``parse_*`` ones, which validate every field's type and return frozen dataclasses or raise
+:class:`~edgepack.formats.exceptions.MessageError` naming the field. ``docs/protocol.md`` describes
+the same payloads for people using ``mosquitto_pub``/``mosquitto_sub``; topics are in
+:mod:`edgepack.formats.topics`, signed commands in :mod:`edgepack.formats.commands`.
 
-    {prefix}/devices/{device}/jobs/{model}     retained  latest signed command for one device
-    {prefix}/groups/{group}/jobs/{model}       retained  latest signed command for a group
-    {prefix}/devices/{device}/pending/get      device asks for pending work (on every connect)
-    {prefix}/devices/{device}/pending          the collector answers with pending commands
-    {prefix}/devices/{device}/state            retained  online, profile, models, health (LWT)
-    {prefix}/devices/{device}/jobs/{job}/status          job execution updates (QoS 1)
-    {prefix}/devices/{device}/telemetry | /drift          (telemetry and drift reports)
-    {prefix}/collectors/{collector}            retained  a collector is online and subscribed
-    {prefix}/presence/ping                     a device asks connected collectors to answer
+=====================  =================================  =====================================
+payload                build                              parse
+=====================  =================================  =====================================
+job status (§8)        :func:`build_job_status`           :func:`parse_job_status`
+device state (§4)      :func:`build_device_state`         :func:`parse_device_state`
+Last Will (§4.1)       :func:`build_device_offline`       :func:`parse_device_state`
+pending get (§9)       :func:`build_pending_get`          :func:`parse_pending_get`
+pending answer (§9)    :func:`build_pending_answer`       :func:`parse_pending_answer`
+telemetry, drift (§10) :func:`build_report`               :func:`parse_report`
+collector presence     :func:`build_collector_presence`   :func:`parse_collector_presence`
+presence ping          :func:`build_presence_ping`        :func:`parse_presence_ping`
+=====================  =================================  =====================================
 
-Commands are DSSE envelopes (``edgepack.formats.modelsig.dsse_sign``; payload type
-``application/vnd.edgepack.command+json``) signed by an operator key the device trusts. Their
-payload names the kind (deploy, rollback, retire), the job id, the target (one device or one
-group), the model, and the issue and expiry times. :func:`open_command` verifies and validates
-one for a given device and raises :class:`~edgepack.agent.exceptions.CommandError` with the reason a
-device reports as ``REJECTED``. Every payload carries ``"schema": 1``.
+Every payload is a compact JSON object with sorted keys and ``"schema": 1``. :func:`decode_json`
+(from the private ``_payload`` module, shared with the commands) reads one bounded: at most
+:data:`MAX_MESSAGE_BYTES`, nested at most :data:`MAX_DEPTH` deep, no integer longer than
+:data:`MAX_INT_DIGITS` digits, and a ``schema`` no newer than ours, so a hostile payload costs a
+bounded parse and ends in a :class:`MessageError`, never a ``RecursionError`` or ``ValueError``.
+Readers ignore fields they do not know. The statuses, steps and report kinds are ``str`` enums,
+so they compare equal to, and are written as, their text.
 """
 
 from __future__ import annotations
 
-import base64
 import datetime as dt
-import json
-import re
-import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from cryptography.hazmat.primitives.asymmetric import ec
-
-from edgepack.formats.dsse import dsse_sign, dsse_verify
-from edgepack.formats.exceptions import CommandError, ManifestError, SignatureError
-from edgepack.formats.keys import key_id
+from edgepack._clock import utc_now
+from edgepack.formats._payload import (
+    MAX_DEPTH,
+    MAX_INT_DIGITS,
+    MAX_MESSAGE_BYTES,
+    NAME,
+    SCHEMA,
+    Fields,
+    TextEnum,
+    check_schema,
+    decode_json,
+    encode,
+    stamp,
+)
+from edgepack.formats.exceptions import ManifestError, MessageError
 from edgepack.formats.manifest import check_model_name
 
 __all__ = [
-    "COMMAND_PAYLOAD_TYPE",
-    "DEFAULT_PREFIX",
-    "JOB_ID",
-    "JOB_STATUSES",
+    "MAX_DEPTH",
+    "MAX_INT_DIGITS",
+    "MAX_MESSAGE_BYTES",
     "SCHEMA",
     "TERMINAL",
-    "Command",
-    "Topics",
+    "CollectorPresence",
+    "DeviceOffline",
+    "DeviceState",
+    "JobStatus",
+    "JobStep",
+    "JobUpdate",
+    "ModelState",
+    "PendingAnswer",
+    "PendingGet",
+    "PresencePing",
+    "Report",
+    "ReportKind",
+    "build_collector_presence",
+    "build_device_offline",
+    "build_device_state",
+    "build_job_status",
+    "build_pending_answer",
+    "build_pending_get",
+    "build_presence_ping",
+    "build_report",
     "decode_json",
-    "encode",
-    "job_status",
-    "make_command",
-    "new_job_id",
-    "open_command",
-    "read_command",
+    "parse_collector_presence",
+    "parse_device_state",
+    "parse_job_status",
+    "parse_pending_answer",
+    "parse_pending_get",
+    "parse_presence_ping",
+    "parse_report",
+    "read_device_state",
     "utcnow",
 ]
 
-SCHEMA = 1
-DEFAULT_PREFIX = "edgepack/v1"
-COMMAND_PAYLOAD_TYPE = "application/vnd.edgepack.command+json"
-KINDS = ("deploy", "rollback", "retire")
-JOB_STATUSES = ("QUEUED", "IN_PROGRESS", "SUCCEEDED", "FAILED", "REJECTED")
-TERMINAL = frozenset({"SUCCEEDED", "FAILED", "REJECTED"})
-MAX_MESSAGE_BYTES = 256 * 1024
-JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")  # also device/group names
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+utcnow = utc_now  # the moment every payload is stamped with, unless the caller passes one
 
 
-def utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
+class JobStatus(TextEnum):
+    """The status of one job on one device (AWS IoT Jobs-like)."""
+
+    QUEUED = "QUEUED"
+    IN_PROGRESS = "IN_PROGRESS"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+    REJECTED = "REJECTED"
 
 
-def _iso(moment: dt.datetime) -> str:
-    return moment.astimezone(dt.timezone.utc).isoformat(timespec="seconds")
+TERMINAL = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.REJECTED})
 
 
-def new_job_id(kind: str) -> str:
-    """A fresh, sortable job id such as ``deploy-20261126T164500-3f9a1c``."""
-    return f"{kind}-{utcnow().strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
+class JobStep(TextEnum):
+    """The step an ``IN_PROGRESS`` update names (docs/protocol.md §8)."""
+
+    DOWNLOADING = "downloading"
+    VERIFYING = "verifying"
+    INSTALLING = "installing"
+    HEALTH_CHECK = "health-check"
+    COMMITTING = "committing"
+    ROLLING_BACK = "rolling-back"
 
 
-def encode(payload: Mapping[str, Any]) -> bytes:
-    """Compact JSON with the schema version."""
-    return json.dumps({"schema": SCHEMA, **payload}, separators=(",", ":"), sort_keys=True).encode()
+class ReportKind(TextEnum):
+    """The two reports a device sends through its outbox; the value is the topic's last level."""
+
+    TELEMETRY = "telemetry"
+    DRIFT = "drift"
 
 
-def decode_json(raw: bytes, what: str, *, schema: bool = True) -> dict[str, Any]:
-    """Parse a JSON object payload, bounded in size (``schema``: require our schema field).
-
-    Raises:
-        CommandError: too large, not JSON, not an object, or a newer schema.
-    """
-    if len(raw) > MAX_MESSAGE_BYTES:
-        raise CommandError(f"{what} is {len(raw)} bytes, above {MAX_MESSAGE_BYTES}")
-    try:
-        data = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise CommandError(f"{what} is not valid JSON: {e}") from e
-    if not isinstance(data, dict):
-        raise CommandError(f"{what} must be a JSON object")
-    if not schema:
-        return data
-    version = data.get("schema")
-    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-        raise CommandError(f"{what} has no valid 'schema' version")
-    if version > SCHEMA:
-        raise CommandError(
-            f"{what} uses schema {version}; this agent understands {SCHEMA}: upgrade"
-        )
-    return data
+# -- job status -----------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
-class Topics:
-    """Topic names under one prefix."""
+class JobUpdate:
+    """One job execution update (docs/protocol.md §8)."""
 
-    prefix: str = DEFAULT_PREFIX
-
-    def device_jobs(self, device: str, model: str = "+") -> str:
-        return f"{self.prefix}/devices/{device}/jobs/{model}"
-
-    def group_jobs(self, group: str, model: str = "+") -> str:
-        return f"{self.prefix}/groups/{group}/jobs/{model}"
-
-    def pending_get(self, device: str) -> str:
-        return f"{self.prefix}/devices/{device}/pending/get"
-
-    def pending(self, device: str) -> str:
-        return f"{self.prefix}/devices/{device}/pending"
-
-    def state(self, device: str) -> str:
-        return f"{self.prefix}/devices/{device}/state"
-
-    def job_status(self, device: str, job_id: str) -> str:
-        return f"{self.prefix}/devices/{device}/jobs/{job_id}/status"
-
-    def telemetry(self, device: str) -> str:
-        return f"{self.prefix}/devices/{device}/telemetry"
-
-    def drift(self, device: str) -> str:
-        return f"{self.prefix}/devices/{device}/drift"
-
-    def collector(self, collector: str = "+") -> str:
-        """Retained presence of a collector (online while it is subscribed; LWT offline)."""
-        return f"{self.prefix}/collectors/{collector}"
-
-    def presence_ping(self) -> str:
-        """Devices ask here; every connected collector answers with a live presence message."""
-        return f"{self.prefix}/presence/ping"
-
-    def parse(self, topic: str) -> tuple[str, ...]:
-        """The parts after the prefix (``("devices", "cam-17", "state")``), or ``()``."""
-        if not topic.startswith(self.prefix + "/"):
-            return ()
-        return tuple(topic[len(self.prefix) + 1 :].split("/"))
-
-
-@dataclass(frozen=True)
-class Command:
-    """A verified, validated fleet command."""
-
-    kind: str
     job_id: str
-    model: str
-    target: Mapping[str, str]  # {"device": id} or {"group": name}
-    issued_at: dt.datetime
-    expires_at: dt.datetime
-    version: int | None = None  # deploy: the version to install
-    bundles: Mapping[str, Mapping[str, Any]] = field(
-        default_factory=dict
-    )  # profile -> url/sha/size
-    key_id: str = ""
-    raw: bytes = b""  # the envelope as received (the collector re-serves it)
-
-    def bundle_for(self, profile: str) -> Mapping[str, Any]:
-        """The bundle entry for ``profile``; CommandError if the deploy has none."""
-        entry = self.bundles.get(profile)
-        if entry is None:
-            raise CommandError(
-                f"deploy {self.job_id} has no bundle for profile {profile!r} "
-                f"(it has {', '.join(sorted(self.bundles)) or 'none'})"
-            )
-        return entry
+    device: str
+    status: JobStatus
+    seq: int
+    model: str | None = None
+    step: JobStep | None = None
+    reason: str | None = None
+    version_before: int | None = None
+    version_after: int | None = None
+    ts: dt.datetime | None = None
 
 
-def make_command(
-    kind: str,
-    model: str,
-    target: Mapping[str, str],
-    key: ec.EllipticCurvePrivateKey,
-    *,
-    job_id: str | None = None,
-    version: int | None = None,
-    bundles: Mapping[str, Mapping[str, Any]] | None = None,
-    ttl: dt.timedelta = dt.timedelta(days=7),
-    issued_at: dt.datetime | None = None,
-) -> tuple[str, bytes]:
-    """Build and sign a command. Returns ``(job_id, envelope bytes)``.
-
-    Raises:
-        ValueError: an unknown kind, a bad target, or a deploy without version/bundles.
-    """
-    if kind not in KINDS:
-        raise ValueError(f"unknown command kind {kind!r}")
-    if set(target) not in ({"device"}, {"group"}) or not JOB_ID.match(next(iter(target.values()))):
-        raise ValueError("target must be {'device': id} or {'group': name}")
-    check_model_name(model)
-    if kind == "deploy" and (version is None or not bundles):
-        raise ValueError("a deploy needs a version and at least one bundle")
-    issued = issued_at or utcnow()
-    job = job_id or new_job_id(kind)
-    payload: dict[str, Any] = {
-        "schema": SCHEMA,
-        "kind": kind,
-        "job_id": job,
-        "model": model,
-        "target": dict(target),
-        "issued_at": _iso(issued),
-        "expires_at": _iso(issued + ttl),
-    }
-    if kind == "deploy":
-        payload["version"] = version
-        payload["bundles"] = {p: dict(b) for p, b in (bundles or {}).items()}
-    body = json.dumps(payload, separators=(",", ":"), sort_keys=True).encode()
-    envelope = dsse_sign(COMMAND_PAYLOAD_TYPE, body, key)
-    return job, json.dumps(envelope, separators=(",", ":")).encode()
-
-
-def _time(data: Mapping[str, Any], key: str) -> dt.datetime:
-    value = data.get(key)
-    try:
-        moment = dt.datetime.fromisoformat(str(value))
-    except ValueError as e:
-        raise CommandError(f"command field {key!r} is not an ISO time: {value!r}") from e
-    if moment.tzinfo is None:
-        raise CommandError(f"command field {key!r} has no time zone")
-    return moment
-
-
-def _bundles(raw: Any) -> dict[str, dict[str, Any]]:
-    if not isinstance(raw, dict) or not raw:
-        raise CommandError("deploy command has no 'bundles'")
-    out = {}
-    for profile, entry in raw.items():
-        if not isinstance(entry, dict) or not isinstance(entry.get("url"), str):
-            raise CommandError(f"bundle entry for {profile!r} needs a 'url'")
-        if not str(entry["url"]).startswith(("http://", "https://")):
-            raise CommandError(f"bundle url for {profile!r} must be http(s)")
-        sha = entry.get("sha256")
-        if not isinstance(sha, str) or not _SHA256.match(sha):
-            raise CommandError(f"bundle entry for {profile!r} needs a sha256 (64 hex digits)")
-        size = entry.get("size")
-        if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
-            raise CommandError(f"bundle entry for {profile!r} needs a positive 'size'")
-        out[str(profile)] = {"url": entry["url"], "sha256": sha, "size": size}
-    return out
-
-
-def read_command(raw: bytes, trusted_keys: Sequence[ec.EllipticCurvePublicKey] | None) -> Command:
-    """Parse a command envelope, verifying its signature when ``trusted_keys`` is given.
-
-    The collector uses this to record jobs; devices use :func:`open_command`, which also checks
-    the target and the validity period.
-
-    Raises:
-        CommandError: not a DSSE envelope, a bad signature, or malformed fields.
-    """
-    envelope = decode_json(raw, "command", schema=False) if raw[:1] == b"{" else None
-    if envelope is None or "payloadType" not in envelope or "signatures" not in envelope:
-        raise CommandError("command is not a signed DSSE envelope; unsigned commands are refused")
-    signer = ""
-    if trusted_keys is None:
-        if envelope.get("payloadType") != COMMAND_PAYLOAD_TYPE:
-            raise CommandError("envelope does not hold an edgepack command")
-        try:
-            payload = base64.b64decode(str(envelope.get("payload", "")), validate=True)
-        except ValueError as e:
-            raise CommandError(f"command payload is not base64: {e}") from e
-    else:
-        try:
-            payload, key = dsse_verify(envelope, trusted_keys, payload_type=COMMAND_PAYLOAD_TYPE)
-        except SignatureError as e:
-            raise CommandError(f"command signature rejected: {e}") from e
-        signer = key_id(key)
-    data = decode_json(payload, "command payload")
-    kind, job_id, model = data.get("kind"), data.get("job_id"), data.get("model")
-    if kind not in KINDS:
-        raise CommandError(f"unknown command kind {kind!r}")
-    if not isinstance(job_id, str) or not JOB_ID.match(job_id):
-        raise CommandError(f"command has a bad job_id {job_id!r}")
-    if not isinstance(model, str):
-        raise CommandError("command names no model")
-    try:
-        check_model_name(model)
-    except ManifestError as e:
-        raise CommandError(str(e)) from e
-    target = data.get("target")
-    if (
-        not isinstance(target, dict)
-        or len(target) != 1
-        or not ({"device", "group"} & set(target))
-        or not isinstance(next(iter(target.values())), str)
-    ):
-        raise CommandError("command target must name one device or one group")
-    version = data.get("version")
-    bundles: dict[str, dict[str, Any]] = {}
-    if kind == "deploy":
-        if isinstance(version, bool) or not isinstance(version, int) or version < 0:
-            raise CommandError("deploy command needs a non-negative integer 'version'")
-        bundles = _bundles(data.get("bundles"))
-    return Command(
-        kind=kind,
-        job_id=job_id,
-        model=model,
-        target=dict(target),
-        issued_at=_time(data, "issued_at"),
-        expires_at=_time(data, "expires_at"),
-        version=version if kind == "deploy" else None,
-        bundles=bundles,
-        key_id=signer,
-        raw=raw,
-    )
-
-
-def open_command(
-    raw: bytes,
-    trusted_keys: Sequence[ec.EllipticCurvePublicKey],
-    *,
-    device: str,
-    groups: Sequence[str] = (),
-    now: dt.datetime | None = None,
-    clock_skew: dt.timedelta = dt.timedelta(minutes=5),
-) -> Command:
-    """Verify a command's signature and check it is for this device and still valid.
-
-    Raises:
-        CommandError: unsigned, signed by an untrusted key, malformed, expired, issued in the
-            future, or addressed to another device or group. The message is the reason the
-            device reports with ``REJECTED``.
-    """
-    command = read_command(raw, trusted_keys)
-    target = command.target
-    if target.get("device") not in (None, device):
-        raise CommandError(f"command is for device {target['device']!r}, not {device!r}")
-    if "group" in target and target["group"] not in groups:
-        raise CommandError(f"command is for group {target['group']!r}, which {device} is not in")
-    moment = now or utcnow()
-    if command.expires_at <= moment:
-        raise CommandError(f"command {command.job_id} expired at {_iso(command.expires_at)}")
-    if command.issued_at > moment + clock_skew:
-        raise CommandError(
-            f"command {command.job_id} is issued in the future ({_iso(command.issued_at)})"
-        )
-    return command
-
-
-def job_status(
+def build_job_status(
     job_id: str,
     device: str,
-    status: str,
+    status: JobStatus,
     *,
     model: str | None = None,
-    step: str | None = None,
+    step: JobStep | None = None,
     reason: str | None = None,
     version_before: int | None = None,
     version_after: int | None = None,
     seq: int = 0,
+    ts: dt.datetime | None = None,
 ) -> bytes:
-    """A job execution update (AWS IoT Jobs-like)."""
-    if status not in JOB_STATUSES:
-        raise ValueError(f"unknown job status {status!r}")
+    """A job execution update; ``ts`` defaults to now.
+
+    Raises:
+        ValueError: ``status`` or ``step`` is not one of the enum's values.
+    """
+    body = {
+        "job_id": job_id,
+        "device": device,
+        "status": JobStatus(status).value,
+        "model": model,
+        "step": None if step is None else JobStep(step).value,
+        "reason": reason,
+        "version_before": version_before,
+        "version_after": version_after,
+        "seq": seq,
+        "ts": stamp(ts),
+    }
+    return encode(body)
+
+
+def parse_job_status(raw: bytes, *, device: str | None = None) -> JobUpdate:
+    """Read a job execution update (``device``: the topic's, which the payload must name).
+
+    Raises:
+        MessageError: malformed, a field of the wrong type, or another device's update.
+    """
+    data = decode_json(raw, "job status")
+    f = Fields(data, "job status")
+    sender = f.text("device", NAME)
+    if device is not None and sender != device:
+        raise MessageError(f"job status from {sender!r} on the topic of {device!r}")
+    return JobUpdate(
+        job_id=f.text("job_id", NAME),
+        device=sender,
+        status=f.choice("status", JobStatus),
+        seq=f.integer("seq"),
+        model=f.maybe_text("model"),
+        step=f.maybe_choice("step", JobStep),
+        reason=f.maybe_text("reason"),
+        version_before=f.maybe_integer("version_before"),
+        version_after=f.maybe_integer("version_after"),
+        ts=f.maybe_time("ts"),
+    )
+
+
+# -- device state and Last Will -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelState:
+    """One model on a device: committed versions, and the one serving (``None``: none)."""
+
+    active: int | None = None
+    previous: int | None = None
+    serving: int | None = None
+
+
+@dataclass(frozen=True)
+class DeviceState:
+    """A device's retained state (docs/protocol.md §4)."""
+
+    device: str
+    profile: str | None = None
+    agent_version: str | None = None
+    groups: tuple[str, ...] = ()
+    models: Mapping[str, ModelState] = field(default_factory=dict)
+    health: str | None = None
+    session: str | None = None
+    ts: dt.datetime | None = None
+    online: bool = True
+
+
+@dataclass(frozen=True)
+class DeviceOffline:
+    """The Last Will on the state topic (or the same message on a clean stop), §4.1."""
+
+    device: str
+    session: str | None = None
+    ts: dt.datetime | None = None
+
+
+_STATE_FIELDS = ("profile", "agent_version", "groups", "models", "health")
+
+
+def build_device_state(
+    device: str,
+    *,
+    profile: str,
+    agent_version: str,
+    groups: Sequence[str],
+    models: Mapping[str, ModelState],
+    health: str,
+    session: str,
+    ts: dt.datetime | None = None,
+) -> bytes:
+    """The retained ``online`` state of a device; ``ts`` defaults to now."""
     return encode(
         {
-            "job_id": job_id,
             "device": device,
-            "status": status,
-            "model": model,
-            "step": step,
-            "reason": reason,
-            "version_before": version_before,
-            "version_after": version_after,
-            "seq": seq,
-            "ts": _iso(utcnow()),
+            "online": True,
+            "profile": profile,
+            "agent_version": agent_version,
+            "groups": list(groups),
+            "models": {
+                name: {"active": m.active, "previous": m.previous, "serving": m.serving}
+                for name, m in models.items()
+            },
+            "health": health,
+            "session": session,
+            "ts": stamp(ts),
         }
     )
+
+
+def build_device_offline(device: str, session: str, ts: dt.datetime | None = None) -> bytes:
+    """The Last Will (and clean-stop message): ``online: false`` and nothing of the state."""
+    return encode({"device": device, "online": False, "session": session, "ts": stamp(ts)})
+
+
+def read_device_state(
+    data: Mapping[str, Any], *, device: str | None = None
+) -> DeviceState | DeviceOffline:
+    """Validate an already decoded state (the store accepts these from tools and tests).
+
+    Args:
+        data: the JSON object; ``schema`` is checked when present.
+        device: the topic's device; stands in for a missing ``device`` field.
+
+    Returns:
+        A :class:`DeviceOffline` for ``online: false`` with none of the state's fields (a will),
+        else a :class:`DeviceState`.
+
+    Raises:
+        MessageError: a field of the wrong type, or another device's state.
+    """
+    if "schema" in data:
+        check_schema(data, "device state", MessageError)
+    f = Fields(data, "device state")
+    sender = f.device(device)
+    online = f.flag("online", default=True)
+    if not online and not any(key in data for key in _STATE_FIELDS):
+        return DeviceOffline(sender, f.maybe_text("session"), f.maybe_time("ts"))
+    models = {} if data.get("models") is None else data["models"]
+    if not isinstance(models, dict):
+        raise f.fail("models", "an object of model name -> versions")
+    parsed = {}
+    for name, entry in models.items():
+        if not isinstance(entry, dict):
+            raise f.fail("models", "an object of model name -> {active, previous, serving}")
+        try:
+            check_model_name(name)
+        except ManifestError as e:
+            raise MessageError(f"device state: field 'models': {e}") from e
+        m = Fields(entry, f"device state, model {name!r}")
+        active, previous = m.maybe_integer("active"), m.maybe_integer("previous")
+        parsed[name] = ModelState(active, previous, m.maybe_integer("serving"))
+    return DeviceState(
+        device=sender,
+        profile=f.maybe_text("profile"),
+        agent_version=f.maybe_text("agent_version"),
+        groups=f.names("groups"),
+        models=parsed,
+        health=f.maybe_text("health"),
+        session=f.maybe_text("session"),
+        ts=f.maybe_time("ts"),
+        online=online,
+    )
+
+
+def parse_device_state(raw: bytes, *, device: str | None = None) -> DeviceState | DeviceOffline:
+    """Read a device's state or its Last Will (``device``: the topic's).
+
+    Raises:
+        MessageError: malformed, a field of the wrong type, or another device's state.
+    """
+    return read_device_state(decode_json(raw, "device state"), device=device)
+
+
+# -- pending work ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PendingGet:
+    """A device asking the collector for pending commands (its ``groups`` are not trusted)."""
+
+    device: str
+    groups: tuple[str, ...] = ()
+    ts: dt.datetime | None = None
+
+
+@dataclass(frozen=True)
+class PendingAnswer:
+    """The collector's answer: the signed envelopes as they were published."""
+
+    device: str
+    commands: tuple[bytes, ...] = ()
+
+
+def build_pending_get(device: str, groups: Sequence[str], ts: dt.datetime | None = None) -> bytes:
+    """A request for pending work; ``ts`` defaults to now."""
+    return encode({"device": device, "groups": list(groups), "ts": stamp(ts)})
+
+
+def parse_pending_get(raw: bytes, *, device: str | None = None) -> PendingGet:
+    """Read a request for pending work (``device``: the topic's).
+
+    Raises:
+        MessageError: malformed, a field of the wrong type, or another device's request.
+    """
+    f = Fields(decode_json(raw, "pending request"), "pending request")
+    return PendingGet(f.device(device), f.names("groups"), f.maybe_time("ts"))
+
+
+def build_pending_answer(device: str, commands: Sequence[bytes]) -> bytes:
+    """The answer to a pending request: each command envelope as a JSON string."""
+    return encode({"device": device, "commands": [c.decode() for c in commands]})
+
+
+def parse_pending_answer(raw: bytes, *, device: str | None = None) -> PendingAnswer:
+    """Read the collector's answer (the commands in it are verified later, one by one).
+
+    Raises:
+        MessageError: malformed, ``commands`` not a list of strings, or for another device.
+    """
+    f = Fields(decode_json(raw, "pending answer"), "pending answer")
+    commands = f.data.get("commands", [])
+    if not isinstance(commands, list) or not all(isinstance(c, str) for c in commands):
+        raise f.fail("commands", "a list of command envelopes as strings")
+    return PendingAnswer(f.device(device), tuple(c.encode() for c in commands))
+
+
+# -- telemetry and drift reports ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Report:
+    """A telemetry or drift report: its envelope, and the whole payload as the store keeps it."""
+
+    kind: ReportKind
+    device: str
+    seq: int
+    ts: dt.datetime | None
+    payload: Mapping[str, Any]
+
+
+def build_report(
+    kind: ReportKind,
+    device: str,
+    seq: int,
+    report: Mapping[str, Any],
+    ts: dt.datetime | None = None,
+) -> bytes:
+    """A report's payload: the envelope (``device``, ``seq``, ``ts``) around the report's fields.
+
+    The report's fields belong to their producers (``edgepack.agent._telemetry`` and
+    ``edgepack.agent._drift``); the envelope's keys win over fields of the same name.
+
+    Raises:
+        MessageError: the payload would exceed :data:`MAX_MESSAGE_BYTES`.
+    """
+    payload = encode({**report, "device": device, "seq": seq, "ts": stamp(ts)})
+    if len(payload) > MAX_MESSAGE_BYTES:
+        raise MessageError(
+            f"{ReportKind(kind).value} report is {len(payload)} bytes, above the limit of "
+            f"{MAX_MESSAGE_BYTES}; not sent (fewer features or bins make it smaller)"
+        )
+    return payload
+
+
+def parse_report(raw: bytes, kind: ReportKind, *, device: str | None = None) -> Report:
+    """Read a telemetry or drift report's envelope (``device``: the topic's).
+
+    Raises:
+        MessageError: malformed, no non-negative ``seq``, or another device's report.
+    """
+    what = f"{ReportKind(kind).value} report"
+    data = decode_json(raw, what)
+    f = Fields(data, what)
+    return Report(
+        ReportKind(kind),
+        f.device(device),
+        f.integer("seq"),
+        f.maybe_time("ts"),
+        data,
+    )
+
+
+# -- collector presence ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CollectorPresence:
+    """A collector saying (retained) that it is subscribed, or (its will) that it is gone."""
+
+    collector: str
+    online: bool
+    ts: dt.datetime | None = None
+
+
+@dataclass(frozen=True)
+class PresencePing:
+    """A device asking every connected collector to announce itself live."""
+
+    device: str
+    ts: dt.datetime | None = None
+
+
+def build_collector_presence(collector: str, online: bool, ts: dt.datetime | None = None) -> bytes:
+    """A collector's presence (``online`` true on subscribe, false in its will and on stop)."""
+    return encode({"collector": collector, "online": online, "ts": stamp(ts)})
+
+
+def parse_collector_presence(raw: bytes) -> CollectorPresence:
+    """Read a collector's presence; an empty payload (a cleared retained one) is offline.
+
+    Raises:
+        MessageError: malformed or a field of the wrong type.
+    """
+    if not raw:
+        return CollectorPresence("", False)
+    f = Fields(decode_json(raw, "collector presence"), "collector presence")
+    return CollectorPresence(f.text("collector"), f.flag("online"), f.maybe_time("ts"))
+
+
+def build_presence_ping(device: str, ts: dt.datetime | None = None) -> bytes:
+    """A device's ``presence/ping``; ``ts`` defaults to now."""
+    return encode({"device": device, "ts": stamp(ts)})
+
+
+def parse_presence_ping(raw: bytes) -> PresencePing:
+    """Read a presence ping.
+
+    Raises:
+        MessageError: malformed or a field of the wrong type.
+    """
+    f = Fields(decode_json(raw, "presence ping"), "presence ping")
+    return PresencePing(f.text("device", NAME), f.maybe_time("ts"))

@@ -13,12 +13,14 @@ The second half is held out to calibrate, per monitored column and per device wi
 thresholds of the binned-KS statistic and of PSI by bootstrap
 (:func:`edgepack.formats.drift.calibrate`), at the Bonferroni-corrected quantile ``1 - alpha / (2 *
 columns)`` (two statistics per column). The device counts live windows into the same bins and
-compares (edgepack.formats.drift). The format is in ``docs/bundle-format.md``.
+compares (edgepack.formats.drift). The result is a :class:`~edgepack.formats.reference.Reference`,
+written into the bundle by :func:`~edgepack.formats.reference.reference_json`, the file's one
+owner; the format is in ``docs/bundle-format.md`` §5.
 """
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -27,69 +29,89 @@ import numpy as np
 import pandas as pd
 
 from edgepack.formats.drift import FeatureBins, calibrate
+from edgepack.formats.reference import (
+    REFERENCE_FORMAT_VERSION,
+    Calibration,
+    ColumnKind,
+    ColumnReference,
+    Persistence,
+    Reference,
+    Thresholds,
+    reference_json,
+)
 from edgepack.packager._converters import Prediction
 from edgepack.packager._reference import InputLayout
 
-__all__ = ["REFERENCE_FORMAT_VERSION", "WINDOW_SIZES", "reference_statistics", "to_json"]
+__all__ = [
+    "REFERENCE_FORMAT_VERSION",
+    "WINDOW_SIZES",
+    "reference_json",
+    "reference_statistics",
+    "to_json",
+]
 
-REFERENCE_FORMAT_VERSION = 2
 MAX_BINS = 10
 MIN_PER_BIN = 25
 TOP_K = 20
 WINDOW_SIZES = (100, 250, 500, 1000)
 ALPHA = 0.01  # false alarms per window over all columns, before the 2-of-3 persistence rule
 MAX_DRAWS = 20_000
+PERSISTENCE = Persistence(alarms=2, of_windows=3)
 
 
 def _bins_for(n: int) -> int:
     return int(min(MAX_BINS, max(2, n // MIN_PER_BIN)))
 
 
-def _numeric(values: np.ndarray) -> dict[str, Any]:
+def _numeric(values: np.ndarray, name: str) -> ColumnReference:
     values = values[np.isfinite(values)]
     bins = _bins_for(len(values))
     quantiles = np.quantile(values, np.linspace(0, 1, bins + 1)[1:-1]) if len(values) else []
     edges = sorted({float(q) for q in quantiles})
     counts = np.bincount(np.searchsorted(edges, values, side="right"), minlength=len(edges) + 1)
-    return {
-        "kind": "numeric",
-        "edges": edges,
-        "counts": [int(c) for c in counts],
-        "n": len(values),
-        "min": float(values.min()) if len(values) else None,
-        "max": float(values.max()) if len(values) else None,
-        "mean": float(values.mean()) if len(values) else None,
-        "std": float(values.std()) if len(values) else None,
-    }
+    some = len(values) > 0
+    return ColumnReference(
+        name=name,
+        kind=ColumnKind.NUMERIC,
+        counts=tuple(int(c) for c in counts),
+        n=len(values),
+        edges=tuple(edges),
+        minimum=float(values.min()) if some else None,
+        maximum=float(values.max()) if some else None,
+        mean=float(values.mean()) if some else None,
+        std=float(values.std()) if some else None,
+    )
 
 
-def _categorical(values: pd.Series) -> dict[str, Any]:
+def _categorical(values: pd.Series, name: str) -> ColumnReference:
     counts = values.astype(str).value_counts()
     top = counts.iloc[:TOP_K]
-    return {
-        "kind": "categorical",
-        "categories": [str(c) for c in top.index],
-        "counts": [int(c) for c in top.to_numpy()],
-        "other": int(counts.iloc[TOP_K:].sum()),
-        "n": len(values),
-    }
+    return ColumnReference(
+        name=name,
+        kind=ColumnKind.CATEGORICAL,
+        counts=tuple(int(c) for c in top.to_numpy()),
+        n=len(values),
+        categories=tuple(str(c) for c in top.index),
+        other=int(counts.iloc[TOP_K:].sum()),
+    )
 
 
-def _column(values: Any) -> dict[str, Any]:
+def _column(values: Any, name: str) -> ColumnReference:
     series = pd.Series(np.asarray(values).ravel()) if not isinstance(values, pd.Series) else values
     numeric = pd.api.types.is_numeric_dtype(series) and not pd.api.types.is_bool_dtype(series)
-    return _numeric(series.to_numpy(np.float64)) if numeric else _categorical(series)
+    return _numeric(series.to_numpy(np.float64), name) if numeric else _categorical(series, name)
 
 
 def _thresholds(
-    entry: dict[str, Any], holdout: Any, columns: int, windows: Sequence[int]
-) -> dict[str, dict[str, float]]:
-    bins = FeatureBins.from_reference(entry)
+    column: ColumnReference, holdout: Any, columns: int, windows: Sequence[int]
+) -> ColumnReference:
+    bins = FeatureBins.from_reference(column)
     counts = bins.count(np.asarray(holdout))
     quantile = 1 - ALPHA / (2 * columns)  # two statistics per column (binned KS or PSI)
     draws = min(MAX_DRAWS, max(2000, math.ceil(10 * columns / ALPHA)))
-    return {
-        str(window): calibrate(
+    thresholds = {}
+    for window in windows:
+        found = calibrate(
             bins.reference,
             counts,
             window,
@@ -98,8 +120,8 @@ def _thresholds(
             ordered=bins.kind == "numeric",
             seed=window,
         )
-        for window in windows
-    }
+        thresholds[int(window)] = Thresholds(found["ks"], found["psi"])
+    return dataclasses.replace(column, thresholds=thresholds)
 
 
 def reference_statistics(
@@ -108,8 +130,8 @@ def reference_statistics(
     task: str,
     prediction: Prediction,
     windows: Sequence[int] = WINDOW_SIZES,
-) -> dict[str, Any]:
-    """Build the ``reference.json`` document.
+) -> Reference:
+    """Build the bundle's drift reference (written with :func:`reference_json`).
 
     Args:
         frame: the feature columns of all reference rows.
@@ -117,6 +139,9 @@ def reference_statistics(
         task: ``classification``, ``regression`` or ``tensor``.
         prediction: the source model's outputs on ``frame``'s rows (same order).
         windows: device window sizes to calibrate thresholds for.
+
+    Returns:
+        The :class:`~edgepack.formats.reference.Reference`, at the current format version.
     """
     order = np.random.default_rng(1).permutation(len(frame))
     half = max(1, len(frame) // 2)
@@ -130,38 +155,39 @@ def reference_statistics(
     features = []
     for index, column in enumerate(layout.columns):
         series = frame[column].reset_index(drop=True)
-        entry = _column(series.iloc[build])
         spec = layout.specs[0] if layout.mode == "tensor" else layout.specs[index]
-        entry.update(name=column, input=spec.name, index=index if layout.mode == "tensor" else 0)
-        entry["thresholds"] = _thresholds(entry, series.iloc[holdout].to_numpy(), columns, windows)
-        features.append(entry)
+        entry = dataclasses.replace(
+            _column(series.iloc[build], column),
+            input=spec.name,
+            index=index if layout.mode == "tensor" else 0,
+        )
+        features.append(_thresholds(entry, series.iloc[holdout].to_numpy(), columns, windows))
     output = None
     if outputs is not None:
         # class labels are categories even when they are numbers
         output = (
-            _categorical(pd.Series(outputs[build]))
+            _categorical(pd.Series(outputs[build]), "label")
             if task == "classification"
-            else _numeric(outputs[build])
+            else _numeric(outputs[build], "prediction")
         )
-        output["name"] = "label" if task == "classification" else "prediction"
-        output["thresholds"] = _thresholds(output, outputs[holdout], columns, windows)
-    return {
-        "format_version": REFERENCE_FORMAT_VERSION,
-        "rows": len(build),
-        "holdout_rows": len(holdout),
-        "calibration": {
-            "statistic": "binned_ks or psi",
-            "alpha": ALPHA,
-            "correction": "bonferroni",
-            "columns": columns,
-            "windows": list(windows),
-            "persistence": {"alarms": 2, "of_windows": 3},
-        },
-        "features": features,
-        "output": output,
-    }
+        output = _thresholds(output, outputs[holdout], columns, windows)
+    return Reference(
+        rows=len(build),
+        features=tuple(features),
+        output=output,
+        holdout_rows=len(holdout),
+        calibration=Calibration(
+            statistic="binned_ks or psi",
+            alpha=ALPHA,
+            correction="bonferroni",
+            columns=columns,
+            windows=tuple(windows),
+            persistence=PERSISTENCE,
+        ),
+        format_version=REFERENCE_FORMAT_VERSION,
+    )
 
 
-def to_json(stats: dict[str, Any]) -> bytes:
-    """Canonical JSON bytes for the bundle."""
-    return (json.dumps(stats, indent=2, sort_keys=True) + "\n").encode()
+def to_json(stats: Reference) -> bytes:
+    """The bundle's ``reference.json`` bytes (:func:`edgepack.formats.reference.reference_json`)."""
+    return reference_json(stats)

@@ -458,9 +458,9 @@ def test_an_agent_over_mtls_gets_its_commands_and_reports_back(
 
     from edgepack.agent._config import load_config
     from edgepack.agent._daemon import Agent
-    from edgepack.agent._fleet_link import DeviceLink, MqttConfig
+    from edgepack.agent._fleet_link import DeviceLink
+    from edgepack.formats.commands import make_command
     from edgepack.formats.keys import load_private_key
-    from edgepack.formats.messages import make_command
 
     ops = _write_pair(tmp_path / "ops", "ops")
     certs = broker.certs
@@ -480,7 +480,8 @@ def test_an_agent_over_mtls_gets_its_commands_and_reports_back(
     collector.subscribe(f"{P}/devices/cam-1/jobs/+/status", f"{P}/devices/cam-1/state")
     config = load_config(path)
     agent = Agent(config).start(serve_http=False)
-    link = DeviceLink(agent, MqttConfig.from_agent(config.extra["mqtt"], str(path), path.parent))
+    assert config.mqtt is not None
+    link = DeviceLink(agent, config.mqtt)
     try:
         link.start()
         assert link.connected.wait(WAIT), "the agent did not connect over mTLS"

@@ -12,6 +12,7 @@ a single collector.
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import json
 import random
 import time
@@ -28,16 +29,24 @@ from postgres import fresh_database, postgres_server
 from edgepack.fleet._broker import BrokerOptions, connect
 from edgepack.fleet._collector import Collector, CollectorStats
 from edgepack.fleet._database import FleetStore, open_store
-from edgepack.formats.messages import Topics, encode, job_status
+from edgepack.formats.messages import (
+    JobStatus,
+    JobStep,
+    ModelState,
+    build_device_state,
+    build_job_status,
+)
+from edgepack.formats.topics import Topics
 
 DEVICES, JOBS = 50, 10
 STEPS = (
-    ("QUEUED", None),
-    ("IN_PROGRESS", "downloading"),
-    ("IN_PROGRESS", "health-check"),
-    ("SUCCEEDED", None),
+    (JobStatus.QUEUED, None),
+    (JobStatus.IN_PROGRESS, JobStep.DOWNLOADING),
+    (JobStatus.IN_PROGRESS, JobStep.HEALTH_CHECK),
+    (JobStatus.SUCCEEDED, None),
 )
 M = DEVICES * JOBS * len(STEPS)  # 2,000 status updates
+T0 = dt.datetime(2026, 11, 26, 16, 30, tzinfo=dt.timezone.utc)
 WAIT = 20.0
 
 pytestmark = pytest.mark.timeout(60)
@@ -116,9 +125,9 @@ def status_updates(topics: Topics) -> list[tuple[str, str, bytes, bool]]:
         for i in range(DEVICES):
             device = f"dev-{i:02d}"
             for seq, (status, step) in enumerate(STEPS, start=1):
-                body = job_status(
+                body = build_job_status(
                     job_id, device, status, model="iris", step=step, version_before=1,
-                    version_after=2 if status == "SUCCEEDED" else None, seq=seq,
+                    version_after=2 if status is JobStatus.SUCCEEDED else None, seq=seq,
                 )  # fmt: skip
                 out.append((device, topics.job_status(device, job_id), body, False))
     return out
@@ -128,12 +137,11 @@ def states(topics: Topics) -> list[tuple[str, str, bytes, bool]]:
     out = []
     for i in range(DEVICES):
         device = f"dev-{i:02d}"
-        state = {
-            "device": device, "online": True, "profile": "x86_64-cpu", "groups": ["line-1"],
-            "models": {"iris": {"active": 2, "previous": 1, "serving": 2}}, "health": "ok",
-            "ts": "2026-11-26T16:30:00+00:00", "session": f"s{i}",
-        }  # fmt: skip
-        out.append((device, topics.state(device), encode(state), True))
+        state = build_device_state(
+            device, profile="x86_64-cpu", agent_version="0.1.0", groups=["line-1"],
+            models={"iris": ModelState(2, 1, 2)}, health="ok", session=f"s{i}", ts=T0,
+        )  # fmt: skip
+        out.append((device, topics.state(device), state, True))
     return out
 
 
@@ -231,8 +239,10 @@ def test_a_redelivered_status_is_a_duplicate_on_sqlite(broker: Broker, tmp_path:
     try:
         with devices(options, 1) as clients:
             topic = topics.job_status("dev-00", job)
-            queued = job_status(job, "dev-00", "QUEUED", model="iris", seq=1)
-            done = job_status(job, "dev-00", "SUCCEEDED", model="iris", version_after=2, seq=2)
+            queued = build_job_status(job, "dev-00", JobStatus.QUEUED, model="iris", seq=1, ts=T0)
+            done = build_job_status(
+                job, "dev-00", JobStatus.SUCCEEDED, model="iris", version_after=2, seq=2, ts=T0
+            )
             send(clients, [("dev-00", topic, queued, False), ("dev-00", topic, done, False)])
             wait_for(lambda: collector.stats.written == 2, "the updates written")
             (current,) = store.executions(job)

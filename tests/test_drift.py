@@ -31,14 +31,16 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import KeyPair, write_agent_config
 
+from edgepack.agent._config import load_config
 from edgepack.agent._drift import DriftDetector
-from edgepack.agent._monitor import MonitorConfig
 from edgepack.agent.exceptions import ConfigError
 from edgepack.formats.drift import (
     FeatureBins,
@@ -47,6 +49,14 @@ from edgepack.formats.drift import (
     count_categorical,
     count_numeric,
     psi,
+)
+from edgepack.formats.exceptions import ReferenceFormatError
+from edgepack.formats.reference import (
+    ColumnKind,
+    ColumnReference,
+    Reference,
+    parse_reference,
+    reference_json,
 )
 from edgepack.packager._converters import Prediction
 from edgepack.packager._reference import columns_layout
@@ -97,14 +107,15 @@ def draw(
 
 
 @pytest.fixture(scope="module")
-def reference() -> dict[str, Any]:
-    """``reference.json`` for the synthetic data, parsed back from its JSON text."""
+def reference() -> Reference:
+    """``reference.json`` for the synthetic data, parsed back from its bytes as the device does."""
     feeds, labels = draw(np.random.default_rng(20_000), REFERENCE_ROWS)
     frame = pd.DataFrame({name: values.ravel() for name, values in feeds.items()})
     frame[list(NUMERIC)] = frame[list(NUMERIC)].astype(np.float64)
     layout = columns_layout(frame, [*NUMERIC, "cat"])
     stats = reference_statistics(frame, layout, "classification", Prediction(labels=labels))
-    parsed: dict[str, Any] = json.loads(json.dumps(stats))
+    parsed = parse_reference(reference_json(stats))
+    assert parsed == stats  # nothing lost on the way through the file
     return parsed
 
 
@@ -122,39 +133,135 @@ def drifting(report: dict[str, Any]) -> set[str]:
 # --- the reference document -----------------------------------------------------------------------
 
 
-def test_reference_document_describes_the_data(reference: dict[str, Any]) -> None:
-    assert reference["format_version"] == 2
-    assert (reference["rows"], reference["holdout_rows"]) == (10_000, 10_000)
-    calibration = reference["calibration"]
-    assert calibration["windows"] == list(WINDOW_SIZES) == [100, 250, 500, 1000]
-    assert (calibration["alpha"], calibration["correction"]) == (0.01, "bonferroni")
-    assert calibration["columns"] == len(NUMERIC) + 2  # six numbers, the category, the label
-    features = {f["name"]: f for f in reference["features"]}
+def test_reference_document_describes_the_data(reference: Reference) -> None:
+    assert reference.format_version == 2
+    assert (reference.rows, reference.holdout_rows) == (10_000, 10_000)
+    calibration = reference.calibration
+    assert calibration is not None
+    assert calibration.windows == WINDOW_SIZES == (100, 250, 500, 1000)
+    assert (calibration.alpha, calibration.correction) == (0.01, "bonferroni")
+    assert calibration.columns == len(NUMERIC) + 2  # six numbers, the category, the label
+    features = {f.name: f for f in reference.features}
     assert list(features) == [*NUMERIC, "cat"]
     for name in NUMERIC:
-        assert features[name]["kind"] == "numeric"
-        assert len(features[name]["edges"]) == 9  # 10 quantile bins of ~1,000 rows each
-        assert sum(features[name]["counts"]) == 10_000
-        assert max(features[name]["counts"]) - min(features[name]["counts"]) <= 2
+        assert features[name].kind is ColumnKind.NUMERIC
+        assert len(features[name].edges) == 9  # 10 quantile bins of ~1,000 rows each
+        assert sum(features[name].counts) == 10_000
+        assert max(features[name].counts) - min(features[name].counts) <= 2
     cat = features["cat"]
-    assert cat["kind"] == "categorical"
-    assert cat["categories"] == ["a", "b", "c", "d", "e"]  # most frequent first
-    assert cat["other"] == 0
-    assert sum(cat["counts"]) == 10_000
-    assert reference["output"]["name"] == "label"
-    assert sorted(reference["output"]["categories"]) == ["neg", "pos"]
+    assert cat.kind is ColumnKind.CATEGORICAL
+    assert cat.categories == ("a", "b", "c", "d", "e")  # most frequent first
+    assert cat.other == 0
+    assert sum(cat.counts) == 10_000
+    assert reference.output is not None
+    assert (reference.output.name, reference.output.input) == ("label", None)
+    assert sorted(reference.output.categories) == ["neg", "pos"]
 
 
-def test_thresholds_decrease_with_window_size(reference: dict[str, Any]) -> None:
-    for entry in [*reference["features"], reference["output"]]:
-        thresholds = [entry["thresholds"][str(w)] for w in WINDOW_SIZES]
+def test_thresholds_decrease_with_window_size(reference: Reference) -> None:
+    for entry in reference.columns:
+        thresholds = [entry.thresholds[w] for w in WINDOW_SIZES]
         for statistic in ("ks", "psi"):
-            values = [t[statistic] for t in thresholds]
-            assert values == sorted(values, reverse=True), (entry["name"], statistic, values)
-            assert len(set(values)) == len(values), (entry["name"], statistic, values)
+            values = [getattr(t, statistic) for t in thresholds]
+            assert values == sorted(values, reverse=True), (entry.name, statistic, values)
+            assert len(set(values)) == len(values), (entry.name, statistic, values)
         # binned KS noise shrinks like 1/sqrt(n): 10x the rows, about a third of the threshold
-        ratio = thresholds[0]["ks"] / thresholds[-1]["ks"]
-        assert math.sqrt(10) * 0.75 < ratio < math.sqrt(10) * 1.25, (entry["name"], ratio)
+        ratio = thresholds[0].ks / thresholds[-1].ks
+        assert math.sqrt(10) * 0.75 < ratio < math.sqrt(10) * 1.25, (entry.name, ratio)
+
+
+# --- reference.json: one owner, a format version --------------------------------------------------
+
+
+def test_reference_json_is_canonical_and_round_trips(reference: Reference) -> None:
+    raw = reference_json(reference)
+    assert raw.endswith(b"}\n")
+    assert raw.startswith(b'{\n  "calibration"')
+    assert json.loads(raw)["format_version"] == 2
+    assert reference_json(parse_reference(raw)) == raw
+
+
+def test_a_format_1_reference_is_read_and_never_judged(reference: Reference) -> None:
+    document = json.loads(reference_json(reference))
+    document["format_version"] = 1
+    for key in ("calibration", "holdout_rows"):
+        del document[key]
+    for entry in [*document["features"], document["output"]]:
+        del entry["thresholds"]
+    old = parse_reference(json.dumps(document).encode())
+    assert old.calibration is None
+    assert (old.persistence.alarms, old.persistence.of_windows) == (
+        2,
+        3,
+    )
+    assert all(not c.thresholds for c in old.columns)
+    monitor = DriftDetector(old, window=500, min_rows=500)
+    report = judge(monitor, *draw(np.random.default_rng(1), 500, shift={"x2": 3.0}))
+    assert report["status"] == "ok"
+    assert all(f["threshold"] is None for f in report["features"])
+
+
+def _edit(reference: Reference, change: Callable[[dict[str, Any]], None]) -> bytes:
+    document = json.loads(reference_json(reference))
+    change(document)
+    return json.dumps(document).encode()
+
+
+BAD_REFERENCES: dict[str, tuple[Callable[[dict[str, Any]], None], str]] = {
+    "no version": (lambda d: d.pop("format_version"), "no format_version; rebuild the bundle"),
+    "newer version": (
+        lambda d: d.update(format_version=3),
+        "format_version 3, newer than this edgepack understands .2.: upgrade edgepack",
+    ),
+    "unknown version": (lambda d: d.update(format_version=0), "format_version 0, which this"),
+    "version as text": (lambda d: d.update(format_version="2"), "format_version '2', which"),
+    "no features": (lambda d: d.pop("features"), "missing field 'features'"),
+    "counts as text": (
+        lambda d: d["features"][0].update(counts="many"),
+        r"'features\[0\].counts' must be a list",
+    ),
+    "negative count": (
+        lambda d: d["features"][1]["counts"].__setitem__(0, -1),
+        r"'features\[1\].counts\[0\]' must be an integer >= 0",
+    ),
+    "edges unsorted": (
+        lambda d: d["features"][0]["edges"].reverse(),
+        r"'features\[0\].edges' must be sorted",
+    ),
+    "unknown kind": (
+        lambda d: d["features"][0].update(kind="ordinal"),
+        r"'features\[0\].kind' must be 'numeric' or 'categorical'",
+    ),
+    "categories miscounted": (
+        lambda d: d["features"][6]["categories"].pop(),
+        r"'features\[6\].categories' must be 5 strings",
+    ),
+    "no thresholds": (
+        lambda d: d["output"].pop("thresholds"),
+        "missing field 'output.thresholds'",
+    ),
+    "threshold as text": (
+        lambda d: d["output"]["thresholds"]["100"].update(ks="low"),
+        r"'output.thresholds.100.ks' must be a number",
+    ),
+    "persistence impossible": (
+        lambda d: d["calibration"]["persistence"].update(alarms=4),
+        r"'calibration.persistence.of_windows' must be an integer >= 4",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_REFERENCES))
+def test_a_malformed_reference_is_refused_with_what_to_do(reference: Reference, case: str) -> None:
+    change, says = BAD_REFERENCES[case]
+    with pytest.raises(ReferenceFormatError, match=says):
+        parse_reference(_edit(reference, change))
+
+
+@pytest.mark.parametrize("raw", [b"", b"[1, 2]", b"\xff\xfe", b"[" * 5000])
+def test_a_reference_that_is_not_a_json_object_is_refused(raw: bytes) -> None:
+    with pytest.raises(ReferenceFormatError, match=r"reference\.json"):
+        parse_reference(raw)
 
 
 def test_calibrate_directly_decreases_with_window_size() -> None:
@@ -200,8 +307,10 @@ def test_count_categorical_maps_unseen_values_to_other() -> None:
     values = np.array(["a", "z", "b", "a", "", "A"], dtype=object)
     np.testing.assert_array_equal(count_categorical(values, ("a", "b")), [2, 1, 3])
     np.testing.assert_array_equal(count_categorical(np.array([1, 2, 9]), ("1", "2")), [1, 1, 1])
-    entry = {"name": "c", "kind": "categorical", "categories": ["a", "b"], "counts": [3, 1]}
-    bins = FeatureBins.from_reference({**entry, "other": 4})
+    entry = ColumnReference(
+        "c", ColumnKind.CATEGORICAL, counts=(3, 1), n=8, categories=("a", "b"), other=4
+    )
+    bins = FeatureBins.from_reference(entry)
     np.testing.assert_allclose(bins.reference, [3 / 8, 1 / 8, 4 / 8])  # "other" is the last bin
 
 
@@ -216,7 +325,7 @@ class FakeClock:
         return self.now
 
 
-def test_time_based_flush_needs_max_age_and_min_rows(reference: dict[str, Any]) -> None:
+def test_time_based_flush_needs_max_age_and_min_rows(reference: Reference) -> None:
     clock = FakeClock()
     monitor = DriftDetector(reference, window=500, min_rows=100, max_age=60.0, clock=clock)
     rng = np.random.default_rng(3)
@@ -255,9 +364,7 @@ def _one_batch(rng: np.random.Generator, n: int) -> tuple[Feeds, dict[str, np.nd
 
 
 @pytest.mark.parametrize(("window", "windows"), [(500, 1000), (100, 1000)])
-def test_stationary_stream_raises_no_drift(
-    reference: dict[str, Any], window: int, windows: int
-) -> None:
+def test_stationary_stream_raises_no_drift(reference: Reference, window: int, windows: int) -> None:
     monitor = DriftDetector(reference, window=window, min_rows=window)
     rng = np.random.default_rng(window)
     statuses = [judge(monitor, *draw(rng, window))["status"] for _ in range(windows)]
@@ -267,7 +374,7 @@ def test_stationary_stream_raises_no_drift(
 
 
 def test_windows_smaller_than_calibrated_sizes_are_reported_not_judged(
-    reference: dict[str, Any],
+    reference: Reference, tmp_path: Path, keys: KeyPair
 ) -> None:
     # no threshold is calibrated below 100 rows: a guessed one alarmed on ~25% of such windows
     monitor = DriftDetector(reference, window=50, min_rows=50)
@@ -277,7 +384,7 @@ def test_windows_smaller_than_calibrated_sizes_are_reported_not_judged(
     assert all(f["threshold"] is None for r in reports for f in r["features"])
     assert all(r["n"] == 50 for r in reports)
     with pytest.raises(ConfigError, match=r"\[drift\]\.window must be at least 100"):
-        MonitorConfig.from_extra({"drift": {"window": 50}}, "agent.toml")
+        load_config(write_agent_config(tmp_path, keys, extra="[drift]\nwindow = 50\n"))
 
 
 # --- detection ------------------------------------------------------------------------------------
@@ -296,7 +403,7 @@ CHANGES: dict[str, tuple[str, Change]] = {
 
 
 def windows_to_drift(
-    reference: dict[str, Any], change: Change, column: str, seed: int, window: int = 500
+    reference: Reference, change: Change, column: str, seed: int, window: int = 500
 ) -> int | None:
     """Windows after the change until status "drift" (None: not within GIVE_UP windows).
 
@@ -319,7 +426,7 @@ def windows_to_drift(
 
 
 @pytest.mark.parametrize("kind", list(CHANGES))
-def test_change_is_detected_within_three_windows(reference: dict[str, Any], kind: str) -> None:
+def test_change_is_detected_within_three_windows(reference: Reference, kind: str) -> None:
     column, change = CHANGES[kind]
     found = [windows_to_drift(reference, change, column, seed) for seed in range(EPISODES)]
     assert None not in found, found
@@ -332,7 +439,7 @@ def test_change_is_detected_within_three_windows(reference: dict[str, Any], kind
     reason="a known limit: a variance x1.5 change (sd x1.22) is caught within 3 windows of 500 "
     "rows in about half the episodes (binned KS or PSI), not 90%; sd x1.5 is caught at once",
 )
-def test_variance_x1_5_is_detected_within_three_windows(reference: dict[str, Any]) -> None:
+def test_variance_x1_5_is_detected_within_three_windows(reference: Reference) -> None:
     def change(rng: np.random.Generator, n: int) -> tuple[Feeds, np.ndarray]:
         return draw(rng, n, scale={"x3": math.sqrt(1.5)})
 

@@ -19,17 +19,19 @@ import pytest
 from brokers import Broker, mosquitto
 from conftest import KeyPair, _write_pair, write_agent_config
 
-from edgepack.agent._config import load_config
+from edgepack.agent._config import DownloadConfig, load_config
 from edgepack.agent._daemon import Agent
-from edgepack.agent._download import DownloadConfig, HttpFetcher
-from edgepack.agent._fleet_link import DeviceLink, MqttConfig
+from edgepack.agent._download import HttpFetcher
+from edgepack.agent._fleet_link import DeviceLink
 from edgepack.fleet._broker import BrokerOptions, connect, publish_and_wait
 from edgepack.fleet._bundle_server import BundleServer
 from edgepack.fleet._collector import Collector
 from edgepack.fleet._commands import find_bundles, publish_command
 from edgepack.fleet._database import open_store
+from edgepack.formats.commands import make_command
 from edgepack.formats.keys import generate_private_key, load_private_key
-from edgepack.formats.messages import TERMINAL, Topics, make_command
+from edgepack.formats.messages import TERMINAL
+from edgepack.formats.topics import Topics
 
 WAIT = 30.0
 
@@ -90,8 +92,8 @@ class Fleet:
         config = load_config(path)
         agent = Agent(config, fetcher=HttpFetcher(DownloadConfig(retries=2, backoff_initial=0.05)))
         agent.start(serve_http=False)
-        mqtt_config = MqttConfig.from_agent(config.extra["mqtt"], str(path), path.parent)
-        link = DeviceLink(agent, mqtt_config).start()
+        assert config.mqtt is not None
+        link = DeviceLink(agent, config.mqtt).start()
         assert link.connected.wait(10), f"{name} did not connect"
         self.devices[name] = (agent, link)
         return agent

@@ -41,10 +41,10 @@ from brokers import Broker, free_port, start_mosquitto
 from conftest import KeyPair, _write_pair, write_agent_config
 from paho.mqtt.enums import CallbackAPIVersion
 
-from edgepack.agent._config import load_config
+from edgepack.agent._config import DownloadConfig, load_config
 from edgepack.agent._daemon import Agent
-from edgepack.agent._download import DownloadConfig, HttpFetcher
-from edgepack.agent._fleet_link import DeviceLink, MqttConfig
+from edgepack.agent._download import HttpFetcher
+from edgepack.agent._fleet_link import DeviceLink
 from edgepack.agent._outbox import KINDS, Outbox
 from edgepack.fleet._broker import BrokerOptions, connect, publish_and_wait
 from edgepack.fleet._bundle_server import BundleServer
@@ -52,7 +52,7 @@ from edgepack.fleet._collector import Collector
 from edgepack.fleet._commands import find_bundles, publish_command
 from edgepack.fleet._database import FleetStore, open_store
 from edgepack.formats.keys import load_private_key
-from edgepack.formats.messages import TERMINAL, encode
+from edgepack.formats.messages import TERMINAL, ReportKind, build_report
 
 WAIT = 30.0  # the longest any single wait may take
 OUTAGE = 3.0  # seconds the broker stays down, at least
@@ -398,8 +398,8 @@ class World:
         path.write_text(text.replace("[server]\n", "[server]\nenabled = false\n"))
         config = load_config(path)
         agent = Agent(config, fetcher=self.fetcher).start(serve_http=False)
-        mqtt_config = MqttConfig.from_agent(config.extra["mqtt"], str(path), path.parent)
-        self.agent, self.link = agent, DeviceLink(agent, mqtt_config).start()
+        assert config.mqtt is not None
+        self.agent, self.link = agent, DeviceLink(agent, config.mqtt).start()
         assert self.link.connected.wait(WAIT), "the device did not connect"
         return agent
 
@@ -467,7 +467,7 @@ class World:
     def wait_for_subscribers(self) -> None:
         """Publish a probe until the collector has stored it and the observer has seen it."""
         self.probes += 1
-        probe = encode({"device": "probe", "seq": self.probes})
+        probe = build_report(ReportKind.DRIFT, "probe", self.probes, {})
         deadline = time.monotonic() + WAIT
         while time.monotonic() < deadline:
             client = connect(self.options)

@@ -55,6 +55,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import write_section  # noqa: E402
 
 from edgepack.agent._drift import DriftDetector  # noqa: E402
+from edgepack.formats.reference import Reference  # noqa: E402
 from edgepack.packager._converters import Prediction  # noqa: E402
 from edgepack.packager._reference import columns_layout  # noqa: E402
 from edgepack.packager._statistics import reference_statistics  # noqa: E402
@@ -126,7 +127,7 @@ def make_streams(window: int) -> Streams:
 # -- edgepack ---------------------------------------------------------------------------------
 
 
-def edgepack_reference(reference: pd.DataFrame) -> dict[str, Any]:
+def edgepack_reference(reference: pd.DataFrame) -> Reference:
     frame = reference.loc[:, list(FEATURES)]
     return reference_statistics(
         frame,
@@ -136,7 +137,7 @@ def edgepack_reference(reference: pd.DataFrame) -> dict[str, Any]:
     )
 
 
-def edgepack_detector(reference: dict[str, Any], window: int, seconds: list[float]) -> Detector:
+def edgepack_detector(reference: Reference, window: int, seconds: list[float]) -> Detector:
     def run(windows: Windows, _check: range) -> dict[str, np.ndarray]:
         monitor = DriftDetector(reference, window=window, min_rows=window)
         statuses = []

@@ -411,7 +411,7 @@ def table(results: list[Result], seconds: float) -> str:
             "Simulated devices (`scripts/bench/simdevices.py`): one process, one epoll thread "
             "driving every paho client through its external-loop API, MQTT 5 persistent "
             "sessions, connecting 200 at a time. Each verifies the signed deploy for real "
-            "(`edgepack.formats.messages.open_command`) and reports QUEUED → IN_PROGRESS "
+            "(`edgepack.formats.commands.open_command`) and reports QUEUED → IN_PROGRESS "
             "(downloading) → IN_PROGRESS (health-check) → SUCCEEDED plus a new retained state, at "
             "once: **no download, no onnxruntime, no health check** (and not the agent's 0.3 s "
             "batching pause): this is the fan-out and ingest path, not install time. The collector "

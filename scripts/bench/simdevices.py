@@ -1,13 +1,14 @@
 """Simulated devices for the fleet benchmarks: thousands of MQTT clients on one epoll thread.
 
 Each :class:`SimDevice` speaks the agent's protocol (``edgepack.agent._fleet_link.DeviceLink``): a
-paho-mqtt 2.x client (``CallbackAPIVersion.VERSION2``, MQTT 5, persistent session, a Last Will
-marking it offline) that on connect subscribes to its device and group job topics and its
+paho-mqtt 2.x client set up like the agent's (:mod:`edgepack._mqtt`: MQTT 5, persistent session, a
+Last Will marking it offline) that on connect subscribes to its device and group job topics and its
 ``pending`` answers, publishes its retained state and asks the collector for pending work. A command
-is verified for real with :func:`edgepack.formats.messages.open_command` (signature, target,
+is verified for real with :func:`edgepack.formats.commands.open_command` (signature, target,
 expiry), its bundle for the device's profile looked up, and the job reported as the agent reports
 it: ``QUEUED → IN_PROGRESS (downloading) → IN_PROGRESS (health-check) → SUCCEEDED``, followed by a
-new retained state. Nothing is downloaded and no model is loaded: the simulator exercises the
+new retained state. Every payload is built and parsed by :mod:`edgepack.formats.messages`, as the
+agent's are. Nothing is downloaded and no model is loaded: the simulator exercises the
 fan-out path (broker → devices → broker → collector → store), not the install itself.
 
 Why one thread: a paho ``loop_start()`` thread per client uses ``select()``, which cannot watch
@@ -35,26 +36,31 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 from cryptography.hazmat.primitives.asymmetric import ec
-from paho.mqtt.enums import CallbackAPIVersion
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 
-from edgepack.agent.exceptions import CommandError
-from edgepack.formats.messages import Topics, decode_json, encode, job_status, open_command, utcnow
+from edgepack._mqtt import ClientSettings, Will, connect_options, make_client
+from edgepack.formats.commands import open_command
+from edgepack.formats.exceptions import MessageError
+from edgepack.formats.messages import (
+    JobStatus,
+    JobStep,
+    ModelState,
+    build_device_offline,
+    build_device_state,
+    build_job_status,
+    build_pending_get,
+    parse_pending_answer,
+)
+from edgepack.formats.topics import Topics
 
 __all__ = ["SimDevice", "SimFleet"]
 
 # The updates the agent reports for an install (edgepack.agent._jobs: lifecycle state -> step).
 STEPS = (
-    ("QUEUED", None),
-    ("IN_PROGRESS", "downloading"),
-    ("IN_PROGRESS", "health-check"),
-    ("SUCCEEDED", None),
+    (JobStatus.QUEUED, None),
+    (JobStatus.IN_PROGRESS, JobStep.DOWNLOADING),
+    (JobStatus.IN_PROGRESS, JobStep.HEALTH_CHECK),
+    (JobStatus.SUCCEEDED, None),
 )
-
-
-def _now() -> str:
-    return utcnow().isoformat(timespec="seconds")
 
 
 class SimDevice:
@@ -64,19 +70,23 @@ class SimDevice:
         self.fleet, self.name = fleet, name
         self.groups = list(fleet.groups)
         self.session = uuid.uuid4().hex[:12]
-        self.models: dict[str, dict[str, Any]] = {}
+        self.models: dict[str, ModelState] = {}
         self.finished: dict[str, int | None] = {}  # job id -> version installed
         self.attempts = 0
         self.command_at: float | None = None  # first command received (monotonic)
         self.succeeded_at: float | None = None  # broker acknowledged the SUCCEEDED update
         self._success_mid: int | None = None
-        topics = fleet.topics
-        client = mqtt.Client(
-            CallbackAPIVersion.VERSION2, client_id=f"edgepack-{name}", protocol=mqtt.MQTTv5
+        self.settings = ClientSettings(
+            client_id=f"edgepack-{name}",
+            host=fleet.host,
+            port=fleet.port,
+            keepalive=fleet.keepalive,
+            persistent=True,
+            session_expiry=3600,
+            max_queued=10_000,
         )
-        offline = encode({"device": name, "online": False, "session": self.session, "ts": _now()})
-        client.will_set(topics.state(name), offline, qos=1, retain=True)
-        client.max_queued_messages_set(10_000)
+        offline = build_device_offline(name, self.session)
+        client = make_client(self.settings, will=Will(fleet.topics.state(name), offline))
         client.on_connect = self._on_connect
         client.on_subscribe = self._on_subscribe
         client.on_message = self._on_message
@@ -92,16 +102,9 @@ class SimDevice:
     # -- on the network thread only --------------------------------------------------------------
 
     def connect(self) -> None:
-        props = Properties(PacketTypes.CONNECT)
-        props.SessionExpiryInterval = 3600
         self.attempts += 1
-        self.client.connect(
-            self.fleet.host,
-            self.fleet.port,
-            self.fleet.keepalive,
-            clean_start=False,
-            properties=props,
-        )
+        s = self.settings
+        self.client.connect(s.host, s.port, s.keepalive, **connect_options(s))
 
     def _publish(self, topic: str, payload: bytes, retain: bool = False) -> int:
         info = self.client.publish(topic, payload, qos=1, retain=retain)
@@ -110,18 +113,16 @@ class SimDevice:
         return info.mid
 
     def publish_state(self) -> None:
-        state = {
-            "device": self.name,
-            "online": True,
-            "profile": self.fleet.profile,
-            "agent_version": "sim",
-            "groups": self.groups,
-            "models": self.models,
-            "health": "ok",
-            "ts": _now(),
-            "session": self.session,
-        }
-        self._publish(self.fleet.topics.state(self.name), encode(state), retain=True)
+        state = build_device_state(
+            self.name,
+            profile=self.fleet.profile,
+            agent_version="sim",
+            groups=self.groups,
+            models=self.models,
+            health="ok",
+            session=self.session,
+        )
+        self._publish(self.fleet.topics.state(self.name), state, retain=True)
 
     def _on_connect(self, client: mqtt.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
         if reason.is_failure:
@@ -132,8 +133,7 @@ class SimDevice:
         wanted += [topics.group_jobs(group) for group in self.groups]
         client.subscribe([(topic, 1) for topic in wanted])
         self.publish_state()
-        ask = {"device": self.name, "groups": self.groups, "ts": _now()}
-        self._publish(topics.pending_get(self.name), encode(ask))
+        self._publish(topics.pending_get(self.name), build_pending_get(self.name, self.groups))
 
     def _on_subscribe(self, *_args: Any) -> None:
         self.fleet.connecting -= 1
@@ -153,9 +153,13 @@ class SimDevice:
         if not payload:
             return  # a cleared retained command
         if message.topic == self.fleet.topics.pending(self.name):
-            answer = decode_json(payload, "pending answer")
-            for raw in answer.get("commands", []):
-                self.handle(raw.encode())
+            try:
+                answer = parse_pending_answer(payload, device=self.name)
+            except MessageError as e:
+                self.fleet.fail(f"{self.name}: a malformed pending answer: {e}")
+                return
+            for raw in answer.commands:
+                self.handle(raw)
         else:
             self.handle(payload)
 
@@ -167,20 +171,21 @@ class SimDevice:
             command = open_command(raw, self.fleet.keys, device=self.name, groups=self.groups)
             if command.kind == "deploy":
                 command.bundle_for(self.fleet.profile)  # a device needs its profile's bundle
-        except CommandError as e:
+        except MessageError as e:  # a CommandError: the reason a device reports REJECTED
             self.fleet.fail(f"{self.name}: rejected a command: {e}")
             return
         topic = self.fleet.topics.job_status(self.name, command.job_id)
         if command.job_id in self.finished:  # delivered again: re-report, like the agent
-            update = job_status(
-                command.job_id, self.name, "SUCCEEDED", model=command.model, seq=len(STEPS)
+            update = build_job_status(
+                command.job_id, self.name, JobStatus.SUCCEEDED, model=command.model, seq=len(STEPS)
             )
             self._publish(topic, update)
             return
-        before = (self.models.get(command.model) or {}).get("active")
+        current = self.models.get(command.model)
+        before = current.active if current else None
         for seq, (status, step) in enumerate(STEPS, start=1):
-            done = status == "SUCCEEDED"
-            update = job_status(
+            done = status is JobStatus.SUCCEEDED
+            update = build_job_status(
                 command.job_id,
                 self.name,
                 status,
@@ -194,11 +199,7 @@ class SimDevice:
             if done:
                 self._success_mid = mid
         self.finished[command.job_id] = command.version
-        self.models[command.model] = {
-            "active": command.version,
-            "previous": before,
-            "serving": command.version,
-        }
+        self.models[command.model] = ModelState(command.version, before, command.version)
         self.publish_state()
 
 
