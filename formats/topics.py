@@ -16,6 +16,7 @@ hand, so the topic tree lives here and in ``docs/protocol.md`` §1. Under a conf
     {prefix}/devices/{device}/drift                drift reports
     {prefix}/collectors/{collector}                retained  a collector is online and subscribed
     {prefix}/presence/ping                         a device asks connected collectors to answer
+    {prefix}/trust                                 retained  the signed trust document (key rotation)
 
 Device ids, group names and job ids are 1-128 of ``A-Z a-z 0-9 _ . : -`` starting with a letter
 or digit (:data:`NAME`); model names follow :func:`edgepack.formats.manifest.check_model_name`.
@@ -49,6 +50,7 @@ class TopicKind(TextEnum):
     DRIFT = "drift"
     COLLECTOR = "collector"
     PRESENCE_PING = "presence_ping"
+    TRUST = "trust"
 
 
 @dataclass(frozen=True)
@@ -129,6 +131,8 @@ def parse_topic(topic: str, prefix: str = DEFAULT_PREFIX) -> Topic:
         return Topic(TopicKind.COLLECTOR, collector=rest[0])
     elif parts == ("presence", "ping"):
         return Topic(TopicKind.PRESENCE_PING)
+    elif parts == ("trust",):
+        return Topic(TopicKind.TRUST)
     raise MessageError(f"topic {topic!r} is not an edgepack topic (see docs/protocol.md §1)")
 
 
@@ -175,6 +179,10 @@ class Topics:
     def presence_ping(self) -> str:
         """Devices ask here; every connected collector answers with a live presence message."""
         return f"{self.prefix}/presence/ping"
+
+    def trust(self) -> str:
+        """The retained trust document: bundle and command keys in force (formats.trust)."""
+        return f"{self.prefix}/trust"
 
     def parse(self, topic: str) -> Topic:
         """:func:`parse_topic` under this prefix; raises :class:`MessageError`."""
