@@ -1,9 +1,11 @@
-"""edgepack agent: the device side, and the formats every side of edgepack agrees on.
+"""edgepack agent: the device side.
 
-This package is the leaf of edgepack. It never imports ``packager`` or ``fleet``, nor onnx,
-skl2onnx or scikit-learn: a device installs only ``edgepack[agent]``. The bundle layout
-(:mod:`edgepack.formats.bundle`, :mod:`edgepack.formats.manifest`) and signatures
-(:mod:`edgepack.formats.modelsig`) live here, and the packager and fleet import them from here.
+It never imports ``packager`` or ``fleet``, nor onnx, skl2onnx or scikit-learn: a device installs
+only ``edgepack[agent]``. The formats it reads (bundles, manifests, signatures, fleet messages)
+come from :mod:`edgepack.formats`, shared with the packager and the fleet. The modules are
+private; the configuration (``_config``, parsed once), the lifecycle (``_lifecycle``), the
+sessions that serve models (``_session``, ``_runtime``) and the daemon that wires them
+(``_daemon``) are the places to start reading. Errors: :mod:`edgepack.agent.exceptions`.
 """
 
 __version__ = "0.1.0"

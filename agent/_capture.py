@@ -4,7 +4,8 @@ Off by default (``[capture] enabled = true`` turns it on). The monitor's backgro
 each served batch; a token bucket admits at most ``per_minute`` rows, which go with the model's
 outputs into a SQLite file in the state directory, keeping at most ``max_rows`` (oldest dropped).
 ``edgepack-agent export-samples`` writes them out as CSV, or Parquet where pyarrow is installed.
-Inputs stay on the device unless an operator exports them.
+Inputs stay on the device unless an operator exports them. The settings are the ``[capture]``
+table of ``agent.toml`` (:class:`~edgepack.agent._config.CaptureConfig`).
 """
 
 from __future__ import annotations
@@ -14,40 +15,16 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from edgepack.agent._config import CaptureConfig
 from edgepack.agent.exceptions import ConfigError, StorageError
 
-__all__ = ["CaptureConfig", "SampleStore"]
-
-
-@dataclass(frozen=True)
-class CaptureConfig:
-    """The ``[capture]`` table."""
-
-    enabled: bool = False
-    per_minute: int = 60
-    max_rows: int = 10_000
-
-    @classmethod
-    def from_extra(cls, extra: Mapping[str, Any], source: str) -> CaptureConfig:
-        table = extra.get("capture", {})
-        values = {}
-        for key, value in table.items():
-            if key not in ("enabled", "per_minute", "max_rows"):
-                raise ConfigError(f"{source}: unknown key [capture].{key}")
-            default = getattr(cls, key)
-            if isinstance(default, bool) != isinstance(value, bool) or (
-                not isinstance(default, bool) and (not isinstance(value, int) or value <= 0)
-            ):
-                raise ConfigError(f"{source}: [capture].{key} has a bad value {value!r}")
-            values[key] = value
-        return cls(**values)
+__all__ = ["SampleStore"]
 
 
 def _row(
@@ -69,14 +46,23 @@ def _row(
 
 
 class SampleStore:
-    """Captured rows of every model, bounded and rate limited."""
+    """Captured rows of every model, bounded and rate limited.
 
-    def __init__(self, path: Path, config: CaptureConfig) -> None:
+    Args:
+        path: the SQLite file (created, mode 0600).
+        config: the ``[capture]`` table.
+        clock: seconds from a monotonic clock, for the rate limit (tests pass their own).
+    """
+
+    def __init__(
+        self, path: Path, config: CaptureConfig, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.config = config
         self.path = path
+        self._clock = clock
         self._lock = threading.Lock()
         self._tokens = float(config.per_minute)
-        self._refilled = time.monotonic()
+        self._refilled = clock()
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.touch(mode=0o600, exist_ok=True)
@@ -89,7 +75,7 @@ class SampleStore:
             raise StorageError(f"cannot open the sample store {path}: {e}") from e
 
     def _admit(self, wanted: int) -> int:
-        now = time.monotonic()
+        now = self._clock()
         rate = self.config.per_minute / 60.0
         self._tokens = min(
             float(self.config.per_minute), self._tokens + (now - self._refilled) * rate

@@ -2,8 +2,10 @@
 
 Needs only the agent's dependencies (standard-library argparse, no rich/click), so it runs on a
 device that installed ``edgepack[agent]``. Every command reads the same ``agent.toml``
-(``--config``, or ``$EDGEPACK_AGENT_CONFIG``, or ``/etc/edgepack/agent.toml``). Errors print one
-line starting with ``error:`` and exit 1 (2 for bad usage or configuration).
+(``--config``, or ``$EDGEPACK_AGENT_CONFIG``, or ``/etc/edgepack/agent.toml``), all of it, so a
+mistake in any table is reported by whichever command runs first. Errors print one line starting
+with ``error:`` and exit 1 (2 for bad usage or configuration). A failure of the device's own
+storage (full disk, permissions) says so, apart from a bundle that was refused.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from edgepack.agent.exceptions import ConfigError, EdgepackError
+from edgepack.agent.exceptions import ConfigError, EdgepackError, StorageError
 
 __all__ = ["main"]
 
@@ -41,11 +43,11 @@ def _agent(args: argparse.Namespace) -> Any:
 
     overrides = {"state_dir": Path(args.state_dir).resolve()} if args.state_dir else {}
     config = load_config(Path(args.config), **overrides)
-    if "mqtt" not in config.extra and "download" not in config.extra:
+    if config.mqtt is None:
         return Agent(config)  # an offline device copies local files: no HTTP stack in memory
-    from edgepack.agent._download import HttpFetcher, download_config
+    from edgepack.agent._download import HttpFetcher
 
-    return Agent(config, fetcher=HttpFetcher(download_config(config)))
+    return Agent(config, fetcher=HttpFetcher(config.download))  # fleet jobs name URLs
 
 
 def _print_outcome(outcome: Any) -> int:
@@ -58,7 +60,10 @@ def _print_outcome(outcome: Any) -> int:
         )
         print(f"{outcome.result}: {what}{before}")
         return 0
-    print(f"error: {outcome.result}: {what}: {outcome.reason}", file=sys.stderr)
+    result = outcome.result
+    if isinstance(outcome.error, StorageError) and result == "rejected":
+        result = f"{outcome.op} failed on this device's storage"  # the bundle was not refused
+    print(f"error: {result}: {what}: {outcome.reason}", file=sys.stderr)
     return 1
 
 
@@ -148,14 +153,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         signal.signal(sig, lambda *_: stop.set())
     agent.start()
     link = None
-    if "mqtt" in agent.config.extra:
-        from edgepack.agent._fleet_link import DeviceLink, MqttConfig
+    if agent.config.mqtt is not None:
+        from edgepack.agent._fleet_link import DeviceLink
 
-        source = agent.config.source or Path(args.config)
-        mqtt_config = MqttConfig.from_agent(
-            agent.config.extra["mqtt"], str(source), source.resolve().parent
-        )
-        link = DeviceLink(agent, mqtt_config).start()
+        link = DeviceLink(agent, agent.config.mqtt).start()
     served = ", ".join(f"{m.name} v{m.version}" for m in agent.runtime.models()) or "no models"
     where = agent.server.url if agent.server else "no HTTP server"
     logging.getLogger("edgepack.agent").info(
@@ -171,7 +172,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_export_samples(args: argparse.Namespace) -> int:
-    from edgepack.agent._capture import CaptureConfig, SampleStore
+    from edgepack.agent._capture import SampleStore
     from edgepack.agent._config import load_config
 
     config = load_config(Path(args.config))
@@ -182,7 +183,7 @@ def cmd_export_samples(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 1
-    store = SampleStore(path, CaptureConfig.from_extra(config.extra, str(args.config)))
+    store = SampleStore(path, config.capture)
     rows = store.export(args.model, Path(args.out))
     print(f"wrote {rows} captured rows of {args.model} to {args.out}")
     return 0

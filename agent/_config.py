@@ -1,9 +1,20 @@
 """The agent's configuration: one object, loaded once from ``agent.toml``, passed everywhere.
 
 Every knob has a safe default and a bound; the file only needs what cannot be guessed (the device
-id, its profile and the trusted public keys). Loading is strict: an unknown key or a wrong type is
-a :class:`~edgepack.agent.exceptions.ConfigError` that names the file and the field. See
-``scripts/agent.example.toml`` for a commented example.
+id, its profile and the trusted public keys). :func:`load_config` parses every table into its
+frozen dataclass at once, so a typo anywhere (``[mqtt]`` included) stops the agent before it
+starts, not when the part that reads it does. Loading is strict (edgepack._tables): an unknown
+key (with a suggestion), a wrong type or a value out of range is a
+:class:`~edgepack.agent.exceptions.ConfigError` that names the file and the field. Relative paths
+are resolved against the file's directory. See ``scripts/agent.example.toml`` for a commented
+example.
+
+The parts take their own table: :class:`ServerConfig` the HTTP server, :class:`RuntimeConfig`
+onnxruntime, :class:`LimitsConfig` the lifecycle, :class:`MqttConfig` the fleet link
+(edgepack.agent._fleet_link), :class:`DownloadConfig` the HTTP fetcher (edgepack.agent._download),
+:class:`MonitorConfig` telemetry and drift (edgepack.agent._monitor, from ``[telemetry]`` and
+``[drift]``), :class:`CaptureConfig` the sample store (edgepack.agent._capture). This module stays
+light (no onnxruntime, paho or httpx), so reading the configuration loads none of them.
 """
 
 from __future__ import annotations
@@ -11,29 +22,50 @@ from __future__ import annotations
 import re
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from edgepack._tables import (
+    Check,
+    InvalidValueError,
+    boolean,
+    check_table,
+    integer,
+    number,
+    string,
+    string_list,
+)
 from edgepack.agent.exceptions import ConfigError, KeyFormatError
 from edgepack.formats.bundle import ArchiveLimits
 from edgepack.formats.keys import load_public_key
+from edgepack.formats.topics import DEFAULT_PREFIX
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - exercised on 3.10 only
     import tomli as tomllib
 
-__all__ = ["AgentConfig", "LimitsConfig", "RuntimeConfig", "ServerConfig", "load_config"]
+__all__ = [
+    "AgentConfig",
+    "CaptureConfig",
+    "DownloadConfig",
+    "LimitsConfig",
+    "MonitorConfig",
+    "MqttConfig",
+    "RuntimeConfig",
+    "ServerConfig",
+    "load_config",
+]
 
 _DEVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
 
 
 @dataclass(frozen=True)
 class ServerConfig:
-    """The local Open Inference Protocol server."""
+    """``[server]``: the local Open Inference Protocol server."""
 
     enabled: bool = True
     host: str = "127.0.0.1"  # local only unless asked otherwise
@@ -44,7 +76,7 @@ class ServerConfig:
 
 @dataclass(frozen=True)
 class RuntimeConfig:
-    """onnxruntime settings; 0 threads means "what the bundle's profile says"."""
+    """``[runtime]``: onnxruntime settings; 0 threads means "what the bundle's profile says"."""
 
     intra_op_threads: int = 0
     inter_op_threads: int = 0
@@ -53,7 +85,7 @@ class RuntimeConfig:
 
 @dataclass(frozen=True)
 class LimitsConfig:
-    """Bounds on what a bundle may make the agent read and write."""
+    """``[limits]``: bounds on what a bundle may make the agent read and write."""
 
     max_bundle_bytes: int = 1024**3
     max_file_bytes: int = 1024**3
@@ -69,6 +101,78 @@ class LimitsConfig:
 
 
 @dataclass(frozen=True)
+class MqttConfig:
+    """``[mqtt]``: the broker the fleet link connects to. File paths are resolved against the
+    config file's directory; ``""`` means none."""
+
+    host: str = "127.0.0.1"
+    port: int = 1883
+    prefix: str = DEFAULT_PREFIX
+    protocol: str = "5"  # "5" or "3.1.1"
+    client_id: str = ""  # default: edgepack-<device_id>
+    username: str = ""
+    password_file: str = ""
+    tls: bool = False
+    ca_file: str = ""
+    cert_file: str = ""  # client certificate (mTLS)
+    key_file: str = ""
+    keepalive: int = 30
+    session_expiry: int = 7 * 24 * 3600
+    reconnect_min: int = 1
+    reconnect_max: int = 60
+    command_keys: tuple[str, ...] = ()  # operator public keys trusted to sign commands
+    outbox_max_messages: int = 10_000  # store-and-forward bound (telemetry dropped first)
+
+    def keys(self) -> list[ec.EllipticCurvePublicKey]:
+        """Load the operator keys trusted to sign commands.
+
+        Raises:
+            ConfigError: a key file is missing or is not an ECDSA public key.
+        """
+        out = []
+        for path in self.command_keys:
+            try:
+                out.append(load_public_key(Path(path).read_bytes(), source=path))
+            except OSError as e:
+                raise ConfigError(f"[mqtt] command key {path} cannot be read: {e.strerror}") from e
+            except KeyFormatError as e:
+                raise ConfigError(f"[mqtt] command key: {e}") from e
+        return out
+
+
+@dataclass(frozen=True)
+class DownloadConfig:
+    """``[download]``: timeouts, retries and backoff for bundle downloads (seconds)."""
+
+    connect_timeout: float = 10.0
+    read_timeout: float = 30.0
+    retries: int = 5  # attempts after the first
+    backoff_initial: float = 0.5
+    backoff_max: float = 30.0
+
+
+@dataclass(frozen=True)
+class MonitorConfig:
+    """``[telemetry] interval`` and ``[drift]`` (``enabled`` is :attr:`drift` here)."""
+
+    interval: float = 60.0  # seconds between telemetry reports
+    drift: bool = True
+    window: int = 500  # rows per drift window
+    min_rows: int = 100  # the fewest rows a time-flushed window may have
+    max_age: float = 3600.0  # seconds after which a window with min_rows closes
+    max_queued_rows: int = 100_000  # drift work waiting; beyond it new batches are skipped
+
+
+@dataclass(frozen=True)
+class CaptureConfig:
+    """``[capture]``: the rate-limited sample store for retraining (off by default)."""
+
+    enabled: bool = False
+    per_minute: int = 60
+    max_rows: int = 10_000
+
+
+@dataclass(frozen=True)
 class AgentConfig:
     """Everything the agent needs to know about the device it runs on."""
 
@@ -80,8 +184,11 @@ class AgentConfig:
     server: ServerConfig = field(default_factory=ServerConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    mqtt: MqttConfig | None = None  # None: no fleet link, the device works offline
+    download: DownloadConfig = field(default_factory=DownloadConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    capture: CaptureConfig = field(default_factory=CaptureConfig)
     source: Path | None = None
-    extra: Mapping[str, Any] = field(default_factory=dict)  # sections later parts add (mqtt, ...)
 
     def public_keys(self) -> list[ec.EllipticCurvePublicKey]:
         """Load the trusted keys.
@@ -103,98 +210,192 @@ class AgentConfig:
         return keys
 
 
-def _section(cls: type, data: Any, where: str, source: str) -> Any:
-    if not isinstance(data, dict):
-        raise ConfigError(f"{source}: [{where}] must be a table")
-    known = {f.name: f for f in fields(cls)}
-    values = {}
-    for key, value in data.items():
-        if key not in known:
+# --- the schema: one spec per table (edgepack._tables), checked when the file is loaded --------
+
+_SERVER: dict[str, Check] = {
+    "enabled": boolean,
+    "host": string(empty_ok=False),
+    "port": integer(0, 65535),
+    "max_request_bytes": integer(0),
+    "max_batch_rows": integer(0),
+}
+_RUNTIME: dict[str, Check] = {
+    "intra_op_threads": integer(0),
+    "inter_op_threads": integer(0),
+    "providers": string_list(),
+}
+_LIMITS: dict[str, Check] = {
+    "max_bundle_bytes": integer(0),
+    "max_file_bytes": integer(0),
+    "max_total_bytes": integer(0),
+    "max_install_attempts": integer(0),
+}
+_DOWNLOAD: dict[str, Check] = {
+    "connect_timeout": number(0),
+    "read_timeout": number(0),
+    "retries": integer(0),
+    "backoff_initial": number(0),
+    "backoff_max": number(0),
+}
+_TELEMETRY: dict[str, Check] = {"interval": number(above=0)}
+_CALIBRATED = integer(
+    100,
+    what="at least 100 rows (a whole number; thresholds are calibrated for windows of 100, 250, "
+    "500 and 1000 rows)",
+)
+_DRIFT: dict[str, Check] = {
+    "enabled": boolean,
+    "window": _CALIBRATED,
+    "min_rows": _CALIBRATED,
+    "max_age": number(above=0),
+    "max_queued_rows": integer(1),
+}
+_CAPTURE: dict[str, Check] = {
+    "enabled": boolean,
+    "per_minute": integer(1),
+    "max_rows": integer(1),
+}
+_REQUIRED = ("device_id", "profile", "state_dir", "trusted_keys")
+
+
+def _path(base: Path) -> Check:
+    """A path string, resolved against the config file's directory."""
+
+    def check(value: Any) -> Path:
+        if not isinstance(value, str) or not value:
+            raise InvalidValueError("a path (a non-empty string)")
+        return base / value
+
+    return check
+
+
+def _optional_path(base: Path) -> Check:
+    """A path string resolved like :func:`_path`, kept as text; ``""`` stays ``""`` (no file)."""
+
+    def check(value: Any) -> str:
+        if not isinstance(value, str):
+            raise InvalidValueError('a path (a string; "" for none)')
+        return str(base / value) if value else ""
+
+    return check
+
+
+def _mqtt_spec(base: Path) -> dict[str, Check]:
+    text = string()
+    return {
+        "host": string(empty_ok=False),
+        "port": integer(0, 65535),
+        "prefix": string(empty_ok=False),
+        "protocol": string(choices=("5", "3.1.1")),
+        "client_id": text,
+        "username": text,
+        "password_file": _optional_path(base),
+        "tls": boolean,
+        "ca_file": _optional_path(base),
+        "cert_file": _optional_path(base),
+        "key_file": _optional_path(base),
+        "keepalive": integer(0),
+        "session_expiry": integer(0),
+        "reconnect_min": integer(0),
+        "reconnect_max": integer(0),
+        "command_keys": string_list(lambda v: str(_path(base)(v))),
+        "outbox_max_messages": integer(0),
+    }
+
+
+def _schema(source: str, base: Path) -> dict[str, Check]:
+    """The top level of ``agent.toml``: its fields, and a check per table that parses it."""
+
+    def table(name: str, spec: Mapping[str, Check]) -> Check:
+        return lambda value: check_table(value, spec, source=source, error=ConfigError, table=name)
+
+    def mqtt(value: Any) -> MqttConfig:
+        config = MqttConfig(**table("mqtt", _mqtt_spec(base))(value))
+        if not config.command_keys:
             raise ConfigError(
-                f"{source}: unknown key [{where}].{key}; known: {', '.join(sorted(known))}"
+                f"{source}: [mqtt].command_keys is empty; no command would verify (list the "
+                "operator public keys that sign fleet commands)"
             )
-        default = getattr(cls(), key)
-        values[key] = _coerce(value, default, f"[{where}].{key}", source)
-    return cls(**values)
+        if config.reconnect_min > config.reconnect_max:
+            raise ConfigError(
+                f"{source}: [mqtt].reconnect_min ({config.reconnect_min}) is above "
+                f"[mqtt].reconnect_max ({config.reconnect_max})"
+            )
+        return config
+
+    return {
+        "device_id": string(),
+        "profile": string(empty_ok=False),
+        "state_dir": _path(base),
+        "trusted_keys": string_list(_path(base)),
+        "groups": string_list(),
+        "server": lambda v: ServerConfig(**table("server", _SERVER)(v)),
+        "runtime": lambda v: RuntimeConfig(**table("runtime", _RUNTIME)(v)),
+        "limits": lambda v: LimitsConfig(**table("limits", _LIMITS)(v)),
+        "mqtt": mqtt,
+        "download": lambda v: DownloadConfig(**table("download", _DOWNLOAD)(v)),
+        "telemetry": table("telemetry", _TELEMETRY),  # with [drift]: one MonitorConfig
+        "drift": table("drift", _DRIFT),
+        "capture": lambda v: CaptureConfig(**table("capture", _CAPTURE)(v)),
+    }
 
 
-def _coerce(value: Any, default: Any, where: str, source: str) -> Any:
-    if isinstance(default, bool):
-        if not isinstance(value, bool):
-            raise ConfigError(f"{source}: {where} must be true or false")
-        return value
-    if isinstance(default, int):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ConfigError(f"{source}: {where} must be a non-negative integer, got {value!r}")
-        return value
-    if isinstance(default, tuple):
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise ConfigError(f"{source}: {where} must be a list of strings")
-        return tuple(value)
-    if not isinstance(value, str):
-        raise ConfigError(f"{source}: {where} must be a string, got {value!r}")
-    return value
-
-
-def load_config(path: Path, **overrides: Any) -> AgentConfig:
-    """Load and validate ``agent.toml``. Relative paths in it are relative to the file.
-
-    Args:
-        path: the TOML file.
-        overrides: top-level fields to replace (tests and the CLI's ``--state-dir``).
-
-    Raises:
-        ConfigError: missing file, TOML syntax error, unknown key, wrong type, missing field.
-    """
-    source = str(path)
+def _read(path: Path) -> dict[str, Any]:
     try:
-        data = tomllib.loads(path.read_text())
+        return tomllib.loads(path.read_text())
     except FileNotFoundError as e:
         raise ConfigError(
             f"config file {path} does not exist; copy scripts/agent.example.toml and edit it"
         ) from e
     except OSError as e:
         raise ConfigError(f"cannot read {path}: {e.strerror or e}") from e
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text: {e}") from e
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from e
+
+
+def load_config(path: Path, **overrides: Any) -> AgentConfig:
+    """Load and validate ``agent.toml``: every table, once. Relative paths in it are relative
+    to the file.
+
+    Args:
+        path: the TOML file.
+        overrides: top-level fields to replace (tests and the CLI's ``--state-dir``).
+
+    Returns:
+        The configuration, with a typed sub-config per table (``mqtt`` is ``None`` without an
+        ``[mqtt]`` table: the device works offline).
+
+    Raises:
+        ConfigError: missing file, TOML syntax error, unknown key (with a suggestion), wrong type,
+            value out of range, missing field; the message names the file and the field.
+    """
+    source = str(path)
     base = path.resolve().parent  # journaled paths must not depend on the working directory
-    sections = {"server": ServerConfig, "runtime": RuntimeConfig, "limits": LimitsConfig}
-    top: dict[str, Any] = {}
-    extra: dict[str, Any] = {}
-    for key, value in data.items():
-        if key in sections:
-            top[key] = _section(sections[key], value, key, source)
-        elif key in ("device_id", "profile"):
-            if not isinstance(value, str):
-                raise ConfigError(f"{source}: {key} must be a string")
-            top[key] = value
-        elif key == "state_dir":
-            if not isinstance(value, str):
-                raise ConfigError(f"{source}: state_dir must be a path string")
-            top[key] = base / value
-        elif key in ("trusted_keys", "groups"):
-            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-                raise ConfigError(f"{source}: {key} must be a list of strings")
-            top[key] = tuple(base / v for v in value) if key == "trusted_keys" else tuple(value)
-        elif key in ("mqtt", "download", "telemetry", "drift", "capture"):
-            extra[key] = value  # read by the parts that own them
-        else:
-            raise ConfigError(f"{source}: unknown key '{key}'")
-    top.update(overrides)
-    for required in ("device_id", "profile", "state_dir", "trusted_keys"):
-        if required not in top:
-            raise ConfigError(f"{source}: missing required field '{required}'")
-    if not _DEVICE_ID.match(top["device_id"]):
+    values = check_table(
+        _read(path),
+        _schema(source, base),
+        source=source,
+        error=ConfigError,
+        required=[key for key in _REQUIRED if key not in overrides],
+    )
+    drift = values.pop("drift", {})
+    if "enabled" in drift:
+        drift["drift"] = drift.pop("enabled")
+    values["monitor"] = MonitorConfig(**values.pop("telemetry", {}), **drift)
+    values.update(overrides)
+    if not _DEVICE_ID.match(values["device_id"]):
         raise ConfigError(
-            f"{source}: device_id {top['device_id']!r} must be 1-128 letters, digits, '.', '_', "
-            "':' or '-' (it becomes part of MQTT topics)"
+            f"{source}: device_id {values['device_id']!r} must be 1-128 letters, digits, '.', "
+            "'_', ':' or '-' (it becomes part of MQTT topics)"
         )
-    for group in top.get("groups", ()):
+    for group in values.get("groups", ()):
         if not _DEVICE_ID.match(group):
             raise ConfigError(
                 f"{source}: group {group!r} must be 1-128 letters, digits, '.', '_', ':' or '-' "
                 "(it becomes part of MQTT topics; '+', '#' and '/' are not allowed)"
             )
-    if not top["trusted_keys"]:
+    if not values["trusted_keys"]:
         raise ConfigError(f"{source}: trusted_keys is empty; the agent would trust no bundle")
-    return AgentConfig(**top, extra=extra, source=path)
+    return AgentConfig(**values, source=path)

@@ -10,24 +10,28 @@
 the active version of every installed model, starts the HTTP server if asked, and watches
 ``state.json`` so an install made by another process (``edgepack-agent install`` while the
 daemon runs) is picked up and hot-swapped within a second.
+
+Everything is wired here, at construction, from the one :class:`AgentConfig`: the lifecycle, the
+monitor (telemetry and drift, with the sample store when ``[capture]`` is on), and the runtime
+that reports every request to it. The monitor's reports go to :attr:`Agent.reports`, a relay the
+MQTT link (edgepack.agent._fleet_link), built afterwards, connects to its outbox.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from edgepack._files import read_json
-from edgepack.agent._capture import CaptureConfig, SampleStore
+from edgepack.agent._capture import SampleStore
 from edgepack.agent._config import AgentConfig
 from edgepack.agent._http_server import InferenceServer
-from edgepack.agent._journal import JournalEntry
-from edgepack.agent._lifecycle import Fetcher, Lifecycle, Outcome
-from edgepack.agent._monitor import Monitor, MonitorConfig
+from edgepack.agent._lifecycle import Fetcher, Lifecycle, OnState, Outcome
+from edgepack.agent._monitor import Monitor, ReportRelay
 from edgepack.agent._runtime import Runtime, ServedModel
 from edgepack.agent.exceptions import EdgepackError
 
@@ -42,7 +46,6 @@ class Agent:
     Args:
         config: the agent configuration.
         fetcher: how bundles are fetched (local paths by default).
-        on_state: called on every lifecycle state entered (job progress reporting).
         poll_interval: how often to look for installs made by another process, in seconds.
     """
 
@@ -50,23 +53,19 @@ class Agent:
         self,
         config: AgentConfig,
         fetcher: Fetcher | None = None,
-        on_state: Callable[[JournalEntry], None] | None = None,
         poll_interval: float = 1.0,
     ) -> None:
         self.config = config
-        self.lifecycle = Lifecycle(config, fetcher=fetcher, on_state=on_state)
-        self.runtime = Runtime(config.runtime, config.server.max_batch_rows)
-        source = str(config.source or "config")
-        capture = CaptureConfig.from_extra(config.extra, source)
+        self.lifecycle = Lifecycle(config, fetcher=fetcher)
+        capture = config.capture
         self.samples = (
             SampleStore(config.state_dir / "samples.db", capture) if capture.enabled else None
         )
+        self.reports = ReportRelay()  # telemetry and drift reports; the MQTT link connects it
         self.monitor = Monitor(
-            self.lifecycle.store,
-            MonitorConfig.from_extra(config.extra, source),
-            capture=self.samples,
+            self.lifecycle.store, config.monitor, sink=self.reports, capture=self.samples
         )
-        self.runtime.monitor = self.monitor
+        self.runtime = Runtime(config.runtime, config.server.max_batch_rows, monitor=self.monitor)
         self.server: InferenceServer | None = None
         self._poll_interval = poll_interval
         self._stop = threading.Event()
@@ -157,21 +156,33 @@ class Agent:
         expected_sha256: str | None = None,
         expected_size: int | None = None,
         job_id: str | None = None,
+        on_state: OnState | None = None,
     ) -> Outcome:
-        """Install a bundle (see :meth:`edgepack.agent._lifecycle.Lifecycle.install`), serve it."""
+        """Install a bundle (see :meth:`edgepack.agent._lifecycle.Lifecycle.install`), serve it.
+
+        ``on_state`` is called with the journal entry of every state entered (job progress).
+        """
         return self._apply(
             self.lifecycle.install(
-                source, expected_sha256=expected_sha256, expected_size=expected_size, job_id=job_id
+                source,
+                expected_sha256=expected_sha256,
+                expected_size=expected_size,
+                job_id=job_id,
+                on_state=on_state,
             )
         )
 
-    def rollback(self, name: str, *, job_id: str | None = None) -> Outcome:
+    def rollback(
+        self, name: str, *, job_id: str | None = None, on_state: OnState | None = None
+    ) -> Outcome:
         """Go back to the retained previous version of ``name`` and serve it."""
-        return self._apply(self.lifecycle.rollback(name, job_id=job_id))
+        return self._apply(self.lifecycle.rollback(name, job_id=job_id, on_state=on_state))
 
-    def retire(self, name: str, *, job_id: str | None = None) -> Outcome:
+    def retire(
+        self, name: str, *, job_id: str | None = None, on_state: OnState | None = None
+    ) -> Outcome:
         """Uninstall ``name`` and stop serving it."""
-        return self._apply(self.lifecycle.retire(name, job_id=job_id))
+        return self._apply(self.lifecycle.retire(name, job_id=job_id, on_state=on_state))
 
     # -- inference and status -------------------------------------------------------------------
 
@@ -182,7 +193,13 @@ class Agent:
         version: int | None = None,
         outputs: Sequence[str] | None = None,
     ) -> dict[str, np.ndarray]:
-        """Run inference in-process (same validation as the HTTP endpoint)."""
+        """Run inference in-process (same validation as the HTTP endpoint).
+
+        Raises:
+            ModelNotFoundError: no such model or version is served.
+            RequestError: bad inputs or unknown outputs.
+            InferenceError: the model failed on valid inputs.
+        """
         return self.runtime.infer(name, inputs, version, outputs)
 
     def status(self) -> dict[str, Any]:

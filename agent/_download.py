@@ -13,13 +13,13 @@ refused before reading. The file's size and sha256 (a resumed prefix re-hashed f
 :func:`check_download`, which does no I/O; then the part is fsynced and renamed to ``dest``.
 Connection errors, timeouts, short bodies, 5xx, 408 and 429 are retried with jittered exponential
 backoff, resuming; other 4xx fail at once. Errors: DownloadError (transport), BundleError (wrong
-bytes), StorageError (the local disk).
+bytes), StorageError (the local disk). Timeouts, retries and backoff are the ``[download]`` table
+of ``agent.toml`` (:class:`~edgepack.agent._config.DownloadConfig`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import json
 import logging
@@ -30,31 +30,19 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import httpx
 
-from edgepack._files import fsync_dir, storage_error, write_json_atomic
-from edgepack.agent.exceptions import BundleError, ConfigError, DownloadError
+from edgepack._files import fsync_dir, sha256_stream, storage_error, write_json_atomic
+from edgepack.agent._config import DownloadConfig
+from edgepack.agent.exceptions import BundleError, DownloadError
 
-__all__ = ["DownloadConfig", "HttpFetcher", "check_download", "download_config", "partial_paths"]
+__all__ = ["HttpFetcher", "check_download", "partial_paths"]
 
 log = logging.getLogger("edgepack.agent")
 
-_CHUNK = 256 * 1024
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 _UNSATISFIED_RANGE = re.compile(r"bytes \*/(\d+)")
-
-
-@dataclass(frozen=True)
-class DownloadConfig:
-    """Timeouts, retries and backoff for bundle downloads (seconds)."""
-
-    connect_timeout: float = 10.0
-    read_timeout: float = 30.0
-    retries: int = 5  # attempts after the first
-    backoff_initial: float = 0.5
-    backoff_max: float = 30.0
 
 
 def check_download(
@@ -103,7 +91,7 @@ class HttpFetcher:
     paths.
 
     Args:
-        config: timeouts, retries and backoff.
+        config: timeouts, retries and backoff (``AgentConfig.download``; defaults otherwise).
         client: the httpx.Client to use (proxies, TLS, tests); one is made and owned otherwise.
         on_progress: called with (bytes so far, total bytes or None) as the body arrives.
         sleep: waits between attempts (tests inject a recorder).
@@ -196,7 +184,7 @@ class HttpFetcher:
             ) as response:
                 where = _start_of(response, t, offset)
                 if where is None:
-                    return offset, _hash_file(t.part).hexdigest()  # 416: the part is complete
+                    return offset, _hash_prefix(t.part).hexdigest()  # 416: the part is complete
                 return self._receive(response, t, *where)
         except _RestartError:
             _discard(t)
@@ -211,7 +199,7 @@ class HttpFetcher:
     def _receive(
         self, response: httpx.Response, t: _Target, start: int, total: int | None
     ) -> tuple[int, str]:
-        sha = _hash_file(t.part) if start else hashlib.sha256()  # the kept prefix, from disk
+        sha = _hash_prefix(t.part) if start else hashlib.sha256()  # the kept prefix, from disk
         etag = response.headers.get("etag", "")  # a weak (W/) one does not promise the same bytes
         validator = etag if etag[:2] not in ("", "W/") else response.headers.get("last-modified")
         try:
@@ -285,36 +273,16 @@ def _resume_point(t: _Target) -> tuple[int, str | None]:
     return (size, validator) if ok else (0, None)
 
 
-def _hash_file(path: Path) -> hashlib._Hash:
-    sha = hashlib.sha256()
+def _hash_prefix(path: Path) -> hashlib._Hash:
+    """The running sha256 of what a partial download kept, to continue with the rest."""
     try:
         with open(path, "rb") as handle:
-            for chunk in iter(lambda: handle.read(_CHUNK), b""):
-                sha.update(chunk)
+            return sha256_stream(handle)
     except OSError as e:
         raise storage_error("read", path, e) from e
-    return sha
 
 
 def _discard(t: _Target) -> None:
     for path in (t.part, t.sidecar):
         with contextlib.suppress(OSError):
             path.unlink(missing_ok=True)
-
-
-def download_config(config: Any) -> DownloadConfig:
-    """The ``[download]`` table of an :class:`~edgepack.agent._config.AgentConfig`, validated.
-
-    Raises:
-        ConfigError: an unknown key or a value that is not a non-negative number.
-    """
-    raw = config.extra.get("download", {})
-    known = {f.name for f in dataclasses.fields(DownloadConfig)}
-    values = {}
-    for key, value in raw.items():
-        if key not in known:
-            raise ConfigError(f"{config.source}: unknown key [download].{key}")
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-            raise ConfigError(f"{config.source}: [download].{key} must be a non-negative number")
-        values[key] = int(value) if key == "retries" else float(value)
-    return DownloadConfig(**values)

@@ -8,7 +8,7 @@ operation ends (:func:`discard_fetched`).
 
 from __future__ import annotations
 
-import hashlib
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -17,7 +17,9 @@ from typing import Protocol
 from edgepack._files import storage_error
 from edgepack.agent.exceptions import BundleError, InstallError
 
-__all__ = ["Fetcher", "LocalFetcher", "discard_fetched", "sha256_file"]
+__all__ = ["Fetcher", "LocalFetcher", "discard_fetched"]
+
+log = logging.getLogger("edgepack.agent")
 
 
 class Fetcher(Protocol):
@@ -63,21 +65,18 @@ class LocalFetcher:
 
 
 def discard_fetched(incoming: str) -> None:
-    """Remove a fetched bundle and any partial download of it."""
+    """Remove a fetched bundle and any partial download of it.
+
+    Best effort: a leftover that cannot be removed is logged, never an error (the operation
+    has already succeeded or failed for its own reasons, which a leftover must not replace).
+    """
     path = Path(incoming)
     for leftover in (
         path,
         path.with_name(path.name + ".part"),
         path.with_name(path.name + ".part.json"),
     ):
-        leftover.unlink(missing_ok=True)
-
-
-def sha256_file(path: str | None) -> str | None:
-    if not path or not os.path.exists(path):
-        return None
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+        try:
+            leftover.unlink(missing_ok=True)
+        except OSError as e:
+            log.warning("cannot remove %s: %s", leftover, e.strerror or e)

@@ -1,10 +1,10 @@
-"""Load a model into onnxruntime the way the device will serve it, and check it is healthy.
+"""The health check: does a loaded model reproduce its golden outputs on this device?
 
-:func:`open_session` creates an ``InferenceSession`` with the bundle's execution providers (those
-this device has, in the bundle's order) and thread settings (the agent's config overrides the
-profile's). :func:`check_golden` runs the bundle's ``golden.npz`` inputs and compares the outputs
-with the ones recorded at build time, within the manifest's ``health`` tolerance. The installer
-runs both before committing a new version; a failure means automatic rollback.
+:func:`check_golden` runs the bundle's ``golden.npz`` inputs through the session that will serve
+the model (opened by :func:`edgepack.agent._session.open_installed`, as the runtime opens it) and
+compares the outputs with the ones recorded at build time, within the manifest's ``health``
+tolerance. The lifecycle runs it before committing a new version and before rolling back to a
+retained one; a failure means automatic rollback (or the rollback is refused).
 """
 
 from __future__ import annotations
@@ -15,42 +15,11 @@ from collections.abc import Sequence
 import numpy as np
 import onnxruntime as ort
 
-from edgepack.agent._config import RuntimeConfig
-from edgepack.agent.exceptions import HealthCheckError
+from edgepack.agent._session import run_session
+from edgepack.agent.exceptions import HealthCheckError, InferenceError
 from edgepack.formats.manifest import Manifest
 
-__all__ = ["check_golden", "open_session", "session_providers"]
-
-
-def session_providers(manifest: Manifest, runtime: RuntimeConfig) -> list[str]:
-    """The providers to ask for: the config's, else the bundle's that exist here, CPU last."""
-    available = ort.get_available_providers()
-    wanted = list(runtime.providers) or list(manifest.runtime.get("providers", []))
-    chosen = [p for p in wanted if p in available]
-    if "CPUExecutionProvider" not in chosen:
-        chosen.append("CPUExecutionProvider")
-    return chosen
-
-
-def open_session(model: bytes, manifest: Manifest, runtime: RuntimeConfig) -> ort.InferenceSession:
-    """Create the session that will serve ``model``.
-
-    Raises:
-        HealthCheckError: onnxruntime cannot load the model on this device.
-    """
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    intra = runtime.intra_op_threads or int(manifest.runtime.get("intra_op_threads", 0))
-    inter = runtime.inter_op_threads or int(manifest.runtime.get("inter_op_threads", 0))
-    options.intra_op_num_threads = intra
-    options.inter_op_num_threads = inter
-    try:
-        return ort.InferenceSession(model, options, providers=session_providers(manifest, runtime))
-    except Exception as e:
-        raise HealthCheckError(
-            f"{manifest.name} v{manifest.version} does not load in onnxruntime "
-            f"{ort.__version__} here: {str(e).splitlines()[0]}"
-        ) from e
+__all__ = ["check_golden"]
 
 
 def _compare(name: str, got: np.ndarray, want: np.ndarray, health: dict) -> str | None:
@@ -92,11 +61,9 @@ def check_golden(session: ort.InferenceSession, manifest: Manifest, golden: byte
     feeds = {k.removeprefix("input."): v for k, v in arrays.items() if k.startswith("input.")}
     names: Sequence[str] = [o.name for o in session.get_outputs()]
     try:
-        outputs = session.run(None, feeds)
-    except Exception as e:
-        raise HealthCheckError(
-            f"{what} fails on its golden inputs: {str(e).splitlines()[0]}"
-        ) from e
+        outputs = run_session(session, None, feeds, f"{what} on its golden inputs")
+    except InferenceError as e:
+        raise HealthCheckError(str(e)) from e
     problems = []
     for name, got in zip(names, outputs, strict=True):
         want = arrays.get(f"output.{name}")

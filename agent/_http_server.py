@@ -11,7 +11,9 @@ installs nothing more for it. Routes::
     POST /v2/models/{name}[/versions/{v}]/infer  inference (JSON or binary tensor extension)
 
 Every request goes through :meth:`edgepack.agent._runtime.Runtime.infer`. Bad requests get a 4xx
-with ``{"error": "..."}`` saying what was wrong; nothing a client sends can stop the server.
+with ``{"error": "..."}`` saying what was wrong; a valid request on which the model itself fails
+(:class:`~edgepack.agent.exceptions.InferenceError`: onnxruntime raised) gets a 500 with the same
+JSON body. Nothing a client sends can stop the server.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from edgepack.agent._inference_protocol import (
     model_metadata,
 )
 from edgepack.agent._runtime import Runtime
-from edgepack.agent.exceptions import EdgepackError, RequestError
+from edgepack.agent.exceptions import EdgepackError, InferenceError, RequestError
 
 __all__ = ["InferenceServer"]
 
@@ -163,6 +165,10 @@ class _Handler(BaseHTTPRequestHandler):
                 served.name, served.version, request, outputs
             )
         except RequestError as e:
+            self._error(e.status, str(e))
+            return
+        except InferenceError as e:  # a valid request the model fails on: the model's fault
+            log.warning("%s", e)
             self._error(e.status, str(e))
             return
         except ValueError as e:

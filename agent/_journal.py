@@ -9,12 +9,12 @@ a state that crashes the process every time ends in a rollback instead of a cras
 
 from __future__ import annotations
 
-import datetime as dt
 import uuid
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from edgepack._clock import utc_text
 from edgepack._files import read_json, write_json_atomic
 from edgepack.agent.exceptions import StorageError
 
@@ -38,9 +38,7 @@ class JournalEntry:
     job_id: str | None = None
     attempts: int = 1
     reason: str | None = None
-    started: str = field(
-        default_factory=lambda: dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat()
-    )
+    started: str = field(default_factory=utc_text)
 
     def moved(self, state: str, **changes: Any) -> JournalEntry:
         return replace(self, state=state, **changes)

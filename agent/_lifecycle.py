@@ -20,7 +20,6 @@ operation's first attempt only: the faults a real power cut produces, on demand.
 
 from __future__ import annotations
 
-import datetime as dt
 import enum
 import hashlib
 import logging
@@ -37,8 +36,9 @@ from edgepack._files import sha256_file, storage_error
 from edgepack.agent._compatibility import DeviceFacts, check_compatible, device_facts
 from edgepack.agent._config import AgentConfig
 from edgepack.agent._fetch import Fetcher, LocalFetcher, discard_fetched
-from edgepack.agent._health import check_golden, open_session
+from edgepack.agent._health import check_golden
 from edgepack.agent._journal import Journal, JournalEntry
+from edgepack.agent._session import open_installed
 from edgepack.agent._state import ModelState, Store
 from edgepack.agent.exceptions import (
     BundleError,
@@ -48,21 +48,17 @@ from edgepack.agent.exceptions import (
     StorageError,
     VersionError,
 )
-from edgepack.formats.bundle import (
-    GOLDEN_FILE,
-    MANIFEST_FILE,
-    MODEL_FILE,
-    SIGNATURE_FILE,
-    open_bundle,
-)
-from edgepack.formats.manifest import Manifest, check_model_name, parse_manifest
-from edgepack.formats.modelsig import verify_files
+from edgepack.formats.bundle import GOLDEN_FILE, open_bundle
+from edgepack.formats.manifest import Manifest, check_model_name
 
 __all__ = ["RESUME", "TRANSITIONS", "Fetcher", "Lifecycle", "LocalFetcher", "Outcome", "State"]
 # Fetcher and LocalFetcher live in edgepack.agent._fetch; re-exported here for callers of the
 # lifecycle.
 
 log = logging.getLogger("edgepack.agent")
+
+OnState = Callable[[JournalEntry], None]
+"""Called with the journal entry each time an operation enters a state (job progress)."""
 
 
 class State(str, enum.Enum):
@@ -150,6 +146,7 @@ class _Run:
     """What one operation carries between its states (rebuilt from the journal after a crash)."""
 
     entry: JournalEntry
+    on_state: OnState | None = None
     files: dict[str, bytes] | None = None
     manifest: Manifest | None = None
     session: ort.InferenceSession | None = None
@@ -161,10 +158,12 @@ class _Run:
 class Lifecycle:
     """Install, roll back and retire models in one state directory, crash-safely.
 
+    Each operation takes an ``on_state`` observer, called with the journal entry each time the
+    operation enters a state (a fleet job reports its progress with it).
+
     Args:
         config: the agent's configuration (state directory, trusted keys, limits, profile).
         fetcher: how to bring bundles here; local paths by default (the MQTT side adds HTTP).
-        on_state: called with the journal entry each time a state is entered (job progress).
         facts: this device's architecture/runtime facts (detected when not given).
     """
 
@@ -172,14 +171,12 @@ class Lifecycle:
         self,
         config: AgentConfig,
         fetcher: Fetcher | None = None,
-        on_state: Callable[[JournalEntry], None] | None = None,
         facts: DeviceFacts | None = None,
     ) -> None:
         self.config = config
         self.store = Store(config.state_dir)
         self.journal = Journal(self.store.journal_file)
         self.fetcher = fetcher or LocalFetcher()
-        self.on_state = on_state
         self.facts = facts or device_facts(config.profile)
         self._keys = config.public_keys()
         self._handlers: dict[State, Callable[[_Run], Any]] = {
@@ -201,8 +198,16 @@ class Lifecycle:
         expected_sha256: str | None = None,
         expected_size: int | None = None,
         job_id: str | None = None,
+        on_state: OnState | None = None,
     ) -> Outcome:
-        """Install the bundle at ``source`` (a path, or what the fetcher understands)."""
+        """Install the bundle at ``source`` (a path, or what the fetcher understands), refusing
+        it unless it has ``expected_sha256``/``expected_size`` when given. A rejected or
+        rolled-back bundle is an :class:`Outcome`, not an exception.
+
+        Raises:
+            InstallError: another operation is pending, or another process holds the lock.
+            StorageError: the state directory cannot be read or locked.
+        """
         entry = JournalEntry(
             op="install",
             state=S.FETCHING.value,
@@ -211,7 +216,7 @@ class Lifecycle:
             expected_size=expected_size,
             job_id=job_id,
         )
-        return self._start(entry)
+        return self._start(entry, on_state)
 
     def _installed(self, name: str) -> ModelState:
         check_model_name(name)
@@ -220,8 +225,15 @@ class Lifecycle:
             raise NotInstalledError(f"{name} is not installed on this device")
         return current
 
-    def rollback(self, name: str, *, job_id: str | None = None) -> Outcome:
-        """Switch ``name`` back to its retained previous version (health-checked first)."""
+    def rollback(
+        self, name: str, *, job_id: str | None = None, on_state: OnState | None = None
+    ) -> Outcome:
+        """Switch ``name`` back to its retained previous version (health-checked first).
+
+        Raises:
+            NotInstalledError: ``name`` is not installed or has no retained previous version.
+            InstallError: another operation is pending, or another process holds the lock.
+        """
         current = self._installed(name)
         if current.previous is None:
             raise NotInstalledError(
@@ -235,10 +247,17 @@ class Lifecycle:
             from_version=current.active,
             job_id=job_id,
         )
-        return self._start(entry)
+        return self._start(entry, on_state)
 
-    def retire(self, name: str, *, job_id: str | None = None) -> Outcome:
-        """Uninstall ``name`` (its highest version is remembered: no later downgrade)."""
+    def retire(
+        self, name: str, *, job_id: str | None = None, on_state: OnState | None = None
+    ) -> Outcome:
+        """Uninstall ``name`` (its highest version is remembered: no later downgrade).
+
+        Raises:
+            NotInstalledError: ``name`` is not installed.
+            InstallError: another operation is pending, or another process holds the lock.
+        """
         current = self._installed(name)
         entry = JournalEntry(
             op="retire",
@@ -248,10 +267,14 @@ class Lifecycle:
             from_version=current.active,
             job_id=job_id,
         )
-        return self._start(entry)
+        return self._start(entry, on_state)
 
-    def recover(self) -> Outcome | None:
-        """Finish or undo an operation a crash interrupted; ``None`` if there was none."""
+    def recover(self, *, on_state: OnState | None = None) -> Outcome | None:
+        """Finish or undo an operation a crash interrupted; ``None`` if there was none.
+
+        Raises:
+            StorageError: the journal cannot be read (corrupt: the message says what to do).
+        """
         with self.store.lock():
             entry = self.journal.read()
             if entry is None:
@@ -289,21 +312,24 @@ class Lifecycle:
                 resume.value,
                 attempts,
             )
-            run = _Run(entry.moved(resume.value, attempts=attempts, reason=reason or entry.reason))
+            run = _Run(
+                entry.moved(resume.value, attempts=attempts, reason=reason or entry.reason),
+                on_state,
+            )
             if run.entry.reason and resume is S.ROLLING_BACK:
                 run.error = InstallError(run.entry.reason)  # why it is being rolled back
             return self._drive(run)
 
     # -- the machine -------------------------------------------------------------------------
 
-    def _start(self, entry: JournalEntry) -> Outcome:
+    def _start(self, entry: JournalEntry, on_state: OnState | None) -> Outcome:
         with self.store.lock():
             if self.journal.read() is not None:
                 raise InstallError(
                     "an interrupted operation is pending; run `edgepack-agent recover` (the "
                     "daemon does this on start) before starting another"
                 )
-            return self._drive(_Run(entry))
+            return self._drive(_Run(entry, on_state))
 
     def _enter(self, run: _Run, state: State) -> None:
         run.entry = run.entry.moved(state.value)
@@ -318,8 +344,8 @@ class Lifecycle:
                 log.error("cannot journal the rollback (disk full?); rolling back anyway")
         run.trace.append(state.value)
         log.info("%s %s: %s", run.entry.op, run.entry.model or run.entry.source, state.value)
-        if self.on_state:
-            self.on_state(run.entry)
+        if run.on_state is not None:
+            run.on_state(run.entry)
         _fault("EDGEPACK_FAULT_KILL_AT", state, run.entry)
 
     def _drive(self, run: _Run) -> Outcome:
@@ -388,7 +414,7 @@ class Lifecycle:
         dest = self.store.incoming / f"{digest}.edgepack"
         run.entry = e.moved(e.state, incoming=str(dest))
         self.journal.write(run.entry)
-        if e.expected_sha256 and dest.is_file() and sha256_file(str(dest)) == e.expected_sha256:
+        if e.expected_sha256 and _sha256(str(dest)) == e.expected_sha256.lower():
             return  # fetched completely before a crash
         self.fetcher.fetch(
             e.source,
@@ -406,10 +432,11 @@ class Lifecycle:
             data = Path(e.incoming).read_bytes()
         except OSError as err:
             raise storage_error("read the fetched bundle", Path(e.incoming), err) from err
-        if e.expected_sha256 and hashlib.sha256(data).hexdigest() != e.expected_sha256.lower():
+        digest = hashlib.sha256(data).hexdigest()
+        if e.expected_sha256 and digest != e.expected_sha256.lower():
             raise BundleError(
-                f"bundle sha256 {hashlib.sha256(data).hexdigest()} does not match the expected "
-                f"{e.expected_sha256}; it was corrupted or replaced in transit"
+                f"bundle sha256 {digest} does not match the expected {e.expected_sha256}; it was "
+                "corrupted or replaced in transit"
             )
         bundle = open_bundle(data, self._keys, self.config.limits.archive_limits())
         manifest = bundle.manifest
@@ -442,71 +469,32 @@ class Lifecycle:
         e = run.entry
         if e.model is None or e.version is None:
             raise InstallError("no model to check")
-        files = self.store.read_files(e.model, e.version)
-        # What is on disk must still be exactly what was signed (disk corruption, tampering).
-        verify_files(
-            {k: v for k, v in files.items() if k != SIGNATURE_FILE},
-            files.get(SIGNATURE_FILE, b""),
-            self._keys,
-        )
-        manifest = parse_manifest(files[MANIFEST_FILE])
-        session = open_session(files[MODEL_FILE], manifest, self.config.runtime)
-        rows = check_golden(session, manifest, files[GOLDEN_FILE])
+        # Opened exactly as the runtime will serve it: verified again, from the installed files.
+        installed = open_installed(self.store, e.model, e.version, self._keys, self.config.runtime)
+        golden = installed.files.get(GOLDEN_FILE, b"")  # missing: "unreadable", a failed check
+        rows = check_golden(installed.session, installed.manifest, golden)
         log.info("%s v%d healthy: %d golden rows match", e.model, e.version, rows)
-        run.session, run.manifest = session, manifest
+        run.session, run.manifest = installed.session, installed.manifest
 
     def _committing(self, run: _Run) -> None:
         e = run.entry
         assert e.model is not None
         state = self.store.load()
-        current = state.models.setdefault(e.model, ModelState())
         if e.op == "install":
             assert e.version is not None
-            if current.active == e.version:
-                return  # committed before a crash
-            current.previous, current.active = current.active, e.version
-            current.highest = max(current.highest, e.version)
-            current.bundle_sha256 = _bundle_sha256(e.incoming)
-            current.installed_at = _now()
-            state.record(
-                op=e.id,
-                model=e.model,
-                action="install",
-                version=e.version,
-                previous=current.previous,
-                result="installed",
-                job=e.job_id,
+            sha256 = _sha256(e.incoming)  # None once cleaned up (a resumed commit)
+            changed = state.commit_install(
+                e.model, e.version, op=e.id, job=e.job_id, bundle_sha256=sha256
             )
         elif e.op == "rollback":
-            if current.active == e.version:
-                return
-            if current.previous != e.version:
-                raise NotInstalledError(f"{e.model} v{e.version} is no longer retained")
-            current.active, current.previous = e.version, None
-            current.installed_at = _now()
-            state.record(
-                op=e.id,
-                model=e.model,
-                action="rollback",
-                version=e.version,
-                previous=e.from_version,
-                result="rolled-back-to",
-                job=e.job_id,
+            assert e.version is not None
+            changed = state.commit_rollback(
+                e.model, e.version, op=e.id, job=e.job_id, replacing=e.from_version
             )
-        else:  # retire
-            if current.active is None:
-                return
-            current.active = current.previous = None
-            current.installed_at = None
-            state.record(
-                op=e.id,
-                model=e.model,
-                action="retire",
-                version=e.from_version,
-                result="retired",
-                job=e.job_id,
-            )
-        self.store.save(state)
+        else:
+            changed = state.commit_retire(e.model, op=e.id, job=e.job_id, version=e.from_version)
+        if changed:  # unchanged: committed before a crash
+            self.store.save(state)
 
     def _cleanup(self, run: _Run) -> None:
         e = run.entry
@@ -526,30 +514,21 @@ class Lifecycle:
             self.store.prune(e.model, current.retained())
         if e.incoming:
             discard_fetched(e.incoming)
-        if any(event.get("op") == e.id for event in state.history):
-            return  # recorded before a crash
-        state.record(
-            op=e.id,
-            model=e.model,
-            action=e.op,
-            version=e.version,
-            previous=e.from_version,
-            result="rolled-back",
-            reason=str(run.error) if run.error else e.reason,
-            job=e.job_id,
-        )
-        self.store.save(state)
+        reason = str(run.error) if run.error else e.reason
+        if state.record_rolled_back(
+            e.id, e.op, e.model, e.version, e.from_version, reason, e.job_id
+        ):
+            self.store.save(state)
 
 
-def _bundle_sha256(path: str | None) -> str | None:
-    """The fetched bundle's sha256 for the record, or None once it was cleaned up."""
+def _sha256(path: str | None) -> str | None:
+    """The fetched bundle's sha256, or None if there is none (not fetched, or cleaned up)."""
     if not path or not os.path.isfile(path):
         return None
-    return sha256_file(path)
-
-
-def _now() -> str:
-    return dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat()
+    try:
+        return sha256_file(path)
+    except OSError as e:
+        raise storage_error("read the fetched bundle", Path(path), e) from e
 
 
 def _fault(variable: str, state: State, entry: JournalEntry) -> None:

@@ -5,6 +5,9 @@ version replaces the map with a new one in a single assignment; a request that a
 old :class:`ServedModel` finishes on the old session, so a hot swap never fails or drops a request.
 :meth:`Runtime.infer` is the one inference path: the in-process Python API and the HTTP server
 both go through it, and it validates inputs against the manifest before onnxruntime sees them.
+A request that is valid but on which the model itself fails (onnxruntime raises while computing)
+is an :class:`~edgepack.agent.exceptions.InferenceError` (edgepack.agent._session.run_session).
+Every request is reported to the monitor given to the constructor (telemetry and drift).
 """
 
 from __future__ import annotations
@@ -20,13 +23,16 @@ import numpy as np
 import onnxruntime as ort
 
 from edgepack.agent._config import RuntimeConfig
-from edgepack.agent._health import open_session
 from edgepack.agent._monitor import Monitor
+from edgepack.agent._session import open_installed, run_session
 from edgepack.agent._state import DeviceState, Store
-from edgepack.agent.exceptions import EdgepackError, ModelNotFoundError, RequestError, StorageError
-from edgepack.formats.bundle import MANIFEST_FILE, MODEL_FILE, SIGNATURE_FILE
-from edgepack.formats.manifest import Manifest, TensorSpec, parse_manifest
-from edgepack.formats.modelsig import verify_files
+from edgepack.agent.exceptions import (
+    EdgepackError,
+    InferenceError,
+    ModelNotFoundError,
+    RequestError,
+)
+from edgepack.formats.manifest import Manifest, TensorSpec
 
 __all__ = ["NUMPY_DTYPES", "Runtime", "ServedModel"]
 
@@ -108,16 +114,24 @@ def _shape(shape: Sequence[int | None]) -> str:
 
 
 class Runtime:
-    """Serves the active version of every installed model."""
+    """Serves the active version of every installed model.
 
-    def __init__(self, runtime: RuntimeConfig, max_rows: int = 4096) -> None:
+    Args:
+        runtime: the agent's ``[runtime]`` settings (providers, threads).
+        max_rows: the most rows one request may carry.
+        monitor: told of every request (telemetry and drift); none: nothing is recorded.
+    """
+
+    def __init__(
+        self, runtime: RuntimeConfig, max_rows: int = 4096, monitor: Monitor | None = None
+    ) -> None:
         self._config = runtime
         self._max_rows = max_rows
+        self._monitor = monitor
         self._models: dict[str, ServedModel] = {}
         self._sync_lock = threading.Lock()
         self.generation = -1
         self.failed: dict[str, tuple[int, str]] = {}  # model -> (version, why it is not served)
-        self.monitor: Monitor | None = None  # telemetry and drift (edgepack.agent._monitor)
 
     def get(self, name: str, version: int | None = None) -> ServedModel:
         """The served model, or :class:`ModelNotFoundError` naming what is there."""
@@ -178,18 +192,8 @@ class Runtime:
         return changes
 
     def _load(self, store: Store, name: str, version: int, keys: Sequence[Any]) -> ServedModel:
-        files = store.read_files(name, version)
-        if MANIFEST_FILE not in files or MODEL_FILE not in files:
-            raise StorageError(
-                f"{store.version_dir(name, version)} is incomplete; reinstall {name}"
-            )
-        verify_files(
-            {k: v for k, v in files.items() if k != SIGNATURE_FILE},
-            files.get(SIGNATURE_FILE, b""),
-            keys,
-        )
-        manifest = parse_manifest(files[MANIFEST_FILE])
-        return ServedModel(manifest, open_session(files[MODEL_FILE], manifest, self._config))
+        installed = open_installed(store, name, version, keys, self._config)
+        return ServedModel(installed.manifest, installed.session)
 
     def prepare(self, served: ServedModel, inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
         """Validate ``inputs`` against the manifest and build onnxruntime feeds.
@@ -236,45 +240,50 @@ class Runtime:
         Raises:
             ModelNotFoundError: no such model or version.
             RequestError: bad inputs or unknown outputs.
+            InferenceError: the inputs were valid but the model failed on them (onnxruntime
+                raised; it is the ``__cause__``).
         """
         return self.run(self.get(name, version), inputs, outputs)
 
     def run(
         self, served: ServedModel, inputs: Mapping[str, Any], outputs: Sequence[str] | None = None
     ) -> dict[str, np.ndarray]:
-        """Run on the model already held, even if a newer version was swapped in meanwhile."""
-        name = served.name
+        """Run on the model already held, even if a newer version was swapped in meanwhile.
+
+        Raises:
+            RequestError: bad inputs or unknown outputs.
+            InferenceError: the model failed on valid inputs.
+        """
+        name, monitor = served.name, self._monitor
         try:
             feeds = self.prepare(served, inputs)
         except RequestError:
-            if self.monitor is not None:
-                self.monitor.failed(name, served.version, "bad_request")
+            if monitor is not None:
+                monitor.failed(name, served.version, "bad_request")
             raise
         names = served.output_names
         wanted = list(outputs) if outputs else names
         unknown = [o for o in wanted if o not in names]
         if unknown:
-            if self.monitor is not None:
-                self.monitor.failed(name, served.version, "bad_request")
+            if monitor is not None:
+                monitor.failed(name, served.version, "bad_request")
             raise RequestError(
                 f"{name}: unknown output(s) {', '.join(map(repr, unknown))}; "
                 f"the model has {', '.join(map(repr, names))}"
             )
         # drift watches the model's first output (label / prediction): always compute it
         first = names[0]
-        run = wanted if self.monitor is None or first in wanted else [first, *wanted]
+        run = wanted if monitor is None or first in wanted else [first, *wanted]
         start = time.perf_counter()
         try:
-            results = served.session.run(run, feeds)
-        except Exception:
-            if self.monitor is not None:
-                self.monitor.failed(name, served.version, "runtime_error")
+            results = run_session(served.session, run, feeds, f"{name} v{served.version}")
+        except InferenceError:
+            if monitor is not None:
+                monitor.failed(name, served.version, "runtime_error")
             raise
         elapsed = time.perf_counter() - start
         computed = dict(zip(run, results, strict=True))
-        if self.monitor is not None:
+        if monitor is not None:
             rows = len(next(iter(feeds.values()))) if feeds else 0
-            self.monitor.observe(
-                name, served.version, feeds, {first: computed[first]}, elapsed, rows
-            )
+            monitor.observe(name, served.version, feeds, {first: computed[first]}, elapsed, rows)
         return {key: computed[key] for key in wanted}

@@ -11,15 +11,16 @@ Layout (``state_dir``, e.g. ``/var/lib/edgepack``)::
     models/NAME/VERSION/       the extracted, verified files of each retained version
 
 ``state.json`` is the single source of truth and only ever replaced atomically (edgepack._files),
-so "which version is active" switches in one rename. Model directories are created by renaming a
-fully written and fsynced staging directory into place, so a version directory is complete or
-absent. At most the active and the previous version of a model are kept.
+so "which version is active" switches in one rename; :class:`DeviceState` holds the three commits
+the lifecycle makes to it (install, rollback, retire) and the record of a rollback. Model
+directories are created by renaming a fully written and fsynced staging directory into place, so
+a version directory is complete or absent. At most the active and the previous version of a
+model are kept.
 """
 
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
 import errno
 import fcntl
 import os
@@ -30,8 +31,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edgepack._clock import utc_text
 from edgepack._files import fsync_dir, read_json, storage_error, write_json_atomic
-from edgepack.agent.exceptions import InstallError, StorageError
+from edgepack.agent.exceptions import InstallError, NotInstalledError, StorageError
 
 __all__ = ["DeviceState", "ModelState", "Store"]
 
@@ -63,9 +65,94 @@ class DeviceState:
 
     def record(self, **event: Any) -> None:
         """Append an event (install, rollback, retire, recovery) to the bounded history."""
-        now = dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat()
-        self.history.append({"time": now, **event})
+        self.history.append({"time": utc_text(), **event})
         del self.history[:-HISTORY_LIMIT]
+
+    # The three commits of the lifecycle (edgepack.agent._lifecycle, COMMITTING). Each returns
+    # False when it had already been made (the state was resumed after a crash): nothing to save.
+
+    def commit_install(
+        self, model: str, version: int, *, op: str, job: str | None, bundle_sha256: str | None
+    ) -> bool:
+        """``version`` becomes active, the active one previous; ``highest`` follows."""
+        current = self.models.setdefault(model, ModelState())
+        if current.active == version:
+            return False
+        current.previous, current.active = current.active, version
+        current.highest = max(current.highest, version)
+        current.bundle_sha256 = bundle_sha256
+        current.installed_at = utc_text()
+        self.record(
+            op=op,
+            model=model,
+            action="install",
+            version=version,
+            previous=current.previous,
+            result="installed",
+            job=job,
+        )
+        return True
+
+    def commit_rollback(
+        self, model: str, version: int, *, op: str, job: str | None, replacing: int | None
+    ) -> bool:
+        """The retained previous ``version`` becomes active again; nothing is retained after it.
+
+        Raises:
+            NotInstalledError: ``version`` is no longer the retained previous version.
+        """
+        current = self.models.setdefault(model, ModelState())
+        if current.active == version:
+            return False
+        if current.previous != version:
+            raise NotInstalledError(f"{model} v{version} is no longer retained")
+        current.active, current.previous = version, None
+        current.installed_at = utc_text()
+        self.record(
+            op=op,
+            model=model,
+            action="rollback",
+            version=version,
+            previous=replacing,
+            result="rolled-back-to",
+            job=job,
+        )
+        return True
+
+    def record_rolled_back(
+        self,
+        op: str,
+        action: str,
+        model: str | None,
+        version: int | None,
+        previous: int | None,
+        reason: str | None,
+        job: str | None,
+    ) -> bool:
+        """Record that operation ``op`` was rolled back; False if it already was."""
+        if any(event.get("op") == op for event in self.history):
+            return False  # recorded before a crash
+        self.record(
+            op=op,
+            model=model,
+            action=action,
+            version=version,
+            previous=previous,
+            result="rolled-back",
+            reason=reason,
+            job=job,
+        )
+        return True
+
+    def commit_retire(self, model: str, *, op: str, job: str | None, version: int | None) -> bool:
+        """``model`` is no longer installed; its ``highest`` stays (no later downgrade)."""
+        current = self.models.setdefault(model, ModelState())
+        if current.active is None:
+            return False
+        current.active = current.previous = None
+        current.installed_at = None
+        self.record(op=op, model=model, action="retire", version=version, result="retired", job=job)
+        return True
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -112,6 +199,7 @@ class Store:
 
         Raises:
             InstallError: another process held it for longer than ``timeout`` seconds.
+            StorageError: the lock file cannot be created or locked (permissions, no locks).
         """
         self.ensure()
         try:
@@ -125,7 +213,9 @@ class Store:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                     break
                 except OSError as e:
-                    if e.errno not in (errno.EAGAIN, errno.EACCES) or time.monotonic() > deadline:
+                    if e.errno not in (errno.EAGAIN, errno.EACCES):
+                        raise storage_error("lock", self.root / "lock", e) from e
+                    if time.monotonic() > deadline:
                         raise InstallError(
                             f"another edgepack-agent operation holds {self.root / 'lock'}; "
                             "wait for it to finish and retry"

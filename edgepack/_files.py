@@ -3,26 +3,35 @@
 The only way edgepack changes anything on disk that must survive a crash: every write goes to a
 temporary file in the same directory, is flushed and fsynced, then renamed over the target, and
 the directory is fsynced so the rename itself survives a power cut. A reader therefore sees the
-old content or the new, never a mixture. Errors become :class:`~edgepack.errors.StorageError`
+old content or the new, never a mixture. :func:`atomic_file` is that sequence around a stream the
+caller writes; :func:`write_bytes_atomic` and :func:`write_json_atomic` use it for whole
+contents (state files, journals, bundles). Errors become :class:`~edgepack.errors.StorageError`
 with a message that says what to do (a full disk gets its own advice).
+
+Hashing a file is here too (:func:`sha256_file`, and :func:`sha256_stream` for an open file or a
+hash to continue), read in chunks so a large bundle is never loaded whole.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from edgepack.errors import StorageError
 
 __all__ = [
+    "atomic_file",
     "fsync_dir",
     "read_json",
     "sha256_file",
+    "sha256_stream",
     "storage_error",
     "write_bytes_atomic",
     "write_json_atomic",
@@ -53,17 +62,29 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_bytes_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
-    """Replace ``path`` with ``data`` atomically and durably.
+@contextlib.contextmanager
+def atomic_file(path: Path, mode: int = 0o600) -> Iterator[BinaryIO]:
+    """Write ``path`` atomically and durably through the binary stream this yields.
+
+    The stream is a temporary file next to ``path``; when the ``with`` block ends normally it is
+    flushed, fsynced, given ``mode`` and renamed over ``path``, and the directory is fsynced. If
+    the block raises, the temporary file is removed and ``path`` keeps its old content.
+
+    Args:
+        path: the file to replace (its directory must exist).
+        mode: its permission bits (private by default).
+
+    Yields:
+        The stream to write the new content to.
 
     Raises:
-        StorageError: the write failed (the old content, if any, is untouched).
+        StorageError: creating, writing (in the block too) or renaming failed.
     """
     tmp = None
     try:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
+            yield handle
             handle.flush()
             os.fsync(handle.fileno())
         os.chmod(tmp, mode)
@@ -75,6 +96,16 @@ def write_bytes_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
     finally:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
+
+
+def write_bytes_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
+    """Replace ``path`` with ``data`` atomically and durably (:func:`atomic_file`).
+
+    Raises:
+        StorageError: the write failed (the old content, if any, is untouched).
+    """
+    with atomic_file(path, mode) as handle:
+        handle.write(data)
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
@@ -100,14 +131,31 @@ def read_json(path: Path) -> Any:
         raise StorageError(f"{path} is corrupt ({e}); move it aside and reinstall the model") from e
 
 
+def sha256_stream(handle: BinaryIO, digest: hashlib._Hash | None = None) -> hashlib._Hash:
+    """Hash what is left in ``handle``, read in 1 MiB chunks.
+
+    Args:
+        handle: a binary file open for reading.
+        digest: a ``hashlib`` hash to continue (a new SHA-256 when ``None``).
+
+    Returns:
+        The hash object, to ``update()`` further or read with ``hexdigest()``.
+
+    Raises:
+        OSError: reading failed (callers turn it into their own error).
+    """
+    if digest is None:
+        digest = hashlib.sha256()
+    while chunk := handle.read(_CHUNK):
+        digest.update(chunk)
+    return digest
+
+
 def sha256_file(path: Path | str) -> str:
     """The SHA-256 hex digest of a file, read in 1 MiB chunks (never loaded whole).
 
     Raises:
         OSError: the file cannot be read (callers turn it into their own error).
     """
-    digest = hashlib.sha256()
     with open(path, "rb") as handle:
-        while chunk := handle.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return sha256_stream(handle).hexdigest()

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import email.utils
-import hashlib
 import json
 import logging
 import os
@@ -24,6 +23,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, BinaryIO
 from urllib.parse import unquote, urlsplit
+
+from edgepack._files import sha256_stream
 
 __all__ = ["BundleServer"]
 
@@ -76,11 +77,8 @@ class BundleServer:
         key = (name, st.st_mtime_ns, st.st_size)
         digest = self._hashes.get(key)  # two threads may both hash a new file: same answer
         if digest is None:
-            sha = hashlib.sha256()
-            for chunk in iter(lambda: handle.read(_CHUNK), b""):
-                sha.update(chunk)
+            digest = self._hashes[key] = sha256_stream(handle).hexdigest()
             handle.seek(0)
-            digest = self._hashes[key] = sha.hexdigest()
         return digest
 
     def index(self) -> list[dict[str, Any]]:

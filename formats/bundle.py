@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import gzip
 import io
-import os
 import tarfile
-import tempfile
 import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -32,6 +30,7 @@ from typing import Any, BinaryIO
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from edgepack._files import storage_error, write_bytes_atomic
 from edgepack.formats.exceptions import ArchiveError, ManifestError, SignatureError
 from edgepack.formats.manifest import Manifest, parse_manifest
 from edgepack.formats.modelsig import SIGNATURE_FILE, VerifiedSignature, sign_files, verify_files
@@ -351,6 +350,9 @@ def write_bundle(
 
     Returns:
         The bundle's path. A partly written bundle is never left under its final name.
+
+    Raises:
+        StorageError: ``out_dir`` cannot be created or the bundle cannot be written there.
     """
     content = dict(files)
     content[MANIFEST_FILE] = manifest.to_json()
@@ -359,16 +361,10 @@ def write_bundle(
     top = manifest.bundle_stem
     content[SIGNATURE_FILE] = sign_files(content, key, model_name=top)
     data = _tar_bytes(top, content)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    final = out_dir / bundle_filename(manifest.name, manifest.version, manifest.profile)
-    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{final.name}.", suffix=".part")
     try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, final)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise storage_error("create", out_dir, e) from e
+    final = out_dir / bundle_filename(manifest.name, manifest.version, manifest.profile)
+    write_bytes_atomic(final, data)  # temp file, fsync, rename, fsync the directory
     return final

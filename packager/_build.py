@@ -15,7 +15,6 @@ CLI exits non-zero if any failed. Progress is reported through an ``on_step`` ca
 from __future__ import annotations
 
 import dataclasses
-import datetime as dt
 import io
 import json
 import platform
@@ -30,6 +29,7 @@ import onnx
 import onnxruntime as ort
 
 import edgepack
+from edgepack._clock import utc_text
 from edgepack.formats.bundle import GOLDEN_FILE, MODEL_FILE, REFERENCE_FILE, write_bundle
 from edgepack.formats.exceptions import EdgepackError, KeyFormatError
 from edgepack.formats.keys import load_private_key
@@ -360,7 +360,7 @@ def _build_one(
             "file": shared.source.path.name,
             "sha256": shared.source.sha256,
         },
-        created=dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat(),
+        created=utc_text(),
         packager_version=edgepack.__version__,
         quantization=optimized.quantization,
         labels=tuple(shared.labels),

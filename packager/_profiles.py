@@ -15,23 +15,31 @@ refuse a bundle built for another device.
 
 Loading is strict: a wrong type, an out-of-range number, an unknown key (a typo must not pass
 silently) or a missing field is a :class:`~edgepack.packager.exceptions.ProfileError` naming the
-file and the dotted field, e.g. ``[quantization].weight_type``.
+file and the dotted field, e.g. ``[quantization].weight_type``. The checking is the one shared
+with ``agent.toml`` (edgepack._tables); this module only says what each field must be.
 """
 
 from __future__ import annotations
 
-import difflib
-import math
 import os
-import re
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from packaging.specifiers import InvalidSpecifier, SpecifierSet
 
+from edgepack._tables import (
+    Check,
+    InvalidValueError,
+    boolean,
+    check_table,
+    integer,
+    number,
+    string,
+    string_list,
+)
 from edgepack.packager.exceptions import ProfileError
 
 if sys.version_info >= (3, 11):
@@ -137,6 +145,8 @@ class Profile:
     budgets: Budgets
     tolerances: Mapping[str, Tolerance]
     source: Path
+    # what the measured precision choice optimizes (edgepack.packager._precision)
+    objective: str = "latency"
 
     def precision_for(self, family: str) -> str:
         """The precision to ship a model of ``family`` (one of :data:`FAMILIES`) in.
@@ -177,74 +187,7 @@ class Profile:
         }
 
 
-# --- the schema, as one table of field checks --------------------------------------------------
-
-
-class _InvalidError(Exception):
-    """A value failed its check; the text completes '<field> must be ...'."""
-
-
-_Check = Callable[[Any], Any]
-
-
-def _number(lo: float, hi: float | None = None, *, integer: bool = False) -> _Check:
-    what = "an integer" if integer else "a number"
-    what += f" >= {lo}" if hi is None else f" equal to {lo}" if lo == hi else f" in [{lo}, {hi}]"
-
-    def check(v: Any) -> Any:
-        types = int if integer else (int, float)
-        if isinstance(v, bool) or not isinstance(v, types) or not math.isfinite(v):
-            raise _InvalidError(what)
-        if v < lo or (hi is not None and v > hi):
-            raise _InvalidError(what)
-        return v if integer else float(v)
-
-    return check
-
-
-def _int(lo: int, hi: int | None = None) -> _Check:
-    return _number(lo, hi, integer=True)
-
-
-def _bool(v: Any) -> bool:
-    if not isinstance(v, bool):
-        raise _InvalidError("true or false")
-    return v
-
-
-def _str(choices: Sequence[str] = (), pattern: str = r".+") -> _Check:
-    def check(v: Any) -> str:
-        if choices and (not isinstance(v, str) or v not in choices):
-            raise _InvalidError(f"one of {', '.join(choices)}")
-        if not isinstance(v, str) or not re.fullmatch(pattern, v):
-            raise _InvalidError(
-                "a non-empty string" if pattern == r".+" else f"a string like {pattern}"
-            )
-        return v
-
-    return check
-
-
-def _str_list(
-    choices: Sequence[str] = (), *, scalar_ok: bool = False, empty_ok: bool = False
-) -> _Check:
-    item = _str(choices)
-
-    def check(v: Any) -> tuple[str, ...]:
-        if scalar_ok and isinstance(v, str):
-            v = [v]
-        what = "a list of strings" + (" (or one string)" if scalar_ok else "")
-        if not isinstance(v, list) or (not v and not empty_ok):
-            raise _InvalidError(what + ("" if empty_ok else ", not empty"))
-        try:
-            items = tuple(item(x) for x in v)
-        except _InvalidError as e:
-            raise _InvalidError(f"{what}, each {e}") from None
-        if len(set(items)) != len(items):
-            raise _InvalidError(f"{what} without duplicates")
-        return items
-
-    return check
+# --- the schema, as one table of field checks (edgepack._tables) ------------------------------
 
 
 def _specifier(v: Any) -> str:
@@ -253,69 +196,62 @@ def _specifier(v: Any) -> str:
             return v
     except InvalidSpecifier:
         pass
-    raise _InvalidError("a PEP 440 version specifier such as '>=1.17,<2'")
+    raise InvalidValueError("a PEP 440 version specifier such as '>=1.17,<2'")
+
+
+def _choice(*choices: str) -> Check:
+    return string(choices=choices)
+
+
+def _names(*choices: str, scalar_ok: bool = False, empty_ok: bool = False) -> Check:
+    item = string(choices=choices, empty_ok=False)
+    return string_list(item, scalar_ok=scalar_ok, empty_ok=empty_ok, unique=True)
 
 
 _TOLERANCE = {
-    "min_label_agreement": _number(0.0, 1.0),
-    "max_probability_error": _number(0.0, 1.0),
-    "max_relative_error": _number(0.0),
+    "min_label_agreement": number(0.0, 1.0),
+    "max_probability_error": number(0.0, 1.0),
+    "max_relative_error": number(0.0),
 }
 
 # table name ("" = top level) -> field -> check; every field is required, no other key allowed.
-_SCHEMA: dict[str, dict[str, _Check]] = {
+_SCHEMA: dict[str, dict[str, Check]] = {
     "": {
-        "schema": _int(SCHEMA_VERSION, SCHEMA_VERSION),
-        "id": _str(pattern=r"[a-z0-9][a-z0-9._-]*"),
-        "description": _str(),
-        "arch": _str_list(ARCHES, scalar_ok=True),
-        "isa": _str_list(empty_ok=True),
+        "schema": integer(SCHEMA_VERSION, SCHEMA_VERSION),
+        "id": string(pattern=r"[a-z0-9][a-z0-9._-]*"),
+        "description": string(empty_ok=False),
+        "arch": _names(*ARCHES, scalar_ok=True),
+        "isa": _names(empty_ok=True),
         "onnxruntime": _specifier,
-        "max_opset": _int(7),
-        "max_ml_opset": _int(1),
-        "max_ir_version": _int(3),
-        "providers": _str_list(),
-        "model_format": _str(("onnx",)),
+        "max_opset": integer(7),
+        "max_ml_opset": integer(1),
+        "max_ir_version": integer(3),
+        "providers": _names(),
+        "model_format": _choice("onnx"),
+        "objective": _choice("latency", "size", "accuracy"),
     },
-    "precision": {family: _str(PRECISIONS) for family in FAMILIES},
+    "precision": {family: _choice(*PRECISIONS) for family in FAMILIES},
     "quantization": {
-        "format": _str(("qdq", "qoperator")),
-        "mode": _str(("static", "dynamic")),
-        "weight_type": _str(("int8", "uint8")),
-        "activation_type": _str(("int8", "uint8")),
-        "per_channel": _bool,
-        "reduce_range": _bool,
-        "calibration_method": _str(("minmax", "entropy", "percentile")),
-        "calibration_samples": _int(1),
+        "format": _choice("qdq", "qoperator"),
+        "mode": _choice("static", "dynamic"),
+        "weight_type": _choice("int8", "uint8"),
+        "activation_type": _choice("int8", "uint8"),
+        "per_channel": boolean,
+        "reduce_range": boolean,
+        "calibration_method": _choice("minmax", "entropy", "percentile"),
+        "calibration_samples": integer(1),
     },
-    "threads": {"intra_op": _int(0), "inter_op": _int(0)},
-    "budgets": {"max_model_bytes": _int(1), "max_memory_bytes": _int(1)},
+    "threads": {"intra_op": integer(0), "inter_op": integer(0)},
+    "budgets": {"max_model_bytes": integer(1), "max_memory_bytes": integer(1)},
 }
 
 
-def _field(table: str, key: str) -> str:
-    return f"[{table}].{key}" if table else key
+def _check_table(src: Path, table: str, data: Any, spec: Mapping[str, Check]) -> dict[str, Any]:
+    required = [k for k in spec if k not in _OPTIONAL]
+    return check_table(data, spec, source=src, error=ProfileError, table=table, required=required)
 
 
-def _check_table(src: Path, table: str, data: Any, spec: Mapping[str, _Check]) -> dict[str, Any]:
-    if not isinstance(data, dict):
-        raise ProfileError(f"{src}: [{table}] must be a table")
-    for key in data:
-        if key not in spec:
-            near = difflib.get_close_matches(key, spec, n=1)
-            hint = f" (did you mean {near[0]!r}?)" if near else ""
-            raise ProfileError(f"{src}: unknown key {_field(table, key)}{hint}")
-    out: dict[str, Any] = {}
-    for key, check in spec.items():
-        if key not in data:
-            raise ProfileError(f"{src}: missing required field {_field(table, key)}")
-        try:
-            out[key] = check(data[key])
-        except _InvalidError as e:
-            raise ProfileError(
-                f"{src}: {_field(table, key)} must be {e}, got {data[key]!r}"
-            ) from None
-    return out
+_OPTIONAL = frozenset({"objective"})  # fields with a default in Profile
 
 
 def _parse(src: Path, doc: dict[str, Any]) -> Profile:

@@ -597,11 +597,10 @@ def test_install_interrupted_too_often_rolls_back(
     work = device(prepared["v1"], tmp_path)
     interrupted(work, attempts, "install", iris_bundles["v2"])
     journaled: list[JournalEntry | None] = []
-    lifecycle = Lifecycle(
-        load_config(work / "agent.toml"),
-        on_state=lambda _: journaled.append(Journal(work / "state" / "journal.json").read()),
+    lifecycle = Lifecycle(load_config(work / "agent.toml"))
+    outcome = lifecycle.recover(
+        on_state=lambda _: journaled.append(Journal(work / "state" / "journal.json").read())
     )
-    outcome = lifecycle.recover()
     assert outcome is not None
     assert outcome.result == result
     # The new attempt count is saved before the resumed state acts.
@@ -833,3 +832,23 @@ def test_full_disk_is_a_clear_error_and_loses_nothing(
         event = committed(work)["history"][-1]
         assert (event["version"], event["result"]) == (2, "rolled-back")
         assert "disk is full" in event["reason"]
+
+
+def test_full_disk_through_the_cli_blames_the_storage_not_the_bundle(
+    tiny_disk, prepared, iris_bundles
+):
+    """A StorageError is not a refused bundle: the CLI says the device's storage failed, exits 1,
+    and leaves nothing behind."""
+    work = Path(shutil.copytree(prepared["v1"], tiny_disk / "device"))
+    page = os.statvfs(tiny_disk).f_bsize
+    pages = math.ceil(iris_bundles["v2"].stat().st_size / page)  # the journal fits, the copy not
+    (tiny_disk / "filler").write_bytes(bytes((os.statvfs(tiny_disk).f_bavail - pages) * page))
+    before = snapshot(work)
+    result = cli(work, "install", iris_bundles["v2"])
+    assert result.returncode == 1
+    line = error_line(result)
+    assert line.startswith(
+        "error: install failed on this device's storage: bundle: cannot copy the bundle to "
+    ), line
+    assert line.endswith("the disk is full: free space on this filesystem and retry"), line
+    assert snapshot(work) == before

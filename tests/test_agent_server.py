@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import bundle_forge
 import httpx
 import numpy as np
 import pytest
@@ -36,8 +37,13 @@ from edgepack.agent._config import RuntimeConfig, ServerConfig, load_config
 from edgepack.agent._daemon import Agent
 from edgepack.agent._http_server import InferenceServer
 from edgepack.agent._runtime import Runtime
-from edgepack.agent.exceptions import ModelNotFoundError, RequestError
-from edgepack.formats.bundle import GOLDEN_FILE, MANIFEST_FILE, read_archive
+from edgepack.agent.exceptions import (
+    EdgepackError,
+    InferenceError,
+    ModelNotFoundError,
+    RequestError,
+)
+from edgepack.formats.bundle import GOLDEN_FILE, MANIFEST_FILE, MODEL_FILE, read_archive
 from edgepack.formats.manifest import parse_manifest
 
 MAX_REQUEST_BYTES = 4096
@@ -644,6 +650,88 @@ def test_embedded_agent_without_http(
         assert agent.install(str(iris_bundles["v1"])).ok
         got = agent.infer("iris", {"input": golden["input.input"]})
         np.testing.assert_array_equal(got["label"], golden["output.label"])
+
+
+# --- a model that fails at run time -------------------------------------------------------------
+
+
+def lookup_model() -> bytes:
+    """An iris-shaped model that answers from a 10-row table indexed by the first feature: right
+    for every iris row (sepal length under 10 cm), while onnxruntime itself refuses a row whose
+    first feature is 10 or more (Gather: index out of bounds) at run time."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    table = np.random.default_rng(7).dirichlet(np.ones(3), size=10).astype(np.float32)
+    nodes = [
+        helper.make_node("Slice", ["input", "zero", "one", "one"], ["first"]),  # column 0
+        helper.make_node("Cast", ["first"], ["index2d"], to=TensorProto.INT64),
+        helper.make_node("Squeeze", ["index2d", "one"], ["index"]),
+        helper.make_node("Gather", ["table", "index"], ["probabilities"], axis=0),
+        helper.make_node("ArgMax", ["probabilities"], ["label"], axis=1, keepdims=0),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "lookup",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [None, 4])],
+        [
+            helper.make_tensor_value_info("label", TensorProto.INT64, [None]),
+            helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, [None, 3]),
+        ],
+        [
+            numpy_helper.from_array(table, "table"),
+            numpy_helper.from_array(np.array([0], dtype=np.int64), "zero"),
+            numpy_helper.from_array(np.array([1], dtype=np.int64), "one"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model.SerializeToString()
+
+
+@pytest.fixture(scope="module")
+def lookup_bundle(
+    tmp_path_factory: pytest.TempPathFactory, keys: KeyPair, iris_bundles: dict[str, Path]
+) -> Path:
+    """iris v5 with :func:`lookup_model` and golden outputs it reproduces, validly signed."""
+    import onnxruntime as ort
+
+    _, files = read_archive(iris_bundles["v1"].read_bytes())
+    with np.load(io.BytesIO(files[GOLDEN_FILE]), allow_pickle=False) as data:
+        arrays = {key: data[key] for key in data.files}
+    model = lookup_model()
+    session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+    label, probabilities = session.run(None, {"input": arrays["input.input"]})
+    arrays.update({"output.label": label, "output.probabilities": probabilities})
+    golden = io.BytesIO()
+    np.savez(golden, **arrays)
+    out = tmp_path_factory.mktemp("lookup")
+    replace = {MODEL_FILE: model, GOLDEN_FILE: golden.getvalue()}
+    return bundle_forge.resign(iris_bundles["v1"], keys.private, out, version=5, replace=replace)
+
+
+def test_a_model_failing_at_run_time_is_a_500_and_an_inference_error(
+    tmp_path: Path, keys: KeyPair, lookup_bundle: Path
+) -> None:
+    agent = start_agent(tmp_path, keys, lookup_bundle)  # healthy: the golden rows are iris rows
+    try:
+        assert agent.server is not None
+        good, bad = [[5.1, 3.5, 1.4, 0.2]], [[12.0, 3.5, 1.4, 0.2]]
+        with pytest.raises(InferenceError) as caught:
+            agent.infer("iris", {"input": bad})
+        message = str(caught.value)
+        assert message.startswith("iris v5 failed while computing an answer: ")
+        assert "Gather" in message  # onnxruntime's own words, first line
+        assert caught.value.__cause__ is not None
+        assert not isinstance(caught.value.__cause__, EdgepackError)  # onnxruntime's exception
+        with httpx.Client(base_url=agent.server.url, timeout=10) as client:
+            response = client.post(INFER, content=json.dumps(json_request(np.array(bad))))
+            assert error_of(response, 500) == message
+            again = client.post(INFER, content=json.dumps(json_request(np.array(good))))
+            assert again.status_code == 200, again.text  # the server and the model carry on
+            metrics = client.get("/metrics").text
+        assert 'model="iris",version="5",kind="runtime_error"} 2' in metrics
+    finally:
+        agent.stop()
 
 
 # --- hot swap under load ------------------------------------------------------------------------

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import csv
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from conftest import KeyPair, write_agent_config
 
-from edgepack.agent._capture import CaptureConfig, SampleStore
-from edgepack.agent._config import load_config
+from edgepack.agent._capture import SampleStore
+from edgepack.agent._config import CaptureConfig, load_config
 from edgepack.agent._daemon import Agent
 from edgepack.agent.exceptions import ConfigError
 
@@ -24,13 +23,17 @@ def _batch(rows: int, seed: int = 0) -> tuple[dict[str, np.ndarray], dict[str, n
 
 
 def test_rate_limit_and_bound(tmp_path: Path) -> None:
-    store = SampleStore(tmp_path / "s.db", CaptureConfig(enabled=True, per_minute=60, max_rows=50))
+    now = [1000.0]
+    config = CaptureConfig(enabled=True, per_minute=60, max_rows=50)
+    store = SampleStore(tmp_path / "s.db", config, clock=lambda: now[0])
     inputs, outputs = _batch(100)
     assert store.offer("m", 1, inputs, outputs, COLUMNS) == 60  # the bucket holds one minute
     assert store.offer("m", 1, inputs, outputs, COLUMNS) == 0  # empty until it refills
     assert store.count("m") == 50  # the bound keeps the newest rows
-    time.sleep(1.1)
+    now[0] += 1.5
     assert store.offer("m", 1, inputs, outputs, COLUMNS) == 1  # 1 row per second refills
+    now[0] += 3600
+    assert store.offer("m", 1, inputs, outputs, COLUMNS) == 60  # never more than a minute's
     assert store.count() == 50
 
 
@@ -50,11 +53,20 @@ def test_export_csv_and_parquet_round_trip(tmp_path: Path) -> None:
     assert table["b"] == pytest.approx(inputs["input"][:, 1].tolist())
 
 
-def test_bad_capture_config_names_the_field() -> None:
-    with pytest.raises(ConfigError, match=r"\[capture\]\.per_minute"):
-        CaptureConfig.from_extra({"capture": {"per_minute": -1}}, "agent.toml")
-    with pytest.raises(ConfigError, match=r"unknown key \[capture\]\.rate"):
-        CaptureConfig.from_extra({"capture": {"rate": 1}}, "agent.toml")
+@pytest.mark.parametrize(
+    ("table", "says"),
+    [
+        ("per_minute = -1", r"\[capture\]\.per_minute must be an integer >= 1, got -1"),
+        ("max_rows = 1.5", r"\[capture\]\.max_rows must be an integer >= 1, got 1.5"),
+        ("rate = 1", r"unknown key \[capture\]\.rate"),
+    ],
+)
+def test_bad_capture_config_names_the_field(
+    table: str, says: str, tmp_path: Path, keys: KeyPair
+) -> None:
+    path = write_agent_config(tmp_path, keys, extra=f"[capture]\n{table}\n")
+    with pytest.raises(ConfigError, match=says):
+        load_config(path)
 
 
 def test_agent_captures_served_rows_only_when_enabled(

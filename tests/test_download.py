@@ -24,7 +24,8 @@ from typing import Any
 import httpx
 import pytest
 
-from edgepack.agent._download import DownloadConfig, HttpFetcher, partial_paths
+from edgepack.agent._config import DownloadConfig
+from edgepack.agent._download import HttpFetcher, partial_paths
 from edgepack.agent.exceptions import BundleError, DownloadError
 from edgepack.fleet._bundle_server import BundleServer
 

@@ -26,7 +26,6 @@ from conftest import KeyPair, write_agent_config
 
 from edgepack.agent._config import load_config
 from edgepack.agent._daemon import Agent
-from edgepack.agent._monitor import MonitorConfig
 from edgepack.agent._telemetry import LATENCY_BUCKETS, RESERVOIR, Telemetry
 
 # --- Prometheus text exposition format 0.0.4, checked line by line --------------------------------
@@ -269,7 +268,7 @@ BAD_INPUTS: list[dict[str, Any]] = [  # valid JSON that the runtime refuses: "ba
 @pytest.fixture
 def served(tmp_path: Path, keys: KeyPair, iris_bundles: dict[str, Path]) -> Iterator[Agent]:
     config = load_config(write_agent_config(tmp_path, keys, extra=DRIFT))
-    settings = MonitorConfig.from_extra(config.extra, "test")
+    settings = config.monitor
     assert (settings.interval, settings.window, settings.min_rows) == (0.5, 100, 100)
     agent = Agent(config).start(serve_http=True)
     try:

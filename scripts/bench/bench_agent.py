@@ -58,6 +58,7 @@ from _report import write_section  # noqa: E402
 
 from edgepack.agent._config import load_config  # noqa: E402
 from edgepack.agent._daemon import Agent  # noqa: E402
+from edgepack.agent._runtime import Runtime  # noqa: E402
 from edgepack.formats.bundle import MANIFEST_FILE, MODEL_FILE, read_archive  # noqa: E402
 from edgepack.formats.keys import (  # noqa: E402
     generate_private_key,
@@ -565,11 +566,14 @@ def run(tmp: Path) -> tuple[str, int]:
             raise SystemExit(f"in-process install failed: {outcome.reason}")
         if not quiet.install(str(bundle.path)).ok:
             raise SystemExit("in-process install failed")
-        quiet.runtime.monitor = None  # telemetry and drift off: the cost of monitoring
+        # the same models in a runtime with no monitor: telemetry and drift off, to price them
+        unmonitored = Runtime(quiet.config.runtime, quiet.config.server.max_batch_rows)
+        store = quiet.lifecycle.store
+        unmonitored.sync(store, store.load(), quiet.config.public_keys())
 
         def quiet_caller(rows: np.ndarray) -> tuple[Call, Callable[[], None]]:
             inputs = {INPUT: rows}
-            return (lambda: quiet.infer(NAME, inputs)), (lambda: None)
+            return (lambda: unmonitored.infer(NAME, inputs)), (lambda: None)
 
         def inproc_caller(rows: np.ndarray) -> tuple[Call, Callable[[], None]]:
             inputs = {INPUT: rows}
@@ -580,9 +584,7 @@ def run(tmp: Path) -> tuple[str, int]:
         wait_ready(f"{api_url}/v2/health/ready", api_proc, tmp / "api.log")
         variants = [
             Variant("raw", "`session.run` in this process", raw_caller),
-            Variant(
-                "in-process, monitoring off", "`Agent.infer`, telemetry and drift off", quiet_caller
-            ),
+            Variant("in-process, monitoring off", "`Runtime.infer`, no monitor", quiet_caller),
             Variant("in-process", "`Agent.infer`, telemetry and drift on", inproc_caller),
             Variant(
                 "agent HTTP",

@@ -1,0 +1,152 @@
+"""onnxruntime sessions for installed models: open them as the device serves them, run them.
+
+Two parts of the agent load an installed version: the lifecycle's health check (a new version
+before it is committed, a retained one before a rollback) and the runtime (the active version of
+every model, at start and after each change). Both go through :func:`open_installed`: read the
+version's files from the state directory, verify them against the trusted keys again (files
+changed at rest are never served), parse the manifest and open the session. :func:`open_session`
+picks the execution providers (:func:`session_providers`: those of the bundle that this device
+has, in the bundle's order, CPU last) and threads (the agent's ``[runtime]`` config overrides the
+profile's).
+
+:func:`run_session` is the seam where inference enters onnxruntime: whatever onnxruntime raises
+while computing becomes an :class:`~edgepack.agent.exceptions.InferenceError` (``raise ... from``
+keeps the original), so callers handle one family.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from edgepack.agent._config import RuntimeConfig
+from edgepack.agent._state import Store
+from edgepack.agent.exceptions import HealthCheckError, InferenceError, StorageError
+from edgepack.formats.bundle import MANIFEST_FILE, MODEL_FILE, SIGNATURE_FILE
+from edgepack.formats.manifest import Manifest, parse_manifest
+from edgepack.formats.modelsig import verify_files
+
+__all__ = ["InstalledVersion", "open_installed", "open_session", "run_session", "session_providers"]
+
+
+@dataclass(frozen=True)
+class InstalledVersion:
+    """One installed version, verified and loaded: its files, its manifest, its session."""
+
+    files: Mapping[str, bytes]
+    manifest: Manifest
+    session: ort.InferenceSession
+
+
+def session_providers(manifest: Manifest, runtime: RuntimeConfig) -> list[str]:
+    """The providers to ask for: the config's, else the bundle's that exist here, CPU last."""
+    available = ort.get_available_providers()
+    wanted = list(runtime.providers) or list(manifest.runtime.get("providers", []))
+    chosen = [p for p in wanted if p in available]
+    if "CPUExecutionProvider" not in chosen:
+        chosen.append("CPUExecutionProvider")
+    return chosen
+
+
+def open_session(model: bytes, manifest: Manifest, runtime: RuntimeConfig) -> ort.InferenceSession:
+    """Create the session that will serve ``model``.
+
+    Args:
+        model: the ONNX model's bytes.
+        manifest: its manifest (providers and threads of the profile it was built for).
+        runtime: the agent's ``[runtime]`` settings, which override the manifest's.
+
+    Returns:
+        The session.
+
+    Raises:
+        HealthCheckError: onnxruntime cannot load the model on this device.
+    """
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    intra = runtime.intra_op_threads or int(manifest.runtime.get("intra_op_threads", 0))
+    inter = runtime.inter_op_threads or int(manifest.runtime.get("inter_op_threads", 0))
+    options.intra_op_num_threads = intra
+    options.inter_op_num_threads = inter
+    try:
+        return ort.InferenceSession(model, options, providers=session_providers(manifest, runtime))
+    except Exception as e:  # onnxruntime's own exception types, which it does not export
+        raise HealthCheckError(
+            f"{manifest.name} v{manifest.version} does not load in onnxruntime "
+            f"{ort.__version__} here: {_first_line(e)}"
+        ) from e
+
+
+def open_installed(
+    store: Store, name: str, version: int, keys: Sequence[Any], runtime: RuntimeConfig
+) -> InstalledVersion:
+    """Read an installed version's files, verify them, and open its session.
+
+    Args:
+        store: the state directory.
+        name: the model.
+        version: the installed version to open.
+        keys: the trusted public keys the files must still verify against.
+        runtime: the agent's ``[runtime]`` settings.
+
+    Returns:
+        The files, the parsed manifest and the session.
+
+    Raises:
+        StorageError: the files cannot be read, are incomplete, or are another version's.
+        SignatureError: the files on disk are no longer exactly what was signed.
+        ManifestError: the manifest does not parse.
+        HealthCheckError: onnxruntime cannot load the model here.
+    """
+    files = store.read_files(name, version)
+    where = store.version_dir(name, version)
+    if MANIFEST_FILE not in files or MODEL_FILE not in files:
+        raise StorageError(f"{where} is incomplete; reinstall {name}")
+    # What is on disk must still be exactly what was signed (disk corruption, tampering).
+    verify_files(
+        {k: v for k, v in files.items() if k != SIGNATURE_FILE},
+        files.get(SIGNATURE_FILE, b""),
+        keys,
+    )
+    manifest = parse_manifest(files[MANIFEST_FILE])
+    if (manifest.name, manifest.version) != (name, version):
+        raise StorageError(
+            f"{where} holds {manifest.name} v{manifest.version}, not {name} v{version}; "
+            f"reinstall {name}"
+        )
+    return InstalledVersion(files, manifest, open_session(files[MODEL_FILE], manifest, runtime))
+
+
+def run_session(
+    session: ort.InferenceSession,
+    outputs: Sequence[str] | None,
+    feeds: Mapping[str, np.ndarray],
+    what: str,
+) -> list[np.ndarray]:
+    """Run ``session`` on ``feeds``: the one call into onnxruntime's inference.
+
+    Args:
+        session: the model's session.
+        outputs: the outputs to compute (all when ``None``).
+        feeds: input name → validated array.
+        what: the model, for the message (``"iris v2"``).
+
+    Returns:
+        The outputs, in the order asked for.
+
+    Raises:
+        InferenceError: onnxruntime failed while computing (the original is the ``__cause__``).
+    """
+    try:
+        return list(session.run(None if outputs is None else list(outputs), dict(feeds)))
+    except Exception as e:  # onnxruntime's own exception types, which it does not export
+        raise InferenceError(f"{what} failed while computing an answer: {_first_line(e)}") from e
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
