@@ -26,7 +26,7 @@ import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any, BinaryIO
+from typing import IO, Any, BinaryIO
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -125,7 +125,7 @@ class Member:
     top: str
     name: str
     size: int
-    _handle: BinaryIO
+    _handle: IO[bytes]
 
     def chunks(self, chunk_size: int = _CHUNK) -> Iterator[bytes]:
         """The member's bytes, at most ``chunk_size`` at a time.

@@ -16,7 +16,7 @@ hand, so the topic tree lives here and in ``docs/protocol.md`` §1. Under a conf
     {prefix}/devices/{device}/drift                drift reports
     {prefix}/collectors/{collector}                retained  a collector is online and subscribed
     {prefix}/presence/ping                         a device asks connected collectors to answer
-    {prefix}/trust                                 retained  the signed trust document (key rotation)
+    {prefix}/trust                                 retained  the signed trust document (keys)
 
 Device ids, group names and job ids are 1-128 of ``A-Z a-z 0-9 _ . : -`` starting with a letter
 or digit (:data:`NAME`); model names follow :func:`edgepack.formats.manifest.check_model_name`.
