@@ -1,18 +1,33 @@
 """The collector: keeps what the fleet says (state, jobs, job executions) in a store.
 
 It subscribes to every device's retained state, every job execution update, every job command
-(so ``status`` knows what was asked), every telemetry and drift report, and every device's
-request for pending work, which it answers from the store. Topics are read by
-:func:`edgepack.formats.topics.parse_topic` and payloads by :mod:`edgepack.formats.messages` and
-:func:`edgepack.formats.commands.read_command`; a malformed message is counted and skipped.
-Messages are handed from paho's network thread to one writer thread through a bounded queue, so
-a slow database never blocks the MQTT connection.
+(so ``status`` knows what was asked), every telemetry and drift report, the retained trust
+document, and every device's request for pending work, which it answers from the store. Topics
+are read by :func:`edgepack.formats.topics.parse_topic` and payloads by
+:mod:`edgepack.formats.messages` and :func:`edgepack.formats.commands.read_command`, which cap
+the size, depth and number length before anything is read.
+
+**Every input is hostile.** Messages are handed from paho's network thread to one writer thread
+through a bounded queue, so a slow database never blocks the MQTT connection. Each of paho's
+callbacks is wrapped: no exception of any kind, whatever the topic's bytes or the payload, gets
+out of one into paho's network thread. In the writer, a malformed message is logged and counted
+(``rejected``), anything else unexpected is logged with its traceback and counted (``errors``),
+and neither ends the thread or spoils the rest of its batch.
+
+**Exactly once.** The writer parses a batch of queued messages first, sorts them by the rows
+they write (one lock order for every collector), and writes them in one transaction
+(:meth:`~edgepack.fleet._database.FleetStore.batch`), which the store reruns whole on a
+deadlock. Counters are bumped and pending answers published only after the commit, so a rerun
+neither counts nor answers twice.
 
 Scale-out: start several collectors with the same ``share`` name against a clustered broker; the
 high-volume topics are then subscribed as MQTT shared subscriptions (``$share/NAME/...``) and each
-message reaches one collector. Job commands are retained and stay plain subscriptions, so every
-collector records every job (inserts are idempotent). Writes are idempotent throughout
-(edgepack.fleet._database), so a QoS 1 redelivery changes nothing.
+message reaches one collector. Job commands and the trust document are retained and stay plain
+subscriptions, so every collector records every job (inserts are idempotent).
+
+**Pending answers** carry the newest unfinished command per model addressed to the device or to
+a group the *operator* assigned it to (``edgepack-fleet devices assign``), never one the device
+claims, plus the latest trust document.
 """
 
 from __future__ import annotations
@@ -24,9 +39,9 @@ import queue
 import socket
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from functools import partial
+from datetime import datetime
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -35,11 +50,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from edgepack._clock import Clock, utc_now
 from edgepack.fleet._broker import BrokerOptions, connect
 from edgepack.fleet._database import FleetStore, JobRow, StoreError
+from edgepack.fleet._trust import peek_trust, verify_trust
 from edgepack.fleet.exceptions import BrokerError
 from edgepack.formats.commands import Command, read_command
 from edgepack.formats.exceptions import MessageError
 from edgepack.formats.messages import (
-    PendingGet,
     ReportKind,
     build_collector_presence,
     build_pending_answer,
@@ -54,6 +69,7 @@ from edgepack.formats.topics import TopicKind, Topics
 __all__ = ["Collector", "CollectorStats"]
 
 log = logging.getLogger("edgepack.fleet.collector")
+_BATCH = 500
 
 
 @dataclass
@@ -63,9 +79,33 @@ class CollectorStats:
     received: int = 0
     written: int = 0
     duplicates: int = 0
-    rejected: int = 0
+    rejected: int = 0  # malformed or hostile messages, each logged
     answered: int = 0
     dropped: int = 0
+    errors: int = 0  # unexpected exceptions caught (a bug, or a store failing for good)
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    """What one write did; applied to the counters (and published) after the commit."""
+
+    new: bool | None = None  # True: written, False: a duplicate, None: nothing to count
+    publish: tuple[str, bytes] | None = None
+
+
+@dataclass(frozen=True)
+class _Record:
+    """A parsed message: the rows it writes (its place in the lock order) and how to write it."""
+
+    key: tuple[int, str, str, int]
+    topic: str
+    write: Callable[[], _Outcome]
+
+
+# The order in which a batch takes its locks: by table, then by the row's key.
+_RANK = {TopicKind.DEVICE_JOBS: 0, TopicKind.GROUP_JOBS: 0, TopicKind.STATE: 1,
+         TopicKind.JOB_STATUS: 2, TopicKind.TELEMETRY: 3, TopicKind.DRIFT: 3,
+         TopicKind.TRUST: 4, TopicKind.PENDING_GET: 5}  # fmt: skip
 
 
 class Collector:
@@ -76,6 +116,7 @@ class Collector:
         store: where to write (SQLite or PostgreSQL).
         share: a shared-subscription group name, for several collectors sharing the load.
         command_keys: operator keys; when given, job commands must verify to be recorded.
+        root_keys: offline root keys; when given, trust documents must verify to be recorded.
         client_id: the MQTT client id (default ``edgepack-collector-HOST[-SHARE]``).
         session_expiry: seconds the broker keeps this collector's session while it is away.
         clock: the time received messages are stamped with.
@@ -88,6 +129,7 @@ class Collector:
         *,
         share: str | None = None,
         command_keys: Sequence[ec.EllipticCurvePublicKey] | None = None,
+        root_keys: Sequence[ec.EllipticCurvePublicKey] | None = None,
         client_id: str | None = None,
         session_expiry: int = 86_400,
         clock: Clock = utc_now,
@@ -96,6 +138,7 @@ class Collector:
         self.store = store
         self.share = share
         self.keys = list(command_keys) if command_keys else None
+        self.root_keys = list(root_keys) if root_keys else None
         self.topics = Topics(options.prefix)
         self.stats = CollectorStats()
         self._client_id = client_id or f"edgepack-collector-{socket.gethostname()}" + (
@@ -121,7 +164,7 @@ class Collector:
         ]
         if self.share:
             shared = [f"$share/{self.share}/{topic}" for topic in shared]
-        plain = [t.device_jobs("+"), t.group_jobs("+"), t.presence_ping()]
+        plain = [t.device_jobs("+"), t.group_jobs("+"), t.presence_ping(), t.trust()]
         return [(topic, 1) for topic in shared + plain]
 
     def start(self) -> Collector:
@@ -135,8 +178,8 @@ class Collector:
             session_expiry=self.session_expiry,
             will=(self.topics.collector(self._client_id), self._presence(False)),
         )
-        client.on_message = self._on_message
-        client.on_connect = self._on_connect
+        client.on_message = self._guarded(self._on_message)
+        client.on_connect = self._guarded(self._on_connect)
         subscribed = threading.Event()
         client.on_subscribe = lambda *_args: subscribed.set()
         client.subscribe(self._subscriptions())
@@ -157,6 +200,19 @@ class Collector:
             f" (shared as {self.share})" if self.share else "",
         )
         return self
+
+    def _guarded(self, callback: Callable[..., None]) -> Callable[..., None]:
+        """``callback`` for paho: whatever it raises is logged and counted, never let into
+        paho's network thread (which would end it: no MQTT, no reconnect)."""
+
+        def guarded(*args: Any) -> None:
+            try:
+                callback(*args)
+            except Exception:  # every kind: this thread must survive any message
+                self.stats.errors += 1
+                log.exception("collector: %s failed; the message is skipped", callback.__name__)
+
+        return guarded
 
     def _presence(self, online: bool) -> bytes:
         return build_collector_presence(self._client_id, online, self._clock())
@@ -189,10 +245,18 @@ class Collector:
         self._writer.join(timeout=drain_timeout)
 
     def _on_message(self, client: mqtt.Client, _userdata: Any, message: mqtt.MQTTMessage) -> None:
-        if message.topic == self.topics.presence_ping():
+        payload = bytes(message.payload)
+        try:
+            topic = message.topic  # paho decodes it as UTF-8 here, and may fail
+        except UnicodeDecodeError:
+            self.stats.rejected += 1
+            log.warning("ignoring a message whose topic is not UTF-8")
+            return
+        if topic == self.topics.presence_ping():
             try:
-                parse_presence_ping(bytes(message.payload))
+                parse_presence_ping(payload)
             except MessageError as e:
+                self.stats.rejected += 1
                 log.debug("ignoring a malformed presence ping: %s", e)
                 return
             self._announce(client)  # a device asks who listens: answer live
@@ -201,24 +265,18 @@ class Collector:
         try:
             # Blocking here is deliberate back-pressure: paho stops reading and the broker
             # queues for us, instead of this collector acknowledging and losing messages.
-            self._queue.put((message.topic, bytes(message.payload)), timeout=60)
+            self._queue.put((topic, payload), timeout=60)
         except queue.Full:
             self.stats.dropped += 1
-            log.error(
-                "collector queue full for 60 s: dropping %s (the store is too slow)", message.topic
-            )
+            log.error("collector queue full for 60 s: dropping %s (the store is too slow)", topic)
 
     def _write_loop(self) -> None:
         while True:
             item = self._queue.get()
             if item is None:
                 return
-            # Everything queued meanwhile goes into one transaction: one commit per batch
-            # instead of one fsync per message (writes are idempotent, so a retried batch
-            # changes nothing twice).
-            batch = [item]
-            stop = False
-            while len(batch) < 500:
+            batch, stop = [item], False
+            while len(batch) < _BATCH:
                 try:
                     more = self._queue.get_nowait()
                 except queue.Empty:
@@ -228,81 +286,136 @@ class Collector:
                     break
                 batch.append(more)
             try:
-                self.store.batch(partial(self._handle_batch, batch))
-            except StoreError as e:
-                log.error(
-                    "store write failed for a batch of %d: %s; retrying one by one", len(batch), e
-                )
-                for topic, payload in batch:
-                    try:
-                        self._handle_one(topic, payload)
-                    except StoreError as again:
-                        log.error("store write failed for %s: %s", topic, again)
+                self.process(batch)
+            except Exception:  # process() catches everything; this thread must outlive a bug
+                self.stats.errors += 1
+                log.exception("collector: a batch of %d failed", len(batch))
             if stop:
                 return
 
-    def _handle_batch(self, batch: Sequence[tuple[str, bytes]]) -> None:
-        for topic, payload in batch:
-            self._handle_one(topic, payload)
+    def process(self, batch: Sequence[tuple[str, bytes]]) -> None:
+        """Write a batch of received ``(topic, payload)`` messages; never raises.
 
-    def _handle_one(self, topic: str, payload: bytes) -> None:
-        """Handle one message; a malformed one is counted and skipped, not fatal to a batch."""
+        Everything queued meanwhile goes into one transaction: one commit per batch instead of
+        one fsync per message. The writer thread calls this; tests and tools replaying captures
+        may too. If the batch's transaction fails, each message is tried on its own.
+        """
+        records = [r for r in (self._parse_counted(t, p) for t, p in batch) if r is not None]
+        records.sort(key=lambda r: r.key)  # one lock order for every collector
         try:
-            self.handle(topic, payload)
-        except MessageError as e:  # CommandError included
-            self.stats.rejected += 1
-            log.warning("ignoring a malformed message on %s: %s", topic, e)
+            outcomes = self.store.batch(lambda: [r.write() for r in records])
+        except StoreError as e:
+            log.error(
+                "store write failed for a batch of %d: %s; retrying one by one", len(records), e
+            )
+            for record in records:
+                try:
+                    self._apply(self.store.batch(record.write))
+                except StoreError as again:
+                    self.stats.errors += 1
+                    log.error("store write failed for %s: %s", record.topic, again)
+            return
+        for outcome in outcomes:
+            self._apply(outcome)
 
     def handle(self, topic: str, payload: bytes) -> None:
-        """Write one message (public for tests and tools replaying captures).
+        """Parse and write one message in its own transaction.
 
         Raises:
             MessageError: the topic or the payload is malformed (CommandError: a bad command).
             StoreError: the store failed.
         """
-        if not payload:
-            return  # a cleared retained message
-        where = self.topics.parse(topic)
-        kind, device = where.kind, where.device or ""
-        now = self._clock()
-        if kind in (TopicKind.DEVICE_JOBS, TopicKind.GROUP_JOBS):
-            self._count(self.store.record_job(_job_row(read_command(payload, self.keys))))
-        elif kind is TopicKind.STATE:
-            self.store.record_state(device, parse_device_state(payload, device=device), now)
+        record = self._parse(topic, payload)
+        if record is not None:
+            self._apply(self.store.batch(record.write))
+
+    def _parse_counted(self, topic: str, payload: bytes) -> _Record | None:
+        try:
+            return self._parse(topic, payload)
+        except MessageError as e:  # CommandError and TrustError included
+            self.stats.rejected += 1
+            log.warning("ignoring a malformed message on %s: %s", topic[:200], e)
+        except Exception:  # a parser bug must not take the batch down with it
+            self.stats.errors += 1
+            log.exception("collector: parsing a message on %s failed", topic[:200])
+        return None
+
+    def _apply(self, outcome: _Outcome) -> None:
+        if outcome.new is True:
             self.stats.written += 1
-        elif kind is TopicKind.JOB_STATUS:
+        elif outcome.new is False:
+            self.stats.duplicates += 1
+        if outcome.publish is not None and self._client is not None:
+            topic, answer = outcome.publish
+            self._client.publish(topic, answer, qos=1)
+            self.stats.answered += 1
+
+    def _parse(self, topic: str, payload: bytes) -> _Record | None:
+        """Read one message into the write it asks for; None for a cleared retained message.
+
+        Raises:
+            MessageError: the topic or the payload is malformed.
+        """
+        if not payload:
+            return None
+        where = self.topics.parse(topic)
+        kind, device, now, store = where.kind, where.device or "", self._clock(), self.store
+        rank = _RANK.get(kind)
+        if rank is None:  # pending answers and presence are for devices
+            raise MessageError(f"the collector does not read {kind} topics")
+        if kind in (TopicKind.DEVICE_JOBS, TopicKind.GROUP_JOBS):
+            job = _job_row(read_command(payload, self.keys))
+            return _Record(
+                (rank, job.job_id, "", 0), topic, lambda: _Outcome(store.record_job(job))
+            )
+        if kind is TopicKind.STATE:
+            state = parse_device_state(payload, device=device)
+
+            def write_state() -> _Outcome:
+                store.record_state(device, state, now)
+                return _Outcome(True)
+
+            return _Record((rank, device, "", 0), topic, write_state)
+        if kind is TopicKind.JOB_STATUS:
             update = parse_job_status(payload, device=device)
             if update.job_id != where.job_id:
                 raise MessageError(
                     f"status of job {update.job_id!r} on the topic of {where.job_id}"
                 )
-            self._count(self.store.record_execution(update, now))
-        elif kind is TopicKind.PENDING_GET:
-            self._answer_pending(parse_pending_get(payload, device=device))
-        elif kind in (TopicKind.TELEMETRY, TopicKind.DRIFT):
-            report = parse_report(payload, ReportKind(kind.value), device=device)
-            new = self.store.record_event(report.kind, device, report.payload, report.seq, now)
-            self._count(new)
-        # pending answers and presence are for devices; the collector keeps nothing of them
+            key = (rank, update.job_id, device, update.seq)
+            return _Record(key, topic, lambda: _Outcome(store.record_execution(update, now)))
+        if kind in (TopicKind.TELEMETRY, TopicKind.DRIFT):
+            r = parse_report(payload, ReportKind(kind.value), device=device)
+            key = (rank, f"{r.kind}/{device}", "", r.seq)
+            return _Record(
+                key,
+                topic,
+                lambda: _Outcome(store.record_event(r.kind, device, r.payload, r.seq, now)),
+            )
+        if kind is TopicKind.TRUST:
+            version = (
+                verify_trust(payload, self.root_keys).version
+                if self.root_keys
+                else peek_trust(payload).version
+            )
+            return _Record(
+                (rank, "", "", version),
+                topic,
+                lambda: _Outcome(store.record_trust(version, payload, now)),
+            )
+        request = parse_pending_get(payload, device=device)  # its claimed groups are ignored
+        return _Record((rank, device, "", 0), topic, lambda: self._answer(request.device, now))
 
-    def _count(self, new: bool) -> None:
-        if new:
-            self.stats.written += 1
-        else:
-            self.stats.duplicates += 1
-
-    def _answer_pending(self, request: PendingGet) -> None:
-        device = request.device
-        # The groups the device's own retained state declared, not what the request claims:
-        # a device must not fetch another group's commands by asking for them.
-        groups = self.store.groups_of(device)
-        jobs = self.store.pending_for(device, groups, self._clock())
-        if self._client is None:
-            return
-        answer = build_pending_answer(device, [job.envelope for job in jobs])
-        self._client.publish(self.topics.pending(device), answer, qos=1)
-        self.stats.answered += 1
-        log.debug("answered %s with %d pending command(s)", device, len(jobs))
+    def _answer(self, device: str, now: datetime) -> _Outcome:
+        """Inside the batch's transaction: what is pending for ``device`` (by the operator's
+        group assignments only) and the latest trust document; published after the commit."""
+        jobs = self.store.pending_for(device, now)
+        trust = self.store.latest_trust()
+        answer = build_pending_answer(
+            device, [job.envelope for job in jobs], None if trust is None else trust.document
+        )
+        log.debug("answering %s with %d pending command(s)", device, len(jobs))
+        return _Outcome(None, (self.topics.pending(device), answer))
 
 
 def _job_row(command: Command) -> JobRow:

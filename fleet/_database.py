@@ -1,13 +1,16 @@
 """The fleet store: where the collector keeps device state, jobs, executions and reports.
 
 The collector (``edgepack-fleet collector``) writes what it hears over MQTT here; the CLI reads
-it back. One small interface, :class:`FleetStore`, has two backends sharing their SQL: SQLite
+it back, and keeps here what only the operator decides: which groups each device belongs to
+(``edgepack-fleet devices assign``) and the trust documents it published. One small interface,
+:class:`FleetStore`, has two backends sharing their SQL (:mod:`edgepack.fleet._schema`): SQLite
 (the default: a file, no server; WAL and a busy timeout let the collector and the CLI share it)
 and PostgreSQL (psycopg 3) for large fleets, where several collectors split the load through
 MQTT shared subscriptions and all write into one database.
 
-MQTT delivers at least once, and two collectors can each see a copy, so every write is
-idempotent by unique constraints in the database, which hold across processes:
+**Exactly once.** MQTT delivers at least once, two collectors can each see a copy, and a
+transaction may be retried; every write is therefore idempotent by a unique key in the database
+(the table in :mod:`~edgepack.fleet._schema`), which holds across processes:
 
 * a job is inserted if absent (by ``job_id``);
 * each job status update goes into an append-only history, unique on ``(job_id, device, seq)``;
@@ -19,92 +22,71 @@ idempotent by unique constraints in the database, which hold across processes:
   it and the stored state carry a ``session`` id it applies only to its own session, so a late
   or redelivered will from an old connection cannot mark a reconnected device offline.
 
-The store writes messages already parsed by :mod:`edgepack.formats.messages` (a
-:class:`~edgepack.formats.messages.DeviceState` or its Last Will, a
-:class:`~edgepack.formats.messages.JobUpdate`); it parses nothing itself. Database failures raise
-:class:`StoreError`; a state handed in as a plain mapping is validated by
-:func:`~edgepack.formats.messages.read_device_state`, which raises
+:meth:`FleetStore.batch` runs many writes in one transaction. Writers that batch take their row
+locks in one order (the collector sorts each batch by key), and on PostgreSQL a transaction that
+still ends in ``deadlock detected`` or a serialization failure is rolled back and run again as a
+whole, a bounded number of times with jittered backoff; being idempotent, a rerun changes nothing
+that the first attempt already did.
+
+**Who is in which group** is the operator's record (``memberships``), never what a device says
+about itself: :meth:`FleetStore.pending_for` serves group commands only by it, and
+``edgepack-fleet acl`` writes the broker's ACL from it. The groups a device declares in its own
+state are kept too (``DeviceRow.groups``), to show a mismatch, and are trusted for nothing.
+
+The store writes messages already parsed by :mod:`edgepack.formats.messages`; it parses nothing
+itself. Database failures raise :class:`StoreError`; a state handed in as a plain mapping is
+validated by :func:`~edgepack.formats.messages.read_device_state`, which raises
 :class:`~edgepack.formats.exceptions.MessageError`.
 """
 
-# SQL text is assembled only from this module's constants; values always travel as parameters.
+# SQL text is assembled only from edgepack.fleet._schema's constants; values are parameters.
 # ruff: noqa: S608
 
 from __future__ import annotations
 
-import json
 import os
+import random
 import re
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
-from urllib.parse import urlsplit, urlunsplit
 
+from edgepack.fleet import _schema as sql
+from edgepack.fleet._schema import DeviceRow, ExecutionRow, JobRow, TrustRow
 from edgepack.fleet.exceptions import StoreError
 from edgepack.formats.messages import (
     TERMINAL,
     DeviceOffline,
     DeviceState,
-    JobStatus,
     JobUpdate,
     ReportKind,
     read_device_state,
 )
 
-__all__ = ["DeviceRow", "ExecutionRow", "FleetStore", "JobRow", "StoreError", "open_store"]
+__all__ = [
+    "DeviceRow",
+    "ExecutionRow",
+    "FleetStore",
+    "JobRow",
+    "StoreError",
+    "TrustRow",
+    "open_store",
+]
 
-SCHEMA_VERSION = 1
-_UTC = timezone.utc
 _HINT = "check that the database is reachable and not full"
 T = TypeVar("T")
 Payload = Mapping[str, Any]  # a decoded JSON object
 State = DeviceState | DeviceOffline | Payload  # a mapping is validated by read_device_state
 
 
-@dataclass(frozen=True)
-class DeviceRow:
-    device: str
-    online: bool
-    profile: str | None
-    agent_version: str | None
-    groups: list[str]
-    models: dict[str, Any]  # name -> {"active": ..., "previous": ..., ...}
-    health: str | None
-    last_seen: datetime  # when the state now stored was received
-
-
-@dataclass(frozen=True)
-class JobRow:
-    job_id: str
-    kind: str
-    model: str
-    version: int | None
-    target_type: str  # "device" or "group"
-    target: str
-    issued_at: datetime
-    expires_at: datetime
-    envelope: bytes  # the signed command, re-served to devices that ask for pending work
-
-
-@dataclass(frozen=True)
-class ExecutionRow:
-    job_id: str
-    device: str
-    status: JobStatus  # a str enum: compares equal to "SUCCEEDED" and the like
-    step: str | None
-    reason: str | None
-    version_before: int | None
-    version_after: int | None
-    seq: int
-    updated_at: datetime
-
-
 class FleetStore(Protocol):
     """What the collector and the CLI need from a store; see the module docstring."""
+
+    transactions_retried: int
 
     def record_state(self, device: str, state: State, received_at: datetime) -> None: ...
     def record_job(self, job: JobRow) -> bool: ...
@@ -113,129 +95,21 @@ class FleetStore(Protocol):
     def record_event(
         self, kind: ReportKind | str, device: str, payload: Payload, seq: int | str, at: datetime
     ) -> bool: ...
+    def assign(self, device: str, groups: Sequence[str], at: datetime) -> list[str]: ...
+    def unassign(self, device: str, groups: Sequence[str]) -> list[str]: ...
+    def memberships(self) -> dict[str, list[str]]: ...
+    def record_trust(self, version: int, document: bytes, at: datetime) -> bool: ...
+    def latest_trust(self) -> TrustRow | None: ...
     def devices(self, group: str | None = None) -> list[DeviceRow]: ...
-    def groups_of(self, device: str) -> list[str]: ...
     def job(self, job_id: str) -> JobRow | None: ...
     def jobs(self, model: str | None = None, limit: int = 50) -> list[JobRow]: ...
     def executions(self, job_id: str) -> list[ExecutionRow]: ...
     def history(self, job_id: str, device: str) -> list[ExecutionRow]: ...
-    def pending_for(self, device: str, groups: Sequence[str], now: datetime) -> list[JobRow]: ...
+    def pending_for(self, device: str, now: datetime) -> list[JobRow]: ...
     def events(
         self, kind: str, device: str | None = None, since: datetime | None = None, limit: int = 1000
     ) -> list[tuple[str, datetime, dict[str, Any]]]: ...
     def close(self) -> None: ...
-
-
-# One DDL for both backends: SQLite gives these PostgreSQL type names NUMERIC affinity, which
-# keeps our ISO times and JSON as text and bytes as blobs. "?" is the placeholder.
-_EXEC_TABLE = """job_id TEXT NOT NULL, device TEXT NOT NULL, status TEXT NOT NULL, step TEXT,
-    reason TEXT, version_before BIGINT, version_after BIGINT, seq BIGINT NOT NULL,
-    updated_at TIMESTAMPTZ NOT NULL"""
-_SCHEMA = f"""
-CREATE TABLE IF NOT EXISTS schema_version (
-    id INTEGER PRIMARY KEY CHECK (id = 1), version INTEGER NOT NULL);
-CREATE TABLE IF NOT EXISTS devices (
-    device TEXT PRIMARY KEY, online BOOLEAN NOT NULL, profile TEXT, agent_version TEXT,
-    models JSONB NOT NULL, health TEXT, session_id TEXT, state_ts TIMESTAMPTZ,
-    last_seen TIMESTAMPTZ NOT NULL);
-CREATE TABLE IF NOT EXISTS device_groups (
-    device TEXT NOT NULL, grp TEXT NOT NULL, PRIMARY KEY (device, grp));
-CREATE INDEX IF NOT EXISTS device_groups_by_group ON device_groups (grp);
-CREATE TABLE IF NOT EXISTS jobs (
-    job_id TEXT PRIMARY KEY, kind TEXT NOT NULL, model TEXT NOT NULL, version BIGINT,
-    target_type TEXT NOT NULL, target TEXT NOT NULL, issued_at TIMESTAMPTZ NOT NULL,
-    expires_at TIMESTAMPTZ NOT NULL, envelope BYTEA NOT NULL);
-CREATE INDEX IF NOT EXISTS jobs_by_target ON jobs (target_type, target);
-CREATE INDEX IF NOT EXISTS jobs_by_model ON jobs (model, issued_at);
-CREATE TABLE IF NOT EXISTS execution_history ({_EXEC_TABLE}, PRIMARY KEY (job_id, device, seq));
-CREATE TABLE IF NOT EXISTS executions ({_EXEC_TABLE}, PRIMARY KEY (job_id, device));
-CREATE TABLE IF NOT EXISTS events (
-    kind TEXT NOT NULL, device TEXT NOT NULL, seq TEXT NOT NULL, received_at TIMESTAMPTZ NOT NULL,
-    payload JSONB NOT NULL, PRIMARY KEY (kind, device, seq));
-CREATE INDEX IF NOT EXISTS events_by_device ON events (kind, device, received_at);
-CREATE INDEX IF NOT EXISTS events_by_time ON events (kind, received_at)
-"""
-# A full state replaces the row unless it is older than the stored one; an equal ts (a copy,
-# or a second state within the same second) updates the fields but not online/last_seen.
-_UPSERT_STATE = """
-INSERT INTO devices (device, online, profile, agent_version, models, health, session_id,
-                     state_ts, last_seen) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
-ON CONFLICT (device) DO UPDATE SET
-    online = CASE WHEN devices.state_ts IS NULL OR excluded.state_ts > devices.state_ts
-                  THEN excluded.online ELSE devices.online END,
-    last_seen = CASE WHEN devices.state_ts IS NULL OR excluded.state_ts > devices.state_ts
-                     THEN excluded.last_seen ELSE devices.last_seen END,
-    profile = excluded.profile, agent_version = excluded.agent_version,
-    models = excluded.models, health = excluded.health, session_id = excluded.session_id,
-    state_ts = excluded.state_ts
-WHERE devices.state_ts IS NULL OR excluded.state_ts >= devices.state_ts
-"""
-_UPSERT_LWT = """
-INSERT INTO devices (device, online, models, session_id, last_seen) VALUES (?, ?, ?, ?, ?)
-ON CONFLICT (device) DO UPDATE SET online = excluded.online
-WHERE devices.session_id IS NULL OR excluded.session_id IS NULL
-   OR devices.session_id = excluded.session_id
-"""
-_DEVICE_COLUMNS = "device, online, profile, agent_version, models, health, last_seen"
-_JOB_COLUMNS = "job_id, kind, model, version, target_type, target, issued_at, expires_at, envelope"
-_EXEC_COLUMNS = (
-    "job_id, device, status, step, reason, version_before, version_after, seq, updated_at"
-)
-_NINE = "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
-_INSERT_HISTORY = f"INSERT INTO execution_history ({_EXEC_COLUMNS}) {_NINE} ON CONFLICT DO NOTHING"
-_UPSERT_EXECUTION = f"""
-INSERT INTO executions ({_EXEC_COLUMNS}) {_NINE}
-ON CONFLICT (job_id, device) DO UPDATE SET
-    status = excluded.status, step = excluded.step, reason = excluded.reason,
-    version_before = excluded.version_before, version_after = excluded.version_after,
-    seq = excluded.seq, updated_at = excluded.updated_at
-WHERE excluded.seq > executions.seq
-"""
-
-
-def _utc(moment: datetime) -> datetime:
-    return moment.replace(tzinfo=_UTC) if moment.tzinfo is None else moment.astimezone(_UTC)
-
-
-def _ts(moment: datetime) -> str:
-    """A fixed-width UTC ISO time: SQLite compares these as text, PostgreSQL casts them."""
-    return _utc(moment).isoformat(timespec="microseconds")
-
-
-def _from_ts(value: Any) -> datetime:
-    return _utc(value if isinstance(value, datetime) else datetime.fromisoformat(value))
-
-
-def _json(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"), sort_keys=True)
-
-
-def _from_json(value: Any) -> Any:
-    return json.loads(value) if isinstance(value, str) else value  # PostgreSQL decodes JSONB
-
-
-def _redact(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    return urlunsplit(parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@")))
-
-
-def _device(row: Sequence[Any], groups: list[str]) -> DeviceRow:
-    name, on, profile, agent, models, health, seen = row
-    models, seen = _from_json(models), _from_ts(seen)
-    return DeviceRow(name, bool(on), profile, agent, groups, models, health, seen)
-
-
-def _job(row: Sequence[Any]) -> JobRow:
-    return JobRow(*(*row[:6], _from_ts(row[6]), _from_ts(row[7]), bytes(row[8])))
-
-
-def _execution(row: Sequence[Any]) -> ExecutionRow:
-    job_id, device, status, step, reason, before, after, seq, updated = row
-    return ExecutionRow(
-        job_id, device, JobStatus(status), step, reason, before, after, seq, _from_ts(updated)
-    )
 
 
 class _Store:
@@ -246,6 +120,7 @@ class _Store:
     def __init__(self, name: str, conn: Any) -> None:
         self.name, self._conn, self._lock = name, conn, threading.RLock()
         self._cursor: Any = None  # set while a batch() transaction is open
+        self.transactions_retried = 0  # deadlocks and serialization failures run again
         self._run("creating the schema", self._create_schema, write=True)
 
     @classmethod
@@ -256,19 +131,21 @@ class _Store:
         conn.execute("PRAGMA journal_mode=WAL")  # readers and the writer never block each other
         return cls(str(path), conn)
 
-    def _q(self, sql: str) -> str:
-        return sql
+    def _q(self, text: str) -> str:
+        return text
 
     def _transact(self, body: Callable[[Any], T], write: bool) -> T:
-        # IMMEDIATE takes the write lock up front (waiting up to busy_timeout), so a
-        # transaction never fails half-way because another process writes too.
+        # IMMEDIATE takes the write lock up front (waiting up to busy_timeout): one writer at a
+        # time, so SQLite has no deadlocks and a transaction never fails half-way.
         self._conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
         with self._conn:  # COMMIT, or ROLLBACK if body raises
             return body(self._conn.cursor())
 
     def batch(self, work: Callable[[], T]) -> T:
         """Run ``work`` (which calls this store's methods) in one transaction: one commit (one
-        fsync) for many writes. Any database error rolls back the whole batch."""
+        fsync) for many writes. Any database error rolls back the whole batch; on PostgreSQL a
+        deadlock or serialization failure runs ``work`` again from the start (so ``work`` must
+        change nothing outside the store: return what it found instead)."""
 
         def body(cur: Any) -> T:
             self._cursor = cur
@@ -288,31 +165,31 @@ class _Store:
             except self._errors as e:
                 raise StoreError(f"fleet store {self.name}: {what} failed: {e}; {_HINT}") from e
 
-    def _rows(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+    def _rows(self, text: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         def body(cur: Any) -> list[tuple[Any, ...]]:
-            cur.execute(self._q(sql), tuple(params))
+            cur.execute(self._q(text), tuple(params))
             return [tuple(row) for row in cur.fetchall()]
 
         return self._run("a query", body)
 
-    def _write(self, what: str, sql: str, params: Sequence[Any]) -> bool:
+    def _write(self, what: str, text: str, params: Sequence[Any]) -> bool:
         """Run one writing statement; True if it changed a row."""
 
         def body(cur: Any) -> bool:
-            cur.execute(self._q(sql), tuple(params))
+            cur.execute(self._q(text), tuple(params))
             return bool(cur.rowcount == 1)
 
         return self._run(what, body, write=True)
 
     def _create_schema(self, cur: Any) -> None:
-        for statement in _SCHEMA.split(";"):
+        for statement in sql.SCHEMA.split(";"):
             cur.execute(statement)
-        insert = "INSERT INTO schema_version (id, version) VALUES (1, ?) ON CONFLICT DO NOTHING"
-        cur.execute(self._q(insert), (SCHEMA_VERSION,))
+        cur.execute(self._q(sql.INSERT_SCHEMA_VERSION), (sql.SCHEMA_VERSION,))
         cur.execute("SELECT version FROM schema_version WHERE id = 1")
         (version,) = cur.fetchone()
-        if version > SCHEMA_VERSION:
+        if version > sql.SCHEMA_VERSION:
             raise StoreError(f"its schema {version} is newer than ours: upgrade edgepack")
+        cur.execute(self._q(sql.UPGRADE_SCHEMA_VERSION), (sql.SCHEMA_VERSION,) * 2)
 
     def record_state(self, device: str, state: State, received_at: datetime) -> None:
         """Upsert a device's state or apply its Last Will (ordering: see the module docstring).
@@ -328,35 +205,34 @@ class _Store:
         """
         if not isinstance(state, (DeviceState, DeviceOffline)):
             state = read_device_state(state, device=device)
-        seen = _ts(received_at)
+        seen = sql.ts(received_at)
         if isinstance(state, DeviceOffline):
             lwt = (device, False, "{}", state.session, seen)
-            self._write("recording a last will", _UPSERT_LWT, lwt)
+            self._write("recording a last will", sql.UPSERT_LWT, lwt)
             return
         groups = state.groups
         models = {
             name: {"active": m.active, "previous": m.previous, "serving": m.serving}
             for name, m in state.models.items()
         }
-        ts = _ts(state.ts if state.ts is not None else received_at)
-        described = (state.profile, state.agent_version, _json(models), state.health)
-        params = (device, state.online, *described, state.session, ts, seen)
+        moment = sql.ts(state.ts if state.ts is not None else received_at)
+        described = (state.profile, state.agent_version, sql.to_json(models), state.health)
+        params = (device, state.online, *described, state.session, moment, seen)
 
         def body(cur: Any) -> None:
-            cur.execute(self._q(_UPSERT_STATE), params)
-            if cur.rowcount == 1:  # applied: its groups replace the stored ones
-                cur.execute(self._q("DELETE FROM device_groups WHERE device = ?"), (device,))
+            cur.execute(self._q(sql.UPSERT_STATE), params)
+            if cur.rowcount == 1:  # applied: the groups it declares replace the stored ones
+                cur.execute(self._q(sql.DELETE_DECLARED), (device,))
                 for group in sorted(set(groups)):
-                    cur.execute(self._q("INSERT INTO device_groups VALUES (?, ?)"), (device, group))
+                    cur.execute(self._q(sql.INSERT_DECLARED), (device, group))
 
         self._run("recording device state", body, write=True)
 
     def record_job(self, job: JobRow) -> bool:
         """Insert a job unless one with its ``job_id`` exists. Returns True if it was new."""
         fields = (job.job_id, job.kind, job.model, job.version, job.target_type, job.target)
-        params = (*fields, _ts(job.issued_at), _ts(job.expires_at), job.envelope)
-        sql = f"INSERT INTO jobs ({_JOB_COLUMNS}) {_NINE} ON CONFLICT DO NOTHING"
-        return self._write("recording a job", sql, params)
+        params = (*fields, sql.ts(job.issued_at), sql.ts(job.expires_at), job.envelope)
+        return self._write("recording a job", sql.INSERT_JOB, params)
 
     def record_execution(self, update: JobUpdate, received_at: datetime | None = None) -> bool:
         """Record a job status update (parsed by ``edgepack.formats.messages.parse_job_status``).
@@ -372,17 +248,17 @@ class _Store:
         Raises:
             StoreError: the database failed.
         """
-        moment = update.ts or received_at or datetime.now(_UTC)
+        moment = update.ts or received_at or datetime.now(timezone.utc)
         step = None if update.step is None else update.step.value
         versions = (update.version_before, update.version_after)
         head = (update.job_id, update.device, update.status.value, step, update.reason)
-        params = (*head, *versions, update.seq, _ts(moment))
+        params = (*head, *versions, update.seq, sql.ts(moment))
 
         def body(cur: Any) -> bool:
-            cur.execute(self._q(_INSERT_HISTORY), params)
+            cur.execute(self._q(sql.INSERT_HISTORY), params)
             if cur.rowcount != 1:
                 return False
-            cur.execute(self._q(_UPSERT_EXECUTION), params)
+            cur.execute(self._q(sql.UPSERT_EXECUTION), params)
             return True
 
         return self._run("recording a job status", body, write=True)
@@ -392,76 +268,123 @@ class _Store:
     ) -> bool:
         """Append a telemetry or drift report unless ``(kind, device, seq)`` is recorded."""
         kind = str(kind)  # a ReportKind prints as its value
-        params = (kind, device, str(seq), _ts(at), _json(dict(payload)))
-        sql = "INSERT INTO events (kind, device, seq, received_at, payload) VALUES (?, ?, ?, ?, ?)"
-        return self._write(f"recording a {kind} event", sql + " ON CONFLICT DO NOTHING", params)
+        params = (kind, device, str(seq), sql.ts(at), sql.to_json(dict(payload)))
+        return self._write(f"recording a {kind} event", sql.INSERT_EVENT, params)
 
-    def groups_of(self, device: str) -> list[str]:
-        """The groups ``device`` declared in its latest state (empty if unknown)."""
-        rows = self._rows("SELECT grp FROM device_groups WHERE device = ? ORDER BY grp", (device,))
-        return [str(row[0]) for row in rows]
+    # -- the operator's records -------------------------------------------------------------
+
+    def assign(self, device: str, groups: Sequence[str], at: datetime) -> list[str]:
+        """Record that ``device`` is in ``groups``; returns the groups that were new for it."""
+
+        def body(cur: Any) -> list[str]:
+            new = []
+            for group in sorted(set(groups)):
+                cur.execute(self._q(sql.INSERT_MEMBERSHIP), (device, group, sql.ts(at)))
+                if cur.rowcount == 1:
+                    new.append(group)
+            return new
+
+        return self._run("assigning a device to groups", body, write=True)
+
+    def unassign(self, device: str, groups: Sequence[str]) -> list[str]:
+        """Remove ``device`` from ``groups``; returns the groups it was actually in."""
+
+        def body(cur: Any) -> list[str]:
+            removed = []
+            for group in sorted(set(groups)):
+                cur.execute(self._q(sql.DELETE_MEMBERSHIP), (device, group))
+                if cur.rowcount == 1:
+                    removed.append(group)
+            return removed
+
+        return self._run("removing a device from groups", body, write=True)
+
+    def memberships(self) -> dict[str, list[str]]:
+        """Every device the operator assigned to a group -> its groups, both sorted."""
+        found: dict[str, list[str]] = {}
+        for device, group in self._rows("SELECT device, grp FROM memberships ORDER BY 1, 2"):
+            found.setdefault(str(device), []).append(str(group))
+        return found
+
+    def record_trust(self, version: int, document: bytes, at: datetime) -> bool:
+        """Keep a published trust document unless its version is recorded. True if new."""
+        return self._write(
+            "recording a trust document", sql.INSERT_TRUST, (version, document, sql.ts(at))
+        )
+
+    def latest_trust(self) -> TrustRow | None:
+        """The recorded trust document with the highest version, if any."""
+        rows = self._rows(sql.LATEST_TRUST)
+        return sql.trust_row(rows[0]) if rows else None
+
+    # -- reading ---------------------------------------------------------------------------
 
     def devices(self, group: str | None = None) -> list[DeviceRow]:
-        """All devices, or those in ``group``, by name."""
-        in_group = "SELECT device FROM device_groups WHERE grp = ?"
-        where, params = ("", ()) if group is None else (f" WHERE device IN ({in_group})", (group,))
+        """All devices that reported a state, or those that ``group`` holds by the operator's
+        assignment or by their own declaration (both are in each row), by name."""
+        where, params = "", ()
+        if group is not None:
+            where = (
+                " WHERE device IN (SELECT device FROM memberships WHERE grp = ?"
+                " UNION SELECT device FROM device_groups WHERE grp = ?)"
+            )
+            params = (group, group)
         chosen = f"SELECT device FROM devices{where}"
 
         def body(cur: Any) -> list[DeviceRow]:
-            cur.execute(self._q(f"SELECT {_DEVICE_COLUMNS} FROM devices{where} ORDER BY 1"), params)
+            cur.execute(
+                self._q(f"SELECT {sql.DEVICE_COLUMNS} FROM devices{where} ORDER BY 1"), params
+            )
             rows = cur.fetchall()
-            sql = f"SELECT device, grp FROM device_groups WHERE device IN ({chosen}) ORDER BY grp"
-            cur.execute(self._q(sql), params)
-            groups: dict[str, list[str]] = {}
-            for name, grp in cur.fetchall():
-                groups.setdefault(name, []).append(grp)
-            return [_device(row, groups.get(row[0], [])) for row in rows]
+            lists: dict[str, dict[str, list[str]]] = {"device_groups": {}, "memberships": {}}
+            for table, found in lists.items():
+                text = f"SELECT device, grp FROM {table} WHERE device IN ({chosen}) ORDER BY grp"
+                cur.execute(self._q(text), params)
+                for name, grp in cur.fetchall():
+                    found.setdefault(name, []).append(grp)
+            declared, assigned = lists["device_groups"], lists["memberships"]
+            return [
+                sql.device_row(row, declared.get(row[0], []), assigned.get(row[0], []))
+                for row in rows
+            ]
 
         return self._run("listing devices", body)
 
     def job(self, job_id: str) -> JobRow | None:
-        rows = self._rows(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE job_id = ?", (job_id,))
-        return _job(rows[0]) if rows else None
+        rows = self._rows(f"SELECT {sql.JOB_COLUMNS} FROM jobs WHERE job_id = ?", (job_id,))
+        return sql.job_row(rows[0]) if rows else None
 
     def jobs(self, model: str | None = None, limit: int = 50) -> list[JobRow]:
         """The newest jobs first, optionally for one model."""
         where, params = ("", ()) if model is None else (" WHERE model = ?", (model,))
-        sql = f"SELECT {_JOB_COLUMNS} FROM jobs{where} ORDER BY issued_at DESC, job_id DESC LIMIT ?"
-        return [_job(row) for row in self._rows(sql, (*params, limit))]
+        text = f"SELECT {sql.JOB_COLUMNS} FROM jobs{where} ORDER BY issued_at DESC, job_id DESC"
+        return [sql.job_row(row) for row in self._rows(text + " LIMIT ?", (*params, limit))]
 
     def executions(self, job_id: str) -> list[ExecutionRow]:
         """The current execution of a job on each device, by device."""
-        sql = f"SELECT {_EXEC_COLUMNS} FROM executions WHERE job_id = ? ORDER BY device"
-        return [_execution(row) for row in self._rows(sql, (job_id,))]
+        text = f"SELECT {sql.EXEC_COLUMNS} FROM executions WHERE job_id = ? ORDER BY device"
+        return [sql.execution_row(row) for row in self._rows(text, (job_id,))]
 
     def history(self, job_id: str, device: str) -> list[ExecutionRow]:
         """Every update of a job on one device, by ``seq``."""
-        sql = f"SELECT {_EXEC_COLUMNS} FROM execution_history WHERE job_id = ? AND device = ?"
-        return [_execution(row) for row in self._rows(sql + " ORDER BY seq", (job_id, device))]
+        text = f"SELECT {sql.EXEC_COLUMNS} FROM execution_history WHERE job_id = ? AND device = ?"
+        rows = self._rows(text + " ORDER BY seq", (job_id, device))
+        return [sql.execution_row(row) for row in rows]
 
-    def pending_for(self, device: str, groups: Sequence[str], now: datetime) -> list[JobRow]:
+    def pending_for(self, device: str, now: datetime) -> list[JobRow]:
         """The jobs a device still has to run, by model name.
 
-        Per model only the newest unexpired job addressed to the device or one of its groups
-        counts; once the device has finished it (a terminal status) nothing is pending for that
-        model: an older job is superseded, never re-served.
+        Per model only the newest unexpired job addressed to the device, or to a group the
+        operator assigned it to (never one it merely claims), counts; once the device has
+        finished it (a terminal status) nothing is pending for that model: an older job is
+        superseded, never re-served.
         """
-        targets = "(target_type = 'device' AND target = ?)"
-        if groups:
-            targets += f" OR (target_type = 'group' AND target IN ({', '.join('?' * len(groups))}))"
         terminal = sorted(status.value for status in TERMINAL)
-        done = (
-            "EXISTS (SELECT 1 FROM execution_history h WHERE h.job_id = jobs.job_id AND"
-            f" h.device = ? AND h.status IN ({', '.join('?' * len(terminal))}))"
-        )
-        sql = (
-            f"SELECT {_JOB_COLUMNS}, {done} FROM jobs WHERE expires_at > ? AND ({targets})"
-            " ORDER BY model, issued_at DESC, job_id DESC"
-        )
         newest: dict[str, tuple[Any, ...]] = {}
-        for row in self._rows(sql, [device, *terminal, _ts(now), device, *groups]):
+        params = [device, *terminal, sql.ts(now), device, device]
+        for row in self._rows(sql.pending_sql(terminal), params):
             newest.setdefault(row[2], row)
-        return [_job(row) for row in newest.values() if not row[-1]]
+        return [sql.job_row(row) for row in newest.values() if not row[-1]]
 
     def events(
         self, kind: str, device: str | None = None, since: datetime | None = None, limit: int = 1000
@@ -471,13 +394,13 @@ class _Store:
         if device is not None:
             where, params = where + " AND device = ?", [*params, device]
         if since is not None:
-            where, params = where + " AND received_at >= ?", [*params, _ts(since)]
-        sql = f"SELECT device, received_at, payload FROM events WHERE {where}"
+            where, params = where + " AND received_at >= ?", [*params, sql.ts(since)]
+        text = f"SELECT device, received_at, payload FROM events WHERE {where}"
         rows = self._rows(
-            sql + " ORDER BY received_at DESC, LENGTH(seq) DESC, seq DESC LIMIT ?",  # "10" > "9"
+            text + " ORDER BY received_at DESC, LENGTH(seq) DESC, seq DESC LIMIT ?",  # "10" > "9"
             [*params, limit],
         )
-        return [(name, _from_ts(at), _from_json(data)) for name, at, data in reversed(rows)]
+        return [(name, sql.from_ts(at), sql.from_json(data)) for name, at, data in reversed(rows)]
 
     def close(self) -> None:
         with self._lock:
@@ -486,39 +409,64 @@ class _Store:
 
 
 class _PostgresStore(_Store):
-    """The same SQL on PostgreSQL (psycopg 3), which casts the text times and JSON it is sent."""
+    """The same SQL on PostgreSQL (psycopg 3), which casts the text times and JSON it is sent.
 
-    def __init__(self, url: str, connect_timeout: int = 10) -> None:
+    A transaction that fails with a deadlock or a serialization failure is run again whole, at
+    most ``retries`` times, after a jittered, doubling pause from ``backoff`` seconds (``sleep``
+    is injectable for tests); a broken connection is replaced once.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        connect_timeout: int = 10,
+        *,
+        retries: int = 8,
+        backoff: float = 0.005,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
         import psycopg
 
         self._psycopg, self._url, self._errors = psycopg, url, (psycopg.Error,)
         self._options: dict[str, Any] = {"autocommit": True, "connect_timeout": connect_timeout}
-        super().__init__(_redact(url), None)
+        self._retries, self._backoff, self._sleep = retries, backoff, sleep
+        self._jitter = random.Random()  # spreads retries; not a secret
+        self._rerun = (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure)
+        super().__init__(sql.redact(url), None)
 
-    def _q(self, sql: str) -> str:
-        return sql.replace("?", "%s")
+    def _q(self, text: str) -> str:
+        return text.replace("?", "%s")
 
     def _create_schema(self, cur: Any) -> None:
         cur.execute("SELECT pg_advisory_xact_lock(7405150001)")  # collectors starting at once
         super()._create_schema(cur)
 
     def _transact(self, body: Callable[[Any], T], write: bool) -> T:
-        for attempt in (1, 2):
+        reconnected, attempt = False, 0
+        while True:
             try:
                 if self._conn is None or self._conn.closed:
                     self._conn = self._psycopg.connect(self._url, **self._options)
                 with self._conn.transaction(), self._conn.cursor() as cur:
                     return body(cur)
-            except self._psycopg.OperationalError:
-                # Every write is idempotent, so one retry on a fresh connection is safe.
-                if attempt == 2 or self._conn is None or not self._conn.broken:
+            except self._rerun:
+                # Rolled back whole; every write is idempotent, so running it again is safe.
+                attempt += 1
+                if attempt > self._retries:
                     raise
+                self.transactions_retried += 1
+                pause = self._backoff * 2 ** min(attempt, 8) * (0.5 + self._jitter.random())
+                self._sleep(pause)
+            except self._psycopg.OperationalError:
+                # A broken link: one retry on a fresh connection (idempotent, as above).
+                if reconnected or self._conn is None or not self._conn.broken:
+                    raise
+                reconnected = True
                 self._conn.close()
-        raise AssertionError("unreachable")
 
 
 def open_store(url: str | Path) -> FleetStore:
-    """Open a fleet store, creating its tables if absent.
+    """Open a fleet store, creating its tables if absent (and adding those an older one lacks).
 
     Args:
         url: ``postgresql://user@host/db``; or ``sqlite:///abs/path.db`` or a plain path for
@@ -527,7 +475,7 @@ def open_store(url: str | Path) -> FleetStore:
     Raises:
         StoreError: it cannot be opened, its schema is newer than ours, or psycopg is missing.
     """
-    text, shown, hint = str(url), _redact(str(url)), "check the path and its permissions"
+    text, shown, hint = str(url), sql.redact(str(url)), "check the path and its permissions"
     scheme = re.match(r"^([a-z][a-z0-9+.-]*)://", text)
     try:
         if scheme is None or scheme.group(1) == "sqlite":

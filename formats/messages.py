@@ -349,10 +349,12 @@ class PendingGet:
 
 @dataclass(frozen=True)
 class PendingAnswer:
-    """The collector's answer: the signed envelopes as they were published."""
+    """The collector's answer: the signed envelopes as they were published, and optionally the
+    latest trust document (``formats.trust``; unverified here, the device runs ``open_trust``)."""
 
     device: str
     commands: tuple[bytes, ...] = ()
+    trust: bytes | None = None
 
 
 def build_pending_get(device: str, groups: Sequence[str], ts: dt.datetime | None = None) -> bytes:
@@ -370,22 +372,37 @@ def parse_pending_get(raw: bytes, *, device: str | None = None) -> PendingGet:
     return PendingGet(f.device(device), f.names("groups"), f.maybe_time("ts"))
 
 
-def build_pending_answer(device: str, commands: Sequence[bytes]) -> bytes:
-    """The answer to a pending request: each command envelope as a JSON string."""
-    return encode({"device": device, "commands": [c.decode() for c in commands]})
+def build_pending_answer(
+    device: str, commands: Sequence[bytes], trust: bytes | None = None
+) -> bytes:
+    """The answer to a pending request: each command envelope as a JSON string, and the latest
+    trust document (its envelope as a JSON string) when ``trust`` is given; absent otherwise,
+    so an older reader sees the answer it always saw."""
+    body: dict[str, Any] = {"device": device, "commands": [c.decode() for c in commands]}
+    if trust is not None:
+        body["trust"] = trust.decode()
+    return encode(body)
 
 
 def parse_pending_answer(raw: bytes, *, device: str | None = None) -> PendingAnswer:
     """Read the collector's answer (the commands in it are verified later, one by one).
 
     Raises:
-        MessageError: malformed, ``commands`` not a list of strings, or for another device.
+        MessageError: malformed, ``commands`` not a list of strings, ``trust`` not a string, or
+            for another device.
     """
     f = Fields(decode_json(raw, "pending answer"), "pending answer")
     commands = f.data.get("commands", [])
     if not isinstance(commands, list) or not all(isinstance(c, str) for c in commands):
         raise f.fail("commands", "a list of command envelopes as strings")
-    return PendingAnswer(f.device(device), tuple(c.encode() for c in commands))
+    trust = f.data.get("trust")
+    if trust is not None and not isinstance(trust, str):
+        raise f.fail("trust", "a trust document envelope as a string")
+    return PendingAnswer(
+        f.device(device),
+        tuple(c.encode() for c in commands),
+        None if trust is None else trust.encode(),
+    )
 
 
 # -- telemetry and drift reports ------------------------------------------------------------------

@@ -256,17 +256,64 @@ def test_pending_for(store: FleetStore) -> None:
     store.record_job(job("expired", model="vision", issued=0, ttl_minutes=20))
     store.record_job(job("other-device", model="audio", target=("device", "cam-2")))
     store.record_job(job("other-group", model="text", target=("group", "us")))
-    pending = store.pending_for("cam-1", ["eu", "canary"], now)
+    assert [j.job_id for j in store.pending_for("cam-1", now)] == ["churn-1", "fraud-old"]
+    assert store.assign("cam-1", ["eu", "canary"], at(0)) == ["canary", "eu"]
+    pending = store.pending_for("cam-1", now)
     assert [j.job_id for j in pending] == ["churn-1", "fraud-new"]
-    assert [j.job_id for j in store.pending_for("cam-1", [], now)] == ["churn-1", "fraud-old"]
 
     store.record_execution(status("fraud-new", "cam-1", 1, "IN_PROGRESS"))
-    assert [j.job_id for j in store.pending_for("cam-1", ["eu"], now)] == ["churn-1", "fraud-new"]
+    assert [j.job_id for j in store.pending_for("cam-1", now)] == ["churn-1", "fraud-new"]
     store.record_execution(status("fraud-new", "cam-1", 2, "SUCCEEDED"))
     store.record_execution(status("churn-1", "cam-1", 1, "REJECTED", reason="no bundle"))
-    assert store.pending_for("cam-1", ["eu"], now) == []  # the older fraud job stays superseded
-    assert [j.job_id for j in store.pending_for("cam-3", ["eu"], now)] == ["fraud-new"]
-    assert [j.job_id for j in store.pending_for("cam-2", [], now)] == ["other-device"]
+    assert store.pending_for("cam-1", now) == []  # the older fraud job stays superseded
+    store.assign("cam-3", ["eu"], at(0))
+    assert [j.job_id for j in store.pending_for("cam-3", now)] == ["fraud-new"]
+    assert [j.job_id for j in store.pending_for("cam-2", now)] == ["other-device"]
+
+
+def test_group_commands_follow_the_operators_records_not_the_devices_claims(
+    store: FleetStore,
+) -> None:
+    """cam-1 declares canary in its own state; only the operator's assignment counts."""
+    store.record_state("cam-1", state(0, groups=["canary"]), at(0))
+    store.record_job(job("canary-1", target=("group", "canary")))
+    assert store.pending_for("cam-1", at(1)) == []
+    (row,) = store.devices()
+    assert (row.groups, row.assigned) == (["canary"], [])  # the mismatch is visible
+
+    assert store.assign("cam-1", ["canary"], at(1)) == ["canary"]
+    assert store.assign("cam-1", ["canary"], at(2)) == []  # idempotent
+    assert [j.job_id for j in store.pending_for("cam-1", at(1))] == ["canary-1"]
+    assert store.devices()[0].assigned == ["canary"]
+    assert store.memberships() == {"cam-1": ["canary"]}
+
+    assert store.unassign("cam-1", ["canary", "eu"]) == ["canary"]
+    assert store.pending_for("cam-1", at(1)) == []
+    assert store.memberships() == {}
+
+
+def test_devices_by_group_include_the_assigned_and_the_declaring(store: FleetStore) -> None:
+    store.record_state("cam-1", state(0, groups=["eu"]), at(0))
+    store.record_state("cam-2", state(0, groups=[]), at(0))
+    store.assign("cam-2", ["eu"], at(0))
+    store.assign("cam-9", ["eu"], at(0))  # never seen: a membership, not a device row
+    rows = store.devices(group="eu")
+    assert [(d.device, d.groups, d.assigned) for d in rows] == [
+        ("cam-1", ["eu"], []),
+        ("cam-2", [], ["eu"]),
+    ]
+    assert store.memberships() == {"cam-2": ["eu"], "cam-9": ["eu"]}
+
+
+def test_trust_documents_are_recorded_once_per_version(store: FleetStore) -> None:
+    assert store.latest_trust() is None
+    assert store.record_trust(1, b"doc-1", at(0))
+    assert store.record_trust(3, b"doc-3", at(2))
+    assert not store.record_trust(3, b"other", at(3))
+    assert store.record_trust(2, b"doc-2", at(4))
+    latest = store.latest_trust()
+    assert latest is not None
+    assert (latest.version, latest.document, latest.recorded_at) == (3, b"doc-3", at(2))
 
 
 # -- events -----------------------------------------------------------------------------------
@@ -319,6 +366,18 @@ def test_open_errors_say_what_to_do(tmp_path: Path) -> None:
     pytest.importorskip("psycopg")
     with pytest.raises(StoreError, match=r"cannot open store postgresql://u:\*\*\*@127"):
         open_store("postgresql://u:secret@127.0.0.1:1/fleet?connect_timeout=2")
+
+
+def test_a_version_1_store_is_upgraded_in_place(tmp_path: Path) -> None:
+    path = tmp_path / "fleet.db"
+    with sqlite3.connect(path) as conn:  # what edgepack before memberships created
+        conn.execute("CREATE TABLE schema_version (id INTEGER PRIMARY KEY, version INTEGER)")
+        conn.execute("INSERT INTO schema_version VALUES (1, 1)")
+    store = open_store(path)
+    assert store.assign("cam-1", ["eu"], at(0)) == ["eu"]
+    store.close()
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("SELECT version FROM schema_version").fetchone() == (2,)
 
 
 def test_newer_schema_is_refused(tmp_path: Path) -> None:
@@ -416,3 +475,41 @@ def test_postgres_reconnects_after_the_link_broke(postgres_dsn: str) -> None:
         assert {j.job_id for j in store.jobs()} == {"deploy-1", "deploy-2"}
     finally:
         store.close()
+
+
+def test_a_real_deadlock_is_rolled_back_and_run_again_once(postgres_dsn: str) -> None:
+    """Two batches take the same two rows in opposite orders and meet in the middle: PostgreSQL
+    detects the deadlock and aborts one; the store runs that batch again whole, and between
+    them each job is recorded (counted new) exactly once."""
+    url = fresh_database(postgres_dsn, f"fleet_{os.getpid()}_deadlock")
+    stores = [open_store(url), open_store(url)]
+    middle = threading.Barrier(2, timeout=30)
+    results: list[list[bool]] = [[], []]
+
+    def work(index: int, order: tuple[str, str]) -> None:
+        store, attempts = stores[index], []
+
+        def body() -> list[bool]:
+            attempts.append(1)
+            first = store.record_job(job(order[0]))
+            if len(attempts) == 1:
+                middle.wait()  # both hold their first row: the second inserts now deadlock
+            return [first, store.record_job(job(order[1]))]
+
+        results[index] = store.batch(body)
+
+    threads = [
+        threading.Thread(target=work, args=(0, ("job-a", "job-b"))),
+        threading.Thread(target=work, args=(1, ("job-b", "job-a"))),
+    ]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=30)
+        assert sum(s.transactions_retried for s in stores) == 1
+        assert sorted(results) == [[False, False], [True, True]]  # the rerun found both there
+        assert {j.job_id for j in stores[0].jobs()} == {"job-a", "job-b"}
+    finally:
+        for store in stores:
+            store.close()

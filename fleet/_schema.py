@@ -1,0 +1,256 @@
+"""The fleet store's tables and SQL text, shared by its SQLite and PostgreSQL backends.
+
+:mod:`edgepack.fleet._database` runs these statements; this module only holds them, the rows
+they read back into (:class:`DeviceRow`, :class:`JobRow`, :class:`ExecutionRow`,
+:class:`TrustRow`) and the conversions between Python values and the columns. Every write is
+idempotent by construction, so a QoS 1 copy, a second collector or a retried transaction changes
+nothing twice:
+
+=====================  ============================  =========================================
+table                  unique key                    a write of an existing key
+=====================  ============================  =========================================
+``devices``            ``device``                    applied only if its ``ts`` is not older
+``device_groups``      ``(device, grp)``             the groups a device *declares* (shown)
+``memberships``        ``(device, grp)``             the groups the *operator* assigned: the
+                                                     only ones pending answers and ACLs use
+``jobs``               ``job_id``                    ignored (``ON CONFLICT DO NOTHING``)
+``execution_history``  ``(job_id, device, seq)``     ignored
+``executions``         ``(job_id, device)``          applied only with a higher ``seq``
+``events``             ``(kind, device, seq)``       ignored
+``trust_documents``    ``version``                   ignored
+=====================  ============================  =========================================
+
+One DDL serves both backends: SQLite gives these PostgreSQL type names NUMERIC affinity, which
+keeps our ISO times and JSON as text and bytes as blobs. ``?`` is the placeholder (the
+PostgreSQL backend rewrites it to ``%s``).
+"""
+
+# SQL text is assembled only from this module's constants; values always travel as parameters.
+# ruff: noqa: S608
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from edgepack.formats.messages import JobStatus
+
+__all__ = ["DeviceRow", "ExecutionRow", "JobRow", "TrustRow"]
+
+SCHEMA_VERSION = 2  # 2: memberships and trust_documents
+_UTC = timezone.utc
+
+
+@dataclass(frozen=True)
+class DeviceRow:
+    device: str
+    online: bool
+    profile: str | None
+    agent_version: str | None
+    groups: list[str]  # what the device declares in its own state: shown, never trusted
+    models: dict[str, Any]  # name -> {"active": ..., "previous": ..., ...}
+    health: str | None
+    last_seen: datetime  # when the state now stored was received
+    assigned: list[str] = field(default_factory=list)  # the operator's records (memberships)
+
+
+@dataclass(frozen=True)
+class JobRow:
+    job_id: str
+    kind: str
+    model: str
+    version: int | None
+    target_type: str  # "device" or "group"
+    target: str
+    issued_at: datetime
+    expires_at: datetime
+    envelope: bytes  # the signed command, re-served to devices that ask for pending work
+
+
+@dataclass(frozen=True)
+class ExecutionRow:
+    job_id: str
+    device: str
+    status: JobStatus  # a str enum: compares equal to "SUCCEEDED" and the like
+    step: str | None
+    reason: str | None
+    version_before: int | None
+    version_after: int | None
+    seq: int
+    updated_at: datetime
+
+
+@dataclass(frozen=True)
+class TrustRow:
+    """A published trust document (``edgepack.formats.trust``), as recorded."""
+
+    version: int
+    document: bytes  # the signed envelope, as published on the retained trust topic
+    recorded_at: datetime
+
+
+EXEC_TABLE = """job_id TEXT NOT NULL, device TEXT NOT NULL, status TEXT NOT NULL, step TEXT,
+    reason TEXT, version_before BIGINT, version_after BIGINT, seq BIGINT NOT NULL,
+    updated_at TIMESTAMPTZ NOT NULL"""
+SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS schema_version (
+    id INTEGER PRIMARY KEY CHECK (id = 1), version INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS devices (
+    device TEXT PRIMARY KEY, online BOOLEAN NOT NULL, profile TEXT, agent_version TEXT,
+    models JSONB NOT NULL, health TEXT, session_id TEXT, state_ts TIMESTAMPTZ,
+    last_seen TIMESTAMPTZ NOT NULL);
+CREATE TABLE IF NOT EXISTS device_groups (
+    device TEXT NOT NULL, grp TEXT NOT NULL, PRIMARY KEY (device, grp));
+CREATE INDEX IF NOT EXISTS device_groups_by_group ON device_groups (grp);
+CREATE TABLE IF NOT EXISTS memberships (
+    device TEXT NOT NULL, grp TEXT NOT NULL, assigned_at TIMESTAMPTZ NOT NULL,
+    PRIMARY KEY (device, grp));
+CREATE INDEX IF NOT EXISTS memberships_by_group ON memberships (grp);
+CREATE TABLE IF NOT EXISTS jobs (
+    job_id TEXT PRIMARY KEY, kind TEXT NOT NULL, model TEXT NOT NULL, version BIGINT,
+    target_type TEXT NOT NULL, target TEXT NOT NULL, issued_at TIMESTAMPTZ NOT NULL,
+    expires_at TIMESTAMPTZ NOT NULL, envelope BYTEA NOT NULL);
+CREATE INDEX IF NOT EXISTS jobs_by_target ON jobs (target_type, target);
+CREATE INDEX IF NOT EXISTS jobs_by_model ON jobs (model, issued_at);
+CREATE TABLE IF NOT EXISTS execution_history ({EXEC_TABLE}, PRIMARY KEY (job_id, device, seq));
+CREATE TABLE IF NOT EXISTS executions ({EXEC_TABLE}, PRIMARY KEY (job_id, device));
+CREATE TABLE IF NOT EXISTS events (
+    kind TEXT NOT NULL, device TEXT NOT NULL, seq TEXT NOT NULL, received_at TIMESTAMPTZ NOT NULL,
+    payload JSONB NOT NULL, PRIMARY KEY (kind, device, seq));
+CREATE INDEX IF NOT EXISTS events_by_device ON events (kind, device, received_at);
+CREATE INDEX IF NOT EXISTS events_by_time ON events (kind, received_at);
+CREATE TABLE IF NOT EXISTS trust_documents (
+    version BIGINT PRIMARY KEY, document BYTEA NOT NULL, recorded_at TIMESTAMPTZ NOT NULL)
+"""
+INSERT_SCHEMA_VERSION = (
+    "INSERT INTO schema_version (id, version) VALUES (1, ?) ON CONFLICT DO NOTHING"
+)
+# Tables are only ever added, so an older store is upgraded by creating them (above).
+UPGRADE_SCHEMA_VERSION = "UPDATE schema_version SET version = ? WHERE id = 1 AND version < ?"
+
+# A full state replaces the row unless it is older than the stored one; an equal ts (a copy,
+# or a second state within the same second) updates the fields but not online/last_seen.
+UPSERT_STATE = """
+INSERT INTO devices (device, online, profile, agent_version, models, health, session_id,
+                     state_ts, last_seen) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT (device) DO UPDATE SET
+    online = CASE WHEN devices.state_ts IS NULL OR excluded.state_ts > devices.state_ts
+                  THEN excluded.online ELSE devices.online END,
+    last_seen = CASE WHEN devices.state_ts IS NULL OR excluded.state_ts > devices.state_ts
+                     THEN excluded.last_seen ELSE devices.last_seen END,
+    profile = excluded.profile, agent_version = excluded.agent_version,
+    models = excluded.models, health = excluded.health, session_id = excluded.session_id,
+    state_ts = excluded.state_ts
+WHERE devices.state_ts IS NULL OR excluded.state_ts >= devices.state_ts
+"""
+UPSERT_LWT = """
+INSERT INTO devices (device, online, models, session_id, last_seen) VALUES (?, ?, ?, ?, ?)
+ON CONFLICT (device) DO UPDATE SET online = excluded.online
+WHERE devices.session_id IS NULL OR excluded.session_id IS NULL
+   OR devices.session_id = excluded.session_id
+"""
+DELETE_DECLARED = "DELETE FROM device_groups WHERE device = ?"
+INSERT_DECLARED = "INSERT INTO device_groups (device, grp) VALUES (?, ?) ON CONFLICT DO NOTHING"
+INSERT_MEMBERSHIP = (
+    "INSERT INTO memberships (device, grp, assigned_at) VALUES (?, ?, ?) ON CONFLICT DO NOTHING"
+)
+DELETE_MEMBERSHIP = "DELETE FROM memberships WHERE device = ? AND grp = ?"
+DEVICE_COLUMNS = "device, online, profile, agent_version, models, health, last_seen"
+JOB_COLUMNS = "job_id, kind, model, version, target_type, target, issued_at, expires_at, envelope"
+EXEC_COLUMNS = (
+    "job_id, device, status, step, reason, version_before, version_after, seq, updated_at"
+)
+_NINE = "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+INSERT_JOB = f"INSERT INTO jobs ({JOB_COLUMNS}) {_NINE} ON CONFLICT DO NOTHING"
+INSERT_HISTORY = f"INSERT INTO execution_history ({EXEC_COLUMNS}) {_NINE} ON CONFLICT DO NOTHING"
+UPSERT_EXECUTION = f"""
+INSERT INTO executions ({EXEC_COLUMNS}) {_NINE}
+ON CONFLICT (job_id, device) DO UPDATE SET
+    status = excluded.status, step = excluded.step, reason = excluded.reason,
+    version_before = excluded.version_before, version_after = excluded.version_after,
+    seq = excluded.seq, updated_at = excluded.updated_at
+WHERE excluded.seq > executions.seq
+"""
+INSERT_EVENT = (
+    "INSERT INTO events (kind, device, seq, received_at, payload) VALUES (?, ?, ?, ?, ?)"
+    " ON CONFLICT DO NOTHING"
+)
+INSERT_TRUST = (
+    "INSERT INTO trust_documents (version, document, recorded_at) VALUES (?, ?, ?)"
+    " ON CONFLICT DO NOTHING"
+)
+LATEST_TRUST = (
+    "SELECT version, document, recorded_at FROM trust_documents ORDER BY version DESC LIMIT 1"
+)
+
+
+def pending_sql(terminal: Sequence[str]) -> str:
+    """The jobs addressed to a device or to a group the operator assigned it to, newest first
+    per model, each with whether the device already finished it. Parameters: the device, the
+    terminal statuses, now, the device, the device."""
+    done = (
+        "EXISTS (SELECT 1 FROM execution_history h WHERE h.job_id = jobs.job_id AND"
+        f" h.device = ? AND h.status IN ({', '.join('?' * len(terminal))}))"
+    )
+    targets = (
+        "(target_type = 'device' AND target = ?) OR (target_type = 'group' AND target IN"
+        " (SELECT grp FROM memberships WHERE device = ?))"
+    )
+    return (
+        f"SELECT {JOB_COLUMNS}, {done} FROM jobs WHERE expires_at > ? AND ({targets})"
+        " ORDER BY model, issued_at DESC, job_id DESC"
+    )
+
+
+def utc(moment: datetime) -> datetime:
+    return moment.replace(tzinfo=_UTC) if moment.tzinfo is None else moment.astimezone(_UTC)
+
+
+def ts(moment: datetime) -> str:
+    """A fixed-width UTC ISO time: SQLite compares these as text, PostgreSQL casts them."""
+    return utc(moment).isoformat(timespec="microseconds")
+
+
+def from_ts(value: Any) -> datetime:
+    return utc(value if isinstance(value, datetime) else datetime.fromisoformat(value))
+
+
+def to_json(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), sort_keys=True)
+
+
+def from_json(value: Any) -> Any:
+    return json.loads(value) if isinstance(value, str) else value  # PostgreSQL decodes JSONB
+
+
+def redact(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    return urlunsplit(parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@")))
+
+
+def device_row(row: Sequence[Any], declared: list[str], assigned: list[str]) -> DeviceRow:
+    name, on, profile, agent, models, health, seen = row
+    models, seen = from_json(models), from_ts(seen)
+    return DeviceRow(name, bool(on), profile, agent, declared, models, health, seen, assigned)
+
+
+def job_row(row: Sequence[Any]) -> JobRow:
+    return JobRow(*(*row[:6], from_ts(row[6]), from_ts(row[7]), bytes(row[8])))
+
+
+def execution_row(row: Sequence[Any]) -> ExecutionRow:
+    job_id, device, status, step, reason, before, after, seq, updated = row
+    return ExecutionRow(
+        job_id, device, JobStatus(status), step, reason, before, after, seq, from_ts(updated)
+    )
+
+
+def trust_row(row: Sequence[Any]) -> TrustRow:
+    version, document, recorded = row
+    return TrustRow(int(version), bytes(document), from_ts(recorded))
