@@ -1,8 +1,9 @@
 """``edgepack-fleet``: deploy, roll back and retire models on devices, and watch the fleet.
 
 Commands: ``serve`` (bundles over HTTP), ``deploy``, ``rollback``, ``retire`` (signed commands
-over MQTT; no collector needed), ``collector`` (keeps fleet state in a store), ``devices`` and
-``status`` (read that store). Broker and store come from ``--broker``/``--store`` or the
+over MQTT; no collector needed), ``collector`` (keeps fleet state in a store), ``status`` (reads
+that store); ``devices`` (and ``devices assign|unassign``), ``acl`` and ``trust`` are in
+edgepack.fleet._cli_access. Broker and store come from ``--broker``/``--store`` or the
 ``EDGEPACK_BROKER``/``EDGEPACK_STORE`` environment variables. Errors are one red ``error:`` line
 and exit code 1 (2 for bad usage).
 
@@ -260,16 +261,33 @@ _simple_command("retire", "Uninstall MODEL from a device or a group.")
     type=click.Path(dir_okay=False, path_type=Path),
     help="Operator public key(s): record only commands they signed.",
 )
+@click.option(
+    "--root-key",
+    "root_keys",
+    multiple=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Offline root public key(s): record (and hand on) only trust documents they signed.",
+)
 @click.pass_context
 def collector(
-    ctx: click.Context, share: str | None, client_id: str | None, command_keys: tuple[Path, ...]
+    ctx: click.Context,
+    share: str | None,
+    client_id: str | None,
+    command_keys: tuple[Path, ...],
+    root_keys: tuple[Path, ...],
 ) -> None:
     """Run the collector: keep device state and job progress in the store."""
     from edgepack.fleet._collector import Collector
 
     keys = [load_public_key(p.read_bytes(), source=str(p)) for p in command_keys] or None
+    roots = [load_public_key(p.read_bytes(), source=str(p)) for p in root_keys] or None
     running = Collector(
-        _broker(ctx), _store(ctx), share=share, command_keys=keys, client_id=client_id
+        _broker(ctx),
+        _store(ctx),
+        share=share,
+        command_keys=keys,
+        root_keys=roots,
+        client_id=client_id,
     ).start()
     console.print(f"collector running: broker {ctx.obj['broker']}, store {ctx.obj['store']}")
     stop = threading.Event()
@@ -278,28 +296,6 @@ def collector(
     stop.wait()
     running.stop()
     console.print(f"collector stopped: {running.stats}")
-
-
-@cli.command()
-@click.option("--group")
-@click.pass_context
-def devices(ctx: click.Context, group: str | None) -> None:
-    """List devices: online, profile, models, health, last seen."""
-    from edgepack.fleet._views import ago, installed_models
-
-    rows, now = _store(ctx).devices(group), _now(ctx)
-    table = Table("device", "online", "profile", "models", "health", "groups", "last seen")
-    for d in rows:
-        table.add_row(
-            d.device,
-            "[green]yes[/]" if d.online else "[red]no[/]",
-            d.profile or "-",
-            installed_models(d.models),
-            d.health or "-",
-            ", ".join(d.groups) or "-",
-            ago(d.last_seen, now),
-        )
-    console.print(table if rows else "no devices known yet (is the collector running?)")
 
 
 _STYLE = {
@@ -473,6 +469,11 @@ def report(
         _fail(str(e))
         raise  # unreachable
     console.print(str(path), soft_wrap=True)
+
+
+# devices (assign, unassign), acl and trust register themselves on `cli` (they use the helpers
+# above, so they are imported once this module is complete).
+from edgepack.fleet import _cli_access  # noqa: E402, F401
 
 
 def main() -> None:
