@@ -91,6 +91,9 @@ class LimitsConfig:
     max_file_bytes: int = 1024**3
     max_total_bytes: int = 2 * 1024**3
     max_install_attempts: int = 3  # a crash loop in one install stops after this many restarts
+    health_check_timeout: float = 120.0  # seconds a health check may take, loading included
+    probation_period: float = 600.0  # seconds a new version must serve to be marked good; 0: off
+    probation_max_starts: int = 3  # daemon starts within probation before it rolls back
 
     def archive_limits(self) -> ArchiveLimits:
         return ArchiveLimits(
@@ -149,6 +152,9 @@ class DownloadConfig:
     retries: int = 5  # attempts after the first
     backoff_initial: float = 0.5
     backoff_max: float = 30.0
+    deadline: float = 3600.0  # the whole download, retries and backoff included
+    min_rate: float = 1024.0  # bytes/s averaged over min_rate_window; slower is cut off; 0: off
+    min_rate_window: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -181,6 +187,8 @@ class AgentConfig:
     state_dir: Path
     trusted_keys: tuple[Path, ...]
     groups: tuple[str, ...] = ()
+    # offline root keys that may sign trust documents (key rotation); none: rotation disabled
+    root_keys: tuple[Path, ...] = ()
     server: ServerConfig = field(default_factory=ServerConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
@@ -191,19 +199,29 @@ class AgentConfig:
     source: Path | None = None
 
     def public_keys(self) -> list[ec.EllipticCurvePublicKey]:
-        """Load the trusted keys.
+        """Load the keys trusted to sign bundles (``trusted_keys``).
 
         Raises:
             ConfigError: a key file is missing or is not an ECDSA public key.
         """
+        return self._load(self.trusted_keys, "trusted key")
+
+    def root_public_keys(self) -> list[ec.EllipticCurvePublicKey]:
+        """Load the offline root keys that may sign trust documents (``root_keys``).
+
+        Raises:
+            ConfigError: a key file is missing or is not an ECDSA public key.
+        """
+        return self._load(self.root_keys, "root key")
+
+    def _load(self, paths: tuple[Path, ...], what: str) -> list[ec.EllipticCurvePublicKey]:
         keys = []
-        for path in self.trusted_keys:
+        for path in paths:
             try:
                 keys.append(load_public_key(path.read_bytes(), source=str(path)))
             except OSError as e:
                 raise ConfigError(
-                    f"{self.source or 'config'}: trusted key {path} cannot be read: "
-                    f"{e.strerror or e}"
+                    f"{self.source or 'config'}: {what} {path} cannot be read: {e.strerror or e}"
                 ) from e
             except KeyFormatError as e:
                 raise ConfigError(f"{self.source or 'config'}: {e}") from e
@@ -229,6 +247,9 @@ _LIMITS: dict[str, Check] = {
     "max_file_bytes": integer(0),
     "max_total_bytes": integer(0),
     "max_install_attempts": integer(0),
+    "health_check_timeout": number(1, 3600),
+    "probation_period": number(0, 7 * 24 * 3600),
+    "probation_max_starts": integer(1, 100),
 }
 _DOWNLOAD: dict[str, Check] = {
     "connect_timeout": number(0),
@@ -236,6 +257,9 @@ _DOWNLOAD: dict[str, Check] = {
     "retries": integer(0),
     "backoff_initial": number(0),
     "backoff_max": number(0),
+    "deadline": number(1, 7 * 24 * 3600),
+    "min_rate": number(0),
+    "min_rate_window": number(1, 3600),
 }
 _TELEMETRY: dict[str, Check] = {"interval": number(above=0)}
 _CALIBRATED = integer(
@@ -328,6 +352,7 @@ def _schema(source: str, base: Path) -> dict[str, Check]:
         "profile": string(empty_ok=False),
         "state_dir": _path(base),
         "trusted_keys": string_list(_path(base)),
+        "root_keys": string_list(_path(base)),
         "groups": string_list(),
         "server": lambda v: ServerConfig(**table("server", _SERVER)(v)),
         "runtime": lambda v: RuntimeConfig(**table("runtime", _RUNTIME)(v)),

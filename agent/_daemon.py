@@ -33,6 +33,8 @@ from edgepack.agent._http_server import InferenceServer
 from edgepack.agent._lifecycle import Fetcher, Lifecycle, OnState, Outcome
 from edgepack.agent._monitor import Monitor, ReportRelay
 from edgepack.agent._runtime import Runtime, ServedModel
+from edgepack.agent._supervise import Heartbeats, SupervisedThread
+from edgepack.agent._trust import TrustStore
 from edgepack.agent.exceptions import EdgepackError
 
 __all__ = ["Agent"]
@@ -56,6 +58,7 @@ class Agent:
         poll_interval: float = 1.0,
     ) -> None:
         self.config = config
+        self.trust = TrustStore(config)
         self.lifecycle = Lifecycle(config, fetcher=fetcher)
         capture = config.capture
         self.samples = (
@@ -67,9 +70,11 @@ class Agent:
         )
         self.runtime = Runtime(config.runtime, config.server.max_batch_rows, monitor=self.monitor)
         self.server: InferenceServer | None = None
+        # proof of life from the parts that must stay responsive (systemd's watchdog reads it)
+        self.heartbeats = Heartbeats()
         self._poll_interval = poll_interval
         self._stop = threading.Event()
-        self._watcher: threading.Thread | None = None
+        self._watcher: SupervisedThread | None = None
         self._ready = False
         self.recovered: Outcome | None = None
 
@@ -93,20 +98,23 @@ class Agent:
             ).start()
             log.info("serving the Open Inference Protocol on %s", self.server.url)
         self.monitor.start()
-        self._watcher = threading.Thread(target=self._watch, name="edgepack-watch", daemon=True)
-        self._watcher.start()
+        self._watcher = SupervisedThread(
+            "edgepack-watch", self._watch, on_crash=self.thread_crashed
+        ).start()
         self._ready = True
         return self
 
     def stop(self) -> None:
         """Stop serving and watching (installed models stay installed)."""
         self._ready = False
+        if self._watcher is not None:
+            self._watcher.stop_event.set()
         self._stop.set()
         if self.server is not None:
             self.server.stop()
             self.server = None
         if self._watcher is not None:
-            self._watcher.join(timeout=5)
+            self._watcher.stop(timeout=5)
         self.monitor.stop()
 
     def __enter__(self) -> Agent:
@@ -118,9 +126,13 @@ class Agent:
     def sync(self) -> list[str]:
         """Serve exactly the committed active versions."""
         store = self.lifecycle.store
-        return self.runtime.sync(store, store.load(), self.config.public_keys())
+        return self.runtime.sync(store, store.load(), self.trust.bundle_keys())
 
-    def _watch(self) -> None:
+    def thread_crashed(self, name: str, error: str, trace: str) -> None:
+        """A supervised worker died and is being restarted: count it and report it."""
+        self.monitor.telemetry.event(f"thread-crash:{name}")
+
+    def _watch(self, stop: threading.Event) -> None:
         state_file = self.lifecycle.store.state_file
         while not self._stop.wait(self._poll_interval):
             try:

@@ -8,13 +8,23 @@ its retained state (a Last Will marks it offline), and asks the collector for pe
 rather than trusting the broker's queue alone.
 
 Callbacks never block: they put messages in a queue; one worker thread verifies and runs them
-through :class:`edgepack.agent._jobs.JobRunner`, oldest command first. Topics come from
-:mod:`edgepack.formats.topics` (whose one parser reads every topic received), payloads from
-:mod:`edgepack.formats.messages`, and the paho client is set up by :mod:`edgepack._mqtt`, as
-the fleet's are. Configuration is the ``[mqtt]`` table of ``agent.toml``, parsed
-with the rest of it (:class:`edgepack.agent._config.MqttConfig`). The monitor's telemetry and
-drift reports reach the outbox through the agent's :class:`~edgepack.agent._monitor.ReportRelay`,
-which the link connects when it is built.
+through :class:`edgepack.agent._jobs.JobRunner`, oldest command first.
+
+Every message is hostile until proven otherwise. The callback on paho's network thread catches
+everything (a topic that is not UTF-8, a payload over the size cap, a malformed presence) and
+only logs it; the worker handles each message inside its own guard, so a message that breaks a
+parser costs a log line and, where its job id is readable, a REJECTED status, never the thread.
+The worker and the outbox sender run under :class:`~edgepack.agent._supervise.SupervisedThread`
+(restarted if they die anyway, the crash reported as a lifecycle event), and the worker beats
+the agent's heartbeats so systemd's watchdog restarts an agent whose command path is wedged.
+Trust documents (key rotation, :mod:`edgepack.agent._trust`) arrive retained on the trust topic.
+
+Topics come from :mod:`edgepack.formats.topics` (whose one parser reads every topic received),
+payloads from :mod:`edgepack.formats.messages`, and the paho client is set up by
+:mod:`edgepack._mqtt`, as the fleet's are. Configuration is the ``[mqtt]`` table of
+``agent.toml``, parsed with the rest of it (:class:`edgepack.agent._config.MqttConfig`). The
+monitor's telemetry and drift reports reach the outbox through the agent's
+:class:`~edgepack.agent._monitor.ReportRelay`, which the link connects when it is built.
 """
 
 from __future__ import annotations
@@ -34,9 +44,11 @@ from edgepack.agent._config import MqttConfig
 from edgepack.agent._daemon import Agent
 from edgepack.agent._jobs import JobRunner, StatusUpdate
 from edgepack.agent._outbox import Outbox
+from edgepack.agent._supervise import SupervisedThread
 from edgepack.agent.exceptions import EdgepackError
 from edgepack.formats.exceptions import MessageError
 from edgepack.formats.messages import (
+    MAX_MESSAGE_BYTES,
     ModelState,
     ReportKind,
     build_device_offline,
@@ -50,7 +62,12 @@ from edgepack.formats.messages import (
 )
 from edgepack.formats.topics import TopicKind, Topics
 
-__all__ = ["DeviceLink"]
+__all__ = ["HEARTBEAT", "DeviceLink"]
+
+HEARTBEAT = "commands"  # the worker's name in the agent's heartbeats
+# A job announces this much bounded work to the watchdog (its download and health check have
+# their own, shorter deadlines; this only catches a worker that is truly wedged).
+JOB_BUDGET = 3 * 3600.0
 
 log = logging.getLogger("edgepack.agent.mqtt")
 
@@ -69,7 +86,7 @@ class DeviceLink:
         self.device = agent.config.device_id
         self.groups = agent.config.groups
         self.topics = Topics(config.prefix)
-        self.runner = JobRunner(agent, config.keys(), self._publish_status, self.groups)
+        self.runner = JobRunner(agent, agent.trust.command_keys, self._publish_status, self.groups)
         self.connected = threading.Event()
         # Ties state messages to this agent run, so a late Last Will of an earlier run cannot
         # mark the device offline after it came back.
@@ -79,9 +96,11 @@ class DeviceLink:
         self._collector_seen = "seq_collector_seen" in self.outbox.counters()
         agent.reports.connect(self._queue_report)
         self._stopping = threading.Event()
-        self._sender = threading.Thread(target=self._send_loop, name="edgepack-outbox", daemon=True)
         self._inbox: queue.Queue[tuple[str, bytes] | None] = queue.Queue(maxsize=10_000)
-        self._worker = threading.Thread(target=self._work, name="edgepack-jobs", daemon=True)
+        crash = agent.thread_crashed
+        self._sender = SupervisedThread("edgepack-outbox", self._send_loop, on_crash=crash)
+        self._worker = SupervisedThread("edgepack-jobs", self._work, on_crash=crash)
+        agent.heartbeats.register(HEARTBEAT, stale_after=60)
         self._client = self._make_client()
 
     # -- connection ------------------------------------------------------------------------------
@@ -135,13 +154,16 @@ class DeviceLink:
                 retain=True,
             )
             info.wait_for_publish(timeout=2)
+        self._sender.stop_event.set()  # before the loops can see _stopping: not a crash
+        self._worker.stop_event.set()
         self._stopping.set()
         self.outbox.added.set()
-        self._sender.join(timeout=10)
+        self._sender.stop()
         self._client.disconnect()
         self._client.loop_stop()
         self._inbox.put(None)
-        self._worker.join(timeout=10)
+        self._worker.stop()
+        self.agent.heartbeats.unregister(HEARTBEAT)
         self.outbox.close()
 
     def _on_connect(
@@ -156,6 +178,7 @@ class DeviceLink:
             self.topics.collector(),
         ]
         topics += [self.topics.group_jobs(group) for group in self.groups]
+        topics.append(self.topics.trust())
         client.subscribe([(topic, 1) for topic in topics])
         self.connected.set()
         log.info("connected to %s:%d as %s", self.config.host, self.config.port, self.device)
@@ -173,18 +196,40 @@ class DeviceLink:
         log.warning("disconnected from the broker (%s); reconnecting", reason)
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        """paho's callback, on its network thread: nothing may escape from here."""
         try:
-            where = self.topics.parse(message.topic)
+            self._receive(message)
+        except Exception:
+            log.exception("ignoring a message that could not be handled")
+
+    def _receive(self, message: mqtt.MQTTMessage) -> None:
+        try:
+            topic = message.topic  # paho decodes it: a topic that is not UTF-8 raises here
+        except UnicodeDecodeError:
+            log.warning("ignoring a message whose topic is not UTF-8")
+            return
+        payload = bytes(message.payload)
+        if len(payload) > MAX_MESSAGE_BYTES:
+            log.warning(
+                "ignoring a %d-byte message on %s (the limit is %d)",
+                len(payload), topic, MAX_MESSAGE_BYTES,
+            )  # fmt: skip
+            return
+        try:
+            where = self.topics.parse(topic)
         except MessageError as e:
             log.warning("ignoring a message: %s", e)
             return
         if where.kind is TopicKind.COLLECTOR:
-            self._collector_presence(message.topic, bytes(message.payload), message.retain)
+            self._collector_presence(topic, payload, message.retain)
+            return
+        if where.kind not in _WORKER_KINDS:
+            log.warning("ignoring a %s message: devices do not take them", where.kind.value)
             return
         try:  # never block the network thread
-            self._inbox.put_nowait((message.topic, bytes(message.payload)))
+            self._inbox.put_nowait((topic, payload))
         except queue.Full:
-            log.error("job inbox full; dropping a message on %s", message.topic)
+            log.error("job inbox full; dropping a message on %s", topic)
 
     # -- publishing ------------------------------------------------------------------------------
 
@@ -244,12 +289,12 @@ class DeviceLink:
             self._collector_seen = True
             self.outbox.next_seq("collector_seen")  # remembered across restarts
 
-    def _collector_listening(self) -> bool:
+    def _collector_listening(self) -> bool:  # (see _send_loop)
         """Whether reports can go now: a collector is online, or none was ever seen (a fleet
         without a collector must not fill the outbox forever)."""
         return not self._collector_seen or any(self._collectors.values())
 
-    def _send_loop(self) -> None:
+    def _send_loop(self, stop: threading.Event) -> None:
         """Drain the outbox in order: publish, wait for the broker's PUBACK, then forget.
 
         Once a collector has been seen, reports wait while no collector is online (after a
@@ -308,9 +353,15 @@ class DeviceLink:
 
     # -- the worker ------------------------------------------------------------------------------
 
-    def _work(self) -> None:
-        while True:
-            item = self._inbox.get()
+    def _work(self, stop: threading.Event) -> None:
+        """The command path: one batch of messages at a time, each in its own guard."""
+        beats = self.agent.heartbeats
+        while not stop.is_set():
+            beats.beat(HEARTBEAT)
+            try:
+                item = self._inbox.get(timeout=1.0)
+            except queue.Empty:
+                continue
             if item is None:
                 return
             batch = [item]
@@ -323,24 +374,64 @@ class DeviceLink:
                     batch.append(more)
             except queue.Empty:
                 pass
-            commands = []
+            commands: list[bytes] = []
             for topic, payload in batch:
-                commands.extend(self._commands_in(topic, payload))
-            for raw in sorted(commands, key=JobRunner.issued_at):
-                try:
-                    self.runner.handle(raw)
-                except EdgepackError as e:  # the runner reports; this is a last resort
-                    log.error("job failed: %s", e)
+                commands.extend(self._guarded(self._messages_in, topic, payload) or [])
+            with beats.busy(HEARTBEAT, JOB_BUDGET):
+                for raw in sorted(commands, key=_issued_at):
+                    self._guarded(self.runner.handle, raw)
             if commands:
-                self.publish_state()
+                self._guarded(self.publish_state)
 
-    def _commands_in(self, topic: str, payload: bytes) -> list[bytes]:
-        if self.topics.parse(topic).kind is TopicKind.PENDING:  # parsed before it was queued
+    def _guarded(self, work: Any, *args: Any) -> Any:
+        """Run one piece of message handling; whatever it raises is logged, not fatal."""
+        try:
+            return work(*args)
+        except Exception:
+            log.exception("handling a message failed; the command path carries on")
+            return None
+
+    def _messages_in(self, topic: str, payload: bytes) -> list[bytes]:
+        """The commands a queued message carries (applying a trust document on the way)."""
+        kind = self.topics.parse(topic).kind  # parsed before it was queued
+        if kind is TopicKind.TRUST:
+            if payload:  # empty: a cleared retained message
+                self._apply_trust(payload)
+            return []
+        if kind is TopicKind.PENDING:
             try:
-                return list(parse_pending_answer(payload, device=self.device).commands)
+                answer = parse_pending_answer(payload, device=self.device)
             except MessageError as e:
                 log.warning("ignoring a malformed pending answer: %s", e)
                 return []
+            trust = getattr(answer, "trust", None)
+            if trust:
+                self._apply_trust(trust if isinstance(trust, bytes) else str(trust).encode())
+            return list(answer.commands)
         if not payload:
             return []  # a cleared retained message
         return [payload]
+
+    def _apply_trust(self, raw: bytes) -> None:
+        try:
+            applied = self.agent.trust.apply(raw)
+        except MessageError as e:  # TrustError: refused, nothing changed
+            log.warning("refusing a trust document: %s", e)
+            return
+        except EdgepackError as e:  # could not be saved: nothing changed
+            log.error("cannot apply a trust document: %s", e)
+            return
+        if applied is not None:
+            self.agent.monitor.telemetry.event(f"trust:v{applied.version}")
+
+
+_WORKER_KINDS = frozenset(
+    {TopicKind.DEVICE_JOBS, TopicKind.GROUP_JOBS, TopicKind.PENDING, TopicKind.TRUST}
+)
+
+
+def _issued_at(raw: bytes) -> str:
+    try:
+        return JobRunner.issued_at(raw)
+    except Exception:  # noqa: BLE001 - an unreadable command sorts first and is rejected
+        return ""

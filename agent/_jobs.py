@@ -132,7 +132,8 @@ class JobRunner:
 
     Args:
         agent: the device's agent (installs through its lifecycle; serves the result).
-        keys: operator public keys trusted to sign commands.
+        keys: returns the operator public keys trusted to sign commands now (the device's
+            trust store: key rotation takes effect at the next command).
         report: called with each :class:`StatusUpdate` (the MQTT link publishes it).
         groups: the device's groups (commands may target them).
     """
@@ -140,12 +141,12 @@ class JobRunner:
     def __init__(
         self,
         agent: Agent,
-        keys: Sequence[ec.EllipticCurvePublicKey],
+        keys: Callable[[], Sequence[ec.EllipticCurvePublicKey]],
         report: Callable[[StatusUpdate], None],
         groups: Sequence[str] = (),
     ) -> None:
         self.agent = agent
-        self.keys = list(keys)
+        self.keys = keys
         self.report = report
         self.groups = tuple(groups)
         self.device = agent.config.device_id
@@ -161,7 +162,7 @@ class JobRunner:
     def handle(self, raw: bytes) -> None:
         """Verify and run one command (or re-report a finished one). Never raises."""
         try:
-            command = open_command(raw, self.keys, device=self.device, groups=self.groups)
+            command = open_command(raw, self.keys(), device=self.device, groups=self.groups)
         except CommandError as e:
             job_id = peek_command(raw).job_id
             if job_id is None or job_id in self.ledger.finished:
