@@ -36,7 +36,7 @@ _DTYPES = frozenset(
     {"float32", "float64", "float16", "int64", "int32", "int8", "uint8", "bool", "string"}
 )
 _PRECISIONS = frozenset({"fp32", "fp16", "int8"})
-_TASKS = frozenset({"classification", "regression", "tensor"})
+_TASKS = frozenset({"classification", "regression", "anomaly", "tensor"})
 
 
 @dataclass(frozen=True)
@@ -82,12 +82,18 @@ class Manifest:
     quantization: Mapping[str, Any] | None = None
     labels: tuple[Any, ...] = ()
     extra: Mapping[str, Any] = field(default_factory=dict)
+    # the precision candidates the packager measured (docs/bundle-format.md §3.6); optional,
+    # absent from older bundles; the agent does not need it
+    candidates: tuple[Mapping[str, Any], ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["inputs"] = [t.to_dict() for t in self.inputs]
         data["outputs"] = [t.to_dict() for t in self.outputs]
         data["labels"] = list(self.labels)
+        data["candidates"] = [dict(c) for c in self.candidates]
+        if not self.candidates:
+            del data["candidates"]
         return {"format": FORMAT, "format_version": FORMAT_VERSION, **data}
 
     def to_json(self) -> bytes:
@@ -205,6 +211,9 @@ def parse_manifest(raw: bytes) -> Manifest:
     labels = data.get("labels", [])
     if not isinstance(labels, list):
         raise ManifestError("manifest.json: 'labels' must be a list")
+    candidates = data.get("candidates", [])
+    if not isinstance(candidates, list) or not all(isinstance(c, dict) for c in candidates):
+        raise ManifestError("manifest.json: 'candidates' must be a list of objects")
     return Manifest(
         name=name,
         version=model_version,
@@ -224,4 +233,5 @@ def parse_manifest(raw: bytes) -> Manifest:
         quantization=quantization,
         labels=tuple(labels),
         extra=_optional_object(data, "extra"),
+        candidates=tuple(candidates),
     )

@@ -3,15 +3,22 @@
 A thin layer over :mod:`edgepack.packager._build` and :mod:`edgepack.formats.bundle`: it parses
 arguments, shows progress and tables with rich, and turns every
 :class:`~edgepack.agent.exceptions.EdgepackError` into one red line and a non-zero exit code (1 for
-a failed build or verification, 2 for bad usage).
+a failed build or verification, 2 for bad usage). ``build`` writes its log (library warnings
+included) to ``OUT/NAME-VERSION.build.log`` rather than the terminal; ``build --explain`` and
+``inspect`` show the precision candidates that were measured, as a table.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import click
 from rich.console import Console
@@ -50,6 +57,80 @@ def _size(n: int | None) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024  # type: ignore[assignment]
     return str(n)
+
+
+_SHORT = {
+    "label_agreement": "labels",
+    "p99_probability_error": "p99 Δp",
+    "max_probability_error": "max Δp",
+    "p99_relative_error": "p99 Δ",
+    "max_relative_error": "max Δ",
+}
+
+
+def _ms(value: Any) -> str:
+    return "-" if value is None else f"{float(value):.3f}"
+
+
+def candidates_table(candidates: Sequence[Mapping[str, Any]], title: str = "") -> Table:
+    """The precision candidates of one profile: size, latency, speed-up, parity, verdict."""
+    table = Table(
+        "candidate", "size", "b1 ms", "b64 ms", "vs fp32 b1/b64", "parity", "verdict",
+        title=title or None, title_justify="left",
+    )  # fmt: skip
+    for c in candidates:
+        latency, speedup = c.get("latency_ms") or {}, c.get("speedup") or {}
+        parity = c.get("parity") or {}
+        figures = [
+            f"{_SHORT[k]} {v:.2%}" if k == "label_agreement" else f"{_SHORT[k]} {v:.1e}"
+            for k, v in parity.items()
+            if k in _SHORT and isinstance(v, (int, float))
+        ]
+        status = "[green]pass[/]" if parity.get("passed") else "[red]fail[/]"
+        status = status if parity else "-"
+        table.add_row(
+            ("[bold]" if c.get("chosen") else "") + str(c.get("name")),
+            _size(c.get("model_bytes")),
+            _ms(latency.get("1")),
+            _ms(latency.get("64")),
+            "/".join(f"{float(speedup[b]):.2f}x" for b in ("1", "64") if b in speedup) or "-",
+            f"{status} {escape(', '.join(figures))}".strip(),
+            escape(str(c.get("error") or c.get("verdict") or "")),
+        )
+    return table
+
+
+class _Records(logging.Handler):
+    """Keeps formatted log records in memory until the build knows where its log goes."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+        self.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(self.format(record))
+
+
+@contextmanager
+def _build_log(path: Path) -> Iterator[None]:
+    """Everything logged while building (library warnings too) goes to ``path``, not stderr.
+
+    The file is written only if the build wrote into its directory: a refused build leaves
+    nothing behind.
+    """
+    handler = _Records()
+    root = logging.getLogger()
+    level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+        if path.parent.is_dir() and any(path.parent.iterdir()):
+            path.write_text("".join(f"{line}\n" for line in handler.lines), encoding="utf-8")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -118,7 +199,7 @@ def profiles(profile_dirs: tuple[Path, ...]) -> None:
 
 
 @cli.command()
-@click.argument("model", type=click.Path(path_type=Path))
+@click.argument("model")
 @click.option("--name", required=True, help="Model name (letters, digits, '.', '_', '-').")
 @click.option(
     "--version",
@@ -157,8 +238,20 @@ def profiles(profile_dirs: tuple[Path, ...]) -> None:
 @click.option(
     "--profile-dir", "profile_dirs", multiple=True, type=click.Path(path_type=Path, file_okay=False)
 )
+@click.option(
+    "--columns",
+    default=None,
+    help="The model's input columns in order, comma-separated (for a model trained without "
+    "feature names, or a .npy reference).",
+)
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Replace an existing bundle of this name, version and profile with different content.",
+)
+@click.option("--explain", is_flag=True, help="Show every precision candidate measured.")
 def build(
-    model: Path,
+    model: str,
     name: str,
     version: int,
     profile_ids: tuple[str, ...],
@@ -167,13 +260,21 @@ def build(
     out_dir: Path,
     trust_pickle: bool,
     profile_dirs: tuple[Path, ...],
+    columns: str | None,
+    force: bool,
+    explain: bool,
 ) -> None:
-    """Build one signed bundle per device profile from MODEL."""
+    """Build one signed bundle per device profile from MODEL.
+
+    MODEL is an .onnx or joblib file, or an MLflow model: models:/NAME/VERSION or
+    runs:/RUN_ID/PATH (needs the mlflow extra; MLFLOW_TRACKING_URI says where).
+    """
     from edgepack.packager._build import BuildRequest
     from edgepack.packager._build import build as run_build
 
+    source: Path | str = model if model.startswith(("models:/", "runs:/")) else Path(model)
     request = BuildRequest(
-        model=model,
+        model=source,
         name=name,
         version=version,
         profiles=profile_ids,
@@ -182,7 +283,10 @@ def build(
         out_dir=out_dir,
         trust_pickle=trust_pickle,
         profile_dirs=profile_dirs,
+        columns=[c.strip() for c in columns.split(",") if c.strip()] if columns else None,
+        force=force,
     )
+    log_path = out_dir / f"{name}-{version}.build.log"
     progress = Progress(
         SpinnerColumn(),
         TextColumn("{task.description:<18}"),
@@ -199,8 +303,9 @@ def build(
         done = next((i for i, s in enumerate(steps) if step.startswith(s)), 0)
         progress.update(tasks[profile_id], completed=done, step=step)
 
+    started = time.perf_counter()
     try:
-        with progress:
+        with progress, _build_log(log_path):
             for pid in dict.fromkeys(profile_ids):
                 tasks[pid] = progress.add_task(pid, total=len(steps) - 1, step="waiting")
             results = run_build(request, on_step)
@@ -208,24 +313,35 @@ def build(
         _fail(str(e))
     except ValueError as e:
         _fail(str(e), 2)
+    total = time.perf_counter() - started
 
-    table = Table("profile", "precision", "size", "parity", "on target", "time", "bundle")
+    shared = results[0].shared_seconds if results else 0.0
+    table = Table(
+        "profile", "precision", "size", "parity", "on target", "time", "bundle",
+        caption=f"whole build {total:.1f}s: shared {shared:.1f}s (model, reference rows, drift "
+        f"calibration) + profiles; log {log_path}",
+        caption_justify="left",
+    )  # fmt: skip
     for r in results:
         if r.ok:
             table.add_row(
                 r.profile,
-                r.precision,
+                f"{r.precision} ({r.chosen})" if r.chosen else r.precision,
                 _size(r.bundle_bytes),
                 f"[green]ok[/] {r.parity.summary() if r.parity else ''}",
                 "yes" if r.target_verified else "[yellow]not verified[/]",
                 f"{r.seconds:.1f}s",
-                r.bundle.name if r.bundle else "-",
+                (r.bundle.name if r.bundle else "-") + (" (unchanged)" if r.unchanged else ""),
             )
         else:
             table.add_row(
                 r.profile, r.precision or "-", "-", "[red]FAILED[/]", "-", f"{r.seconds:.1f}s", "-"
             )
     console.print(table)
+    if explain:
+        for r in results:
+            if r.candidates:
+                console.print(candidates_table(r.candidates, f"{r.profile}: candidates measured"))
     for r in results:
         for note in r.notes:
             err.print(f"[yellow]{r.profile}:[/] {escape(note)}")
@@ -315,6 +431,8 @@ def inspect(bundle: Path, as_json: bool) -> None:
     for key, value in rows:
         table.add_row(f"[bold]{key}[/]", value)
     console.print(table)
+    if m.candidates:
+        console.print(candidates_table(m.candidates, "candidates measured at build time"))
 
 
 def main() -> None:

@@ -2,7 +2,14 @@
 
 * :func:`normalize_opsets` repairs ``opset_import`` after conversion: skl2onnx lists the default
   domain twice for ``ai.onnx.ml``-only graphs (``quantize_dynamic`` then fails with "Failed to find
-  proper ai.onnx domain") and onnxmltools' XGBoost output may lack it entirely.
+  proper ai.onnx domain") and onnxmltools' XGBoost output may lack it entirely. It also drops
+  imports of domains no operator uses: onnxruntime's ``quant_pre_process`` adds nine of them
+  (``ai.onnx.ml`` at opset 5 among them) to a plain neural network, which a profile's opset check
+  would then refuse.
+* :func:`inline_functions` expands a model's local ONNX functions (exporters emit them for
+  custom blocks) into plain nodes, so quantizers and opset checks see every operator.
+* :func:`dynamic_batch` gives outputs a dynamic first dimension where a converter declared a
+  fixed one for a dynamic-batch input (onnxmltools declares a 3-class LightGBM ``label`` ``[1]``).
 * :func:`classify_family` says whether a graph is a tree ensemble, a linear model or a neural
   network, which decides its precision under a profile's policy.
 * :func:`check_limits` refuses a graph that needs a newer opset or IR version than a profile allows.
@@ -24,7 +31,9 @@ __all__ = [
     "ML_DOMAIN",
     "check_limits",
     "classify_family",
+    "dynamic_batch",
     "graph_ops",
+    "inline_functions",
     "normalize_opsets",
     "opsets_of",
     "rename_inputs",
@@ -63,19 +72,62 @@ def opsets_of(model: onnx.ModelProto) -> dict[str, int]:
     return {op.domain: op.version for op in model.opset_import}
 
 
-def normalize_opsets(model: onnx.ModelProto, default_opset: int) -> onnx.ModelProto:
-    """Leave exactly one ``opset_import`` per domain, and always one for the default domain.
+def used_domains(model: onnx.ModelProto) -> set[str]:
+    """Operator domains the graph, its subgraphs and its local functions use."""
+    domains = {node.domain for node in _walk(model.graph)}
+    for function in model.functions:
+        domains.add(function.domain)
+        domains |= {node.domain for node in function.node}
+    return domains
 
-    Duplicates keep the highest version. A missing default domain gets ``default_opset``.
-    The model is changed in place and returned.
+
+def normalize_opsets(model: onnx.ModelProto, default_opset: int) -> onnx.ModelProto:
+    """Leave exactly one ``opset_import`` per used domain, and always one for the default domain.
+
+    Duplicates keep the highest version; imports of domains no operator uses are dropped. A
+    missing default domain gets ``default_opset``. The model is changed in place and returned.
     """
+    used = used_domains(model)
     versions: dict[str, int] = {}
     for op in model.opset_import:
-        versions[op.domain] = max(versions.get(op.domain, 0), op.version)
+        if op.domain in used or op.domain == DEFAULT_DOMAIN:
+            versions[op.domain] = max(versions.get(op.domain, 0), op.version)
     versions.setdefault(DEFAULT_DOMAIN, default_opset)
     del model.opset_import[:]
     for domain in sorted(versions):
         model.opset_import.append(onnx.helper.make_opsetid(domain, versions[domain]))
+    return model
+
+
+def inline_functions(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model with its local functions expanded into plain nodes (unchanged without any)."""
+    if not model.functions:
+        return model
+    from onnx import inliner
+
+    try:
+        return inliner.inline_local_functions(model)
+    except Exception as e:
+        raise ConversionError(f"cannot inline the model's ONNX functions: {e}") from e
+
+
+def dynamic_batch(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Make outputs' fixed first dimension dynamic when the first input's batch is dynamic.
+
+    Changed in place and returned; a model with a fixed batch input is left alone.
+    """
+    weights = {t.name for t in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in weights]
+    if not inputs:
+        return model
+    dims = inputs[0].type.tensor_type.shape.dim
+    if not dims or dims[0].HasField("dim_value"):
+        return model
+    batch = dims[0].dim_param or "N"
+    for output in model.graph.output:
+        out_dims = output.type.tensor_type.shape.dim
+        if out_dims and out_dims[0].HasField("dim_value"):
+            out_dims[0].dim_param = batch  # clears dim_value (a oneof)
     return model
 
 

@@ -1,16 +1,21 @@
-"""Make a converted model fit its profile's precision: int8 quantization or fp16 conversion.
+"""Make one candidate of a converted model: fp32 graph-optimized, int8 quantized, fp16 or mixed.
 
-The precision comes from the profile's policy for the model's family (tree/linear models stay
-fp32: they have nothing to quantize, and fp16 flips tree thresholds). For int8 the graph first
+Which candidates a profile tries, and which one ships, is decided by measurement in
+:mod:`edgepack.packager._precision`; this module only makes them. ``fp32-opt`` is onnxruntime's
+offline basic-level optimization (constant folding, redundant-node elimination: standard ONNX
+operators only, valid for every execution provider). For int8 the graph first
 goes through ``quant_pre_process`` (shape inference and fusions), then static QDQ quantization
 calibrated on reference rows when the profile asks for it and rows exist, else dynamic
 quantization. fp16 uses ``onnxruntime.transformers.float16`` with float32 inputs and outputs
-kept, then stores the fp16 weights as ``raw_data``.
+kept, then stores the fp16 weights as ``raw_data``; *mixed* keeps the numerically sensitive
+operators (softmax, normalizations, exponentials, reductions) and the first and last
+weight-bearing layers in fp32.
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -25,7 +30,7 @@ from edgepack.packager._graph import ML_DOMAIN, normalize_opsets, opsets_of, rep
 from edgepack.packager._profiles import Quantization
 from edgepack.packager.exceptions import OptimizationError, short_error
 
-__all__ = ["Optimized", "optimize"]
+__all__ = ["Optimized", "graph_optimize", "optimize"]
 
 log = logging.getLogger(__name__)
 
@@ -65,18 +70,23 @@ class _Reader:
 
 @contextlib.contextmanager
 def _quiet_root_logger() -> Iterator[None]:
-    """onnxruntime.quantization logs type-inference chatter on the root logger; hide it."""
+    """onnxruntime.quantization logs type-inference chatter on the root logger and prints its
+    histogram settings to stdout; hide the first and send the second to our log."""
     import onnxruntime as ort
 
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)
     ort.set_default_logger_severity(3)  # "removing unused initializer" warnings from pre-process
+    printed = io.StringIO()
     try:
-        yield
+        with contextlib.redirect_stdout(printed):
+            yield
     finally:
         root.setLevel(level)
         ort.set_default_logger_severity(2)
+        if printed.getvalue().strip():
+            log.info("onnxruntime.quantization: %s", " ".join(printed.getvalue().split()))
 
 
 def _rows(feeds: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
@@ -165,20 +175,59 @@ def _quantize(
     return Optimized(quantized, "int8", used, tuple(notes))
 
 
-def _fp16(model: onnx.ModelProto) -> Optimized:
+_SENSITIVE_OPS = (
+    "Softmax", "LogSoftmax", "LayerNormalization", "BatchNormalization", "InstanceNormalization",
+    "Exp", "Log", "Pow", "Sqrt", "ReduceMean", "ReduceSum", "ReduceL2", "Sigmoid", "Erf",
+)  # fmt: skip
+
+
+def _fp16(model: onnx.ModelProto, *, mixed: bool = False) -> Optimized:
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
+    # Concat joining an fp32 branch (e.g. a OneHotEncoder, kept fp32) with an fp16 one gets mixed
+    # input types; keeping Concat in fp32 makes the converter insert casts.
+    op_block = [*DEFAULT_OP_BLOCK_LIST, "Concat"]
+    node_block: list[str] = []
+    if mixed:
+        op_block += list(_SENSITIVE_OPS)
+        weighted = [n.name for n in model.graph.node if n.op_type in _QUANTIZED_OPS and n.name]
+        node_block = list(dict.fromkeys(weighted[:1] + weighted[-1:]))
     try:
         converted = convert_float_to_float16(
-            model,
-            keep_io_types=True,
-            # Concat joining an fp32 branch (e.g. a OneHotEncoder, kept fp32) with an fp16 one
-            # gets mixed input types; keeping Concat in fp32 makes the converter insert casts.
-            op_block_list=[*DEFAULT_OP_BLOCK_LIST, "Concat"],
+            model, keep_io_types=True, op_block_list=op_block, node_block_list=node_block
         )
     except Exception as e:
         raise OptimizationError(f"fp16 conversion failed: {short_error(e)}") from e
-    return Optimized(repack_fp16(converted), "fp16", {"keep_io_types": True})
+    used: dict[str, Any] = {"keep_io_types": True}
+    if mixed:
+        used |= {"mixed": True, "fp32_ops": sorted(_SENSITIVE_OPS), "fp32_nodes": node_block}
+    return Optimized(repack_fp16(converted), "fp16", used)
+
+
+def graph_optimize(model: onnx.ModelProto) -> Optimized:
+    """onnxruntime's basic (provider-independent) graph optimizations, saved as a plain model.
+
+    Raises:
+        OptimizationError: onnxruntime could not load or save the model.
+    """
+    import onnxruntime as ort
+
+    default_opset = opsets_of(model).get("", 17)
+    with tempfile.TemporaryDirectory(prefix="edgepack-opt-") as tmp:
+        out = Path(tmp, "optimized.onnx")
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        options.optimized_model_filepath = str(out)
+        try:
+            ort.InferenceSession(
+                model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+            )
+            optimized = onnx.load(out)
+        except Exception as e:
+            raise OptimizationError(f"graph optimization failed: {short_error(e)}") from e
+    optimized.ir_version = min(optimized.ir_version, model.ir_version)
+    return Optimized(normalize_opsets(optimized, default_opset), "fp32", {"graph": "basic"})
 
 
 def optimize(
@@ -186,14 +235,17 @@ def optimize(
     precision: str,
     settings: Quantization,
     calibration: dict[str, np.ndarray] | None,
+    *,
+    mixed: bool = False,
 ) -> Optimized:
     """Return the model at ``precision`` (``fp32`` returns it unchanged).
 
     Args:
         model: the converted fp32 model.
-        precision: ``fp32``, ``int8`` or ``fp16``, from the profile's policy for the family.
-        settings: the profile's quantization parameters.
+        precision: ``fp32``, ``int8`` or ``fp16``.
+        settings: the quantization parameters of this candidate.
         calibration: onnxruntime feeds of the calibration rows (``None`` without reference data).
+        mixed: for fp16, keep sensitive operators and the first and last layers in fp32.
 
     Raises:
         OptimizationError: the quantizer or fp16 converter failed; the message says which.
@@ -203,5 +255,5 @@ def optimize(
     if precision == "int8":
         return _quantize(model, settings, calibration)
     if precision == "fp16":
-        return _fp16(model)
+        return _fp16(model, mixed=mixed)
     raise ValueError(f"unknown precision {precision!r}")

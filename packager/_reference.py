@@ -5,15 +5,24 @@ check, int8 calibration, drift statistics and the golden samples. This module lo
 pandas DataFrame, decides the model's input layout from them (:class:`InputLayout`), turns rows
 into onnxruntime feeds, and splits the rows deterministically into a calibration and a parity part.
 
-Two layouts exist, the ones skl2onnx uses:
+Three layouts exist, the two skl2onnx uses and one for raw ONNX graphs:
 
 * ``tensor``: one 2-D input ``[batch, n_features]`` of float32 (numeric models);
 * ``columns``: one ``[batch, 1]`` input per column, float32, int64 or string (models that take a
-  DataFrame with string columns, e.g. a ColumnTransformer with a OneHotEncoder).
+  DataFrame with string columns, e.g. a ColumnTransformer with a OneHotEncoder);
+* ``tensors``: several numeric inputs of any rank (an exported network with two inputs, a CNN
+  taking ``[batch, 1, 8, 8]``); each takes the next ``prod(shape[1:])`` columns, in order.
+
+Columns are matched by name. A ``.npy`` file has no names, and a model trained without names
+knows only positions: then the user says which column is which (``--columns``, or the MLflow
+signature), and a named file that does not say is refused rather than taken by position. Numeric
+columns may hold missing values (NaN) when the model handles them (an imputer, or a
+HistGradientBoosting model); an error about a value names its column and row.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,12 +37,71 @@ __all__ = [
     "InputLayout",
     "ReferenceSplit",
     "columns_layout",
+    "is_positional",
     "load_reference",
+    "match_columns",
     "split_reference",
     "tensor_layout",
+    "tensors_layout",
 ]
 
 TENSOR_INPUT = "input"
+_POSITIONAL = "edgepack_positional"
+
+
+def is_positional(frame: pd.DataFrame) -> bool:
+    """Whether the frame's column names are made up (``f0``, ``f1``, ... from a ``.npy`` file)."""
+    return bool(frame.attrs.get(_POSITIONAL, False))
+
+
+def match_columns(
+    frame: pd.DataFrame, model_names: Sequence[str] | None, stated: Sequence[str] | None
+) -> pd.DataFrame:
+    """Reconcile the reference columns with the names the model knows and those the user stated.
+
+    Args:
+        frame: the loaded reference rows.
+        model_names: the model's own feature names, or ``None`` if it knows only positions.
+        stated: ``--columns`` (or an MLflow signature): the model's inputs in order.
+
+    Returns:
+        The frame, its columns renamed (a ``.npy`` file with ``stated`` names) or narrowed to
+        ``stated`` in that order.
+
+    Raises:
+        ReferenceDataError: the stated names disagree with the model's own, are missing from the
+            file, or a model without names meets a file with named columns and nothing says
+            which is which.
+    """
+    if stated:
+        stated = [str(c) for c in stated]
+        if len(set(stated)) != len(stated):
+            raise ReferenceDataError(f"--columns names a column twice: {', '.join(stated)}")
+        if model_names is not None and list(model_names) != stated:
+            raise ReferenceDataError(
+                "--columns disagrees with the names the model was trained with "
+                f"({', '.join(map(str, model_names))}); leave --columns out or correct it"
+            )
+        if is_positional(frame):
+            if frame.shape[1] != len(stated):
+                raise ReferenceDataError(
+                    f"--columns names {len(stated)} columns but the .npy reference has "
+                    f"{frame.shape[1]}"
+                )
+            renamed = frame.set_axis(stated, axis=1)
+            renamed.attrs = {}
+            return renamed
+        _require_columns(frame, stated)
+        return frame.loc[:, stated]
+    if model_names is None and not is_positional(frame):
+        shown = ", ".join(map(repr, list(frame.columns)[:8]))
+        raise ReferenceDataError(
+            "the model was trained without feature names, so it knows its inputs only by "
+            f"position, and the reference file names its columns ({shown}"
+            f"{', ...' if frame.shape[1] > 8 else ''}); say which columns the model takes, in "
+            "its order, with --columns a,b,c"
+        )
+    return frame
 
 
 def load_reference(path: Path) -> pd.DataFrame:
@@ -59,6 +127,7 @@ def load_reference(path: Path) -> pd.DataFrame:
                     f"{path}: a .npy reference must be a 2-D array of rows, got shape {array.shape}"
                 )
             frame = pd.DataFrame(array, columns=[f"f{i}" for i in range(array.shape[1])])
+            frame.attrs[_POSITIONAL] = True
         else:
             raise ReferenceDataError(
                 f"{path}: unknown reference format {suffix!r}; use .csv, .parquet or .npy"
@@ -81,7 +150,7 @@ def _is_numeric(series: pd.Series) -> bool:
 class InputLayout:
     """How reference columns map onto the ONNX model's inputs."""
 
-    mode: str  # "tensor" or "columns"
+    mode: str  # "tensor", "columns" or "tensors"
     columns: tuple[str, ...]
     specs: tuple[TensorSpec, ...]
 
@@ -90,19 +159,55 @@ class InputLayout:
         return frame.loc[:, list(self.columns)]
 
     def feeds(self, frame: pd.DataFrame) -> dict[str, np.ndarray]:
-        """onnxruntime feeds for ``frame``'s rows."""
-        if self.mode == "tensor":
-            return {self.specs[0].name: frame.loc[:, list(self.columns)].to_numpy(np.float32)}
+        """onnxruntime feeds for ``frame``'s rows: each input takes its ``columns``, reshaped.
+
+        Raises:
+            ReferenceDataError: a value does not fit its input's type (names column and row).
+        """
         feeds: dict[str, np.ndarray] = {}
-        for spec, column in zip(self.specs, self.columns, strict=True):
-            values = frame[column].to_numpy()
-            if spec.dtype == "string":
-                feeds[spec.name] = values.astype(str).reshape(-1, 1)
-            elif spec.dtype == "int64":
-                feeds[spec.name] = values.astype(np.int64).reshape(-1, 1)
-            else:
-                feeds[spec.name] = values.astype(np.float32).reshape(-1, 1)
+        for spec in self.specs:
+            arrays = [_column_values(frame, c, spec.dtype) for c in spec.columns]
+            stacked = np.stack(arrays, axis=1) if len(arrays) > 1 else arrays[0].reshape(-1, 1)
+            feeds[spec.name] = np.ascontiguousarray(stacked.reshape((-1, *_item_shape(spec))))
         return feeds
+
+
+def _item_shape(spec: TensorSpec) -> tuple[int, ...]:
+    """One row's shape for an input: its static dims after the batch, or (columns,)."""
+    rest = spec.shape[1:]
+    if rest and all(isinstance(d, int) for d in rest):
+        return tuple(int(d) for d in rest)  # type: ignore[arg-type]
+    return (len(spec.columns),)
+
+
+def _column_values(frame: pd.DataFrame, column: str, dtype: str) -> np.ndarray:
+    values = frame[column].to_numpy()
+    if dtype == "string":
+        return values.astype(str)
+    kind = np.int64 if dtype == "int64" else np.float32
+    try:
+        converted = values.astype(kind)
+    except (TypeError, ValueError) as e:
+        bad = next((i for i, v in enumerate(values) if not _fits(v, kind)), None)
+        where = f", row {bad} (0 = first data row)" if bad is not None else ""
+        shown = f" value {values[bad]!r}" if bad is not None else ""
+        raise ReferenceDataError(
+            f"reference column {column!r}{where}:{shown} is not a "
+            f"{'whole number' if kind is np.int64 else 'number'} ({e})"
+        ) from e
+    if kind is np.int64 and pd.isna(frame[column]).any():
+        raise ReferenceDataError(
+            f"reference column {column!r} has missing values, but the model takes it as int64"
+        )
+    return converted
+
+
+def _fits(value: object, kind: type) -> bool:
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return False
+    return kind is not np.int64 or (math.isfinite(number) and number == int(number))
 
 
 def tensor_layout(
@@ -138,6 +243,55 @@ def tensor_layout(
         )
     spec = TensorSpec(input_name, "float32", (None, len(columns)), tuple(columns))
     return InputLayout("tensor", tuple(columns), (spec,))
+
+
+def tensors_layout(
+    frame: pd.DataFrame, inputs: Sequence[tuple[str, str, tuple[int | None, ...]]]
+) -> InputLayout:
+    """Several numeric inputs ``(name, dtype, shape)``; each takes the next columns, in order.
+
+    An input's width is the product of its static dimensions after the batch (a 2-D input with a
+    dynamic width takes what is left, if it is the last).
+
+    Raises:
+        ReferenceDataError: the widths do not add up to the frame's columns, or a column is not
+            numeric.
+    """
+    columns = list(frame.columns)
+    specs: list[TensorSpec] = []
+    start = 0
+    for position, (name, dtype, shape) in enumerate(inputs):
+        rest = shape[1:]
+        if rest and all(isinstance(d, int) for d in rest):
+            width = math.prod(int(d) for d in rest if d is not None)
+        elif position == len(inputs) - 1 and len(shape) == 2:
+            width = len(columns) - start
+        else:
+            raise ReferenceDataError(
+                f"input {name!r} has shape {list(shape)}: edgepack needs fixed dimensions after "
+                "the batch to know how many reference columns it takes"
+            )
+        taken = columns[start : start + width]
+        if len(taken) < width:
+            raise ReferenceDataError(
+                f"the model's inputs take {start + width}+ columns "
+                f"({', '.join(f'{n} {list(sh)}' for n, _, sh in inputs)}), the reference data "
+                f"has {len(columns)}"
+            )
+        specs.append(TensorSpec(name, dtype, tuple(shape), tuple(taken)))
+        start += width
+    if start != len(columns):
+        raise ReferenceDataError(
+            f"the model's inputs take {start} columns, the reference data has {len(columns)}; "
+            "pass exactly the model's input columns"
+        )
+    bad = [c for c in columns if not _is_numeric(frame[c])]
+    if bad:
+        raise ReferenceDataError(
+            f"reference column(s) {', '.join(map(repr, bad))} are not numeric, but the model's "
+            "inputs are numeric tensors"
+        )
+    return InputLayout("tensors", tuple(columns), tuple(specs))
 
 
 def columns_layout(
@@ -196,12 +350,15 @@ def split_reference(
     other half, so the parity check never runs on the rows int8 was calibrated on.
 
     Raises:
-        ReferenceDataError: fewer than 2 rows, or missing values in a feature column.
+        ReferenceDataError: fewer than 2 rows, or missing values in a non-numeric column
+            (numeric NaNs pass: the source model says whether it accepts them).
     """
     features = layout.select(frame).reset_index(drop=True)
     if len(features) < 2:
         raise ReferenceDataError("reference data needs at least 2 rows (ideally 1,000 or more)")
-    nulls = [c for c in features.columns if features[c].isna().any()]
+    nulls = [
+        c for c in features.columns if not _is_numeric(features[c]) and features[c].isna().any()
+    ]
     if nulls:
         raise ReferenceDataError(
             f"reference column(s) {', '.join(map(repr, nulls))} have missing values; "

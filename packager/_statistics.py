@@ -149,17 +149,17 @@ def reference_statistics(
     outputs: np.ndarray | None = None
     if task == "classification" and prediction.labels is not None:
         outputs = np.asarray(prediction.labels).ravel()
-    elif task == "regression" and prediction.values is not None:
+    elif task in ("regression", "anomaly") and prediction.values is not None:  # anomaly: score
         outputs = np.asarray(prediction.values, dtype=np.float64).ravel()
     columns = len(layout.columns) + (1 if outputs is not None else 0)
     features = []
-    for index, column in enumerate(layout.columns):
+    for column in layout.columns:
         series = frame[column].reset_index(drop=True)
-        spec = layout.specs[0] if layout.mode == "tensor" else layout.specs[index]
+        spec = next(s for s in layout.specs if column in s.columns)
         entry = dataclasses.replace(
             _column(series.iloc[build], column),
             input=spec.name,
-            index=index if layout.mode == "tensor" else 0,
+            index=spec.columns.index(column),  # position along the input's (flattened) row
         )
         features.append(_thresholds(entry, series.iloc[holdout].to_numpy(), columns, windows))
     output = None
@@ -168,7 +168,7 @@ def reference_statistics(
         output = (
             _categorical(pd.Series(outputs[build]), "label")
             if task == "classification"
-            else _numeric(outputs[build], "prediction")
+            else _numeric(outputs[build], "score" if task == "anomaly" else "prediction")
         )
         output = _thresholds(output, outputs[holdout], columns, windows)
     return Reference(

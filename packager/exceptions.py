@@ -15,6 +15,7 @@ message. They are grouped by whose fault the failure is::
         ├── ConversionError          build outcome: conversion to ONNX failed
         ├── OptimizationError        build outcome: graph optimization or quantization failed
         ├── ParityError              build outcome: packaged model diverges beyond tolerance
+        ├── ReleaseError             misuse: that name+version+profile exists with other content
         └── BuildError               build outcome: one or more profiles failed
 
 Misuse by the calling program raises the ordinary ``ValueError``/``TypeError``/``RuntimeError``.
@@ -36,6 +37,7 @@ __all__ = [
     "ParityError",
     "ProfileError",
     "ReferenceDataError",
+    "ReleaseError",
     "UnsupportedModelError",
     "UntrustedPickleError",
     "short_error",
@@ -99,6 +101,10 @@ class ParityError(PackagerError):
 
     def __reduce__(self) -> tuple[Any, ...]:  # keep .report across process boundaries
         return (type(self), (str(self), self.report))
+
+
+class ReleaseError(PackagerError):
+    """A bundle for this name, version and profile exists with different content (no --force)."""
 
 
 def short_error(error: BaseException, limit: int = 300) -> str:

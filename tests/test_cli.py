@@ -103,7 +103,10 @@ def built(tmp_path_factory: pytest.TempPathFactory, iris_model: tuple[Path, Path
 def test_build_prints_summary_and_writes_one_bundle_per_profile(built: Built) -> None:
     assert built.result.returncode == 0, built.result.stderr
     assert TRACEBACK not in built.result.stdout + built.result.stderr
-    assert sorted(built.out.iterdir()) == sorted(built.bundles.values())  # no .part left over
+    log = built.out / f"{NAME}-{VERSION}.build.log"  # library warnings go here, not the terminal
+    assert sorted(built.out.iterdir()) == sorted([*built.bundles.values(), log])  # no .part
+    assert "Warning" not in built.result.stderr
+    assert "whole build" in built.result.stdout
     header = next(line for line in built.result.stdout.splitlines() if "profile" in line)
     for column in ("profile", "precision", "size", "parity"):
         assert column in header
@@ -112,7 +115,10 @@ def test_build_prints_summary_and_writes_one_bundle_per_profile(built: Built) ->
         assert (manifest["name"], manifest["version"], manifest["profile"]) == (NAME, VERSION, pid)
         [row] = [line for line in built.result.stdout.splitlines() if f" {pid} " in line]
         cells = [cell.strip() for cell in row.strip("│ ").split("│")]
-        assert cells[:3] == [pid, manifest["precision"], human(bundle.stat().st_size)]
+        [chosen] = [c["name"] for c in manifest["candidates"] if c["chosen"]]
+        assert cells[:3] == [
+            pid, f"{manifest['precision']} ({chosen})", human(bundle.stat().st_size)
+        ]  # fmt: skip
         assert cells[3].startswith("ok ")
         assert f"{manifest['parity']['metrics']['label_agreement']:.2%}" in cells[3]
         assert cells[-1] == bundle.name
@@ -141,6 +147,27 @@ def test_inspect_shows_name_profile_precision_parity(built: Built) -> None:
     parity = manifest["parity"]
     assert ("passed" if parity["passed"] else "FAILED") in rows["parity"]
     assert f'"label_agreement": {parity["metrics"]["label_agreement"]}' in rows["parity"]
+    # the candidates measured at build time, as a table: one row each, the shipped one marked
+    assert "candidates measured at build time" in result.stdout
+    for candidate in manifest["candidates"]:
+        [row] = [line for line in result.stdout.splitlines() if f"│ {candidate['name']} " in line]
+        assert ("shipped" in row) is candidate["chosen"]
+
+
+def test_build_explain_shows_every_candidate(
+    tmp_path: Path, iris_model: tuple[Path, Path], keys
+) -> None:
+    model, reference = iris_model
+    result = edgepack(
+        "build", model, "--name", NAME, "--version", VERSION, "--profile", "x86_64-cpu",
+        "--reference", reference, "--key", keys.private, "--out", "dist", "--trust-pickle",
+        "--explain", cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "x86_64-cpu: candidates measured" in result.stdout
+    manifest = manifest_of(tmp_path / "dist" / f"{NAME}-{VERSION}-x86_64-cpu.edgepack")
+    for candidate in manifest["candidates"]:
+        assert f"│ {candidate['name']} " in result.stdout
 
 
 def test_verify_refuses_a_key_it_does_not_trust(built: Built, other_keys) -> None:
@@ -265,11 +292,14 @@ def garbage_joblib(w: Work) -> tuple[list[str], list[str]]:
 
 def unsupported_estimator(w: Work) -> tuple[list[str], list[str]]:
     from sklearn.datasets import load_iris
-    from sklearn.ensemble import HistGradientBoostingClassifier
+    from sklearn.kernel_approximation import Nystroem
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
 
     x, y = load_iris(return_X_y=True, as_frame=True)
-    model = _joblib(w, "hgb.joblib", HistGradientBoostingClassifier(max_iter=3).fit(x, y))
-    return w.build(model), ["cannot convert HistGradientBoostingClassifier"]
+    pipeline = make_pipeline(Nystroem(n_components=5, random_state=0), LogisticRegression())
+    model = _joblib(w, "nystroem.joblib", pipeline.fit(x, y))
+    return w.build(model), ["skl2onnx has no converter for Nystroem", "supported are"]
 
 
 def not_a_model(w: Work) -> tuple[list[str], list[str]]:

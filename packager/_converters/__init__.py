@@ -2,7 +2,9 @@
 
 A converter knows one framework: whether it accepts a loaded model object, what task and family
 the model has, which input layout it needs, how to convert it to ONNX at a given opset, and how
-to run the *source* model so the parity gate can compare against it. Adding a framework
+to run the *source* model so the parity gate can compare against it. ``feature_names`` is
+``None`` for a model that knows its inputs only by position (then the user names the reference
+columns). Adding a framework
 (PyTorch, say) is one new module here with a class that satisfies :class:`Converter`, plus one
 line in ``_REGISTRY``. Modules are imported lazily, so a missing optional extra (lightgbm,
 xgboost, onnxmltools) only matters to models that need it.
@@ -28,7 +30,8 @@ __all__ = ["Converter", "Prediction", "find_converter"]
 class Prediction:
     """What a model said for a batch of rows, in a form the parity gate compares.
 
-    Classification fills ``labels`` and ``probabilities``; regression fills ``values``;
+    Classification fills ``labels`` and ``probabilities``; regression fills ``values``; an
+    anomaly detector fills ``labels`` (1 inlier, -1 outlier) and ``values`` (its score);
     anything else fills ``tensors`` (every output, in order).
     """
 
@@ -48,6 +51,7 @@ class Converter(Protocol):
     def task(self, obj: Any) -> str: ...
     def family(self, obj: Any) -> str | None: ...
     def class_labels(self, obj: Any) -> list[Any]: ...
+    def feature_names(self, obj: Any) -> list[str] | None: ...
     def layout(self, obj: Any, frame: pd.DataFrame) -> InputLayout: ...
     def convert(
         self, obj: Any, layout: InputLayout, opset: int, ml_opset: int

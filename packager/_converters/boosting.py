@@ -1,8 +1,9 @@
 """LightGBM and XGBoost models (their scikit-learn wrappers), converted with onnxmltools.
 
 Needs the ``boosting`` extra (onnxmltools, lightgbm, xgboost). onnxmltools' XGBoost output may
-have no default-domain opset import; the builder's :func:`edgepack.packager._graph.normalize_opsets`
-fixes that after conversion.
+have no default-domain opset import, and its LightGBM classifiers declare ``label`` as ``[1]``
+whatever the batch; the builder's :func:`edgepack.packager._graph.normalize_opsets` and
+:func:`~edgepack.packager._graph.dynamic_batch` fix both after conversion.
 """
 
 from __future__ import annotations
@@ -40,6 +41,10 @@ class _BoostingConverter:
         return (
             [c.item() if hasattr(c, "item") else c for c in classes] if classes is not None else []
         )
+
+    def feature_names(self, obj: Any) -> list[str] | None:
+        names = getattr(obj, "feature_names_in_", None)
+        return [str(c) for c in names] if names is not None else None
 
     def layout(self, obj: Any, frame: pd.DataFrame) -> InputLayout:
         names = getattr(obj, "feature_names_in_", None)

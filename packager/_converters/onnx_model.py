@@ -1,4 +1,12 @@
-"""ONNX models: already converted; checked, down-converted if the profile needs an older opset.
+"""ONNX models from any exporter: checked, normalized and down-converted where a profile needs it.
+
+Exporters (PyTorch, TensorFlow/Keras through tf2onnx, skl2onnx, onnx.helper) differ in what they
+leave in a graph: local functions, opset imports no operator uses, external-data tensors (read in
+by :mod:`edgepack.packager._sources`), symbolic or fixed batch dimensions. :meth:`convert`
+inlines functions, keeps one import per used domain, and runs onnx's version converter when the
+model's opset is above the profile's; a model that cannot go down says why. Inputs map onto the
+reference columns by name when each takes one column, else by position (``tensors`` layout in
+:mod:`edgepack.packager._reference`), and the user states the names.
 
 The source model for the parity gate is the ONNX file itself, run on this machine's onnxruntime.
 """
@@ -14,11 +22,17 @@ from onnx import version_converter
 
 from edgepack.formats.manifest import TensorSpec
 from edgepack.packager._converters import Prediction
-from edgepack.packager._graph import DEFAULT_DOMAIN, classify_family, normalize_opsets, opsets_of
-from edgepack.packager._reference import InputLayout, columns_layout, tensor_layout
+from edgepack.packager._graph import (
+    DEFAULT_DOMAIN,
+    classify_family,
+    inline_functions,
+    normalize_opsets,
+    opsets_of,
+)
+from edgepack.packager._reference import InputLayout, columns_layout, tensors_layout
 from edgepack.packager.exceptions import ConversionError, ReferenceDataError
 
-_ELEM = {
+_ELEM: dict[int, str] = {
     onnx.TensorProto.FLOAT: "float32",
     onnx.TensorProto.DOUBLE: "float64",
     onnx.TensorProto.INT64: "int64",
@@ -71,40 +85,67 @@ class OnnxConverter:
     def class_labels(self, obj: onnx.ModelProto) -> list[Any]:
         return []
 
-    def layout(self, obj: onnx.ModelProto, frame: pd.DataFrame) -> InputLayout:
+    def _inputs(self, obj: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
         initializers = {i.name for i in obj.graph.initializer}
-        inputs = [i for i in obj.graph.input if i.name not in initializers]
-        if len(inputs) == 1 and len(_dims(inputs[0])) == 2:
-            only = inputs[0]
-            if _ELEM.get(only.type.tensor_type.elem_type) != "float32":
-                raise ReferenceDataError(
-                    f"input {only.name!r} is not float32; edgepack feeds 2-D inputs as float32"
-                )
-            n_features = _dims(only)[1]
-            return tensor_layout(frame, None, n_features, input_name=only.name)
+        return [i for i in obj.graph.input if i.name not in initializers]
+
+    def _per_column(self, obj: onnx.ModelProto) -> bool:
+        """Each input takes one column (``[batch, 1]``), so inputs are named after columns."""
+        inputs = self._inputs(obj)
+        return len(inputs) > 1 and all(_dims(i)[1:] in ([1], []) for i in inputs)
+
+    def feature_names(self, obj: onnx.ModelProto) -> list[str] | None:
+        return [i.name for i in self._inputs(obj)] if self._per_column(obj) else None
+
+    def layout(self, obj: onnx.ModelProto, frame: pd.DataFrame) -> InputLayout:
+        inputs = self._inputs(obj)
         dtypes = {}
         for value in inputs:
             dtype = _ELEM.get(value.type.tensor_type.elem_type)
             if dtype not in ("float32", "int64", "string"):
-                raise ReferenceDataError(f"input {value.name!r} has unsupported type {dtype}")
+                raise ReferenceDataError(
+                    f"input {value.name!r} has type {dtype}; edgepack feeds float32, int64 or "
+                    "string inputs"
+                )
             dtypes[value.name] = dtype
-        return columns_layout(frame, [i.name for i in inputs], dtypes)
+        if self._per_column(obj):
+            return columns_layout(frame, [i.name for i in inputs], dtypes)
+        if any(dtypes[i.name] == "string" for i in inputs):
+            raise ReferenceDataError(
+                "a string input that takes several columns is not supported; export one "
+                "[batch, 1] input per column"
+            )
+        shapes = []
+        for value in inputs:
+            dims = _dims(value)
+            if len(dims) < 2:
+                raise ReferenceDataError(
+                    f"input {value.name!r} has shape {dims}: edgepack needs a batch dimension "
+                    "and at least one feature dimension"
+                )
+            shapes.append((value.name, dtypes[value.name], (None, *dims[1:])))
+        return tensors_layout(frame, shapes)
 
     def convert(
         self, obj: onnx.ModelProto, layout: InputLayout, opset: int, ml_opset: int
     ) -> onnx.ModelProto:
         model = onnx.ModelProto()
         model.CopyFrom(obj)
+        model = inline_functions(model)
         normalize_opsets(model, opset)
         current = opsets_of(model)[DEFAULT_DOMAIN]
         if current > opset:
             try:
                 model = version_converter.convert_version(model, opset)
+                onnx.checker.check_model(model)
             except Exception as e:
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 raise ConversionError(
-                    f"the model uses opset {current} and cannot be converted down to {opset} "
-                    f"for this profile: {e}"
+                    f"the model uses opset {current} and onnx's version converter cannot take "
+                    f"it down to {opset}, the most this profile's onnxruntime runs ({first}); "
+                    f"re-export it at opset {opset} or lower"
                 ) from e
+            normalize_opsets(model, opset)
         return model
 
     def predict(self, obj: onnx.ModelProto, layout: InputLayout, frame: pd.DataFrame) -> Prediction:

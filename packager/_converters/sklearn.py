@@ -5,10 +5,21 @@ Classifiers are converted with ``zipmap=False`` so they output a ``label`` tenso
 conversion to scale in float64 (``CastTransformer`` → scaler with ``div_cast`` → cast back), the
 skl2onnx-documented cure for float32 rounding flipping tree decisions. The parity gate still
 checks every build, whether or not this pattern applies.
+
+Outlier detectors (IsolationForest, OneClassSVM, LocalOutlierFactor with ``novelty=True``) are an
+``anomaly`` task: skl2onnx gives them a ``label`` (1 inlier, -1 outlier) and a ``scores`` output
+(``decision_function``); the parity gate checks both and drift watches the score.
+
+HistGradientBoosting models: skl2onnx 1.20 passes a Python ``False`` as a leaf's
+``nodes_missing_value_tracks_true`` and onnx ≥ 1.18 refuses booleans in integer attributes
+("Expected an int, got a boolean"); :func:`_hist_gradient_boosting_fix` casts it while
+converting. Estimators skl2onnx has no converter for are refused up front, by name.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any, ClassVar
 
 import numpy as np
@@ -87,6 +98,45 @@ def _cure_scaler_before_tree(obj: Any, options: dict[int, dict[str, Any]]) -> An
     return rebuilt
 
 
+@contextlib.contextmanager
+def _hist_gradient_boosting_fix() -> Iterator[None]:
+    """While converting, pass skl2onnx's boolean missing-value flags to onnx as 0/1."""
+    from skl2onnx.common import tree_ensemble
+
+    original = tree_ensemble.add_node
+
+    def add_node(*args: Any, nodes_missing_value_tracks_true: Any = 0, **kwargs: Any) -> Any:
+        return original(
+            *args, nodes_missing_value_tracks_true=int(nodes_missing_value_tracks_true), **kwargs
+        )
+
+    tree_ensemble.add_node = add_node
+    try:
+        yield
+    finally:
+        tree_ensemble.add_node = original
+
+
+def _unconvertible(obj: Any) -> list[str]:
+    """Names of the estimators inside ``obj`` that skl2onnx has no converter for."""
+    from skl2onnx._supported_operators import sklearn_operator_name_map
+    from sklearn.compose import ColumnTransformer
+    from sklearn.pipeline import FeatureUnion, Pipeline
+
+    containers = (Pipeline, ColumnTransformer, FeatureUnion)
+    return [
+        type(step).__name__
+        for step in _walk(obj)
+        if not isinstance(step, containers) and type(step) not in sklearn_operator_name_map
+    ]
+
+
+def _is_outlier_detector(obj: Any) -> bool:
+    from sklearn.base import is_outlier_detector
+
+    return bool(is_outlier_detector(_final(obj)))
+
+
 class SklearnConverter:
     """Any fitted scikit-learn estimator or Pipeline that skl2onnx can convert."""
 
@@ -111,7 +161,13 @@ class SklearnConverter:
 
         if is_classifier(obj):
             return "classification"
-        return "regression" if is_regressor(obj) else "tensor"
+        if is_regressor(obj):
+            return "regression"
+        return "anomaly" if _is_outlier_detector(obj) else "tensor"
+
+    def feature_names(self, obj: Any) -> list[str] | None:
+        names = getattr(obj, "feature_names_in_", None)
+        return [str(c) for c in names] if names is not None else None
 
     def family(self, obj: Any) -> str | None:
         module = type(_final(obj)).__module__
@@ -140,6 +196,20 @@ class SklearnConverter:
             raise UnsupportedModelError(
                 f"{self.describe(obj)} is not fitted; train it first"
             ) from e
+        missing = _unconvertible(obj)
+        if missing:
+            raise UnsupportedModelError(
+                f"edgepack cannot convert {self.describe(obj)}: skl2onnx has no converter for "
+                f"{', '.join(dict.fromkeys(missing))}; supported are the estimators in "
+                "skl2onnx.supported_converters() (most of scikit-learn, HistGradientBoosting and "
+                "outlier detectors included), LightGBM, XGBoost and ONNX files"
+            )
+        final = _final(obj)
+        if type(final).__name__ == "LocalOutlierFactor" and not getattr(final, "novelty", False):
+            raise UnsupportedModelError(
+                "LocalOutlierFactor without novelty=True only labels its training rows and cannot "
+                "score new ones; refit it with LocalOutlierFactor(novelty=True)"
+            )
         names = getattr(obj, "feature_names_in_", None)
         if names is None:
             return tensor_layout(frame, None, getattr(obj, "n_features_in_", None))
@@ -166,12 +236,13 @@ class SklearnConverter:
             if is_classifier(step):
                 options.setdefault(id(step), {})["zipmap"] = False
         try:
-            converted = convert_sklearn(
-                model,
-                initial_types=initial_types,
-                target_opset={"": opset, "ai.onnx.ml": ml_opset},
-                options=options,
-            )
+            with _hist_gradient_boosting_fix():
+                converted = convert_sklearn(
+                    model,
+                    initial_types=initial_types,
+                    target_opset={"": opset, "ai.onnx.ml": ml_opset},
+                    options=options,
+                )
         except Exception as e:
             raise UnsupportedModelError(
                 f"skl2onnx cannot convert {self.describe(obj)}: {short_error(e)}"
@@ -194,4 +265,9 @@ class SklearnConverter:
             return Prediction(labels=np.asarray(obj.predict(x)), probabilities=probabilities)
         if task == "regression":
             return Prediction(values=np.asarray(obj.predict(x), dtype=np.float64))
+        if task == "anomaly":
+            return Prediction(
+                labels=np.asarray(obj.predict(x)),
+                values=np.asarray(obj.decision_function(x), dtype=np.float64),
+            )
         return Prediction(tensors=(np.asarray(obj.transform(x)),))
