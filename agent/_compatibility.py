@@ -13,10 +13,10 @@ from dataclasses import dataclass
 from packaging.specifiers import InvalidSpecifier, SpecifierSet
 from packaging.version import InvalidVersion, Version
 
-from edgepack.agent.exceptions import IncompatibleBundleError
+from edgepack.agent.exceptions import BundleError, IncompatibleBundleError
 from edgepack.formats.manifest import Manifest
 
-__all__ = ["DeviceFacts", "check_compatible", "device_facts"]
+__all__ = ["DeviceFacts", "check_compatible", "check_deploy", "device_facts"]
 
 _ARCH_ALIASES = {"amd64": "x86_64", "arm64": "aarch64", "armv8l": "aarch64"}
 
@@ -81,3 +81,20 @@ def check_compatible(manifest: Manifest, device: DeviceFacts) -> None:
             f"{what} runs on {', '.join(wanted)}, none of which this device has "
             f"({', '.join(device.providers)})"
         )
+
+
+def check_deploy(manifest: Manifest, model: str | None, version: int | None) -> None:
+    """The signed manifest must be what a deploy named: a deploy saying v4 whose sha256 points
+    at v5's bytes is refused, not installed. ``None`` means the deploy did not say. No I/O.
+
+    Raises:
+        BundleError: the manifest's name or version is not the deploy's.
+    """
+    if (model is None or model == manifest.name) and version in (None, manifest.version):
+        return
+    said = f"{model or manifest.name}" + (f" v{version}" if version is not None else "")
+    raise BundleError(
+        f"the deploy names {said}, but its bundle is {manifest.name} v{manifest.version}; "
+        "refusing it (a deploy's model and version must match the bundle it points at: fix the "
+        "deploy command)"
+    )

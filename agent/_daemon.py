@@ -86,6 +86,9 @@ class Agent:
         self.recovered = self.lifecycle.recover()
         if self.recovered is not None:
             log.warning("recovered an interrupted %s: %s", self.recovered.op, self.recovered.result)
+        for outcome in self.lifecycle.start_probation_check():  # a version that keeps us dying
+            log.warning("probation: %s: %s (%s)", outcome.op, outcome.result, outcome.reason)
+            self._apply(outcome)
         self.sync()
         if serve_http if serve_http is not None else self.config.server.enabled:
             self.server = InferenceServer(
@@ -139,6 +142,7 @@ class Agent:
                 data = read_json(state_file)
                 if data is not None and data.get("generation") != self.runtime.generation:
                     self.sync()
+                self.lifecycle.settle()  # versions that served out their probation: good
             except EdgepackError as e:
                 log.error("cannot load the installed models: %s", e)
 
@@ -167,6 +171,8 @@ class Agent:
         *,
         expected_sha256: str | None = None,
         expected_size: int | None = None,
+        model: str | None = None,
+        version: int | None = None,
         job_id: str | None = None,
         on_state: OnState | None = None,
     ) -> Outcome:
@@ -179,6 +185,8 @@ class Agent:
                 source,
                 expected_sha256=expected_sha256,
                 expected_size=expected_size,
+                model=model,
+                version=version,
                 job_id=job_id,
                 on_state=on_state,
             )

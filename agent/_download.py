@@ -15,6 +15,12 @@ Connection errors, timeouts, short bodies, 5xx, 408 and 429 are retried with jit
 backoff, resuming; other 4xx fail at once. Errors: DownloadError (transport), BundleError (wrong
 bytes), StorageError (the local disk). Timeouts, retries and backoff are the ``[download]`` table
 of ``agent.toml`` (:class:`~edgepack.agent._config.DownloadConfig`).
+
+Time is bounded twice (:class:`_Pace`), because a per-read timeout alone lets a server that
+trickles one byte every two seconds hold a job forever: the whole fetch, retries and backoff
+included, must end within ``deadline`` seconds (every timeout and backoff is cut to what is left),
+and an attempt whose rate over a ``min_rate_window`` falls below ``min_rate`` bytes/s is cut off
+and retried (resuming). Time comes from an injected monotonic clock.
 """
 
 from __future__ import annotations
@@ -95,6 +101,7 @@ class HttpFetcher:
         client: the httpx.Client to use (proxies, TLS, tests); one is made and owned otherwise.
         on_progress: called with (bytes so far, total bytes or None) as the body arrives.
         sleep: waits between attempts (tests inject a recorder).
+        clock: monotonic seconds for the deadline and the minimum rate (tests inject one).
     """
 
     def __init__(
@@ -104,11 +111,12 @@ class HttpFetcher:
         client: httpx.Client | None = None,
         on_progress: Callable[[int, int | None], None] | None = None,
         sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.config = config or DownloadConfig()
         self._owns_client = client is None
         self._client = client or httpx.Client(follow_redirects=True, max_redirects=5)
-        self._timeout = httpx.Timeout(self.config.read_timeout, connect=self.config.connect_timeout)
+        self._clock = clock
         self._on_progress = on_progress or (lambda done, total: None)
         self._sleep = sleep
 
@@ -144,13 +152,14 @@ class HttpFetcher:
         cap = max_bytes if expected_size is None else min(max_bytes, expected_size)
         target = _Target(source, cap, expected_size, *partial_paths(dest))
         config, attempts = self.config, self.config.retries + 1
+        pace = _Pace(config, self._clock, source)
         last: _RetryableError | None = None
         for attempt in range(attempts):
             if last is not None:  # jittered, so that devices cut off together come back apart
                 delay = min(config.backoff_max, config.backoff_initial * 2 ** (attempt - 1))
-                self._sleep(delay * (0.5 + random.random() / 2))
+                self._sleep(min(delay * (0.5 + random.random() / 2), pace.left(last)))
             try:
-                size, sha256 = self._attempt(target)
+                size, sha256 = self._attempt(target, pace)
                 check_download(size, sha256, expected_size, expected_sha256)
             except _RetryableError as e:
                 last = e
@@ -171,8 +180,12 @@ class HttpFetcher:
         tries = f"{attempts} attempts" if attempts > 1 else "1 attempt"
         raise DownloadError(f"could not download {source} after {tries}: {last}")
 
-    def _attempt(self, t: _Target) -> tuple[int, str]:
+    def _attempt(self, t: _Target, pace: _Pace) -> tuple[int, str]:
         """One GET; returns the size and sha256 of the complete part file."""
+        left = pace.left(None)
+        timeout = httpx.Timeout(
+            min(self.config.read_timeout, left), connect=min(self.config.connect_timeout, left)
+        )
         offset, validator = _resume_point(t)
         headers = {"Accept-Encoding": "identity"}  # Range offsets count the bytes as stored
         if validator is not None:
@@ -180,12 +193,12 @@ class HttpFetcher:
             headers.update({"Range": f"bytes={offset}-", "If-Range": validator})
         try:
             with self._client.stream(
-                "GET", t.url, headers=headers, timeout=self._timeout, follow_redirects=True
+                "GET", t.url, headers=headers, timeout=timeout, follow_redirects=True
             ) as response:
                 where = _start_of(response, t, offset)
                 if where is None:
                     return offset, _hash_prefix(t.part).hexdigest()  # 416: the part is complete
-                return self._receive(response, t, *where)
+                return self._receive(response, t, pace, *where)
         except _RestartError:
             _discard(t)
             raise
@@ -197,7 +210,7 @@ class HttpFetcher:
             raise DownloadError(f"cannot download {t.url}: {e}") from e
 
     def _receive(
-        self, response: httpx.Response, t: _Target, start: int, total: int | None
+        self, response: httpx.Response, t: _Target, pace: _Pace, start: int, total: int | None
     ) -> tuple[int, str]:
         sha = _hash_prefix(t.part) if start else hashlib.sha256()  # the kept prefix, from disk
         etag = response.headers.get("etag", "")  # a weak (W/) one does not promise the same bytes
@@ -214,6 +227,7 @@ class HttpFetcher:
         except OSError as e:
             raise storage_error("write the download", t.part, e) from e
         done = start
+        pace.begin()
         with handle:
             for chunk in response.iter_raw():  # as received: a cut loses nothing we got
                 if done + len(chunk) > t.cap:
@@ -225,9 +239,60 @@ class HttpFetcher:
                 sha.update(chunk)
                 done += len(chunk)
                 self._on_progress(done, total)
+                pace.received(len(chunk))
         if total is not None and done < total:
             raise _RetryableError(f"the body ended after {done} of {total} bytes")
         return done, sha.hexdigest()
+
+
+class _Pace:
+    """The fetch's overall deadline and an attempt's minimum rate, on one monotonic clock."""
+
+    def __init__(self, config: DownloadConfig, clock: Callable[[], float], url: str) -> None:
+        self.config, self.clock, self.url = config, clock, url
+        self.ends = clock() + config.deadline
+        self.since, self.got = self.ends, 0
+
+    def left(self, last: Exception | None) -> float:
+        """Seconds left before the deadline.
+
+        Raises:
+            DownloadError: none are (``last``: why the previous attempt failed, if it did).
+        """
+        left = self.ends - self.clock()
+        if left <= 0:
+            why = f" (last attempt: {last})" if last is not None else ""
+            raise DownloadError(
+                f"could not download {self.url} within {self.config.deadline:g} s, the "
+                f"[download] deadline{why}; the server or the link is too slow (raise the "
+                "deadline if this device's link is only slow)"
+            )
+        return left
+
+    def begin(self) -> None:
+        """The body starts arriving: open the first rate window."""
+        self.since, self.got = self.clock(), 0
+
+    def received(self, size: int) -> None:
+        """``size`` more bytes arrived.
+
+        Raises:
+            DownloadError: past the deadline.
+            _RetryableError: the last window's rate was below ``min_rate``.
+        """
+        self.left(None)
+        self.got += size
+        now, config = self.clock(), self.config
+        elapsed = now - self.since
+        if config.min_rate <= 0 or elapsed < config.min_rate_window:
+            return
+        rate = self.got / elapsed
+        if rate < config.min_rate:
+            raise _RetryableError(
+                f"the server sent {rate:.3g} bytes/s over {elapsed:.3g} s, below the [download] "
+                f"min_rate of {config.min_rate:g} bytes/s"
+            )
+        self.since, self.got = now, 0
 
 
 def _start_of(response: httpx.Response, t: _Target, offset: int) -> tuple[int, int | None] | None:

@@ -14,10 +14,10 @@ import shutil
 from pathlib import Path
 from typing import Protocol
 
-from edgepack._files import storage_error
+from edgepack._files import sha256_file, storage_error
 from edgepack.agent.exceptions import BundleError, InstallError
 
-__all__ = ["Fetcher", "LocalFetcher", "discard_fetched"]
+__all__ = ["Fetcher", "LocalFetcher", "discard_fetched", "fetched_already"]
 
 log = logging.getLogger("edgepack.agent")
 
@@ -80,3 +80,18 @@ def discard_fetched(incoming: str) -> None:
             leftover.unlink(missing_ok=True)
         except OSError as e:
             log.warning("cannot remove %s: %s", leftover, e.strerror or e)
+
+
+def fetched_already(dest: Path, expected_sha256: str | None) -> bool:
+    """Whether ``dest`` already holds the bundle with ``expected_sha256`` (a fetch that finished
+    before a crash); False when no sha256 is expected.
+
+    Raises:
+        StorageError: ``dest`` exists but cannot be read.
+    """
+    if not expected_sha256 or not dest.is_file():
+        return False
+    try:
+        return sha256_file(dest) == expected_sha256.lower()
+    except OSError as e:
+        raise storage_error("read the fetched bundle", dest, e) from e

@@ -254,6 +254,8 @@ class JobRunner:
                 bundle.url,
                 expected_sha256=bundle.sha256,
                 expected_size=bundle.size,
+                model=command.model,  # the bundle's signed manifest must say the same
+                version=command.version,
                 job_id=command.job_id,
                 on_state=on_state,
             )

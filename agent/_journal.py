@@ -32,6 +32,9 @@ class JournalEntry:
     incoming: str | None = None  # the local copy being installed
     expected_sha256: str | None = None
     expected_size: int | None = None
+    expected_model: str | None = None  # what the deploy says the bundle is (checked once parsed)
+    expected_version: int | None = None
+    bundle_sha256: str | None = None  # of the archive as verified (what is installed)
     model: str | None = None  # known once verified (install) or from the start
     version: int | None = None
     from_version: int | None = None  # the version active when the operation started

@@ -1,8 +1,14 @@
 """The update lifecycle on the device: an explicit, journaled state machine.
 
 An install walks ``fetching → verifying → staging → health_check → committing → cleanup → done``.
-Any failure before anything is staged ends in ``failed`` with nothing changed (the bundle is
-*rejected*); a failure after staging goes through ``rolling_back``, which removes what was staged
+VERIFYING streams the fetched archive once into a private directory under ``staging/``, hashing
+as it writes, then checks the signature against those digests, the deploy's model/version, the
+device and the version (edgepack.agent._unpack): memory stays bounded, and only the bytes that
+were verified can be installed. STAGING renames that directory into ``models/``. HEALTH_CHECK runs
+the golden rows in a child process with a deadline (edgepack.agent._probe), so a model that loops
+or crashes onnxruntime fails its check instead of hanging or killing the agent. Any failure
+before staging ends in ``failed`` with nothing changed (the bundle is *rejected*); a failure after
+goes through ``rolling_back``, which removes what was staged
 and leaves the previously active version serving. An explicit rollback re-checks the retained
 previous version and commits it; a retire commits the model's removal. The whole graph is the
 ``TRANSITIONS`` table below; each state is one small handler.
@@ -11,7 +17,9 @@ Save before acting: entering a state first writes it to the journal (edgepack.ag
 acts. On start, :meth:`Lifecycle.recover` maps the journaled state through ``RESUME`` and carries
 on, so a SIGKILL or power cut at any instant ends with the same outcome as an uninterrupted run, or
 with a clean rollback once the same operation has been interrupted ``max_install_attempts`` times.
-The one atomic switch is ``state.json`` (edgepack.agent._state): committed, or not.
+The one atomic switch is ``state.json`` (edgepack.agent._state): committed, or not. A committed
+version then serves on probation (edgepack.agent._probation), through two daemon hooks:
+:meth:`Lifecycle.start_probation_check` and :meth:`Lifecycle.settle`.
 
 For tests, ``EDGEPACK_FAULT_KILL_AT=<state>`` (or ``EDGEPACK_FAULT_KILL_AFTER=<state>``) makes the
 process SIGKILL itself right after journaling that state (or right after acting in it), on an
@@ -20,125 +28,64 @@ operation's first attempt only: the faults a real power cut produces, on demand.
 
 from __future__ import annotations
 
-import enum
 import hashlib
 import logging
 import os
 import signal
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import onnxruntime as ort
-
-from edgepack._files import sha256_file, storage_error
-from edgepack.agent._compatibility import DeviceFacts, check_compatible, device_facts
+from edgepack.agent._compatibility import (
+    DeviceFacts,
+    check_compatible,
+    check_deploy,
+    device_facts,
+)
 from edgepack.agent._config import AgentConfig
-from edgepack.agent._fetch import Fetcher, LocalFetcher, discard_fetched
-from edgepack.agent._health import check_golden
+from edgepack.agent._fetch import Fetcher, LocalFetcher, discard_fetched, fetched_already
 from edgepack.agent._journal import Journal, JournalEntry
-from edgepack.agent._session import open_installed
+from edgepack.agent._probation import Probation
+from edgepack.agent._probe import check_in_child
 from edgepack.agent._state import ModelState, Store
+from edgepack.agent._states import (
+    FAIL,
+    OK,
+    RESUME,
+    SKIP,
+    TRANSITIONS,
+    OnState,
+    Outcome,
+    State,
+    resume_point,
+)
+from edgepack.agent._unpack import unpack_verified, verify_installed
 from edgepack.agent.exceptions import (
-    BundleError,
     EdgepackError,
     InstallError,
     NotInstalledError,
     StorageError,
     VersionError,
 )
-from edgepack.formats.bundle import GOLDEN_FILE, open_bundle
 from edgepack.formats.manifest import Manifest, check_model_name
 
-__all__ = ["RESUME", "TRANSITIONS", "Fetcher", "Lifecycle", "LocalFetcher", "Outcome", "State"]
-# Fetcher and LocalFetcher live in edgepack.agent._fetch; re-exported here for callers of the
-# lifecycle.
-
-log = logging.getLogger("edgepack.agent")
-
-OnState = Callable[[JournalEntry], None]
-"""Called with the journal entry each time an operation enters a state (job progress)."""
-
-
-class State(str, enum.Enum):
-    FETCHING = "fetching"
-    VERIFYING = "verifying"
-    STAGING = "staging"
-    HEALTH_CHECK = "health_check"
-    COMMITTING = "committing"
-    CLEANUP = "cleanup"
-    ROLLING_BACK = "rolling_back"
-    DONE = "done"
-    FAILED = "failed"
-
-
-OK, FAIL, SKIP = "ok", "fail", "skip"
+__all__ = [
+    "RESUME",
+    "TRANSITIONS",
+    "Fetcher",
+    "Lifecycle",
+    "LocalFetcher",
+    "OnState",
+    "Outcome",
+    "State",
+]
+# Fetcher and LocalFetcher (edgepack.agent._fetch) and the graph (edgepack.agent._states) are
+# re-exported here for callers of the lifecycle.
 S = State
 
-# (operation, state, event) -> next state. An event with no entry is a bug and raises.
-# fmt: off
-TRANSITIONS: dict[tuple[str, State, str], State] = {
-    ("install",  S.FETCHING,      OK):   S.VERIFYING,
-    ("install",  S.FETCHING,      FAIL): S.FAILED,
-    ("install",  S.VERIFYING,     OK):   S.STAGING,
-    ("install",  S.VERIFYING,     SKIP): S.CLEANUP,        # that version is already active
-    ("install",  S.VERIFYING,     FAIL): S.FAILED,         # rejected: nothing was touched
-    ("install",  S.STAGING,       OK):   S.HEALTH_CHECK,
-    ("install",  S.STAGING,       FAIL): S.ROLLING_BACK,
-    ("install",  S.HEALTH_CHECK,  OK):   S.COMMITTING,
-    ("install",  S.HEALTH_CHECK,  FAIL): S.ROLLING_BACK,
-    ("install",  S.COMMITTING,    OK):   S.CLEANUP,
-    ("install",  S.COMMITTING,    FAIL): S.ROLLING_BACK,
-    ("install",  S.CLEANUP,       OK):   S.DONE,
-    ("install",  S.CLEANUP,       FAIL): S.DONE,           # leftovers do not undo a commit
-    ("install",  S.ROLLING_BACK,  OK):   S.FAILED,
-    ("install",  S.ROLLING_BACK,  FAIL): S.FAILED,
-    ("rollback", S.HEALTH_CHECK,  OK):   S.COMMITTING,
-    ("rollback", S.HEALTH_CHECK,  FAIL): S.FAILED,         # the active version stays
-    ("rollback", S.COMMITTING,    OK):   S.CLEANUP,
-    ("rollback", S.COMMITTING,    FAIL): S.FAILED,
-    ("rollback", S.CLEANUP,       OK):   S.DONE,
-    ("rollback", S.CLEANUP,       FAIL): S.DONE,
-    ("retire",   S.COMMITTING,    OK):   S.CLEANUP,
-    ("retire",   S.COMMITTING,    FAIL): S.FAILED,
-    ("retire",   S.CLEANUP,       OK):   S.DONE,
-    ("retire",   S.CLEANUP,       FAIL): S.DONE,
-}
-# fmt: on
-
-# Where to resume after a crash in a state. Every handler is idempotent, so resuming means
-# running the interrupted state again; ROLLING_BACK takes over once attempts run out.
-RESUME: dict[State, State] = {
-    S.FETCHING: S.FETCHING,
-    S.VERIFYING: S.VERIFYING,
-    S.STAGING: S.STAGING,
-    S.HEALTH_CHECK: S.HEALTH_CHECK,
-    S.COMMITTING: S.COMMITTING,
-    S.CLEANUP: S.CLEANUP,
-    S.ROLLING_BACK: S.ROLLING_BACK,
-}
-
-
-@dataclass
-class Outcome:
-    """How a lifecycle operation ended."""
-
-    op: str
-    result: str  # installed | already-active | rejected | rolled-back | rolled-back-to | retired
-    model: str | None = None
-    version: int | None = None
-    from_version: int | None = None
-    reason: str | None = None
-    error: EdgepackError | None = None
-    trace: list[str] = field(default_factory=list)
-    session: ort.InferenceSession | None = None
-    manifest: Manifest | None = None
-    job_id: str | None = None
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None
+log = logging.getLogger("edgepack.agent")
 
 
 @dataclass
@@ -147,9 +94,7 @@ class _Run:
 
     entry: JournalEntry
     on_state: OnState | None = None
-    files: dict[str, bytes] | None = None
     manifest: Manifest | None = None
-    session: ort.InferenceSession | None = None
     error: EdgepackError | None = None
     skipped: bool = False
     trace: list[str] = field(default_factory=list)
@@ -165,6 +110,7 @@ class Lifecycle:
         config: the agent's configuration (state directory, trusted keys, limits, profile).
         fetcher: how to bring bundles here; local paths by default (the MQTT side adds HTTP).
         facts: this device's architecture/runtime facts (detected when not given).
+        clock: monotonic seconds, for probation (tests inject one).
     """
 
     def __init__(
@@ -172,6 +118,7 @@ class Lifecycle:
         config: AgentConfig,
         fetcher: Fetcher | None = None,
         facts: DeviceFacts | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.config = config
         self.store = Store(config.state_dir)
@@ -179,6 +126,8 @@ class Lifecycle:
         self.fetcher = fetcher or LocalFetcher()
         self.facts = facts or device_facts(config.profile)
         self._keys = config.public_keys()
+        self._clock = clock
+        self.probation = Probation(self.store, config.limits, clock)
         self._handlers: dict[State, Callable[[_Run], Any]] = {
             S.FETCHING: self._fetching,
             S.VERIFYING: self._verifying,
@@ -197,12 +146,15 @@ class Lifecycle:
         *,
         expected_sha256: str | None = None,
         expected_size: int | None = None,
+        model: str | None = None,
+        version: int | None = None,
         job_id: str | None = None,
         on_state: OnState | None = None,
     ) -> Outcome:
         """Install the bundle at ``source`` (a path, or what the fetcher understands), refusing
-        it unless it has ``expected_sha256``/``expected_size`` when given. A rejected or
-        rolled-back bundle is an :class:`Outcome`, not an exception.
+        it unless it has ``expected_sha256``/``expected_size`` and its signed manifest names
+        ``model``/``version``, when given (a deploy's). A rejected or rolled-back bundle is an
+        :class:`Outcome`, not an exception.
 
         Raises:
             InstallError: another operation is pending, or another process holds the lock.
@@ -214,6 +166,8 @@ class Lifecycle:
             source=source,
             expected_sha256=expected_sha256,
             expected_size=expected_size,
+            expected_model=model,
+            expected_version=version,
             job_id=job_id,
         )
         return self._start(entry, on_state)
@@ -226,9 +180,15 @@ class Lifecycle:
         return current
 
     def rollback(
-        self, name: str, *, job_id: str | None = None, on_state: OnState | None = None
+        self,
+        name: str,
+        *,
+        job_id: str | None = None,
+        on_state: OnState | None = None,
+        reason: str | None = None,
     ) -> Outcome:
-        """Switch ``name`` back to its retained previous version (health-checked first).
+        """Switch ``name`` back to its retained previous version (health-checked first);
+        ``reason`` (an automatic rollback's) goes into the history.
 
         Raises:
             NotInstalledError: ``name`` is not installed or has no retained previous version.
@@ -246,6 +206,7 @@ class Lifecycle:
             version=current.previous,
             from_version=current.active,
             job_id=job_id,
+            reason=reason,
         )
         return self._start(entry, on_state)
 
@@ -281,28 +242,11 @@ class Lifecycle:
                 return None
             state = State(entry.state)
             attempts = entry.attempts + 1
-            resume = RESUME.get(state, S.ROLLING_BACK)
-            reason = None
-            pre_commit = state not in (S.COMMITTING, S.CLEANUP, S.ROLLING_BACK)
-            if (
-                attempts > self.config.limits.max_install_attempts
-                and entry.op == "install"
-                and pre_commit
-            ):
-                resume = S.ROLLING_BACK
-                reason = f"interrupted {entry.attempts} times in state {state.value}"
-            elif attempts > self.config.limits.max_install_attempts and state is S.HEALTH_CHECK:
-                # A rollback that keeps crashing before its commit changes nothing: give up.
+            resume, reason = resume_point(entry, self.config.limits.max_install_attempts)
+            if resume is None:  # given up: nothing had been changed
                 self.journal.clear()
                 return Outcome(
-                    entry.op,
-                    "rejected",
-                    entry.model,
-                    entry.version,
-                    error=InstallError(
-                        f"{entry.op} of {entry.model} abandoned after "
-                        f"{entry.attempts} interrupted attempts"
-                    ),
+                    entry.op, "rejected", entry.model, entry.version, error=InstallError(reason)
                 )
             log.warning(
                 "recovering %s of %s: interrupted in %s, resuming at %s (attempt %d)",
@@ -319,6 +263,25 @@ class Lifecycle:
             if run.entry.reason and resume is S.ROLLING_BACK:
                 run.error = InstallError(run.entry.reason)  # why it is being rolled back
             return self._drive(run)
+
+    def start_probation_check(self, now: float | None = None) -> list[Outcome]:
+        """The daemon's hook as it starts (after :meth:`recover`): count this start for every
+        version on probation, and roll back those the daemon kept dying with.
+
+        Returns:
+            The outcome of each automatic rollback (reported like any rollback).
+        """
+        with self.store.lock():
+            failures = self.probation.on_start(self._clock() if now is None else now)
+        outcomes = []
+        for failure in failures:
+            log.error("probation failed, rolling back: %s", failure.reason)
+            outcomes.append(self.rollback(failure.model, reason=failure.reason))
+        return outcomes
+
+    def settle(self, now: float | None = None) -> list[str]:
+        """The daemon's periodic hook: mark good the versions that served out their probation."""
+        return self.probation.settle(self._clock() if now is None else now)
 
     # -- the machine -------------------------------------------------------------------------
 
@@ -373,8 +336,10 @@ class Lifecycle:
                 )
             state = following
         self._enter(run, state)
-        if state is S.FAILED and run.entry.incoming:
-            discard_fetched(run.entry.incoming)  # a rejected bundle is not kept
+        if state is S.FAILED:
+            self.store.discard_unpacked(run.entry.id)  # a rejected bundle is not kept
+            if run.entry.incoming:
+                discard_fetched(run.entry.incoming)
         self.journal.clear()
         return self._outcome(run, state)
 
@@ -399,7 +364,6 @@ class Lifecycle:
             reason=str(run.error) if run.error else e.reason,
             error=run.error,
             trace=run.trace,
-            session=run.session if final is S.DONE else None,
             manifest=run.manifest,
             job_id=e.job_id,
         )
@@ -414,7 +378,7 @@ class Lifecycle:
         dest = self.store.incoming / f"{digest}.edgepack"
         run.entry = e.moved(e.state, incoming=str(dest))
         self.journal.write(run.entry)
-        if e.expected_sha256 and _sha256(str(dest)) == e.expected_sha256.lower():
+        if fetched_already(dest, e.expected_sha256):
             return  # fetched completely before a crash
         self.fetcher.fetch(
             e.source,
@@ -428,24 +392,27 @@ class Lifecycle:
         e = run.entry
         if e.incoming is None:
             raise InstallError("nothing was fetched")
-        try:
-            data = Path(e.incoming).read_bytes()
-        except OSError as err:
-            raise storage_error("read the fetched bundle", Path(e.incoming), err) from err
-        digest = hashlib.sha256(data).hexdigest()
-        if e.expected_sha256 and digest != e.expected_sha256.lower():
-            raise BundleError(
-                f"bundle sha256 {digest} does not match the expected {e.expected_sha256}; it was "
-                "corrupted or replaced in transit"
-            )
-        bundle = open_bundle(data, self._keys, self.config.limits.archive_limits())
-        manifest = bundle.manifest
+        self.store.ensure()
+        self.store.discard_unpacked(e.id)  # a leftover of an interrupted attempt
+        unpacked = unpack_verified(
+            Path(e.incoming),
+            self.store.unpacking(e.id),
+            self._keys,
+            self.config.limits.archive_limits(),
+            expected_sha256=e.expected_sha256,
+        )
+        manifest = unpacked.manifest
+        check_deploy(manifest, e.expected_model, e.expected_version)
         check_compatible(manifest, self.facts)
         current = self.store.load().models.get(manifest.name, ModelState())
         run.entry = e.moved(
-            e.state, model=manifest.name, version=manifest.version, from_version=current.active
+            e.state,
+            model=manifest.name,
+            version=manifest.version,
+            from_version=current.active,
+            bundle_sha256=unpacked.bundle_sha256,
         )
-        run.files, run.manifest = dict(bundle.files), manifest
+        run.manifest = manifest
         if current.active == manifest.version:
             run.skipped = True
             return SKIP
@@ -455,26 +422,45 @@ class Lifecycle:
                 f"highest version installed here; downgrades are refused (build a new version, "
                 "or roll back to the retained previous one)"
             )
+        if manifest.version not in current.retained():  # never committed: a leftover
+            self.store.remove_version(manifest.name, manifest.version)
         return None
 
     def _staging(self, run: _Run) -> None:
+        unpacked = self.store.unpacking(run.entry.id)
+        if not unpacked.is_dir():
+            e = run.entry
+            if (
+                e.model
+                and e.version is not None
+                and self.store.version_dir(e.model, e.version).is_dir()
+            ):
+                return  # renamed before a crash (VERIFYING removed any older leftover)
+            self._verifying(run)  # resumed with nothing unpacked: stream the bundle again
         e = run.entry
-        if run.files is None:  # resumed after a crash: verify the fetched bundle again
-            self._verifying(run)
-        if run.files is None or e.model is None or e.version is None:
+        if e.model is None or e.version is None:
             raise InstallError("nothing verified to stage")
-        self.store.stage(e.model, e.version, run.files)
+        self.store.promote(unpacked, e.model, e.version)
 
     def _health_check(self, run: _Run) -> None:
         e = run.entry
         if e.model is None or e.version is None:
             raise InstallError("no model to check")
-        # Opened exactly as the runtime will serve it: verified again, from the installed files.
-        installed = open_installed(self.store, e.model, e.version, self._keys, self.config.runtime)
-        golden = installed.files.get(GOLDEN_FILE, b"")  # missing: "unreadable", a failed check
-        rows = check_golden(installed.session, installed.manifest, golden)
+        # Checked as the runtime will serve it: verified again, from the installed files, then
+        # loaded and run in a child process that is killed at the deadline.
+        directory = self.store.version_dir(e.model, e.version)
+        manifest = verify_installed(directory, self._keys, e.model, e.version)
+        runtime = self.config.runtime
+        rows = check_in_child(
+            directory,
+            providers=list(runtime.providers),
+            intra_op_threads=runtime.intra_op_threads,
+            inter_op_threads=runtime.inter_op_threads,
+            deadline=self.config.limits.health_check_timeout,
+            what=f"{e.model} v{e.version}",
+        )
         log.info("%s v%d healthy: %d golden rows match", e.model, e.version, rows)
-        run.session, run.manifest = installed.session, installed.manifest
+        run.manifest = manifest
 
     def _committing(self, run: _Run) -> None:
         e = run.entry
@@ -482,14 +468,18 @@ class Lifecycle:
         state = self.store.load()
         if e.op == "install":
             assert e.version is not None
-            sha256 = _sha256(e.incoming)  # None once cleaned up (a resumed commit)
             changed = state.commit_install(
-                e.model, e.version, op=e.id, job=e.job_id, bundle_sha256=sha256
+                e.model,
+                e.version,
+                op=e.id,
+                job=e.job_id,
+                bundle_sha256=e.bundle_sha256,  # what was verified, not what is there now
+                probation=self.config.limits.probation_period > 0,
             )
         elif e.op == "rollback":
             assert e.version is not None
             changed = state.commit_rollback(
-                e.model, e.version, op=e.id, job=e.job_id, replacing=e.from_version
+                e.model, e.version, op=e.id, job=e.job_id, replacing=e.from_version, reason=e.reason
             )
         else:
             changed = state.commit_retire(e.model, op=e.id, job=e.job_id, version=e.from_version)
@@ -500,7 +490,7 @@ class Lifecycle:
         e = run.entry
         assert e.model is not None
         current = self.store.load().models.get(e.model, ModelState())
-        self.store.prune(e.model, current.retained())
+        self.store.prune(e.model, current.retained())  # staging/ too
         if e.incoming:
             discard_fetched(e.incoming)
 
@@ -512,6 +502,7 @@ class Lifecycle:
             if e.version not in current.retained():
                 self.store.remove_version(e.model, e.version)
             self.store.prune(e.model, current.retained())
+        self.store.discard_unpacked(e.id)
         if e.incoming:
             discard_fetched(e.incoming)
         reason = str(run.error) if run.error else e.reason
@@ -519,16 +510,6 @@ class Lifecycle:
             e.id, e.op, e.model, e.version, e.from_version, reason, e.job_id
         ):
             self.store.save(state)
-
-
-def _sha256(path: str | None) -> str | None:
-    """The fetched bundle's sha256, or None if there is none (not fetched, or cleaned up)."""
-    if not path or not os.path.isfile(path):
-        return None
-    try:
-        return sha256_file(path)
-    except OSError as e:
-        raise storage_error("read the fetched bundle", Path(path), e) from e
 
 
 def _fault(variable: str, state: State, entry: JournalEntry) -> None:

@@ -7,15 +7,20 @@ Layout (``state_dir``, e.g. ``/var/lib/edgepack``)::
     journal.json               the operation in flight, if any (edgepack.agent._journal)
     lock                       flock()ed by whoever changes anything (daemon or CLI)
     incoming/                  bundles being fetched (copied or downloaded)
-    staging/                   bundles being extracted, in fresh private directories
+    staging/op-ID/             the bundle of operation ID, streamed out and verified
+                               (edgepack.agent._unpack), before it is renamed into models/
     models/NAME/VERSION/       the extracted, verified files of each retained version
 
 ``state.json`` is the single source of truth and only ever replaced atomically (edgepack._files),
 so "which version is active" switches in one rename; :class:`DeviceState` holds the three commits
 the lifecycle makes to it (install, rollback, retire) and the record of a rollback. Model
-directories are created by renaming a fully written and fsynced staging directory into place, so
-a version directory is complete or absent. At most the active and the previous version of a
-model are kept.
+directories are created by renaming a fully written, fsynced and verified staging directory
+into place (:meth:`Store.promote`), so a version directory is complete or absent. At most the
+active and the previous version of a model are kept.
+
+A newly installed version is *on probation* (``probation``) until the daemon has served it for
+``[limits] probation_period`` seconds; ``probation_starts`` durably counts the daemon's starts
+meanwhile (edgepack.agent._probation), and too many of them roll it back.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import fcntl
 import os
 import shutil
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,6 +55,8 @@ class ModelState:
     highest: int = -1
     bundle_sha256: str | None = None
     installed_at: str | None = None
+    probation: bool = False  # the active version has not yet served its probation period
+    probation_starts: int = 0  # daemon starts since it was committed, while on probation
 
     def retained(self) -> set[int]:
         return {v for v in (self.active, self.previous) if v is not None}
@@ -72,9 +79,17 @@ class DeviceState:
     # False when it had already been made (the state was resumed after a crash): nothing to save.
 
     def commit_install(
-        self, model: str, version: int, *, op: str, job: str | None, bundle_sha256: str | None
+        self,
+        model: str,
+        version: int,
+        *,
+        op: str,
+        job: str | None,
+        bundle_sha256: str | None,
+        probation: bool = False,
     ) -> bool:
-        """``version`` becomes active, the active one previous; ``highest`` follows."""
+        """``version`` becomes active (on ``probation`` if asked), the active one previous;
+        ``highest`` follows."""
         current = self.models.setdefault(model, ModelState())
         if current.active == version:
             return False
@@ -82,6 +97,7 @@ class DeviceState:
         current.highest = max(current.highest, version)
         current.bundle_sha256 = bundle_sha256
         current.installed_at = utc_text()
+        current.probation, current.probation_starts = probation, 0
         self.record(
             op=op,
             model=model,
@@ -94,7 +110,14 @@ class DeviceState:
         return True
 
     def commit_rollback(
-        self, model: str, version: int, *, op: str, job: str | None, replacing: int | None
+        self,
+        model: str,
+        version: int,
+        *,
+        op: str,
+        job: str | None,
+        replacing: int | None,
+        reason: str | None = None,
     ) -> bool:
         """The retained previous ``version`` becomes active again; nothing is retained after it.
 
@@ -108,6 +131,7 @@ class DeviceState:
             raise NotInstalledError(f"{model} v{version} is no longer retained")
         current.active, current.previous = version, None
         current.installed_at = utc_text()
+        current.probation, current.probation_starts = False, 0  # it had served before
         self.record(
             op=op,
             model=model,
@@ -116,8 +140,23 @@ class DeviceState:
             previous=replacing,
             result="rolled-back-to",
             job=job,
+            **({"reason": reason} if reason else {}),
         )
         return True
+
+    def count_start(self, model: str) -> int:
+        """One more daemon start while ``model``'s active version is on probation; the count."""
+        current = self.models[model]
+        current.probation_starts += 1
+        return current.probation_starts
+
+    def end_probation(self, model: str, *, result: str, reason: str) -> None:
+        """``model``'s active version is off probation: ``"good"``, or given up on."""
+        current = self.models[model]
+        current.probation, current.probation_starts = False, 0
+        self.record(
+            model=model, action="probation", version=current.active, result=result, reason=reason
+        )
 
     def record_rolled_back(
         self,
@@ -151,6 +190,7 @@ class DeviceState:
             return False
         current.active = current.previous = None
         current.installed_at = None
+        current.probation, current.probation_starts = False, 0
         self.record(op=op, model=model, action="retire", version=version, result="retired", job=job)
         return True
 
@@ -238,38 +278,33 @@ class Store:
     def version_dir(self, name: str, version: int) -> Path:
         return self.models / name / str(version)
 
-    def stage(self, name: str, version: int, files: Mapping[str, bytes]) -> Path:
-        """Write ``files`` into a fresh private directory, fsync everything, rename into place.
+    def unpacking(self, op: str) -> Path:
+        """The private directory under ``staging/`` where operation ``op`` unpacks its bundle."""
+        return self.staging / f"op-{op}"
+
+    def discard_unpacked(self, op: str) -> None:
+        """Remove what operation ``op`` unpacked and did not promote (missing is fine)."""
+        shutil.rmtree(self.unpacking(op), ignore_errors=True)
+
+    def promote(self, unpacked: Path, name: str, version: int) -> Path:
+        """Rename the fully written, fsynced and verified ``unpacked`` directory into place.
 
         A leftover directory for the same version (from an interrupted earlier attempt, never
         committed) is replaced.
 
         Raises:
-            StorageError: the disk is full or not writable; nothing is left behind.
+            StorageError: the rename failed; ``unpacked`` stays where it was.
         """
-        self.ensure()
         target = self.version_dir(name, version)
-        tmp = self.staging / f"{name}-{version}.{os.getpid()}.{time.monotonic_ns()}"
         try:
-            tmp.mkdir(mode=0o700)
-            for rel, content in files.items():
-                path = tmp / rel
-                path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-                with os.fdopen(fd, "wb") as handle:
-                    handle.write(content)
-                    handle.flush()
-                    os.fsync(handle.fileno())
-            for directory in sorted({(tmp / rel).parent for rel in files}, reverse=True):
-                fsync_dir(directory)
             target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             if target.exists():
                 shutil.rmtree(target)
-            os.rename(tmp, target)
+            os.rename(unpacked, target)
             fsync_dir(target.parent)
+            fsync_dir(unpacked.parent)
         except OSError as e:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise storage_error("write model files to", target, e) from e
+            raise storage_error("move model files to", target, e) from e
         return target
 
     def remove_version(self, name: str, version: int) -> None:
@@ -277,7 +312,8 @@ class Store:
         shutil.rmtree(self.version_dir(name, version), ignore_errors=True)
 
     def prune(self, name: str, keep: set[int]) -> None:
-        """Delete every version directory of ``name`` not in ``keep``, and stale staging dirs."""
+        """Delete every version directory of ``name`` not in ``keep``, and everything in
+        ``staging/`` (called as an operation ends: nothing there belongs to another one)."""
         directory = self.models / name
         if directory.is_dir():
             for child in directory.iterdir():
@@ -285,7 +321,7 @@ class Store:
                     shutil.rmtree(child, ignore_errors=True)
             if not keep:
                 shutil.rmtree(directory, ignore_errors=True)
-        for child in self.staging.glob(f"{name}-*") if self.staging.is_dir() else ():
+        for child in self.staging.iterdir() if self.staging.is_dir() else ():
             shutil.rmtree(child, ignore_errors=True)
 
     def read_files(self, name: str, version: int) -> dict[str, bytes]:

@@ -182,7 +182,9 @@ def prepared(
     """Device directories made once with the CLI: "empty", "v1" (v1 installed), "v2" (then v2)."""
     root = tmp_path_factory.mktemp("prepared")
     empty = root / "empty"
-    write_agent_config(empty, keys, extra=f"[limits]\nmax_file_bytes = {limit}\n")
+    # No probation here: these devices are restarted many times on purpose (tests/test_probation.py)
+    extra = f"[limits]\nmax_file_bytes = {limit}\nprobation_period = 0\n"
+    write_agent_config(empty, keys, extra=extra)
     out = {"empty": empty}
     for version, start in (("v1", "empty"), ("v2", "v1")):
         out[version] = Path(shutil.copytree(out[start], root / version))
@@ -797,7 +799,7 @@ def tiny_disk(tmp_path: Path) -> Iterator[Path]:
         pytest.param(lambda b: b, "rejected", "cannot copy the bundle",
                      id="no-room-for-the-bundle"),
         pytest.param(lambda b: b + 1, "rejected", "journal.json", id="no-room-after-the-fetch"),
-        pytest.param(lambda b: b + 3, "rolled-back", "cannot write model files",
+        pytest.param(lambda b: b + 3, "rejected", "cannot write the bundle's files",
                      id="no-room-for-the-files"),
     ],
 )  # fmt: skip
