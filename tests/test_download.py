@@ -43,7 +43,9 @@ class Liar(ThreadingHTTPServer):
     Lies: "cut" (half the file, then hang up), "ignore-range" (200 to a Range request),
     "wrong-range" (a 206 starting at 0), "overflow" (no Content-Length, twice the bytes),
     "huge-length" (Content-Length 10**12), "stall" (headers, then nothing), "redirect" (302 to
-    the same URL), or a status code.
+    the same URL), "trickle" (one byte every two seconds on :attr:`clock`, the fake monotonic clock
+    the fetcher is given: the server moves it, so the test is exact and takes milliseconds), or a
+    status code.
     """
 
     daemon_threads = True
@@ -53,8 +55,13 @@ class Liar(ThreadingHTTPServer):
         self.data, self.etag, self.lies = DATA, '"v1"', list(lies)
         self.requests: list[dict[str, list[str]]] = []
         self.sent = 0
+        self.now = 0.0
         self.lock, self.release = threading.Lock(), threading.Event()
         self.url = f"http://127.0.0.1:{self.server_address[1]}/b.edgepack"
+
+    def clock(self) -> float:
+        with self.lock:
+            return self.now
 
     def replace(self, data: bytes, etag: str) -> None:
         self.data, self.etag = data, etag
@@ -99,6 +106,19 @@ class _LiarHandler(BaseHTTPRequestHandler):
             body, self.close_connection = b"", True
         if lie == "huge-length":
             body, self.close_connection = b"x" * 65536, True
+        if lie == "trickle":
+            self.close_connection = True
+            for index in range(len(body)):
+                try:
+                    self.wfile.write(body[index : index + 1])
+                    self.wfile.flush()
+                except OSError:
+                    return  # cut off, as it should be
+                with srv.lock:
+                    srv.now += 2.0
+                    srv.sent += 1
+                time.sleep(0.002)  # one byte per read on the other side, mostly
+            return
         try:
             self.wfile.write(body)
         except OSError:
@@ -438,3 +458,52 @@ def test_bundle_server_index_lists_bundles_with_their_sha256(served) -> None:
             {"name": "c.edgepack", "size": 12, "sha256": sha(b"small bundle")},
         ]
     }
+
+
+# -- bounded time: the overall deadline and the minimum rate -------------------------------------
+
+
+def paced(sleeps: list[float], server: Liar, **config: Any) -> HttpFetcher:
+    """A fetcher on the server's fake clock, with these [download] settings."""
+    settings = {"connect_timeout": 2.0, "read_timeout": 5.0, **config}
+    return HttpFetcher(DownloadConfig(**settings), sleep=sleeps.append, clock=server.clock)
+
+
+def test_a_byte_every_two_seconds_is_cut_off_by_the_minimum_rate(liar, sleeps, dest) -> None:
+    server = liar("trickle", "trickle", "trickle")
+    fetcher = paced(sleeps, server, retries=2, min_rate=100.0, min_rate_window=10.0)
+    with pytest.raises(DownloadError) as caught:
+        fetcher.fetch(server.url, dest, len(DATA), expected_sha256=sha(DATA))
+    fetcher.close()
+    message = str(caught.value)
+    assert message.startswith(f"could not download {server.url} after 3 attempts: the server ")
+    assert "below the [download] min_rate of 100 bytes/s" in message
+    assert len(server.requests) == 3
+    # three windows of 10 s; the server's clock may run on a byte or two after each cut
+    assert 30.0 <= server.clock() <= 30.0 + 3 * 6.0
+    assert server.requests[1]["Range"][0].startswith("bytes=")  # each retry resumes
+
+
+def test_a_trickle_above_the_minimum_rate_still_ends_at_the_deadline(liar, sleeps, dest) -> None:
+    server = liar("trickle")
+    fetcher = paced(sleeps, server, retries=5, min_rate=0.0, deadline=60.0)
+    with pytest.raises(DownloadError) as caught:
+        fetcher.fetch(server.url, dest, len(DATA))
+    fetcher.close()
+    assert str(caught.value).startswith(
+        f"could not download {server.url} within 60 s, the [download] deadline"
+    )
+    assert len(server.requests) == 1  # the deadline is final: no retry after it
+    assert 60.0 <= server.clock() <= 66.0
+    assert sleeps == []
+
+
+def test_backoff_and_retries_stop_at_the_deadline(liar, sleeps, dest) -> None:
+    """Retrying a slow server never outlives the deadline: the backoff is cut to what is left."""
+    server = liar("trickle", "trickle", "trickle", "trickle")
+    fetcher = paced(sleeps, server, retries=10, min_rate=100.0, min_rate_window=10.0, deadline=25.0)
+    with pytest.raises(DownloadError, match="within 25 s, the \\[download\\] deadline"):
+        fetcher.fetch(server.url, dest, len(DATA))
+    fetcher.close()
+    assert 2 <= len(server.requests) <= 3  # 10 s windows, then the deadline, not 11 attempts
+    assert all(delay <= 25.0 for delay in sleeps)
