@@ -11,12 +11,15 @@ storage (full disk, permissions) says so, apart from a bundle that was refused.
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import logging
 import os
 import signal
 import sys
 import threading
+import urllib.parse
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -146,7 +149,29 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def http_probe(url: str, timeout: float = 5.0) -> Callable[[], str | None]:
+    """A watchdog probe: our own server must answer ``/v2/health/live`` within ``timeout``."""
+
+    where = urllib.parse.urlsplit(url)
+
+    def probe() -> str | None:
+        connection = http.client.HTTPConnection(where.hostname or "127.0.0.1", where.port, timeout)
+        try:
+            connection.request("GET", "/v2/health/live")
+            status = connection.getresponse().status
+        except OSError as e:  # refused, reset, timed out
+            return f"http: no answer from {url} within {timeout:g} s ({e})"
+        finally:
+            connection.close()
+        return None if status == 200 else f"http: /v2/health/live answered {status}"
+
+    return probe
+
+
 def cmd_run(args: argparse.Namespace) -> int:
+    from edgepack.agent._supervise import Watchdog
+    from edgepack.agent._systemd import Notifier, watchdog_interval
+
     agent = _agent(args)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -162,9 +187,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     logging.getLogger("edgepack.agent").info(
         "agent %s ready: %s; %s", agent.config.device_id, served, where
     )
+    notifier = Notifier()
+    notifier.ready(f"serving {served}; {where}")  # systemd (Type=notify): started only now
+    interval = watchdog_interval()
+    watchdog = None
+    if interval is not None:
+        probes = (http_probe(agent.server.url),) if agent.server else ()
+        watchdog = Watchdog(notifier, agent.heartbeats, interval, probes).start()
     try:
         stop.wait()
     finally:
+        notifier.stopping()
+        if watchdog is not None:
+            watchdog.stop()
         if link is not None:
             link.stop()
         agent.stop()

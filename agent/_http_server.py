@@ -18,6 +18,7 @@ JSON body. Nothing a client sends can stop the server.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
@@ -25,6 +26,7 @@ import socket
 import sys
 import threading
 from collections.abc import Callable
+from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -86,6 +88,23 @@ class _Handler(BaseHTTPRequestHandler):
     def _error(self, status: int, message: str) -> None:
         self._json(status, {"error": message})
 
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """Errors the standard library raises itself (a malformed request line, headers too
+        long, an unknown method) answer in JSON like every other error."""
+        if code == HTTPStatus.NOT_IMPLEMENTED:  # a method we do not serve
+            self._method_not_allowed()
+            return
+        self.close_connection = True
+        if self.request_version == "HTTP/0.9":  # an unparsable request line: answer in 1.1
+            self.request_version = self.protocol_version
+        with contextlib.suppress(OSError):  # the client may be gone
+            self._error(code, message or HTTPStatus(code).phrase)
+
+    def _method_not_allowed(self) -> None:
+        self.close_connection = True  # its body (if any) is never read
+        error = {"error": f"method {self.command[:20]} is not allowed here; use GET or POST"}
+        self._send(405, json.dumps(error).encode(), {"Allow": "GET, POST"})
+
     def do_GET(self) -> None:
         path = self.path.split("?", 1)[0]
         runtime = self.server.runtime
@@ -134,18 +153,24 @@ class _Handler(BaseHTTPRequestHandler):
             self._drain_or_close()
             self._error(404, f"no such endpoint: POST {path}")
             return
-        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+        if self.headers.get("Transfer-Encoding") is not None:
             self.close_connection = True
             self._error(411, "chunked request bodies are not supported; send Content-Length")
             return
-        try:
-            length = int(self.headers.get("Content-Length", ""))
-            if length < 0:
-                raise ValueError(length)
-        except ValueError:
+        lengths = self.headers.get_all("Content-Length") or []
+        if len(lengths) > 1:
+            # Two lengths (even equal ones) are how requests get smuggled past proxies.
             self.close_connection = True
-            self._error(411, "a Content-Length header is required")
+            self._error(400, f"{len(lengths)} Content-Length headers; send exactly one")
             return
+        if not lengths or not lengths[0].strip().isdigit() or len(lengths[0].strip()) > 18:
+            self.close_connection = True
+            if not lengths:
+                self._error(411, "a Content-Length header is required")
+            else:
+                self._error(400, f"Content-Length must be a byte count, got {lengths[0][:40]!r}")
+            return
+        length = int(lengths[0])
         limit = self.server.max_request_bytes
         if length > limit:
             # Read (and discard) a moderately large body so the client gets our 413 instead of
@@ -200,10 +225,9 @@ class _Handler(BaseHTTPRequestHandler):
             remaining -= len(chunk)
 
     def _drain_or_close(self) -> None:
-        try:
-            length = int(self.headers.get("Content-Length", "0"))
-        except ValueError:
-            length = -1
+        lengths = self.headers.get_all("Content-Length") or ["0"]
+        value = lengths[0].strip()
+        length = int(value) if len(lengths) == 1 and value.isdigit() and len(value) <= 18 else -1
         if 0 <= length <= self.server.max_request_bytes:
             self.rfile.read(length)
         else:
@@ -213,10 +237,9 @@ class _Handler(BaseHTTPRequestHandler):
 def _header_length(value: str | None) -> int | None:
     if value is None:
         return None
-    try:
-        return int(value)
-    except ValueError:
-        raise RequestError(f"{HEADER_LENGTH} must be an integer, got {value[:40]!r}") from None
+    if not value.strip().isdigit() or len(value.strip()) > 18:
+        raise RequestError(f"{HEADER_LENGTH} must be a byte count, got {value[:40]!r}")
+    return int(value)
 
 
 class _Server(ThreadingHTTPServer):

@@ -10,6 +10,7 @@ it in order (BYTES elements as a 4-byte little-endian length then the bytes).
 from __future__ import annotations
 
 import json
+import math
 import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -55,6 +56,9 @@ _NUMPY: dict[str, Any] = {
     "UINT64": np.uint64,
     "BOOL": np.bool_,
 }
+
+
+_MAX_RANK = 16
 
 
 def oip_datatype(array: np.ndarray) -> str:
@@ -120,18 +124,33 @@ def _decode_input(item: Any, binary: bytes, offset: int) -> tuple[str, np.ndarra
     name, shape, datatype = item.get("name"), item.get("shape"), item.get("datatype")
     if not isinstance(name, str):
         raise RequestError("an input has no 'name'")
-    if not isinstance(shape, list) or not all(
-        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+    if (
+        not isinstance(shape, list)
+        or len(shape) > _MAX_RANK
+        or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
     ):
-        raise RequestError(f"input {name!r}: 'shape' must be a list of non-negative integers")
-    if datatype != "BYTES" and datatype not in _NUMPY:
-        raise RequestError(f"input {name!r}: unknown datatype {datatype!r}")
-    count = int(np.prod(shape)) if shape else 1
+        raise RequestError(
+            f"input {name!r}: 'shape' must be a list of at most {_MAX_RANK} non-negative integers"
+        )
+    if not isinstance(datatype, str) or (datatype != "BYTES" and datatype not in _NUMPY):
+        raise RequestError(f"input {name!r}: unknown datatype {str(datatype)[:40]!r}")
+    count = math.prod(shape)  # exact: a numpy product of huge dimensions would wrap around
     parameters = item.get("parameters") or {}
-    size = parameters.get("binary_data_size") if isinstance(parameters, dict) else None
+    if not isinstance(parameters, dict):
+        raise RequestError(f"input {name!r}: 'parameters' must be an object")
+    size = parameters.get("binary_data_size")
+    if size is not None and "data" in item:
+        raise RequestError(
+            f"input {name!r} has both 'data' and binary_data_size; send the tensor one way"
+        )
     try:
         if size is not None:
-            if not isinstance(size, int) or size < 0 or offset + size > len(binary):
+            if (
+                not isinstance(size, int)
+                or isinstance(size, bool)
+                or size < 0
+                or offset + size > len(binary)
+            ):
                 raise RequestError(f"input {name!r}: binary_data_size {size!r} runs past the body")
             blob = binary[offset : offset + size]
             offset += size
@@ -161,9 +180,22 @@ def _decode_input(item: Any, binary: bytes, offset: int) -> tuple[str, np.ndarra
 def decode_infer_request(body: bytes, header_length: int | None) -> InferRequest:
     """Parse an infer request body (JSON, or JSON header + binary tensors).
 
+    Total over its input: whatever a client sends ends in an :class:`InferRequest` or a
+    :class:`RequestError` (HTTP 400) naming the field, never in another exception (a 500).
+
     Raises:
-        RequestError: malformed JSON, bad shapes or datatypes, binary sizes that do not add up.
+        RequestError: malformed JSON, bad shapes or datatypes, binary sizes that do not add up,
+            a field of the wrong type.
     """
+    try:
+        return _decode(body, header_length)
+    except RequestError:
+        raise
+    except (TypeError, ValueError, KeyError, AttributeError, OverflowError, MemoryError) as e:
+        raise RequestError(f"malformed request: {type(e).__name__}: {str(e)[:200]}") from e
+
+
+def _decode(body: bytes, header_length: int | None) -> InferRequest:
     if header_length is not None:
         if header_length < 0 or header_length > len(body):
             raise RequestError("Inference-Header-Content-Length is larger than the body")
@@ -186,7 +218,10 @@ def decode_infer_request(body: bytes, header_length: int | None) -> InferRequest
     if offset != len(binary):
         raise RequestError(f"{len(binary) - offset} bytes of binary data are not claimed by inputs")
     outputs, binary_outputs = [], set()
-    for item in data.get("outputs") or []:
+    requested = data.get("outputs")
+    if requested is not None and not isinstance(requested, list):
+        raise RequestError("'outputs' must be a list of objects with a 'name'")
+    for item in requested or []:
         if not isinstance(item, dict) or not isinstance(item.get("name"), str):
             raise RequestError("each entry of 'outputs' must be an object with a 'name'")
         outputs.append(item["name"])
@@ -196,13 +231,17 @@ def decode_infer_request(body: bytes, header_length: int | None) -> InferRequest
         if out_parameters.get("binary_data"):
             binary_outputs.add(item["name"])
     parameters = data.get("parameters") or {}
+    if not isinstance(parameters, dict):
+        raise RequestError("'parameters' must be an object")
     request_id = data.get("id")
+    if request_id is not None and not isinstance(request_id, str):
+        raise RequestError("'id' must be a string")
     return InferRequest(
-        id=str(request_id) if request_id is not None else None,
+        id=request_id[:256] if request_id is not None else None,
         inputs=inputs,
         outputs=tuple(outputs),
         binary_outputs=frozenset(binary_outputs),
-        binary_default=bool(isinstance(parameters, dict) and parameters.get("binary_data_output")),
+        binary_default=bool(parameters.get("binary_data_output")),
     )
 
 

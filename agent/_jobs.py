@@ -231,6 +231,13 @@ class JobRunner:
             outcome = self._execute(command, on_state)
         except EdgepackError as e:  # refused before the lifecycle started (e.g. no such model)
             outcome = Outcome(command.kind.value, "rejected", command.model, error=e, reason=str(e))
+        except Exception as e:  # a bug: the job still ends, visibly, instead of hanging QUEUED
+            log.exception("job %s failed unexpectedly", command.job_id)
+            reason = f"internal error in the agent: {type(e).__name__}: {str(e)[:200]}"
+            outcome = Outcome(
+                command.kind.value, "failed", command.model, reason=reason,
+                error=EdgepackError(reason),
+            )  # fmt: skip
         seq += 1
         self._finish(
             command,

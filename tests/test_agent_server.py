@@ -443,7 +443,7 @@ BAD_REQUESTS = {
         body(tensor(ROW, (2, 4))), 400, ("4 values do not fill shape [2, 4]",)
     ),
     "negative-shape": Bad(
-        body(tensor(ROW, (-1, 4))), 400, ("'shape' must be a list of non-negative integers",)
+        body(tensor(ROW, (-1, 4))), 400, ("'shape' must be a list", "non-negative integers")
     ),
     "strings-as-BYTES": Bad(
         body(tensor(list("abcd"), datatype="BYTES")), 400, ("'input' must be float32", "text")
@@ -524,6 +524,28 @@ MORE_BAD_REQUESTS = {
         body(outputs=[{"name": "label", "parameters": "binary"}]), 400, ("'outputs'",)
     ),
     "header-length-not-a-number": Bad(GOOD_HEADER, 400, (HEADER,), headers={HEADER: "abc"}),
+    # found by an outside attack: every malformed field is a 4xx, never a 500
+    "outputs-not-a-list": Bad(body(outputs=7), 400, ("'outputs' must be a list",)),
+    "outputs-a-string": Bad(body(outputs="label"), 400, ("'outputs' must be a list",)),
+    "binary-size-and-data": Bad(
+        body({**tensor(), "parameters": {"binary_data_size": 16}}),
+        400,
+        ("both 'data' and binary_data_size",),
+    ),
+    "input-parameters-not-an-object": Bad(
+        body({**tensor(), "parameters": [1]}), 400, ("'parameters' must be an object",)
+    ),
+    "request-parameters-not-an-object": Bad(
+        body(parameters="yes"), 400, ("'parameters' must be an object",)
+    ),
+    "id-not-a-string": Bad(body(id={"a": 1}), 400, ("'id' must be a string",)),
+    "shape-of-rank-17": Bad(body(tensor(ROW, (1,) * 17)), 400, ("at most 16 non-negative",)),
+    "shape-with-a-zero": Bad(body(tensor(ROW, (2**40, 2**40, 0, 4))), 400, ("do not fill",)),
+    "shape-huge-product": Bad(body(tensor(ROW, (2**62, 2**62))), 400, ("do not fill shape",)),
+    "datatype-not-a-string": Bad(body(tensor(datatype=["FP32"])), 400, ("unknown datatype",)),
+    "binary-size-a-bool": Bad(
+        **_binary_bad([ROW], size=True), status=400, says=("binary_data_size True",)
+    ),
 }
 
 
@@ -556,23 +578,57 @@ def raw_exchange(url: str, request: bytes) -> tuple[int, str]:
 
 
 @pytest.mark.parametrize(
-    ("framing", "says"),
+    ("framing", "code", "says"),
     [
-        ("", "a Content-Length header is required"),
-        ("Content-Length: many\r\n", "a Content-Length header is required"),
-        ("Content-Length: -5\r\n", "a Content-Length header is required"),
-        ("Transfer-Encoding: chunked\r\n", "chunked request bodies are not supported"),
+        ("", 411, "a Content-Length header is required"),
+        ("Content-Length: many\r\n", 400, "Content-Length must be a byte count"),
+        ("Content-Length: -5\r\n", 400, "Content-Length must be a byte count"),
+        ("Content-Length: +5\r\n", 400, "Content-Length must be a byte count"),
+        ("Transfer-Encoding: chunked\r\n", 411, "chunked request bodies are not supported"),
+        ("Content-Length: 5\r\nContent-Length: 9\r\n", 400, "2 Content-Length headers"),
+        ("Content-Length: 5\r\nContent-Length: 5\r\n", 400, "2 Content-Length headers"),
+        ("Content-Length: 5\r\nTransfer-Encoding: chunked\r\n", 411, "chunked request bodies"),
     ],
-    ids=["missing", "not-a-number", "negative", "chunked"],
+    ids=["missing", "not-a-number", "negative", "plus-sign", "chunked", "conflicting",
+         "duplicate", "length-and-chunked"],
 )
-def test_body_without_usable_length_gets_411(
-    url: str, http: httpx.Client, served: Agent, golden: dict[str, Any], framing: str, says: str
+def test_body_without_one_usable_length_is_refused(
+    url: str,
+    http: httpx.Client,
+    served: Agent,
+    golden: dict[str, Any],
+    framing: str,
+    code: int,
+    says: str,
 ) -> None:
     request = f"POST {INFER} HTTP/1.1\r\nHost: 127.0.0.1\r\n{framing}\r\n".encode() + GOOD_HEADER
     status, message = raw_exchange(url, request)
-    assert status == 411
+    assert status == code
     assert says in message
     assert_serving(http, served, golden)
+
+
+@pytest.mark.parametrize("method", ["PUT", "DELETE", "PATCH", "OPTIONS", "HEAD", "BREW"])
+def test_other_methods_get_405_in_json(
+    url: str, http: httpx.Client, served: Agent, golden: dict[str, Any], method: str
+) -> None:
+    parts = urlsplit(url)
+    with socket.create_connection((parts.hostname, parts.port), timeout=5) as sock:
+        sock.sendall(f"{method} {INFER} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+        response = HTTPResponse(sock, method=method)
+        response.begin()
+        assert response.status == 405
+        assert response.getheader("Allow") == "GET, POST"
+        assert response.getheader("Content-Type") == "application/json"
+        if method != "HEAD":
+            assert f"method {method} is not allowed" in json.loads(response.read())["error"]
+    assert_serving(http, served, golden)
+
+
+def test_a_malformed_request_line_is_answered_in_json(url: str) -> None:
+    status, message = raw_exchange(url, b"POST /v2 HTTP/9.9 extra\r\n\r\n")
+    assert status == 400
+    assert message
 
 
 def test_stalled_client_does_not_block_others(
