@@ -1,1 +1,39 @@
-"""edgepack packager: builds signed per-device bundles on a build server."""
+"""edgepack packager: builds signed per-device bundles on a build server.
+
+The front door for build scripts (``edgepack build`` is the same thing on the command line)::
+
+    from edgepack.packager import BuildRequest, build
+
+    results = build(BuildRequest(model=Path("model.joblib"), name="churn", version=7,
+                                 profiles=("x86_64-cpu", "arm64-cpu"), reference=Path("train.csv"),
+                                 key=Path("keys/signing.key"), out_dir=Path("dist"),
+                                 trust_pickle=True))
+
+Errors are in :mod:`edgepack.packager.exceptions`; everything else is private (``_*`` modules).
+Names load lazily: onnx and scikit-learn are imported when a build starts, not on import.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from edgepack.packager._build import BuildRequest, ProfileResult, build
+    from edgepack.packager._profiles import Profile, load_profiles
+
+__all__ = ["BuildRequest", "Profile", "ProfileResult", "build", "load_profiles"]
+
+_HOMES = {
+    "BuildRequest": "edgepack.packager._build",
+    "ProfileResult": "edgepack.packager._build",
+    "build": "edgepack.packager._build",
+    "Profile": "edgepack.packager._profiles",
+    "load_profiles": "edgepack.packager._profiles",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _HOMES:
+        return getattr(importlib.import_module(_HOMES[name]), name)
+    raise AttributeError(f"module 'edgepack.packager' has no attribute {name!r}")

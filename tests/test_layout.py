@@ -111,3 +111,35 @@ def test_the_fleet_extra_installs_no_onnxruntime_and_the_agent_extra_no_build_to
     assert "onnxruntime" not in fleet, sorted(fleet)
     assert "onnxruntime" in agent
     assert not agent & {"onnx", "skl2onnx", "scikit-learn", "pandas", "rich", "click"}, agent
+
+
+FRONT_DOORS = {
+    "edgepack.agent": {"Agent", "AgentConfig", "Outcome", "load_config"},
+    "edgepack.packager": {"BuildRequest", "Profile", "ProfileResult", "build", "load_profiles"},
+    "edgepack.fleet": {"BrokerOptions", "Collector", "FleetStore", "find_bundles", "open_store",
+                       "publish_command", "write_report"},
+    "edgepack.formats": {"BUNDLE_SUFFIX", "Manifest", "key_id", "load_private_key",
+                         "load_public_key", "open_bundle", "parse_manifest", "read_archive",
+                         "verify_bundle_file"},
+}
+
+_FRONT_DOOR_PROBE = """
+import importlib, sys
+package = importlib.import_module(sys.argv[1])
+light = "onnxruntime" not in sys.modules and "onnx" not in sys.modules
+names = sorted(package.__all__)
+for name in names:
+    getattr(package, name)
+print(int(light), " ".join(names))
+"""
+
+
+@pytest.mark.parametrize("package", sorted(FRONT_DOORS))
+def test_each_package_has_a_small_front_door_that_loads_lazily(package: str) -> None:
+    out = subprocess.run(
+        [sys.executable, "-c", _FRONT_DOOR_PROBE, package],
+        cwd=REPO, capture_output=True, text=True, check=True, timeout=120,
+    )
+    light, *names = out.stdout.split()
+    assert set(names) == FRONT_DOORS[package]
+    assert light == "1", f"importing {package} alone loaded onnx/onnxruntime"
