@@ -126,6 +126,8 @@ class Member:
     name: str
     size: int
     _handle: IO[bytes]
+    _meter: _Counting
+    _max_ratio: float
 
     def chunks(self, chunk_size: int = _CHUNK) -> Iterator[bytes]:
         """The member's bytes, at most ``chunk_size`` at a time.
@@ -140,6 +142,8 @@ class Member:
                 if not piece:
                     raise ArchiveError(f"archive member {self.name!r} is truncated")
                 left -= len(piece)
+                self._meter.produced += len(piece)
+                self._meter.check_ratio(self._max_ratio)
                 yield piece
         except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
             raise ArchiveError(f"bundle is not a readable tar archive: {e}") from e
@@ -150,11 +154,21 @@ class Member:
 
 
 class _Counting(io.RawIOBase):
-    """Counts the compressed bytes read from a stream, for the inflation-ratio limit."""
+    """Counts the compressed bytes read from a stream and the bytes they inflated to, for the
+    inflation-ratio limit."""
 
     def __init__(self, raw: BinaryIO) -> None:
         self.raw = raw
         self.count = 0
+        self.produced = 0  # member bytes handed out so far
+
+    def check_ratio(self, max_ratio: float) -> None:
+        """Raises ArchiveError once what was inflated passes the floor and ``max_ratio``."""
+        if self.produced > _RATIO_FLOOR and self.produced > max_ratio * max(self.count, 1):
+            raise ArchiveError(
+                f"bundle inflates {self.produced / max(self.count, 1):.0f}-fold (more than "
+                f"{max_ratio:.0f}-fold): a compression bomb; refusing"
+            )
 
     def readable(self) -> bool:
         return True
@@ -172,8 +186,9 @@ def iter_members(stream: BinaryIO, limits: ArchiveLimits | None = None) -> Itera
     Nothing is held in memory beyond one chunk: the caller reads each :class:`Member`'s
     :meth:`~Member.chunks` (hashing and writing them as they pass) before asking for the next.
     A member that is never read is skipped. Sizes are checked against ``limits`` before a
-    member's content is read, and the uncompressed total against the compressed bytes consumed
-    (``max_ratio``), so a compression bomb is refused as soon as it passes a limit.
+    member's content is read, and the bytes inflated so far against the compressed bytes
+    consumed (``max_ratio``) as each chunk passes (declared sizes alone would also refuse a large
+    incompressible member), so a compression bomb is refused as soon as it passes a limit.
 
     Args:
         stream: the archive (gzip-compressed or plain tar), positioned at its start.
@@ -228,15 +243,13 @@ def iter_members(stream: BinaryIO, limits: ArchiveLimits | None = None) -> Itera
                     raise ArchiveError(
                         f"bundle unpacks to more than {limits.max_total_bytes} bytes; refusing"
                     )
-                if total > _RATIO_FLOOR and total > limits.max_ratio * max(counted.count, 1):
-                    raise ArchiveError(
-                        f"bundle inflates {total / max(counted.count, 1):.0f}-fold (more than "
-                        f"{limits.max_ratio:.0f}-fold): a compression bomb; refusing"
-                    )
+                counted.check_ratio(limits.max_ratio)
                 handle = archive.extractfile(member)
                 if handle is None:  # pragma: no cover - isfile() members always have data
                     raise ArchiveError(f"archive member {member.name!r} has no data")
-                yield Member(top, "/".join(parts[1:]), member.size, handle)
+                yield Member(
+                    top, "/".join(parts[1:]), member.size, handle, counted, limits.max_ratio
+                )
     except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
         raise ArchiveError(f"bundle is not a readable tar archive: {e}") from e
     if top is None:
