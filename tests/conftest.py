@@ -15,6 +15,21 @@ REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--long",
+        action="store_true",
+        default=False,
+        help="run soaks and fault loops with ten times their CI iteration counts",
+    )
+
+
+@pytest.fixture(scope="session")
+def long_factor(request: pytest.FixtureRequest) -> int:
+    """How many times the CI iteration count a soak runs: 10 with ``--long``, else 1."""
+    return 10 if request.config.getoption("--long") else 1
+
+
 @dataclass(frozen=True)
 class KeyPair:
     private: Path
