@@ -59,7 +59,7 @@ class Agent:
     ) -> None:
         self.config = config
         self.trust = TrustStore(config)
-        self.lifecycle = Lifecycle(config, fetcher=fetcher)
+        self.lifecycle = Lifecycle(config, fetcher=fetcher, bundle_keys=self.trust.bundle_keys)
         capture = config.capture
         self.samples = (
             SampleStore(config.state_dir / "samples.db", capture) if capture.enabled else None

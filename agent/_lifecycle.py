@@ -38,6 +38,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric import ec
+
 from edgepack.agent._compatibility import (
     DeviceFacts,
     check_compatible,
@@ -111,6 +113,8 @@ class Lifecycle:
         fetcher: how to bring bundles here; local paths by default (the MQTT side adds HTTP).
         facts: this device's architecture/runtime facts (detected when not given).
         clock: monotonic seconds, for probation (tests inject one).
+        bundle_keys: returns the keys trusted to sign bundles now (the agent's trust store, so
+            a key rotation applies to the next verification); default: ``trusted_keys``.
     """
 
     def __init__(
@@ -119,13 +123,15 @@ class Lifecycle:
         fetcher: Fetcher | None = None,
         facts: DeviceFacts | None = None,
         clock: Callable[[], float] = time.monotonic,
+        bundle_keys: Callable[[], list[ec.EllipticCurvePublicKey]] | None = None,
     ) -> None:
         self.config = config
         self.store = Store(config.state_dir)
         self.journal = Journal(self.store.journal_file)
         self.fetcher = fetcher or LocalFetcher()
         self.facts = facts or device_facts(config.profile)
-        self._keys = config.public_keys()
+        initial = config.public_keys()
+        self._bundle_keys = bundle_keys or (lambda: initial)
         self._clock = clock
         self.probation = Probation(self.store, config.limits, clock)
         self._handlers: dict[State, Callable[[_Run], Any]] = {
@@ -397,7 +403,7 @@ class Lifecycle:
         unpacked = unpack_verified(
             Path(e.incoming),
             self.store.unpacking(e.id),
-            self._keys,
+            self._bundle_keys(),
             self.config.limits.archive_limits(),
             expected_sha256=e.expected_sha256,
         )
@@ -449,7 +455,7 @@ class Lifecycle:
         # Checked as the runtime will serve it: verified again, from the installed files, then
         # loaded and run in a child process that is killed at the deadline.
         directory = self.store.version_dir(e.model, e.version)
-        manifest = verify_installed(directory, self._keys, e.model, e.version)
+        manifest = verify_installed(directory, self._bundle_keys(), e.model, e.version)
         runtime = self.config.runtime
         rows = check_in_child(
             directory,

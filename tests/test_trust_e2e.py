@@ -116,3 +116,19 @@ def test_a_root_signed_rotation_retires_a_command_key_everywhere(
     fleet.stop_device("cam-1")
     again = start_device(fleet, "cam-1", root)
     assert again.trust.current.version == 1
+
+    # retiring the build key: bundles it signed are refused from then on
+    new_build = _write_pair(tmp_path / "build2", "build2")
+    publish_trust(fleet, make_trust(
+        version=2,
+        root_keys=[load_public_key(root.public.read_bytes())],
+        bundle_keys=[load_public_key(new_build.public.read_bytes())],
+        command_keys=[new_key.public_key()],
+        signers=[load_private_key(root.private.read_bytes())],
+    ))  # fmt: skip
+    assert wait_trust(again, 2)
+    old_signed = fleet.send("deploy", {"device": "cam-1"}, version=3, key=new_key)
+    row = fleet.wait_for(old_signed, ["cam-1"])["cam-1"]
+    assert row.status in (JobStatus.REJECTED, JobStatus.FAILED)
+    assert "not among the 1 trusted keys" in (row.reason or ""), row.reason
+    assert again.lifecycle.store.load().models["iris"].active == 2
