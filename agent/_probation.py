@@ -111,8 +111,8 @@ class Probation:
                 state = self.store.load()
                 done = []
                 for name, version in due:
-                    model = state.models.get(name)
-                    if model is not None and model.probation and model.active == version:
+                    current = state.models.get(name)
+                    if current is not None and current.probation and current.active == version:
                         reason = f"served {self.limits.probation_period:g} s without a failure"
                         state.end_probation(name, result="good", reason=reason)
                         done.append(f"{name} v{version}: good ({reason})")
