@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 import numpy as np
 import onnx
 import onnxruntime as ort
+import pandas as pd
 
 import edgepack
 from edgepack._clock import utc_text
@@ -266,13 +267,7 @@ def _prepare(request: BuildRequest) -> _Shared:
     try:
         source_all = converter.predict(source.obj, layout, split.all)
     except Exception as e:
-        nulls = [c for c in split.all.columns if split.all[c].isna().any()]
-        hint = (
-            f" (reference column(s) {', '.join(map(repr, nulls))} hold missing values the model "
-            "does not accept: fill or drop them, or put a SimpleImputer in the pipeline)"
-            if nulls
-            else ""
-        )
+        hint = _value_hint(split.all)
         raise ReferenceDataError(
             f"the source model failed on the reference rows: {short_error(e)}{hint}"
         ) from e
@@ -300,6 +295,28 @@ def _prepare(request: BuildRequest) -> _Shared:
     )
 
 
+def _value_hint(frame: pd.DataFrame) -> str:
+    """Which column (and row) holds the value a source model choked on, if one can tell."""
+    for column in frame.columns:
+        values = frame[column]
+        if not pd.api.types.is_numeric_dtype(values):
+            numbers = pd.to_numeric(values, errors="coerce")
+            bad = numbers.isna() & values.notna()
+            if bad.any() and bad.mean() < 0.5:  # a numeric column with a stray text value
+                row = int(np.flatnonzero(bad.to_numpy())[0])
+                return (
+                    f" (reference column {column!r}, row {row} (0 = first data row): value "
+                    f"{values.iloc[row]!r} is not numeric)"
+                )
+    nulls = [c for c in frame.columns if frame[c].isna().any()]
+    if nulls:
+        return (
+            f" (reference column(s) {', '.join(map(repr, nulls))} hold missing values the model "
+            "does not accept: fill or drop them, or put a SimpleImputer in the pipeline)"
+        )
+    return ""
+
+
 def _convert(shared: _Shared, profile: Profile) -> onnx.ModelProto:
     opset = min(profile.max_opset, MAX_CONVERTER_OPSET)
     ml_opset = min(profile.max_ml_opset, MAX_CONVERTER_ML_OPSET)
@@ -308,6 +325,8 @@ def _convert(shared: _Shared, profile: Profile) -> onnx.ModelProto:
         model = shared.converter.convert(shared.source.obj, shared.layout, opset, ml_opset)
         normalize_opsets(model, opset)
         dynamic_batch(model)
+        # skl2onnx names each graph with a random uuid; the same inputs must give the same bytes
+        model.graph.name = f"edgepack-{shared.source.sha256[:16]}"
         model.ir_version = min(model.ir_version, profile.max_ir_version)
         try:
             onnx.checker.check_model(model)

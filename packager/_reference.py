@@ -274,7 +274,7 @@ def tensors_layout(
         taken = columns[start : start + width]
         if len(taken) < width:
             raise ReferenceDataError(
-                f"the model's inputs take {start + width}+ columns "
+                f"the model's inputs take at least {start + width} columns "
                 f"({', '.join(f'{n} {list(sh)}' for n, _, sh in inputs)}), the reference data "
                 f"has {len(columns)}"
             )

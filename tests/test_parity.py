@@ -89,3 +89,38 @@ def test_shape_mismatch_is_a_failure_not_a_crash() -> None:
     )
     assert not result.passed
     assert "shape" in result.failures[0]
+
+
+def test_tied_top_classes_in_the_source_are_not_disagreements() -> None:
+    p = _probs(300)
+    p[:5] = [0.5, 0.5, 0.0]  # a 20-tree forest voting 10/10
+    source = Prediction(p.argmax(1), p)
+    flipped = p.argmax(1).copy()
+    flipped[:5] = 1  # the packaged model picks the other tied class
+    result = compare("classification", source, Prediction(flipped, p), STRICT, classes=[0, 1, 2])
+    assert result.passed
+    assert result.metrics["tied_rows"] == 5
+    assert result.metrics["label_agreement"] == 1.0
+    wrong = flipped.copy()
+    wrong[:5] = 2  # not one of the tied classes: a real disagreement
+    result = compare("classification", source, Prediction(wrong, p), STRICT, classes=[0, 1, 2])
+    assert not result.passed
+
+
+def test_quantized_candidates_are_gated_on_the_99th_percentile() -> None:
+    y = np.linspace(0, 100, 1000)
+    off = y.copy()
+    off[3] += 30.0  # one row in a thousand far off: the maximum fails, the p99 passes
+    tolerance = Tolerance(0.995, 0.02, 0.01)
+    on_max = compare("regression", Prediction(values=y), Prediction(values=off), tolerance)
+    on_p99 = compare(
+        "regression", Prediction(values=y), Prediction(values=off), tolerance, statistic="p99"
+    )
+    assert not on_max.passed
+    assert on_p99.passed
+    assert on_p99.metrics["max_relative_error"] == pytest.approx(0.3)  # still reported
+    assert on_p99.metrics["gated_on"] == "p99"
+    off[:20] += 5.0  # 2% of rows off by 5% of the range: the p99 fails too
+    assert not compare(
+        "regression", Prediction(values=y), Prediction(values=off), tolerance, statistic="p99"
+    ).passed
