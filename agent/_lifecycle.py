@@ -1,29 +1,25 @@
 """The update lifecycle on the device: an explicit, journaled state machine.
 
 An install walks ``fetching → verifying → staging → health_check → committing → cleanup → done``.
-VERIFYING streams the fetched archive once into a private directory under ``staging/``, hashing
-as it writes, then checks the signature against those digests, the deploy's model/version, the
-device and the version (edgepack.agent._unpack): memory stays bounded, and only the bytes that
-were verified can be installed. STAGING renames that directory into ``models/``. HEALTH_CHECK runs
-the golden rows in a child process with a deadline (edgepack.agent._probe), so a model that loops
-or crashes onnxruntime fails its check instead of hanging or killing the agent. Any failure
-before staging ends in ``failed`` with nothing changed (the bundle is *rejected*); a failure after
-goes through ``rolling_back``, which removes what was staged
-and leaves the previously active version serving. An explicit rollback re-checks the retained
-previous version and commits it; a retire commits the model's removal. The whole graph is the
-``TRANSITIONS`` table below; each state is one small handler.
+VERIFYING streams the archive once into ``staging/op-ID/``, hashing as it writes, then checks the
+signature against those digests, the deploy's model/version, the device and the version
+(edgepack.agent._unpack): bounded memory, and only verified bytes can be installed. STAGING
+renames that directory into ``models/``. HEALTH_CHECK runs in a child process with a deadline
+(edgepack.agent._probe): a model that loops or crashes onnxruntime fails its check. A failure
+before staging ends in ``failed`` with nothing changed (*rejected*); after it, ``rolling_back``
+removes what was staged and the previous version keeps serving. A rollback re-checks the retained
+previous version and commits it; a retire commits the removal. The graph is the ``TRANSITIONS``
+table (edgepack.agent._states); each state is one small handler here.
 
 Save before acting: entering a state first writes it to the journal (edgepack.agent._journal), then
-acts. On start, :meth:`Lifecycle.recover` maps the journaled state through ``RESUME`` and carries
-on, so a SIGKILL or power cut at any instant ends with the same outcome as an uninterrupted run, or
-with a clean rollback once the same operation has been interrupted ``max_install_attempts`` times.
-The one atomic switch is ``state.json`` (edgepack.agent._state): committed, or not. A committed
-version then serves on probation (edgepack.agent._probation), through two daemon hooks:
-:meth:`Lifecycle.start_probation_check` and :meth:`Lifecycle.settle`.
+acts. On start, :meth:`Lifecycle.recover` resumes where ``RESUME`` says, so a SIGKILL at any
+instant ends as an uninterrupted run would, or with a clean rollback once the same operation has
+been interrupted ``max_install_attempts`` times. The one atomic switch is ``state.json``
+(edgepack.agent._state). A committed version then serves on probation (edgepack.agent._probation)
+through two daemon hooks, :meth:`Lifecycle.start_probation_check` and :meth:`Lifecycle.settle`.
 
-For tests, ``EDGEPACK_FAULT_KILL_AT=<state>`` (or ``EDGEPACK_FAULT_KILL_AFTER=<state>``) makes the
-process SIGKILL itself right after journaling that state (or right after acting in it), on an
-operation's first attempt only: the faults a real power cut produces, on demand.
+For tests, ``EDGEPACK_FAULT_KILL_AT=<state>`` (or ``_AFTER``) makes the process SIGKILL itself
+right after journaling that state (or after acting in it), on an operation's first attempt only.
 """
 
 from __future__ import annotations
