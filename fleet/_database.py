@@ -322,7 +322,8 @@ class _Store:
     def devices(self, group: str | None = None) -> list[DeviceRow]:
         """All devices that reported a state, or those that ``group`` holds by the operator's
         assignment or by their own declaration (both are in each row), by name."""
-        where, params = "", ()
+        where: str = ""
+        params: tuple[str, ...] = ()
         if group is not None:
             where = (
                 " WHERE device IN (SELECT device FROM memberships WHERE grp = ?"
