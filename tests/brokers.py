@@ -53,6 +53,12 @@ class Broker:
     def address(self) -> str:
         return f"{self.host}:{self.port}"
 
+    def kill(self) -> None:
+        """SIGKILL: no goodbye to clients, no persistence written on the way out."""
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(5)
+
     def stop(self) -> None:
         if self.process.poll() is None:
             self.process.terminate()

@@ -193,6 +193,7 @@ class Relay:
         self.port = int(self._listener.getsockname()[1])
         self._open = threading.Event()
         self._open.set()
+        self._silent = threading.Event()  # a black hole: bytes go in, nothing comes out
         self._closing = threading.Event()
         self._lock = threading.Lock()
         self._sockets: list[socket.socket] = []
@@ -225,7 +226,8 @@ class Relay:
     def _pump(self, src: socket.socket, dst: socket.socket) -> None:
         with contextlib.suppress(OSError):
             while data := src.recv(65536):
-                dst.sendall(data)
+                if not self._silent.is_set():
+                    dst.sendall(data)
         for sock in (src, dst):
             _hang_up(sock)
 
@@ -239,6 +241,19 @@ class Relay:
 
     def allow(self) -> None:
         self._open.set()
+
+    def go_silent(self) -> None:
+        """A network cut that says nothing: connections stay up, no byte gets through (no RST,
+        no FIN), so each side notices only by its own keepalive."""
+        self._silent.set()
+
+    def heal(self) -> None:
+        """The network is back: streams that lost bytes are dead, new connections work."""
+        with self._lock:
+            sockets, self._sockets = self._sockets, []
+        for sock in sockets:
+            _hang_up(sock)
+        self._silent.clear()
 
     def close(self) -> None:
         self._closing.set()
@@ -387,10 +402,10 @@ class World:
 
     # -- the device --------------------------------------------------------------------------
 
-    def start_device(self) -> Agent:
+    def start_device(self, keepalive: int = 30) -> Agent:
         extra = (
             f'[mqtt]\nhost = "127.0.0.1"\nport = {self.relay.port}\nprefix = "{self.prefix}"\n'
-            f'command_keys = ["{self.ops.public}"]\nreconnect_max = 1\n'
+            f'command_keys = ["{self.ops.public}"]\nreconnect_max = 1\nkeepalive = {keepalive}\n'
             "[telemetry]\ninterval = 0.5\n[drift]\nwindow = 100\nmin_rows = 100\n"
         )
         path = write_agent_config(self.root / DEVICE, self.keys, extra=extra)
@@ -441,11 +456,14 @@ class World:
         )
         return published.job_id
 
-    def stop_broker(self) -> None:
+    def stop_broker(self, *, kill: bool = False) -> None:
         assert self.broker is not None
         self.relay.cut()
         self.collector_relay.cut()
-        self.broker.stop()
+        if kill:
+            self.broker.kill()
+        else:
+            self.broker.stop()
         self.broker = None
         self.outage_started = time.monotonic()
 
@@ -525,14 +543,14 @@ def terminal(world: World, job: str) -> bool:
     return any(e.status in TERMINAL for e in world.store.executions(job))
 
 
-def run_job_during_outage(world: World, version: int) -> str:
-    """Deploy ``version``; stop the broker once the device has started, let the job finish and
-    drift reports pile up while it is down. The broker stays down."""
+def run_job_during_outage(world: World, version: int, *, kill: bool = False) -> str:
+    """Deploy ``version``; stop (or SIGKILL) the broker once the device has started, let the job
+    finish and drift reports pile up while it is down. The broker stays down."""
     assert world.link is not None
     world.fetcher.hold()
     job = world.deploy(version)
     assert world.fetcher.entered.wait(WAIT), "the device never started the job"
-    world.stop_broker()
+    world.stop_broker(kill=kill)
     link = world.link
     wait_until("the device notices the outage", lambda: not link.connected.is_set())
     world.fetcher.gate.set()
@@ -573,11 +591,16 @@ def test_outage_and_restart_lose_and_double_nothing(world: World) -> None:
     time.sleep(1.0)
     assert world.traffic.errors == []
 
-    # everything arrives
+    assert_delivered_exactly_once(world, [first, second, third])
+
+
+def assert_delivered_exactly_once(world: World, jobs: list[str]) -> None:
+    """Every job update and every report the device made is in the collector's store exactly
+    once, in order, numbered without a gap; on the wire nothing overtook anything."""
     drift_sent = world.counter("seq_drift")
     telemetry_sent = world.counter("seq_telemetry")
     wait_until("the outbox drains", lambda: world.queued()["drift"] + world.queued()["job"] == 0)
-    wait_until("job 3 reported", lambda: terminal(world, third))
+    wait_until("the last job reported", lambda: terminal(world, jobs[-1]))
     stored = lambda kind: world.store.events(kind, DEVICE, limit=100_000)  # noqa: E731
     wait_until("drift stored", lambda: len(stored("drift")) >= drift_sent, required=False)
     wait_until(
@@ -587,7 +610,7 @@ def test_outage_and_restart_lose_and_double_nothing(world: World) -> None:
     finished = world.link.runner.ledger.finished  # what the device did, by its own record
 
     # exactly once and in order, at the collector's store
-    for job in (first, second, third):
+    for job in jobs:
         history = world.store.history(job, DEVICE)
         assert [h.seq for h in history] == list(range(1, len(history) + 1)), history
         assert history[0].status == "QUEUED"
@@ -599,13 +622,13 @@ def test_outage_and_restart_lose_and_double_nothing(world: World) -> None:
     assert [int(d["seq"]) for d in reports] == list(range(1, drift_sent + 1))
     versions = [d["version"] for d in reports]  # windows of v1, then v2, then v3
     assert versions == sorted(versions)
-    assert set(versions) == {1, 2, 3}
+    assert set(versions) == set(range(1, len(jobs) + 1))
     telemetry = [int(data["seq"]) for _, _, data in stored("telemetry")]
     assert telemetry[:telemetry_sent] == list(range(1, telemetry_sent + 1))
 
     # and on the wire: first arrivals in order (a QoS 1 copy may follow, nothing may overtake)
     assert first_arrivals(world.observer.seen("drift", DEVICE)) == list(range(1, drift_sent + 1))
-    for job in (first, second, third):
+    for job in jobs:
         updates = [d for d in world.observer.seen("job", DEVICE) if d["job_id"] == job]
         arrivals = first_arrivals(updates)
         assert arrivals == list(range(1, len(arrivals) + 1)), arrivals
@@ -659,3 +682,39 @@ def test_reports_survive_a_device_that_reconnects_before_the_collector(
     time.sleep(1.0)
     stored = [int(d["seq"]) for _, _, d in world.store.events("drift", DEVICE, limit=100_000)]
     assert stored == list(range(1, sent + 1))
+
+
+def test_a_killed_broker_and_a_silent_network_cut_lose_and_double_nothing(
+    world: World, long_factor: int
+) -> None:
+    """SIGKILL the broker while a job runs, then cut the device's network without a word (a
+    black hole: it notices only by its 2 s keepalive) for 6 s, or three minutes with --long."""
+    cut = 6.0 if long_factor == 1 else 180.0
+    agent = world.start_device(keepalive=2)
+    first = world.deploy(1)
+    wait_until("v1 deployed", lambda: terminal(world, first))
+    world.traffic.start(agent)
+    wait_until("drift reports flow", lambda: world.counter("seq_drift") >= 3)
+
+    second = run_job_during_outage(world, 2, kill=True)
+    world.start_broker()
+    wait_until("job 2 reported", lambda: terminal(world, second))
+
+    before = world.counter("seq_drift")
+    world.relay.go_silent()
+    link = world.link
+    assert link is not None
+    wait_until("the device notices the silence", lambda: not link.connected.is_set())
+    deadline = time.monotonic() + cut
+    while time.monotonic() < deadline:  # reports pile up while nothing gets through
+        time.sleep(0.2)
+    assert world.counter("seq_drift") > before
+    world.relay.heal()
+    third = world.deploy(3)
+    wait_until("job 3 reported", lambda: terminal(world, third))
+    at_v3 = world.counter("seq_drift")
+    wait_until("windows of v3", lambda: world.counter("seq_drift") >= at_v3 + 2)
+    world.traffic.stop()
+    time.sleep(1.0)  # the monitor counts the last queued requests
+    assert world.traffic.errors == []
+    assert_delivered_exactly_once(world, [first, second, third])
