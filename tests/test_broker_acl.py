@@ -504,3 +504,24 @@ def test_an_agent_over_mtls_gets_its_commands_and_reports_back(
     finally:
         link.stop()
         agent.stop()
+
+
+def test_the_shipped_acl_is_what_edgepack_fleet_acl_generates() -> None:
+    """docs/mosquitto.acl is the generator's output for its example inventory, so the file the
+    docs describe and the file operators deploy cannot drift apart."""
+    from edgepack.fleet._acl import render_acl
+
+    example = {"cam-1": ["store-42"], "cam-2": ["store-42", "canary"]}
+    assert (DOCS / "mosquitto.acl").read_text() == render_acl(example)
+
+
+def test_only_ops_writes_the_trust_document_and_every_device_reads_it(connect: Connect) -> None:
+    trust = f"{P}/trust"
+    cam1, collector = connect("cam-1"), connect("collector")
+    assert cam1.publish(trust, b'{"forged":1}', retain=True) == NOT_AUTHORIZED
+    assert collector.publish(trust, b'{"forged":2}', retain=True) == NOT_AUTHORIZED
+    assert connect("ops").publish(trust, b'{"signed":true}', retain=True) == SUCCESS
+    reader = connect("cam-2")
+    reader.subscribe(trust)
+    assert reader.messages.get(timeout=WAIT).payload == b'{"signed":true}'
+    assert connect("ops").publish(trust, b"", retain=True) == SUCCESS  # cleared again
