@@ -239,3 +239,16 @@ def _resubscribe_until_delivered(device: Device, topic: str) -> bytes:
             if message.topic == topic:
                 return bytes(message.payload)
     raise AssertionError(f"{topic} never delivered after the ACL reload")
+
+
+def test_the_acl_refuses_names_that_are_not_one_topic_level() -> None:
+    from edgepack.fleet._acl import render_acl
+
+    text = render_acl({"cam-1": ["b", "a", "a"], "cam-2": []}, prefix="fleet/v9")
+    assert text.endswith("user cam-1\ntopic read fleet/v9/groups/a/jobs/+\n"
+                         "topic read fleet/v9/groups/b/jobs/+\n")  # fmt: skip
+    assert "user cam-2" not in text  # no group, no block
+    for bad, says in [({"cam/1": ["a"]}, "device id"), ({"cam-1": ["a\ntopic write #"]}, "group"),
+                      ({"ops": ["a"]}, "service account")]:  # fmt: skip
+        with pytest.raises(ValueError, match=says):
+            render_acl(bad)
