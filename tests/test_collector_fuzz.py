@@ -238,3 +238,58 @@ def test_zz_report_the_cases(capsys: pytest.CaptureFixture[str]) -> None:
     with capsys.disabled():
         print("\nfuzz cases per topic:", json.dumps(CASES, sort_keys=True))
     assert all(n >= 100 for n in CASES.values()), CASES
+
+
+def test_a_hostile_burst_through_a_real_broker_leaves_the_collector_working(
+    tmp_path: Path,
+) -> None:
+    """Every hostile shape on every topic, through mosquitto to a running collector: its paho
+    network thread and its writer survive, and a valid report afterwards is recorded."""
+    import time
+
+    from brokers import mosquitto
+
+    from edgepack.fleet._broker import connect
+
+    hostile = [
+        b"[" * 50_000 + b"]" * 50_000,
+        b'{"schema":1,"seq":' + b"9" * 5_000 + b"}",
+        b"\xff\xfe not json",
+        b'{"schema":99}',
+        b'{"schema":1,"device":["x"],"commands":7,"seq":-1,"groups":"x","ts":{}}',
+        b"x" * (300 * 1024),
+        b"",
+    ]
+    with mosquitto(tmp_path / "broker") as broker:
+        options = BrokerOptions(port=broker.port, prefix=f"edgepack/t{next(_seq)}")
+        topics = Topics(options.prefix)
+        store = open_store(tmp_path / "fleet.db")
+        collector = Collector(options, store, client_id="burst").start()
+        sender = connect(options)
+        try:
+            names = [
+                topics.state("cam-1"), topics.job_status("cam-1", "deploy-1"),
+                topics.pending_get("cam-1"), topics.telemetry("cam-1"), topics.drift("cam-1"),
+                topics.device_jobs("cam-1", "iris"), topics.group_jobs("canary", "iris"),
+                topics.trust(), topics.presence_ping(), f"{options.prefix}/devices/cam-1/nope",
+            ]  # fmt: skip
+            infos = [sender.publish(t, p, qos=1) for t in names for p in hostile]
+            valid = build_report(ReportKind.TELEMETRY, "cam-1", 1, {"ok": True}, ts=T0)
+            infos.append(sender.publish(topics.telemetry("cam-1"), valid, qos=1))
+            for info in infos:
+                info.wait_for_publish(10)
+            deadline = time.monotonic() + 20
+            while not store.events("telemetry", device="cam-1"):
+                assert time.monotonic() < deadline, (
+                    f"the valid report never landed: {collector.stats}"
+                )
+                time.sleep(0.02)
+            assert collector.stats.errors == 0
+            assert collector.stats.rejected >= len(names) * (len(hostile) - 2)
+            assert collector._client is not None
+            assert collector._client.is_connected()
+        finally:
+            sender.disconnect()
+            sender.loop_stop()
+            collector.stop(drain_timeout=5)
+            store.close()
