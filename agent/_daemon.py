@@ -32,7 +32,7 @@ from edgepack.agent._config import AgentConfig
 from edgepack.agent._http_server import InferenceServer
 from edgepack.agent._lifecycle import Fetcher, Lifecycle, OnState, Outcome
 from edgepack.agent._monitor import Monitor, ReportRelay
-from edgepack.agent._runtime import Runtime, ServedModel
+from edgepack.agent._runtime import Runtime
 from edgepack.agent._supervise import Heartbeats, SupervisedThread
 from edgepack.agent._trust import TrustStore
 from edgepack.agent.exceptions import EdgepackError
@@ -160,9 +160,7 @@ class Agent:
 
     def _apply(self, outcome: Outcome) -> Outcome:
         self.monitor.telemetry.event(f"{outcome.op}:{outcome.result}")
-        if outcome.ok and outcome.session is not None and outcome.manifest is not None:
-            self.runtime.put(ServedModel(outcome.manifest, outcome.session))  # hot swap
-        self.sync()
+        self.sync()  # loads what was committed and swaps it in; requests in flight finish
         return outcome
 
     def install(

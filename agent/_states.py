@@ -12,8 +12,6 @@ import enum
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import onnxruntime as ort
-
 from edgepack.agent._journal import JournalEntry
 from edgepack.agent.exceptions import EdgepackError
 from edgepack.formats.manifest import Manifest
@@ -132,7 +130,6 @@ class Outcome:
     reason: str | None = None
     error: EdgepackError | None = None
     trace: list[str] = field(default_factory=list)
-    session: ort.InferenceSession | None = None  # None: the runtime loads committed versions
     manifest: Manifest | None = None
     job_id: str | None = None
 
