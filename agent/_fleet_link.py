@@ -404,9 +404,8 @@ class DeviceLink:
             except MessageError as e:
                 log.warning("ignoring a malformed pending answer: %s", e)
                 return []
-            trust = getattr(answer, "trust", None)
-            if trust:
-                self._apply_trust(trust if isinstance(trust, bytes) else str(trust).encode())
+            if answer.trust:
+                self._apply_trust(answer.trust)
             return list(answer.commands)
         if not payload:
             return []  # a cleared retained message
