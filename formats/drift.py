@@ -32,6 +32,7 @@ __all__ = [
     "FeatureBins",
     "binned_ks",
     "calibrate",
+    "calibrate_windows",
     "count_categorical",
     "count_numeric",
     "psi",
@@ -133,23 +134,68 @@ def calibrate(
 ) -> dict[str, float]:
     """Thresholds for one feature at one window size, by bootstrap from held-out rows.
 
-    Resampling ``window`` held-out rows with replacement puts Multinomial(window, p_holdout)
-    counts in the bins, so the windows are drawn directly as counts.
-
-    Args:
-        reference: the reference proportions the device will compare against.
-        holdout_counts: bin counts of held-out reference rows (not used to make ``reference``).
-        window: the device's window size (rows).
-        quantile: e.g. ``1 - alpha / features``.
-        draws: bootstrap windows (at least ``10 * features / alpha`` for a stable quantile).
+    The one-window form of :func:`calibrate_windows` (same draws for the same seed).
 
     Returns:
         ``{"ks": threshold, "psi": threshold}``.
     """
+    found = calibrate_windows(
+        reference,
+        holdout_counts,
+        (window,),
+        quantile,
+        draws,
+        ordered=ordered,
+        rng=np.random.default_rng(seed),
+    )
+    return {"ks": float(found[0, 0]), "psi": float(found[0, 1])}
+
+
+def calibrate_windows(
+    reference: np.ndarray,
+    holdout_counts: np.ndarray,
+    windows: Sequence[int],
+    quantile: float,
+    draws: int,
+    *,
+    ordered: bool = True,
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """Thresholds for one feature at every window size at once, by bootstrap from held-out rows.
+
+    Resampling ``window`` held-out rows with replacement puts Multinomial(window, p_holdout)
+    counts in the bins, so the windows are drawn directly as counts: one
+    ``(draws, windows, bins)`` array from ``rng``, then both statistics over it at once. PSI's
+    per-bin term depends only on a bin's integer count, so it is looked up in a table of every
+    possible count (the same values :func:`psi` computes, without a logarithm per window).
+
+    Args:
+        reference: the reference proportions the device will compare against.
+        holdout_counts: bin counts of held-out reference rows (not used to make ``reference``).
+        windows: the device's window sizes (rows).
+        quantile: e.g. ``1 - alpha / features``.
+        draws: bootstrap windows per size (at least ``10 * features / alpha`` for a stable
+            quantile).
+        ordered: numeric bins (cumulative KS) or categories (largest bin gap).
+        rng: the feature's own random stream (the caller seeds it, so builds are reproducible).
+
+    Returns:
+        ``(len(windows), 2)`` thresholds: binned KS in column 0, PSI in column 1.
+    """
+    reference = np.asarray(reference, dtype=np.float64)
+    holdout_counts = np.asarray(holdout_counts, dtype=np.float64)
+    sizes = np.asarray(windows, dtype=np.int64)
     total = holdout_counts.sum()
     p = holdout_counts / total if total > 0 else reference
-    windows = np.random.default_rng(seed).multinomial(window, p, size=draws)
-    return {
-        "ks": float(np.quantile(binned_ks(reference, windows, ordered), quantile)),
-        "psi": float(np.quantile(psi(reference, windows), quantile)),
-    }
+    counts = rng.multinomial(sizes, p, size=(draws, len(sizes)))  # (draws, windows, bins)
+    ks = binned_ks(reference, counts, ordered)  # (draws, windows)
+    # PSI: table[w, b, c] = the term of bin b holding c of window w's rows
+    bins = len(reference)
+    c = np.arange(int(sizes.max()) + 1, dtype=np.float64)
+    live = np.maximum(c[None, :] / sizes[:, None].astype(np.float64), PSI_FLOOR)  # (windows, c)
+    ref = np.maximum(reference, PSI_FLOOR)[None, :, None]
+    table = (live[:, None, :] - ref) * np.log(live[:, None, :] / ref)  # (windows, bins, c)
+    flat = (np.arange(len(sizes))[:, None] * bins + np.arange(bins)[None, :]) * len(c)
+    terms = table.ravel()[flat[None, :, :] + counts]  # (draws, windows, bins)
+    found = np.quantile(np.stack([ks, terms.sum(axis=-1)], axis=-1), quantile, axis=0)
+    return np.asarray(found, dtype=np.float64)

@@ -11,9 +11,12 @@ first half and second half. The first half defines the reference:
 
 The second half is held out to calibrate, per monitored column and per device window size, the
 thresholds of the binned-KS statistic and of PSI by bootstrap
-(:func:`edgepack.formats.drift.calibrate`), at the Bonferroni-corrected quantile ``1 - alpha / (2 *
-columns)`` (two statistics per column). The device counts live windows into the same bins and
-compares (edgepack.formats.drift). The result is a :class:`~edgepack.formats.reference.Reference`,
+(:func:`edgepack.formats.drift.calibrate_windows`: every window size of a column in one numpy
+draw), at the Bonferroni-corrected quantile ``1 - alpha / (2 * columns)`` (two statistics per
+column). Each column has its own random stream, seeded from its index (features in order, then
+the output), so identical inputs give identical thresholds and columns are independent; columns
+run on threads. The device counts live windows into the same bins and compares
+(edgepack.formats.drift). The result is a :class:`~edgepack.formats.reference.Reference`,
 written into the bundle by :func:`~edgepack.formats.reference.reference_json`, the file's one
 owner; the format is in ``docs/bundle-format.md`` §5.
 """
@@ -22,13 +25,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from edgepack.formats.drift import FeatureBins, calibrate
+from edgepack.formats.drift import FeatureBins, calibrate_windows
 from edgepack.formats.reference import (
     REFERENCE_FORMAT_VERSION,
     Calibration,
@@ -57,6 +62,7 @@ WINDOW_SIZES = (100, 250, 500, 1000)
 ALPHA = 0.01  # false alarms per window over all columns, before the 2-of-3 persistence rule
 MAX_DRAWS = 20_000
 PERSISTENCE = Persistence(alarms=2, of_windows=3)
+CALIBRATION_SEED = 10  # with the column's index: one bootstrap stream per column
 
 
 def _bins_for(n: int) -> int:
@@ -103,25 +109,50 @@ def _column(values: Any, name: str) -> ColumnReference:
 
 
 def _thresholds(
-    column: ColumnReference, holdout: Any, columns: int, windows: Sequence[int]
+    column: ColumnReference, holdout: Any, columns: int, windows: Sequence[int], index: int
 ) -> ColumnReference:
     bins = FeatureBins.from_reference(column)
     counts = bins.count(np.asarray(holdout))
     quantile = 1 - ALPHA / (2 * columns)  # two statistics per column (binned KS or PSI)
     draws = min(MAX_DRAWS, max(2000, math.ceil(10 * columns / ALPHA)))
-    thresholds = {}
-    for window in windows:
-        found = calibrate(
-            bins.reference,
-            counts,
-            window,
-            quantile,
-            draws,
-            ordered=bins.kind == "numeric",
-            seed=window,
-        )
-        thresholds[int(window)] = Thresholds(found["ks"], found["psi"])
+    found = calibrate_windows(
+        bins.reference,
+        counts,
+        windows,
+        quantile,
+        draws,
+        ordered=bins.kind == "numeric",
+        rng=np.random.default_rng((CALIBRATION_SEED, index)),
+    )
+    thresholds = {
+        int(window): Thresholds(float(ks), float(psi))
+        for window, (ks, psi) in zip(windows, found, strict=True)
+    }
     return dataclasses.replace(column, thresholds=thresholds)
+
+
+def _calibrate_all(
+    jobs: Sequence[tuple[ColumnReference, Any]],
+    columns: int,
+    windows: Sequence[int],
+    workers: int | None,
+) -> list[ColumnReference]:
+    """Every column's thresholds; columns run on a thread each (numpy's sampler drops the GIL).
+
+    Each column draws from its own stream (seeded by its index), so the result does not depend
+    on how many threads ran or in which order they finished.
+    """
+    if workers is None:
+        cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else ()
+        workers = len(cpus) or os.cpu_count() or 1
+    workers = max(1, min(len(jobs), workers))
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(
+            pool.map(
+                lambda job: _thresholds(job[1][0], job[1][1], columns, windows, job[0]),
+                enumerate(jobs),
+            )
+        )
 
 
 def reference_statistics(
@@ -130,6 +161,8 @@ def reference_statistics(
     task: str,
     prediction: Prediction,
     windows: Sequence[int] = WINDOW_SIZES,
+    *,
+    workers: int | None = None,
 ) -> Reference:
     """Build the bundle's drift reference (written with :func:`reference_json`).
 
@@ -139,6 +172,8 @@ def reference_statistics(
         task: ``classification``, ``regression`` or ``tensor``.
         prediction: the source model's outputs on ``frame``'s rows (same order).
         windows: device window sizes to calibrate thresholds for.
+        workers: threads for the calibration (default: one per CPU); the result does not depend
+            on it.
 
     Returns:
         The :class:`~edgepack.formats.reference.Reference`, at the current format version.
@@ -152,7 +187,7 @@ def reference_statistics(
     elif task in ("regression", "anomaly") and prediction.values is not None:  # anomaly: score
         outputs = np.asarray(prediction.values, dtype=np.float64).ravel()
     columns = len(layout.columns) + (1 if outputs is not None else 0)
-    features = []
+    jobs: list[tuple[ColumnReference, Any]] = []  # each monitored column and its held-out values
     for column in layout.columns:
         series = frame[column].reset_index(drop=True)
         spec = next(s for s in layout.specs if column in s.columns)
@@ -161,8 +196,7 @@ def reference_statistics(
             input=spec.name,
             index=spec.columns.index(column),  # position along the input's (flattened) row
         )
-        features.append(_thresholds(entry, series.iloc[holdout].to_numpy(), columns, windows))
-    output = None
+        jobs.append((entry, series.iloc[holdout].to_numpy()))
     if outputs is not None:
         # class labels are categories even when they are numbers
         output = (
@@ -170,7 +204,10 @@ def reference_statistics(
             if task == "classification"
             else _numeric(outputs[build], "score" if task == "anomaly" else "prediction")
         )
-        output = _thresholds(output, outputs[holdout], columns, windows)
+        jobs.append((output, outputs[holdout]))
+    calibrated = _calibrate_all(jobs, columns, windows, workers)
+    features = calibrated[: len(layout.columns)]
+    output = calibrated[len(layout.columns)] if outputs is not None else None
     return Reference(
         rows=len(build),
         features=tuple(features),
