@@ -56,23 +56,19 @@ def test_hist_gradient_boosting_builds_on_rows_with_nans(
         assert np.abs(outputs[0].ravel() - want).max() / np.ptp(want) < 1e-4
 
 
-LOF_FLOAT32 = pytest.mark.xfail(
-    strict=True,
-    reason="packager/_converters/sklearn.py: skl2onnx computes LocalOutlierFactor's neighbour "
-    "distances in float32; scores differ by ~1.8% of their range, above the fp32 gate's 0.1%",
-)
-
-
-@pytest.mark.parametrize(
-    "detector",
-    ["isolation-forest", "one-class-svm", pytest.param("lof-novelty", marks=LOF_FLOAT32)],
-)
+@pytest.mark.parametrize("detector", ["isolation-forest", "one-class-svm", "lof-novelty"])
 def test_outlier_detectors_are_an_anomaly_task(tmp_path: Path, keys: Any, detector: str) -> None:
     from sklearn.ensemble import IsolationForest
     from sklearn.neighbors import LocalOutlierFactor
     from sklearn.svm import OneClassSVM
 
     x, _ = _iris()
+    if detector == "lof-novelty":
+        # Iris is measured to 1 mm, so many rows tie at the 20th-neighbour distance, and which
+        # tied neighbour counts is arbitrary (sklearn's tree vs ONNX TopK): scores then differ by
+        # ~1.7% of their range in float32 *and* float64 alike. That is not precision: on
+        # measurements without ties skl2onnx's float32 LOF is within 3e-7 of the range.
+        x = x + np.random.default_rng(0).normal(scale=1e-3, size=x.shape)
     model = {
         "isolation-forest": lambda: IsolationForest(n_estimators=20, random_state=0),
         "one-class-svm": lambda: OneClassSVM(nu=0.1),
