@@ -199,12 +199,12 @@ def reference_statistics(
         jobs.append((entry, series.iloc[holdout].to_numpy()))
     if outputs is not None:
         # class labels are categories even when they are numbers
-        output = (
+        monitored = (
             _categorical(pd.Series(outputs[build]), "label")
             if task == "classification"
             else _numeric(outputs[build], "score" if task == "anomaly" else "prediction")
         )
-        jobs.append((output, outputs[holdout]))
+        jobs.append((monitored, outputs[holdout]))
     calibrated = _calibrate_all(jobs, columns, windows, workers)
     features = calibrated[: len(layout.columns)]
     output = calibrated[len(layout.columns)] if outputs is not None else None
