@@ -72,6 +72,9 @@ class ServerConfig:
     port: int = 8080
     max_request_bytes: int = 16 * 1024**2
     max_batch_rows: int = 4096
+    # connections served at once; beyond it a client gets a 503 at once (the unit's TasksMax
+    # is 256: threads must not run out)
+    max_connections: int = 128
 
 
 @dataclass(frozen=True)
@@ -81,6 +84,9 @@ class RuntimeConfig:
     intra_op_threads: int = 0
     inter_op_threads: int = 0
     providers: tuple[str, ...] = ()  # empty: the bundle's providers that this device has
+    # seconds one inference may take before onnxruntime is told to stop (a model that loops
+    # on some live inputs must not hold a thread and a core forever); 0: no limit
+    request_timeout: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -236,11 +242,13 @@ _SERVER: dict[str, Check] = {
     "port": integer(0, 65535),
     "max_request_bytes": integer(0),
     "max_batch_rows": integer(0),
+    "max_connections": integer(1, 4096),
 }
 _RUNTIME: dict[str, Check] = {
     "intra_op_threads": integer(0),
     "inter_op_threads": integer(0),
     "providers": string_list(),
+    "request_timeout": number(0, 24 * 3600),
 }
 _LIMITS: dict[str, Check] = {
     "max_bundle_bytes": integer(0),

@@ -98,6 +98,7 @@ class Agent:
                 self.config.server.max_request_bytes,
                 ready=lambda: self._ready,
                 metrics=self.metrics,
+                max_connections=self.config.server.max_connections,
             ).start()
             log.info("serving the Open Inference Protocol on %s", self.server.url)
         self.monitor.start()

@@ -33,6 +33,7 @@ import contextlib
 import logging
 import queue
 import threading
+import time
 import uuid
 from typing import Any
 
@@ -68,6 +69,8 @@ HEARTBEAT = "commands"  # the worker's name in the agent's heartbeats
 # A job announces this much bounded work to the watchdog (its download and health check have
 # their own, shorter deadlines; this only catches a worker that is truly wedged).
 JOB_BUDGET = 3 * 3600.0
+BATCH_MAX = 64  # messages in one batch of the worker, at most
+BATCH_AGE = 1.0  # seconds a batch may stay open, at most
 
 log = logging.getLogger("edgepack.agent.mqtt")
 
@@ -365,8 +368,12 @@ class DeviceLink:
             if item is None:
                 return
             batch = [item]
-            try:  # commands arriving together (retained ones on connect) run oldest first
-                while True:
+            # Commands arriving together (retained ones on connect) run oldest first; a batch
+            # closes after 0.3 s without a message, or at BATCH_MAX messages or BATCH_AGE
+            # seconds, so a steady trickle of junk can never hold a valid command back.
+            opened = time.monotonic()
+            try:
+                while len(batch) < BATCH_MAX and time.monotonic() - opened < BATCH_AGE:
                     more = self._inbox.get(timeout=0.3)
                     if more is None:
                         self._inbox.put(None)
@@ -374,6 +381,7 @@ class DeviceLink:
                     batch.append(more)
             except queue.Empty:
                 pass
+            beats.beat(HEARTBEAT)
             commands: list[bytes] = []
             for topic, payload in batch:
                 commands.extend(self._guarded(self._messages_in, topic, payload) or [])

@@ -48,6 +48,8 @@ _MODEL_PATH = re.compile(
     r"(?P<action>/ready|/infer)?/?$"
 )
 HEADER_LENGTH = "Inference-Header-Content-Length"
+# A byte count is ASCII digits only: str.isdigit() also takes '²' or '٣', which int() refuses.
+_BYTE_COUNT = re.compile(r"^[ \t]*[0-9]{1,18}[ \t]*$", re.ASCII)
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -163,7 +165,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             self._error(400, f"{len(lengths)} Content-Length headers; send exactly one")
             return
-        if not lengths or not lengths[0].strip().isdigit() or len(lengths[0].strip()) > 18:
+        if not lengths or not _BYTE_COUNT.match(lengths[0]):
             self.close_connection = True
             if not lengths:
                 self._error(411, "a Content-Length header is required")
@@ -226,8 +228,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _drain_or_close(self) -> None:
         lengths = self.headers.get_all("Content-Length") or ["0"]
-        value = lengths[0].strip()
-        length = int(value) if len(lengths) == 1 and value.isdigit() and len(value) <= 18 else -1
+        ok = len(lengths) == 1 and _BYTE_COUNT.match(lengths[0])
+        length = int(lengths[0]) if ok else -1
         if 0 <= length <= self.server.max_request_bytes:
             self.rfile.read(length)
         else:
@@ -237,7 +239,7 @@ class _Handler(BaseHTTPRequestHandler):
 def _header_length(value: str | None) -> int | None:
     if value is None:
         return None
-    if not value.strip().isdigit() or len(value.strip()) > 18:
+    if not _BYTE_COUNT.match(value):
         raise RequestError(f"{HEADER_LENGTH} must be a byte count, got {value[:40]!r}")
     return int(value)
 
@@ -254,12 +256,49 @@ class _Server(ThreadingHTTPServer):
         max_request_bytes: int,
         ready: Callable[[], bool],
         metrics: Callable[[], str],
+        max_connections: int,
     ) -> None:
         self.runtime = runtime
         self.max_request_bytes = max_request_bytes
         self.ready = ready
         self.metrics = metrics
+        self.max_connections = max_connections
+        self._active = 0
+        self._active_lock = threading.Lock()
         super().__init__(address, _Handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """One thread per connection, up to ``max_connections``; beyond, a 503 at once, so
+        held or idle connections can never exhaust the process's threads."""
+        with self._active_lock:
+            full = self._active >= self.max_connections
+            if not full:
+                self._active += 1
+        if full:
+            body = b'{"error":"too many connections; retry shortly"}'
+            with contextlib.suppress(OSError):
+                request.sendall(
+                    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                    b"Retry-After: 1\r\nConnection: close\r\n"
+                    b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+                )
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        with self._active_lock:
+            self._active -= 1
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         """A client that hung up or timed out is routine; anything else is logged with its trace."""
@@ -279,6 +318,7 @@ class InferenceServer:
         max_request_bytes: larger bodies get 413 without being read.
         ready: returns whether the agent is ready (for ``/v2/health/ready``).
         metrics: returns the Prometheus text for ``/metrics``.
+        max_connections: connections served at once; more get a 503 and are closed.
     """
 
     def __init__(
@@ -289,9 +329,12 @@ class InferenceServer:
         max_request_bytes: int = 16 * 1024**2,
         ready: Callable[[], bool] = lambda: True,
         metrics: Callable[[], str] = lambda: "",
+        max_connections: int = 128,
     ) -> None:
         try:
-            self._server = _Server((host, port), runtime, max_request_bytes, ready, metrics)
+            self._server = _Server(
+                (host, port), runtime, max_request_bytes, ready, metrics, max_connections
+            )
         except OSError as e:
             raise EdgepackError(
                 f"cannot listen on {host}:{port}: {e.strerror or e} (is another agent running? "

@@ -96,10 +96,29 @@ def _bytes_elements(blob: bytes, name: str) -> list[str]:
     return items
 
 
+def _strings(data: Any, name: str) -> np.ndarray:
+    """JSON BYTES data (nested lists of strings) as a flat object array: memory in proportion
+    to the text, whatever the mix of long and short strings."""
+    flat: list[str] = []
+    stack = [data]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, list):
+            stack.extend(reversed(item))
+        elif isinstance(item, str):
+            flat.append(item)
+        else:
+            kind = type(item).__name__
+            raise RequestError(f"input {name!r}: BYTES data must be strings, got {kind}")
+    array = np.empty(len(flat), dtype=object)
+    array[:] = flat
+    return array
+
+
 def _json_values(data: Any, datatype: str, name: str) -> np.ndarray:
     """JSON data as ``datatype``, refusing lossy conversions (5.5 as INT64, 300 as UINT8)."""
     if datatype == "BYTES":
-        return np.asarray(data, dtype=np.str_)
+        return _strings(data, name)
     kind = np.dtype(_NUMPY[datatype])
     raw = np.asarray(data)
     if raw.dtype.kind in "USO":
@@ -155,7 +174,9 @@ def _decode_input(item: Any, binary: bytes, offset: int) -> tuple[str, np.ndarra
             blob = binary[offset : offset + size]
             offset += size
             if datatype == "BYTES":
-                values: Any = np.array(_bytes_elements(blob, name), dtype=np.str_)
+                items = _bytes_elements(blob, name)
+                values: Any = np.empty(len(items), dtype=object)
+                values[:] = items
             else:
                 dtype = np.dtype(_NUMPY[datatype]).newbyteorder("<")
                 if size != count * dtype.itemsize:

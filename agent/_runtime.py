@@ -79,7 +79,11 @@ def _check_input(spec: TensorSpec, value: Any, max_rows: int, model: str) -> np.
         if spec.dtype == "string":
             if array.dtype.kind not in "USO":
                 raise TypeError(f"got {array.dtype}")
-            array = array.astype(str)
+            # object, not fixed-width unicode: that costs 4 bytes x the longest string for
+            # every element (one long string among many short ones is a memory bomb)
+            array = array.astype(object)
+            if not all(isinstance(item, str) for item in array.flat):
+                raise TypeError("got values that are not text")
         elif array.dtype.kind in "USO":
             raise TypeError(f"got text ({array.dtype})")
         elif array.dtype != want:
@@ -276,7 +280,10 @@ class Runtime:
         run = wanted if monitor is None or first in wanted else [first, *wanted]
         start = time.perf_counter()
         try:
-            results = run_session(served.session, run, feeds, f"{name} v{served.version}")
+            results = run_session(
+                served.session, run, feeds, f"{name} v{served.version}",
+                timeout=self._config.request_timeout,
+            )  # fmt: skip
         except InferenceError:
             if monitor is not None:
                 monitor.failed(name, served.version, "runtime_error")

@@ -16,6 +16,8 @@ keeps the original), so callers handle one family.
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -121,11 +123,59 @@ def open_installed(
     return InstalledVersion(files, manifest, open_session(files[MODEL_FILE], manifest, runtime))
 
 
+class _Deadlines:
+    """One thread that stops overdue inferences: it sets ``RunOptions.terminate``, which
+    onnxruntime checks between nodes (a Loop's iterations included), so the run ends with an
+    error instead of holding its thread and a core forever. Only runs in flight are kept (a
+    dict, bounded by the requests being served at once); registering costs a lock and a dict
+    insert, and nothing else runs on the request's thread. Deadlines are checked every
+    ``tick`` seconds while any run is in flight."""
+
+    def __init__(self, tick: float = 0.25) -> None:
+        self._tick = tick
+        self._lock = threading.Condition()
+        self._flying: dict[int, tuple[float, ort.RunOptions]] = {}
+        self._serial = 0
+        self._thread: threading.Thread | None = None
+
+    def add(self, seconds: float, options: ort.RunOptions) -> int:
+        with self._lock:
+            self._serial += 1
+            self._flying[self._serial] = (time.monotonic() + seconds, options)
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="edgepack-deadlines", daemon=True
+                )
+                self._thread.start()
+            self._lock.notify()
+            return self._serial
+
+    def remove(self, ticket: int) -> None:
+        with self._lock:
+            self._flying.pop(ticket, None)
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                while not self._flying:
+                    self._lock.wait()
+                now = time.monotonic()
+                for ticket, (due, options) in list(self._flying.items()):
+                    if due <= now:
+                        options.terminate = True
+                        del self._flying[ticket]
+                self._lock.wait(self._tick)
+
+
+_DEADLINES = _Deadlines()
+
+
 def run_session(
     session: ort.InferenceSession,
     outputs: Sequence[str] | None,
     feeds: Mapping[str, np.ndarray],
     what: str,
+    timeout: float = 0.0,
 ) -> list[np.ndarray]:
     """Run ``session`` on ``feeds``: the one call into onnxruntime's inference.
 
@@ -134,17 +184,37 @@ def run_session(
         outputs: the outputs to compute (all when ``None``).
         feeds: input name → validated array.
         what: the model, for the message (``"iris v2"``).
+        timeout: seconds before onnxruntime is told to stop (0: no limit).
 
     Returns:
         The outputs, in the order asked for.
 
     Raises:
-        InferenceError: onnxruntime failed while computing (the original is the ``__cause__``).
+        InferenceError: onnxruntime failed while computing, or did not finish within
+            ``timeout`` (the original is the ``__cause__``).
     """
+    names = None if outputs is None else list(outputs)
+    if timeout <= 0:
+        try:
+            return list(session.run(names, dict(feeds)))
+        except Exception as e:  # onnxruntime's own exception types, which it does not export
+            raise InferenceError(
+                f"{what} failed while computing an answer: {_first_line(e)}"
+            ) from e
+    options = ort.RunOptions()
+    ticket = _DEADLINES.add(timeout, options)
     try:
-        return list(session.run(None if outputs is None else list(outputs), dict(feeds)))
-    except Exception as e:  # onnxruntime's own exception types, which it does not export
+        return list(session.run(names, dict(feeds), options))
+    except Exception as e:
+        if options.terminate:
+            raise InferenceError(
+                f"{what} did not answer within {timeout:g} s, was stopped (a model that "
+                "loops or is far too slow on these inputs; [runtime] request_timeout sets the "
+                "limit)"
+            ) from e
         raise InferenceError(f"{what} failed while computing an answer: {_first_line(e)}") from e
+    finally:
+        _DEADLINES.remove(ticket)
 
 
 def _first_line(error: BaseException) -> str:

@@ -28,8 +28,8 @@ def staged(directory: Path, files: dict[str, bytes]) -> Path:
     return directory
 
 
-def looping_model() -> bytes:
-    """input float[N,4] -> a Loop of 2**62 iterations -> label, probabilities."""
+def looping_model(trips: int = 2**62) -> bytes:
+    """input float[N,4] -> a Loop of ``trips`` iterations -> label, probabilities."""
     body = helper.make_graph(
         [
             helper.make_node("Identity", ["cond_in"], ["cond_out"]),
@@ -60,7 +60,7 @@ def looping_model() -> bytes:
             helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, [None, 1]),
         ],
         [
-            helper.make_tensor("trips", TensorProto.INT64, [], [2**62]),
+            helper.make_tensor("trips", TensorProto.INT64, [], [trips]),
             helper.make_tensor("cond", TensorProto.BOOL, [], [True]),
         ],
     )
