@@ -2,7 +2,12 @@
 
 A deploy names one bundle per device profile (URL, sha256, size); each device picks its own. The
 bundles are found either in a local ``dist/`` directory (``--dist``: hashed here) or through the
-index that ``edgepack-fleet serve`` publishes at its root. The signed command
+index that ``edgepack-fleet serve`` publishes at its root. The server is not trusted with what the
+operator signs: each bundle the index names is downloaded (streamed to a temporary file, capped
+in size and time), hashed here, and its manifest read through the archive allow-list
+(:func:`edgepack.formats.bundle.iter_members`); the command carries our hash and size, and an
+index that disagrees with the bytes, or a manifest that is not the model, version and profile
+the command names, is refused before anything is signed. The signed command
 (:func:`edgepack.formats.commands.make_command`) is published retained at QoS 1 on the target's
 job topic for that model (:class:`edgepack.formats.topics.Topics`), so devices that are offline
 or join the group later still converge; a newer command for the same model and target replaces
@@ -13,21 +18,40 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import json
 import re
+import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import httpx
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from edgepack.fleet._broker import BrokerOptions, connect, publish_and_wait
 from edgepack.fleet.exceptions import BundleLookupError
-from edgepack.formats.bundle import BUNDLE_SUFFIX
+from edgepack.formats.bundle import BUNDLE_SUFFIX, MANIFEST_FILE, ArchiveLimits, iter_members
 from edgepack.formats.commands import CommandKind, make_command
+from edgepack.formats.exceptions import ArchiveError, ManifestError
+from edgepack.formats.manifest import Manifest, parse_manifest
 from edgepack.formats.topics import Topics
 
-__all__ = ["Published", "find_bundles", "publish_command"]
+__all__ = ["BundleFetchLimits", "Published", "find_bundles", "publish_command"]
+
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class BundleFetchLimits:
+    """Bounds on what the fleet downloads from a bundle server before it signs a deploy."""
+
+    max_index_bytes: int = 1024**2
+    max_bundle_bytes: int = ArchiveLimits().max_archive_bytes
+    max_manifest_bytes: int = 1024**2  # the agent's cap too
+    read_timeout: float = 10.0  # seconds per connect/read
+    deadline: float = 600.0  # seconds for one bundle's whole download
 
 
 @dataclass(frozen=True)
@@ -51,13 +75,27 @@ def _sha256(path: Path) -> str:
 
 
 def find_bundles(
-    model: str, version: int, base_url: str, dist: Path | None = None
+    model: str,
+    version: int,
+    base_url: str,
+    dist: Path | None = None,
+    fetch: BundleFetchLimits | None = None,
 ) -> dict[str, dict[str, Any]]:
     """``{profile: {url, sha256, size}}`` for every bundle of ``model`` ``version``.
 
+    Args:
+        model, version: the release.
+        base_url: where devices download the bundles (the URLs in the command start with it).
+        dist: a local copy of the bundles, hashed here; without it the server's index is read
+            and every bundle it names for the release is downloaded and checked.
+        fetch: size and time bounds on those downloads.
+
     Raises:
-        BundleLookupError: no bundle for that version, the index is unreachable or malformed.
+        BundleLookupError: no bundle for that version, the index is unreachable or malformed, a
+            bundle cannot be downloaded, is not a bundle, or its bytes or manifest disagree
+            with the index or with the release (the message names the bundle).
     """
+    fetch = fetch or BundleFetchLimits()
     pattern = re.compile(
         rf"^{re.escape(model)}-{version}-(?P<profile>[A-Za-z0-9_.-]+)"
         rf"{re.escape(BUNDLE_SUFFIX)}$"
@@ -76,30 +114,126 @@ def find_bundles(
                     "size": path.stat().st_size,
                 }
     else:
-        try:
-            response = httpx.get(base, timeout=10)
-            response.raise_for_status()
-            index = response.json()
-        except (httpx.HTTPError, ValueError) as e:
-            raise BundleLookupError(
-                f"cannot read the bundle index at {base}: {e} (serve the bundles with "
-                "`edgepack-fleet serve DIR`, or pass --dist DIR to hash them locally)"
-            ) from e
+        index = _read_index(base, fetch)
         entries = index.get("bundles", index) if isinstance(index, dict) else index
         for entry in entries if isinstance(entries, list) else []:
-            match = pattern.match(str(entry.get("name", "")))
-            if match:
-                found[match["profile"]] = {
-                    "url": base + entry["name"],
-                    "sha256": entry["sha256"],
-                    "size": entry["size"],
-                }
+            name = entry.get("name") if isinstance(entry, dict) else None
+            match = pattern.match(name) if isinstance(name, str) else None
+            if match and isinstance(name, str):
+                found[match["profile"]] = _checked_bundle(
+                    base + name, entry, model, version, match["profile"], fetch
+                )
     if not found:
         raise BundleLookupError(
             f"no bundles named {model}-{version}-PROFILE{BUNDLE_SUFFIX} at "
             f"{dist if dist is not None else base}; build them with `edgepack build`"
         )
     return found
+
+
+def _read_index(base: str, fetch: BundleFetchLimits) -> Any:
+    """The server's JSON index, read under ``max_index_bytes``."""
+    advice = (
+        "serve the bundles with `edgepack-fleet serve DIR`, or pass --dist DIR to hash them "
+        "locally"
+    )
+    try:
+        with httpx.stream("GET", base, timeout=fetch.read_timeout) as response:
+            response.raise_for_status()
+            body = bytearray()
+            for chunk in response.iter_bytes():
+                body += chunk
+                if len(body) > fetch.max_index_bytes:
+                    raise BundleLookupError(
+                        f"the bundle index at {base} is above {fetch.max_index_bytes} bytes"
+                    )
+        return json.loads(body)
+    except (httpx.HTTPError, ValueError) as e:
+        raise BundleLookupError(f"cannot read the bundle index at {base}: {e} ({advice})") from e
+
+
+def _download(url: str, name: str, out: IO[bytes], fetch: BundleFetchLimits) -> tuple[str, int]:
+    """Stream ``url`` into ``out`` under the size cap and deadline; (sha256, size)."""
+    digest, size = hashlib.sha256(), 0
+    deadline = time.monotonic() + fetch.deadline
+    try:
+        # as a device downloads it (edgepack.agent._download): identity, redirects followed
+        with httpx.stream(
+            "GET",
+            url,
+            headers={"Accept-Encoding": "identity"},
+            timeout=fetch.read_timeout,
+            follow_redirects=True,
+        ) as response:
+            response.raise_for_status()
+            for chunk in response.iter_raw(_CHUNK):
+                size += len(chunk)
+                if size > fetch.max_bundle_bytes:
+                    raise BundleLookupError(
+                        f"bundle {name} at {url} is above {fetch.max_bundle_bytes} bytes; refusing"
+                    )
+                if time.monotonic() > deadline:
+                    raise BundleLookupError(
+                        f"bundle {name} at {url} took more than {fetch.deadline:.0f} s to download"
+                    )
+                digest.update(chunk)
+                out.write(chunk)
+    except httpx.HTTPError as e:
+        raise BundleLookupError(f"cannot download bundle {name} from {url}: {e}") from e
+    return digest.hexdigest(), size
+
+
+def _checked_bundle(
+    url: str, entry: dict[str, Any], model: str, version: int, profile: str,
+    fetch: BundleFetchLimits,
+) -> dict[str, Any]:  # fmt: skip
+    """Download the bundle an index entry names and check it is what the command will say.
+
+    The hash and size are ours; the index's must agree with them, and the manifest (read
+    through the archive allow-list, not verified: devices check the signature) must be
+    ``model`` ``version`` for ``profile``.
+    """
+    name = entry["name"]
+    claimed_sha, claimed_size = entry.get("sha256"), entry.get("size")
+    if not (isinstance(claimed_sha, str) and _SHA256.match(claimed_sha)) or not (
+        type(claimed_size) is int and claimed_size >= 0
+    ):
+        raise BundleLookupError(
+            f"the bundle index entry for {name} has no valid sha256 and size; refusing"
+        )
+    with tempfile.TemporaryFile(prefix="edgepack-fleet-") as handle:
+        sha256, size = _download(url, name, handle, fetch)
+        if (sha256, size) != (claimed_sha, claimed_size):
+            raise BundleLookupError(
+                f"bundle {name}: the index says sha256 {claimed_sha}, {claimed_size} bytes, but "
+                f"{url} sent sha256 {sha256}, {size} bytes; refusing to sign a deploy for it"
+            )
+        handle.seek(0)
+        manifest = _read_manifest(handle, name, fetch)
+    said = (model, version, profile)
+    got = (manifest.name, manifest.version, manifest.profile)
+    if got != said:
+        raise BundleLookupError(
+            f"bundle {name} holds {got[0]} version {got[1]} for {got[2]}, not {model} version "
+            f"{version} for {profile}; refusing to sign a deploy for it"
+        )
+    return {"url": url, "sha256": sha256, "size": size}
+
+
+def _read_manifest(handle: IO[bytes], name: str, fetch: BundleFetchLimits) -> Manifest:
+    limits = ArchiveLimits(max_archive_bytes=fetch.max_bundle_bytes)
+    try:
+        for member in iter_members(handle, limits):  # type: ignore[arg-type]
+            if member.name == MANIFEST_FILE:
+                if member.size > fetch.max_manifest_bytes:
+                    raise ArchiveError(
+                        f"{MANIFEST_FILE} is {member.size} bytes, above its limit of "
+                        f"{fetch.max_manifest_bytes}"
+                    )
+                return parse_manifest(member.read())
+    except (ArchiveError, ManifestError) as e:
+        raise BundleLookupError(f"bundle {name} is not a readable bundle: {e}") from e
+    raise BundleLookupError(f"bundle {name} has no {MANIFEST_FILE}; refusing")
 
 
 def publish_command(

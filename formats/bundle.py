@@ -12,7 +12,9 @@ A bundle is a gzip-compressed tar of one directory, ``NAME-VERSION-PROFILE/``, h
 The packager writes bundles with :func:`write_bundle`. Everyone who reads one (``edgepack
 verify``, ``edgepack inspect``, the agent) goes through :func:`read_archive`, which applies its own
 allow-list rather than ``tarfile``'s defaults: regular files and directories only, no absolute
-paths, no ``..``, no duplicates, one top-level directory, bounded sizes. :func:`open_bundle` then
+paths, no ``..``, no duplicates, one top-level directory, bounded sizes, and extended headers (GNU
+long names, PAX) refused above a small bound *before* ``tarfile`` reads them into memory; sparse
+files refused outright. :func:`open_bundle` then
 checks the signature against trusted keys *before* anything is parsed, and only then parses the
 manifest. Both work on bytes in memory; :func:`verify_bundle_file` is the thin I/O wrapper.
 """
@@ -26,7 +28,7 @@ import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import IO, Any, BinaryIO
+from typing import IO, Any, BinaryIO, ClassVar, NoReturn
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -75,6 +77,9 @@ class ArchiveLimits:
     max_members: int = 64
     # uncompressed bytes per compressed byte, checked once a bundle unpacks past 64 MiB
     max_ratio: float = 200.0
+    # one GNU long-name/long-link or PAX header (a long name needs a few hundred bytes); at most
+    # two such headers per allowed member
+    max_header_bytes: int = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -180,6 +185,92 @@ class _Counting(io.RawIOBase):
         return len(data)
 
 
+# tarfile reads an extended header's whole declared size into memory (``_proc_gnulong``,
+# ``_proc_pax``) while it looks for the member the header describes, before iter_members sees
+# anything; a 600 MiB long name in a 2.7 MB gzip cost 1.2 GB of RSS. The hook below runs before
+# that read. ``TarInfo._proc_member`` is tarfile's documented subclass entry point ("can be
+# overridden in a subclass"); it, the GNU/PAX dispatch it does and the three
+# ``_proc_gnusparse_*`` methods that ``_proc_pax`` calls on the header's TarInfo are the same in
+# CPython 3.10 to 3.13 (read in 3.10.13, 3.11.7, 3.12.1 and 3.13.0; only the arguments of
+# ``_proc_gnusparse_00`` changed, hence ``*args``). tests/test_bundle_security.py fails if a
+# later tarfile stops calling them.
+_EXTENDED_HEADERS = {
+    tarfile.GNUTYPE_LONGNAME: "a GNU long-name header",
+    tarfile.GNUTYPE_LONGLINK: "a GNU long-link header",
+    tarfile.XHDTYPE: "a PAX extended header",
+    tarfile.XGLTYPE: "a PAX global header",
+    tarfile.SOLARIS_XHDTYPE: "a Solaris extended header",
+}
+
+
+class _HeaderRefused(tarfile.HeaderError):
+    """Raised inside tarfile; not one of the HeaderError kinds ``TarFile.next`` swallows."""
+
+
+class _HeaderGuard:
+    """What one archive's headers may cost, and the first refusal (tarfile re-wraps our
+    exception in ReadError when it comes from a header after another, so the message is kept
+    here for iter_members)."""
+
+    def __init__(self, limits: ArchiveLimits) -> None:
+        self.max_bytes = limits.max_header_bytes
+        self.max_count = 2 * limits.max_members
+        self.count = 0
+        self.refusal: str | None = None
+
+    def refuse(self, message: str) -> NoReturn:
+        self.refusal = self.refusal or message
+        raise _HeaderRefused(message)
+
+
+class _GuardedTarInfo(tarfile.TarInfo):
+    """A TarInfo that refuses oversized or too many extended headers before tarfile reads them,
+    and sparse members (GNU type ``S``, PAX ``GNU.sparse.*``), which bundles never contain."""
+
+    guard: ClassVar[_HeaderGuard]
+
+    @classmethod
+    def bound(cls, guard: _HeaderGuard) -> type[_GuardedTarInfo]:
+        """A subclass for one archive: ``tarfile.open(tarinfo=...)`` takes a class."""
+        return type("_GuardedTarInfo", (cls,), {"guard": guard})
+
+    def _proc_member(self, archive: tarfile.TarFile) -> tarfile.TarInfo:
+        if self.type == tarfile.GNUTYPE_SPARSE:
+            self._refuse_sparse(self)
+        kind = _EXTENDED_HEADERS.get(self.type)
+        if kind is not None:
+            guard = self.guard
+            guard.count += 1
+            if self.size > guard.max_bytes:
+                guard.refuse(
+                    f"archive member {self.name!r} is {kind} of {self.size} bytes, above the "
+                    f"limit of {guard.max_bytes} bytes for an extended header; refusing"
+                )
+            if guard.count > guard.max_count:
+                guard.refuse(
+                    f"archive has more than {guard.max_count} extended headers (at "
+                    f"{self.name!r}); refusing"
+                )
+        result: tarfile.TarInfo = super()._proc_member(archive)  # type: ignore[misc]
+        return result
+
+    def _refuse_sparse(self, member: tarfile.TarInfo) -> NoReturn:
+        self.guard.refuse(
+            f"archive member {member.name!r} is a sparse file; bundles never contain sparse "
+            "files; refusing"
+        )
+
+    # _proc_pax calls these on the header's TarInfo with the member's as the first argument.
+    def _proc_gnusparse_00(self, member: tarfile.TarInfo, *args: object) -> NoReturn:
+        self._refuse_sparse(member)
+
+    def _proc_gnusparse_01(self, member: tarfile.TarInfo, *args: object) -> NoReturn:
+        self._refuse_sparse(member)
+
+    def _proc_gnusparse_10(self, member: tarfile.TarInfo, *args: object) -> NoReturn:
+        self._refuse_sparse(member)
+
+
 def iter_members(stream: BinaryIO, limits: ArchiveLimits | None = None) -> Iterator[Member]:
     """Stream a bundle archive under a strict allow-list, one regular file at a time.
 
@@ -200,7 +291,7 @@ def iter_members(stream: BinaryIO, limits: ArchiveLimits | None = None) -> Itera
     Raises:
         ArchiveError: not a tar archive, or a member that is a link, device, FIFO, has an
             absolute or ``..`` path, appears twice, lies outside the single top-level directory,
-            or breaks a size, count or ratio limit.
+            is sparse, or breaks a size, count, ratio or extended-header limit.
     """
     limits = limits or ArchiveLimits()
     counted = _Counting(stream)
@@ -208,9 +299,14 @@ def iter_members(stream: BinaryIO, limits: ArchiveLimits | None = None) -> Itera
     seen: set[tuple[str, ...]] = set()
     top: str | None = None
     total = 0
+    guard = _HeaderGuard(limits)
     try:
         gzipped = buffered.peek(2)[:2] == b"\x1f\x8b"  # gzip or plain tar, nothing else
-        with tarfile.open(fileobj=buffered, mode="r|gz" if gzipped else "r|") as archive:
+        with tarfile.open(
+            fileobj=buffered,
+            mode="r|gz" if gzipped else "r|",
+            tarinfo=_GuardedTarInfo.bound(guard),
+        ) as archive:
             for count, member in enumerate(archive, start=1):
                 if count > limits.max_members:
                     raise ArchiveError(f"bundle has more than {limits.max_members} entries")
@@ -231,6 +327,8 @@ def iter_members(stream: BinaryIO, limits: ArchiveLimits | None = None) -> Itera
                         f"archive member {member.name!r} is {_member_kind(member)}; bundles may "
                         "only contain regular files and directories"
                     )
+                if member.issparse():  # pragma: no cover - the guard refuses them first
+                    raise ArchiveError(f"archive member {member.name!r} is a sparse file")
                 if len(parts) < 2:
                     raise ArchiveError(f"archive member {member.name!r} is not inside a directory")
                 if member.size > limits.max_member_bytes:
@@ -251,6 +349,8 @@ def iter_members(stream: BinaryIO, limits: ArchiveLimits | None = None) -> Itera
                     top, "/".join(parts[1:]), member.size, handle, counted, limits.max_ratio
                 )
     except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
+        if guard.refusal is not None:
+            raise ArchiveError(guard.refusal) from e
         raise ArchiveError(f"bundle is not a readable tar archive: {e}") from e
     if top is None:
         raise ArchiveError("bundle archive is empty")

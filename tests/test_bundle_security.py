@@ -8,17 +8,20 @@ on it, and ``edgepack verify`` on the directory packed again into a ``.edgepack`
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import random
 import subprocess
 import sys
 import tarfile
+import zlib
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import write_agent_config
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from edgepack.agent.exceptions import ArchiveError, BundleError, ManifestError, SignatureError
@@ -41,6 +44,7 @@ from tests.signed_dirs import sign_directory, verify_directory
 
 BIN = Path(sys.executable).parent
 TRACEBACK = "Traceback (most recent call last)"
+MIB = 1024**2
 
 
 def run(*args: object) -> subprocess.CompletedProcess[str]:
@@ -200,6 +204,32 @@ def tar_gz(*entries: tuple[tarfile.TarInfo, bytes | None]) -> bytes:
     return raw.getvalue()
 
 
+def header(name: str, kind: bytes, size: int, data: bytes = b"") -> bytes:
+    """One raw tar header declaring ``size`` bytes, then ``data`` padded to a block."""
+    info = tarfile.TarInfo(name)
+    info.type, info.size = kind, size
+    return info.tobuf(format=tarfile.GNU_FORMAT) + data + bytes(-len(data) % tarfile.BLOCKSIZE)
+
+
+def with_headers(*headers: bytes) -> bytes:
+    """Raw ``headers`` in front of an ordinary archive holding ``b/model.onnx``, gzipped."""
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w") as archive:
+        info, data = entry("b/model.onnx")
+        archive.addfile(info, io.BytesIO(data or b""))
+    return gzip.compress(b"".join(headers) + raw.getvalue())
+
+
+def sparse_pax(pax: dict[str, str], data: bytes = b"") -> bytes:
+    """A PAX archive whose one member carries GNU sparse keys (``GNU.sparse.*``)."""
+    info = tarfile.TarInfo("b/model.onnx")
+    info.size, info.pax_headers = len(data), pax
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w:gz", format=tarfile.PAX_FORMAT) as archive:
+        archive.addfile(info, io.BytesIO(data))
+    return raw.getvalue()
+
+
 def truncated_gzip(_tmp: Path) -> bytes:
     whole = tar_gz(entry("b/model.onnx", random.Random(0).randbytes(64 * 1024)))
     return whole[: len(whole) // 2]
@@ -257,6 +287,54 @@ HOSTILE = [
         DEFAULT, "not a readable tar archive", id="not_a_tar",
     ),
     pytest.param(truncated_gzip, DEFAULT, "not a readable tar archive", id="truncated_gzip"),
+    # extended headers are refused before tarfile reads them: only the headers are here
+    pytest.param(
+        lambda t: with_headers(header("././@LongLink", tarfile.GNUTYPE_LONGNAME, 600 * MIB)),
+        DEFAULT, "'././@LongLink' is a GNU long-name header of 629145600 bytes, above the limit "
+        "of 65536 bytes", id="huge_long_name",
+    ),
+    pytest.param(
+        lambda t: with_headers(header("././@LongLink", tarfile.GNUTYPE_LONGLINK, 600 * MIB)),
+        DEFAULT, "is a GNU long-link header of 629145600 bytes, above the limit",
+        id="huge_long_link",
+    ),
+    pytest.param(
+        lambda t: with_headers(header("PaxHeader", tarfile.XHDTYPE, 300 * MIB)),
+        DEFAULT, "'PaxHeader' is a PAX extended header of 314572800 bytes, above the limit of "
+        "65536", id="huge_pax",
+    ),
+    pytest.param(
+        lambda t: with_headers(header("GlobalHead", tarfile.XGLTYPE, 300 * MIB)),
+        DEFAULT, "is a PAX global header of 314572800 bytes", id="huge_pax_global",
+    ),
+    pytest.param(  # behind a legit header, where tarfile re-wraps the error: same message
+        lambda t: with_headers(header("PaxHeader", tarfile.XHDTYPE, 20, b"20 comment=hello!!\n"),
+                               header("././@LongLink", tarfile.GNUTYPE_LONGNAME, 70_000)),
+        DEFAULT, "is a GNU long-name header of 70000 bytes, above the limit", id="huge_behind_pax",
+    ),
+    pytest.param(
+        lambda t: with_headers(*(header("././@LongLink", tarfile.GNUTYPE_LONGNAME, 4, b"b/x\0")
+                                 for _ in range(20))),
+        ArchiveLimits(max_members=4), "more than 8 extended headers", id="too_many_headers",
+    ),
+    pytest.param(
+        lambda t: with_headers(header("b/model.onnx", tarfile.GNUTYPE_SPARSE, 0)),
+        DEFAULT, "'b/model.onnx' is a sparse file", id="sparse_gnu",
+    ),
+    pytest.param(
+        lambda t: sparse_pax({"GNU.sparse.size": "4", "GNU.sparse.offset": "0",
+                              "GNU.sparse.numbytes": "1"}, b"x"),
+        DEFAULT, "is a sparse file", id="sparse_pax_0.0",
+    ),
+    pytest.param(
+        lambda t: sparse_pax({"GNU.sparse.map": "0,1", "GNU.sparse.size": "4"}, b"x"),
+        DEFAULT, "is a sparse file", id="sparse_pax_0.1",
+    ),
+    pytest.param(  # a map that claims 10**12 entries: tarfile would read it number by number
+        lambda t: sparse_pax({"GNU.sparse.major": "1", "GNU.sparse.minor": "0",
+                              "GNU.sparse.realsize": "4"}, b"1000000000000\n" + b"1\n" * 400),
+        DEFAULT, "is a sparse file", id="sparse_pax_1.0",
+    ),
 ]  # fmt: skip
 
 READERS = {
@@ -285,6 +363,88 @@ def test_hostile_archive_is_refused_and_nothing_is_written(
     assert isinstance(caught.value, BundleError)
     assert snapshot(tmp_path) == before
 
+
+# Runs ARGS, then prints the peak RSS (KiB) of the largest process it waited for.
+PEAK_RSS = (
+    "import resource, subprocess, sys; done = subprocess.run(sys.argv[1:]); "
+    "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(done.returncode)"
+)
+
+
+def install_peak_rss(
+    tmp_path: Path, keys, bundle: Path
+) -> tuple[subprocess.CompletedProcess, float]:
+    """``edgepack-agent install BUNDLE`` on a fresh device, in a child; result, peak RSS in MiB."""
+    work = tmp_path / "device"
+    write_agent_config(work, keys)
+    done = run(sys.executable, "-c", PEAK_RSS, BIN / "edgepack-agent", "--config",
+               work / "agent.toml", "install", bundle)  # fmt: skip
+    *output, peak = done.stdout.splitlines()
+    done.stdout = "\n".join(output)
+    return done, int(peak) / 1024
+
+
+def zeros_after(head: bytes, size: int, tail: bytes) -> bytes:
+    """gzip of ``head``, ``size`` zero bytes and ``tail``, compressed a MiB at a time."""
+    z = zlib.compressobj(1, zlib.DEFLATED, 31)
+    out = [z.compress(head)]
+    for start in range(0, size, MIB):
+        out.append(z.compress(bytes(min(MIB, size - start))))
+    return b"".join([*out, z.compress(tail), z.flush()])
+
+
+@pytest.mark.parametrize(
+    ("kind", "size", "what"),
+    [(tarfile.GNUTYPE_LONGNAME, 600 * MIB, "GNU long-name"),
+     (tarfile.XHDTYPE, 300 * MIB, "PAX extended")],
+    ids=["long_name_600MiB", "pax_300MiB"],
+)  # fmt: skip
+def test_a_huge_extended_header_is_refused_before_it_is_read(
+    kind: bytes, size: int, what: str, bundle: Path, tmp_path: Path, keys
+) -> None:
+    """A real bundle behind one extended header holding ``size`` zero bytes (a 3 MB gzip):
+    tarfile read it all before our limits (1.2 GB peak for 600 MiB, and a 300 MB PAX header
+    installed); now refused at its header, the install's RSS grows by under 64 MiB."""
+    info = tarfile.TarInfo("././@LongLink" if kind == tarfile.GNUTYPE_LONGNAME else "PaxHeader")
+    info.type, info.size = kind, size
+    forged = tmp_path / "forged.edgepack"
+    forged.write_bytes(zeros_after(info.tobuf(format=tarfile.GNU_FORMAT), size,
+                                   gzip.decompress(bundle.read_bytes())))  # fmt: skip
+    assert forged.stat().st_size < 4 * MIB
+    (tmp_path / "junk.edgepack").write_bytes(b"not a bundle\n" * 40)
+    baseline, base_peak = install_peak_rss(tmp_path / "baseline", keys, tmp_path / "junk.edgepack")
+    assert "not a readable tar archive" in baseline.stderr, baseline.stderr
+    done, peak = install_peak_rss(tmp_path, keys, forged)
+    assert done.returncode == 1, done.stderr
+    assert f"is a {what} header of {size} bytes, above the limit of 65536" in done.stderr
+    assert TRACEBACK not in done.stderr
+    assert peak - base_peak < 64, f"peak RSS {peak:.0f} MiB against {base_peak:.0f} MiB"
+    print(f"{what} header of {size} bytes: refused, RSS {base_peak:.0f} -> {peak:.0f} MiB")
+    state = tmp_path / "device" / "state"
+    assert [p for p in state.rglob("*") if p.is_file() and p.name != "lock"] == []
+
+
+@pytest.mark.parametrize("fmt", [tarfile.GNU_FORMAT, tarfile.PAX_FORMAT], ids=["gnu", "pax"])
+def test_a_legit_long_name_still_reads(fmt: int) -> None:
+    """A name of 150 characters needs a long-name or PAX header of a few hundred bytes."""
+    name = "n" * 150
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w:gz", format=fmt) as archive:
+        info = tarfile.TarInfo(f"b/{name}")
+        info.size = 5
+        archive.addfile(info, io.BytesIO(b"hello"))
+        info = tarfile.TarInfo("b/model.onnx")
+        info.size = 1
+        archive.addfile(info, io.BytesIO(b"x"))
+    assert read_archive(raw.getvalue()) == ("b", {name: b"hello", "model.onnx": b"x"})
+
+
+def test_tarfile_still_has_the_hooks_the_header_guard_overrides() -> None:
+    """formats.bundle overrides private TarInfo methods (read in CPython 3.10 to 3.13); the
+    huge_* and sparse_* cases above fail if tarfile stops calling them."""
+    for hook in ("_proc_member", "_proc_gnulong", "_proc_pax", "_proc_sparse",
+                 "_proc_gnusparse_00", "_proc_gnusparse_01", "_proc_gnusparse_10"):  # fmt: skip
+        assert callable(getattr(tarfile.TarInfo, hook, None)), hook
 
 # --- signed bundles that still lie --------------------------------------------------------------
 

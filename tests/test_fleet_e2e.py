@@ -9,9 +9,15 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import hashlib
 import json
+import re
+import subprocess
+import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +32,9 @@ from edgepack.agent._fleet_link import DeviceLink
 from edgepack.fleet._broker import BrokerOptions, connect, publish_and_wait
 from edgepack.fleet._bundle_server import BundleServer
 from edgepack.fleet._collector import Collector
-from edgepack.fleet._commands import find_bundles, publish_command
+from edgepack.fleet._commands import BundleFetchLimits, find_bundles, publish_command
 from edgepack.fleet._database import open_store
+from edgepack.fleet.exceptions import BundleLookupError
 from edgepack.formats.commands import make_command
 from edgepack.formats.keys import generate_private_key, load_private_key
 from edgepack.formats.messages import TERMINAL
@@ -380,3 +387,124 @@ def test_the_cli_deploys_and_rolls_back(fleet: Fleet) -> None:
     status = CliRunner().invoke(cli, [*common, "status", job])
     assert status.exit_code == 0
     assert "SUCCEEDED" in status.output
+
+
+# --- a lying bundle index: the operator signs only hashes it computed itself ------------------
+
+
+class LyingIndex(ThreadingHTTPServer):
+    """Serves ``index`` (JSON) at ``/`` and ``files`` by name; each test sets up one lie."""
+
+    def __init__(self, index: list[dict[str, Any]], files: dict[str, bytes]) -> None:
+        super().__init__(("127.0.0.1", 0), _LyingHandler)
+        self.index, self.files = index, files
+        self.url = f"http://127.0.0.1:{self.server_address[1]}"
+        threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.05},
+                         daemon=True).start()  # fmt: skip
+
+
+class _LyingHandler(BaseHTTPRequestHandler):
+    server: LyingIndex
+
+    def do_GET(self) -> None:
+        if self.path == "/":
+            body: bytes | None = json.dumps({"bundles": self.server.index}).encode()
+        else:
+            body = self.server.files.get(self.path.lstrip("/"))
+        self.send_response(200 if body is not None else 404)
+        self.send_header("Content-Length", str(len(body or b"")))
+        self.end_headers()
+        self.wfile.write(body or b"")
+
+    def log_message(self, *_args: object) -> None:
+        pass
+
+
+def index_entry(name: str, data: bytes, **lie: Any) -> dict[str, Any]:
+    return {"name": name, "sha256": hashlib.sha256(data).hexdigest(), "size": len(data), **lie}
+
+
+V2 = "iris-2-x86_64-cpu.edgepack"
+# Each: (index, files) given the real v1 and v2 bundle bytes, and what the error must say.
+INDEX_LIES = [
+    pytest.param(lambda v1, v2: ([index_entry(V2, v2, sha256="ab" * 32)], {V2: v2}),
+                 f"bundle {V2}: the index says sha256 {'ab' * 32}", id="wrong_sha256"),
+    pytest.param(lambda v1, v2: ([index_entry(V2, v2, size=len(v2) + 1)], {V2: v2}),
+                 "the index says sha256 .*, {n} bytes, but .* sent", id="wrong_size"),
+    pytest.param(lambda v1, v2: ([index_entry(V2, v1)], {V2: v1}),  # honest hash, wrong bundle
+                 f"bundle {V2} holds iris version 1 for x86_64-cpu, not iris version 2",
+                 id="other_version"),
+    pytest.param(lambda v1, v2: ([index_entry(V2, b"junk" * 100)], {V2: b"junk" * 100}),
+                 f"bundle {V2} is not a readable bundle", id="not_a_bundle"),
+    pytest.param(lambda v1, v2: ([index_entry(V2, v2)], {}),
+                 f"cannot download bundle {V2}", id="missing"),
+    pytest.param(lambda v1, v2: ([{"name": V2, "sha256": None, "size": "12"}], {V2: v2}),
+                 f"index entry for {V2} has no valid sha256 and size", id="malformed_entry"),
+]  # fmt: skip
+
+
+def retained_jobs(options: BrokerOptions, wait: float = 1.0) -> list[str]:
+    """Job topics under ``options.prefix`` holding a retained command."""
+    seen: list[str] = []
+    client = connect(options)
+    try:
+        client.on_message = lambda _c, _u, message: seen.append(message.topic)
+        client.subscribe(f"{options.prefix}/+/+/jobs/#", qos=1)
+        time.sleep(wait)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    return seen
+
+
+@pytest.mark.parametrize(("lie", "message"), INDEX_LIES)
+def test_a_deploy_from_a_lying_index_is_refused_and_nothing_is_published(
+    lie: Callable[[bytes, bytes], tuple[list[dict[str, Any]], dict[str, bytes]]],
+    message: str,
+    fleet: Fleet,
+    iris_bundles: dict[str, Path],
+) -> None:
+    v1, v2 = iris_bundles["v1"].read_bytes(), iris_bundles["v2"].read_bytes()
+    server = LyingIndex(*lie(v1, v2))
+    try:
+        done = subprocess.run(
+            [str(Path(sys.executable).parent / "edgepack-fleet"), "--broker",
+             fleet.broker.address, "--prefix", fleet.prefix, "deploy", "iris", "--version", "2",
+             "--device", "cam-lie", "--bundles", server.url, "--key", str(fleet.ops.private)],
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert done.returncode == 1, done.stdout + done.stderr
+    error = " ".join(done.stderr.split())
+    assert error.startswith("error: "), done.stderr
+    assert re.search(message.replace("{n}", str(len(v2) + 1)), error), error
+    assert "Traceback" not in done.stderr
+    assert retained_jobs(fleet.options) == []
+
+
+def test_a_deploy_from_an_honest_index_signs_the_hash_it_computed(
+    fleet: Fleet, iris_bundles: dict[str, Path]
+) -> None:
+    """No --dist: the fleet downloads each bundle the server's index names and hashes it."""
+    agent = fleet.device("cam-url")
+    bundles = find_bundles("iris", 2, fleet.server.url)
+    assert set(bundles) == {"x86_64-cpu", "arm64-cpu"}
+    v2 = iris_bundles["v2"].read_bytes()
+    assert bundles["x86_64-cpu"] == {
+        "url": f"{fleet.server.url}/{V2}",
+        "sha256": hashlib.sha256(v2).hexdigest(),
+        "size": len(v2),
+    }
+    assert bundles == find_bundles("iris", 2, fleet.server.url, fleet.dist)
+    job = publish_command(fleet.options, "deploy", "iris", {"device": "cam-url"}, fleet.ops_key,
+                          version=2, bundles=bundles).job_id  # fmt: skip
+    assert fleet.wait_for(job, ["cam-url"])["cam-url"].status == "SUCCEEDED"
+    assert serving(agent) == 2
+    assert retained_jobs(fleet.options) == [f"{fleet.prefix}/devices/cam-url/jobs/iris"]
+
+
+def test_a_bundle_above_the_download_cap_is_refused(fleet: Fleet) -> None:
+    with pytest.raises(BundleLookupError, match=r"bundle iris-2-\S+ at .* is above 1000 bytes"):
+        find_bundles("iris", 2, fleet.server.url, fetch=BundleFetchLimits(max_bundle_bytes=1000))
