@@ -87,6 +87,9 @@ TOML
     pids+=($!)
 done
 for p in "${api_ports[@]}"; do wait_port "$p"; done
+# Group membership is the operator's record, not what a device says about itself: the collector
+# answers pending work, and `edgepack-fleet acl` writes the broker's ACL, from these records.
+for i in 1 2 3; do $fleet devices assign "cam-$i" --group store-42 > /dev/null; done
 sleep 1
 
 echo "== 6. deploy churn v1 to group store-42"
