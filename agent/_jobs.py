@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from edgepack._files import read_json, write_json_atomic
 from edgepack.agent._daemon import Agent
 from edgepack.agent._journal import JournalEntry
-from edgepack.agent._lifecycle import OnState, Outcome, State
+from edgepack.agent._lifecycle import OnState, Outcome, Result, State
 from edgepack.agent.exceptions import CommandError, EdgepackError
 from edgepack.formats.commands import Command, CommandKind, open_command, peek_command
 from edgepack.formats.messages import JobStatus, JobStep
@@ -48,14 +48,15 @@ _STEPS: dict[State, JobStep] = {
     State.CLEANUP: JobStep.COMMITTING,
     State.ROLLING_BACK: JobStep.ROLLING_BACK,
 }
-# lifecycle outcome (Outcome.result) -> job execution status (anything else: FAILED)
-_STATUS: dict[str, JobStatus] = {
-    "installed": JobStatus.SUCCEEDED,
-    "already-active": JobStatus.SUCCEEDED,
-    "rolled-back-to": JobStatus.SUCCEEDED,
-    "retired": JobStatus.SUCCEEDED,
-    "rolled-back": JobStatus.FAILED,
-    "rejected": JobStatus.REJECTED,
+# lifecycle outcome -> job execution status
+_STATUS: dict[Result, JobStatus] = {
+    Result.INSTALLED: JobStatus.SUCCEEDED,
+    Result.ALREADY_ACTIVE: JobStatus.SUCCEEDED,
+    Result.ROLLED_BACK_TO: JobStatus.SUCCEEDED,
+    Result.RETIRED: JobStatus.SUCCEEDED,
+    Result.ROLLED_BACK: JobStatus.FAILED,
+    Result.REJECTED: JobStatus.REJECTED,
+    Result.FAILED: JobStatus.FAILED,
 }
 
 
@@ -66,8 +67,8 @@ def _step(state: str) -> JobStep | None:
         return None
 
 
-def _status(result: str) -> JobStatus:
-    return _STATUS.get(str(getattr(result, "value", result)), JobStatus.FAILED)
+def _status(result: Result) -> JobStatus:
+    return _STATUS[result]
 
 
 @dataclass(frozen=True)
@@ -230,12 +231,14 @@ class JobRunner:
         try:
             outcome = self._execute(command, on_state)
         except EdgepackError as e:  # refused before the lifecycle started (e.g. no such model)
-            outcome = Outcome(command.kind.value, "rejected", command.model, error=e, reason=str(e))
+            outcome = Outcome(
+                command.kind.value, Result.REJECTED, command.model, error=e, reason=str(e)
+            )
         except Exception as e:  # a bug: the job still ends, visibly, instead of hanging QUEUED
             log.exception("job %s failed unexpectedly", command.job_id)
             reason = f"internal error in the agent: {type(e).__name__}: {str(e)[:200]}"
             outcome = Outcome(
-                command.kind.value, "failed", command.model, reason=reason,
+                command.kind.value, Result.FAILED, command.model, reason=reason,
                 error=EdgepackError(reason),
             )  # fmt: skip
         seq += 1

@@ -56,6 +56,7 @@ from edgepack.agent._states import (
     TRANSITIONS,
     OnState,
     Outcome,
+    Result,
     State,
     resume_point,
 )
@@ -77,6 +78,7 @@ __all__ = [
     "LocalFetcher",
     "OnState",
     "Outcome",
+    "Result",
     "State",
 ]
 # Fetcher and LocalFetcher (edgepack.agent._fetch) and the graph (edgepack.agent._states) are
@@ -248,8 +250,9 @@ class Lifecycle:
             if resume is None:  # given up: nothing had been changed
                 self.journal.clear()
                 return Outcome(
-                    entry.op, "rejected", entry.model, entry.version, error=InstallError(reason)
-                )
+                    entry.op, Result.REJECTED, entry.model, entry.version,
+                    error=InstallError(reason),
+                )  # fmt: skip
             log.warning(
                 "recovering %s of %s: interrupted in %s, resuming at %s (attempt %d)",
                 entry.op,
@@ -349,14 +352,14 @@ class Lifecycle:
         e = run.entry
         if final is S.DONE:
             result = {
-                "install": "already-active" if run.skipped else "installed",
-                "rollback": "rolled-back-to",
-                "retire": "retired",
+                "install": Result.ALREADY_ACTIVE if run.skipped else Result.INSTALLED,
+                "rollback": Result.ROLLED_BACK_TO,
+                "retire": Result.RETIRED,
             }[e.op]
         elif S.ROLLING_BACK.value in run.trace:
-            result = "rolled-back"
+            result = Result.ROLLED_BACK
         else:
-            result = "rejected"
+            result = Result.REJECTED
         return Outcome(
             op=e.op,
             result=result,

@@ -118,12 +118,27 @@ def resume_point(entry: JournalEntry, max_attempts: int) -> tuple[State | None, 
     return resume, None
 
 
+class Result(str, enum.Enum):
+    """How a lifecycle operation ended; the value is what history and reports say."""
+
+    INSTALLED = "installed"
+    ALREADY_ACTIVE = "already-active"  # an install of the version that is active already
+    ROLLED_BACK_TO = "rolled-back-to"  # an explicit rollback that switched versions
+    RETIRED = "retired"
+    ROLLED_BACK = "rolled-back"  # an install that failed after staging: the old version serves
+    REJECTED = "rejected"  # refused before anything changed
+    FAILED = "failed"  # could not run at all (an agent fault)
+
+    def __str__(self) -> str:
+        return self.value
+
+
 @dataclass
 class Outcome:
     """How a lifecycle operation ended."""
 
     op: str
-    result: str  # installed | already-active | rejected | rolled-back | rolled-back-to | retired
+    result: Result
     model: str | None = None
     version: int | None = None
     from_version: int | None = None
