@@ -19,8 +19,9 @@ wires them (``_daemon``). Names load lazily, so ``import edgepack.agent`` stays 
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from edgepack._lazy import lazy_exports
 
 if TYPE_CHECKING:
     from edgepack.agent._config import AgentConfig, load_config
@@ -36,8 +37,4 @@ _HOMES = {
     "Outcome": "edgepack.agent._lifecycle",
 }
 
-
-def __getattr__(name: str) -> Any:
-    if name in _HOMES:
-        return getattr(importlib.import_module(_HOMES[name]), name)
-    raise AttributeError(f"module 'edgepack.agent' has no attribute {name!r}")
+__getattr__ = lazy_exports("edgepack.agent", _HOMES)

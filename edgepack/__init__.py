@@ -10,7 +10,7 @@ One distribution, four packages, each imported under this name::
 
 ``formats`` imports only this root package; ``packager``, ``agent`` and ``fleet`` import
 ``formats`` and never each other, so a device installs ``edgepack[agent]`` alone. The modules here
-(``_files``, ``_clock``, ``_tables``, ``_mqtt``) are the plumbing every package shares; ``errors``
+(``_files``, ``_clock``, ``_tables``, ``_mqtt``, ``_lazy``) are the plumbing every package shares; ``errors``
 holds the root of every edgepack exception. See ``docs/architecture.md``.
 """
 

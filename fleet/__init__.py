@@ -11,8 +11,9 @@ installs ``edgepack[fleet]``. Names load lazily (the report's matplotlib only wh
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from edgepack._lazy import lazy_exports
 
 if TYPE_CHECKING:
     from edgepack.fleet._broker import BrokerOptions
@@ -41,8 +42,4 @@ _HOMES = {
     "write_report": "edgepack.fleet._report",
 }
 
-
-def __getattr__(name: str) -> Any:
-    if name in _HOMES:
-        return getattr(importlib.import_module(_HOMES[name]), name)
-    raise AttributeError(f"module 'edgepack.fleet' has no attribute {name!r}")
+__getattr__ = lazy_exports("edgepack.fleet", _HOMES)

@@ -15,8 +15,9 @@ Names load lazily: onnx and scikit-learn are imported when a build starts, not o
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from edgepack._lazy import lazy_exports
 
 if TYPE_CHECKING:
     from edgepack.packager._build import BuildRequest, ProfileResult, build
@@ -32,8 +33,4 @@ _HOMES = {
     "load_profiles": "edgepack.packager._profiles",
 }
 
-
-def __getattr__(name: str) -> Any:
-    if name in _HOMES:
-        return getattr(importlib.import_module(_HOMES[name]), name)
-    raise AttributeError(f"module 'edgepack.packager' has no attribute {name!r}")
+__getattr__ = lazy_exports("edgepack.packager", _HOMES)
