@@ -9,9 +9,9 @@ One distribution, four packages, each imported under this name::
     edgepack.fleet      the operator: signed commands, the collector and its store, tables, reports
 
 ``formats`` imports only this root package; ``packager``, ``agent`` and ``fleet`` import
-``formats`` and never each other, so a device installs ``edgepack[agent]`` alone. The modules here
-(``_files``, ``_clock``, ``_tables``, ``_mqtt``, ``_lazy``) are the plumbing every package shares; ``errors``
-holds the root of every edgepack exception. See ``docs/architecture.md``.
+``formats`` and never each other, so a device installs ``edgepack[agent]`` alone. The modules
+here (``_files``, ``_clock``, ``_tables``, ``_mqtt``, ``_lazy``) are the plumbing every package
+shares; ``errors`` holds the root of every edgepack exception. See ``docs/architecture.md``.
 """
 
 __version__ = "0.1.0"

@@ -177,7 +177,7 @@ def _send(
 @click.option(
     "--dist",
     type=click.Path(file_okay=False, path_type=Path),
-    help="Local copy of the bundles, to hash them here instead of asking the server.",
+    help="Local copy of the bundles: hash them here instead of downloading each one.",
 )
 @click.option(
     "--key",
