@@ -72,6 +72,7 @@ JOB_BUDGET = 3 * 3600.0
 BATCH_MAX = 64  # messages in one batch of the worker, at most
 BATCH_AGE = 1.0  # seconds a batch may stay open, at most
 
+ACK_WAIT = 10.0  # seconds the sender waits for the broker's PUBACK before it looks again
 log = logging.getLogger("edgepack.agent.mqtt")
 
 
@@ -91,6 +92,7 @@ class DeviceLink:
         self.topics = Topics(config.prefix)
         self.runner = JobRunner(agent, agent.trust.command_keys, self._publish_status, self.groups)
         self.connected = threading.Event()
+        self._connection = 0  # counts accepted connections (see _send_loop)
         # Ties state messages to this agent run, so a late Last Will of an earlier run cannot
         # mark the device offline after it came back.
         self.session = uuid.uuid4().hex[:12]
@@ -175,6 +177,7 @@ class DeviceLink:
         if reason.is_failure:
             log.error("broker refused the connection: %s", reason)
             return
+        self._connection += 1  # before paho resends what was in flight (after this callback)
         topics = [
             self.topics.device_jobs(self.device),
             self.topics.pending(self.device),
@@ -315,6 +318,7 @@ class DeviceLink:
                 self.outbox.added.wait(0.5)
                 self.outbox.added.clear()
                 continue
+            connection = self._connection
             try:
                 info = self._client.publish(message.topic, message.payload, qos=1)
             except ValueError as e:  # a topic paho refuses (never produced by this agent)
@@ -322,9 +326,15 @@ class DeviceLink:
                 self.outbox.remove(message.id)
                 continue
             with contextlib.suppress(ValueError, RuntimeError):
-                info.wait_for_publish(timeout=10)
-            if info.is_published():
+                info.wait_for_publish(timeout=ACK_WAIT)
+            if info.is_published() and self._connection == connection:
                 self.outbox.remove(message.id)
+            elif info.is_published():
+                # Sent on one connection, acknowledged on a later one: paho resent it at the
+                # reconnect, before this device knew whether any collector listens (after a
+                # broker restart it may reach nobody). It goes again through the gate above;
+                # the collector drops the duplicate by its seq.
+                log.debug("resending %s: acknowledged only after a reconnect", message.topic)
             else:  # disconnected meanwhile: the same message goes again after the reconnect
                 self._stopping.wait(0.5)
 

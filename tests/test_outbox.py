@@ -41,6 +41,7 @@ from brokers import Broker, free_port, start_mosquitto
 from conftest import KeyPair, _write_pair, write_agent_config
 from paho.mqtt.enums import CallbackAPIVersion
 
+from edgepack.agent import _fleet_link as fleet_link
 from edgepack.agent._config import DownloadConfig, load_config
 from edgepack.agent._daemon import Agent
 from edgepack.agent._download import HttpFetcher
@@ -682,6 +683,34 @@ def test_reports_survive_a_device_that_reconnects_before_the_collector(
     time.sleep(1.0)
     stored = [int(d["seq"]) for _, _, d in world.store.events("drift", DEVICE, limit=100_000)]
     assert stored == list(range(1, sent + 1))
+
+
+def test_a_report_in_flight_across_a_broker_restart_is_sent_again(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A report published into a silent network sits in paho's in-flight queue; the broker
+    restarts without its sessions and the device is back before the collector. paho resends
+    the report at the reconnect and the broker acknowledges it, although nobody subscribes:
+    an acknowledgement on a later connection than the publish must not count as delivered."""
+    monkeypatch.setattr(fleet_link, "ACK_WAIT", WAIT * 4)  # still waiting at the reconnect
+    agent = world.start_device(keepalive=2)
+    first = world.deploy(1)
+    wait_until("v1 deployed", lambda: terminal(world, first))
+    world.traffic.start(agent)
+    wait_until("drift reports flow", lambda: world.counter("seq_drift") >= 2)
+    link = world.link
+    assert link is not None
+    world.relay.go_silent()
+    wait_until("the device notices the silence", lambda: not link.connected.is_set())
+    world.stop_broker()  # no persistence: the collector's session is gone with it
+    world.relay.heal()
+    world.start_broker(device_first=True)
+    wait_until("the device is back", link.connected.is_set)
+    world.collector_relay.allow()
+    world.wait_for_subscribers()
+    world.traffic.stop()
+    time.sleep(1.0)  # the monitor counts the last queued requests
+    assert_delivered_exactly_once(world, [first])
 
 
 def test_a_killed_broker_and_a_silent_network_cut_lose_and_double_nothing(
