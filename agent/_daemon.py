@@ -32,6 +32,7 @@ from edgepack.agent._config import AgentConfig
 from edgepack.agent._http_server import InferenceServer
 from edgepack.agent._lifecycle import Fetcher, Lifecycle, OnState, Outcome
 from edgepack.agent._monitor import Monitor, ReportRelay
+from edgepack.agent._prometheus import gauge
 from edgepack.agent._runtime import Runtime
 from edgepack.agent._supervise import Heartbeats, SupervisedThread
 from edgepack.agent._trust import TrustStore
@@ -153,11 +154,18 @@ class Agent:
         """Prometheus text for ``/metrics``."""
         # 0 ok, 1 warning, 2 drift: one gauge per model, from its latest window
         levels = {"ok": 0, "warning": 1, "drift": 2}
-        drift = [
-            ("edgepack_drift_status", {"model": name}, levels.get(report["status"], 0))
-            for name, report in sorted(self.monitor.latest.items())
-        ]
-        return self.monitor.telemetry.prometheus(drift)
+        drift = gauge(
+            "edgepack_drift_status",
+            "Verdict of the latest drift window: 0 ok, 1 warning, 2 drift.",
+            (
+                (
+                    {"model": name, "version": str(report["version"])},
+                    levels.get(report["status"], 0),
+                )
+                for name, report in sorted(self.monitor.latest.items())
+            ),
+        )
+        return self.monitor.telemetry.prometheus([drift])
 
     def _apply(self, outcome: Outcome) -> Outcome:
         self.monitor.telemetry.event(f"{outcome.op}:{outcome.result}")

@@ -6,24 +6,45 @@ microsecond, no lock held by the caller). :meth:`Telemetry.fold`, called from a 
 aggregates:
 
 * cumulative counters and a fixed-bucket latency histogram, exposed as Prometheus text
-  (:meth:`prometheus`, served at ``/metrics``);
+  (:meth:`prometheus`, served at ``/metrics``, written by edgepack.agent._prometheus);
 * the current reporting interval's exact latencies (a bounded reservoir), from which
   :meth:`report` computes p50/p95/p99 for the telemetry published over MQTT.
+
+What ``/metrics`` shows, and the one counting rule it follows. Every series about requests is
+labelled ``model`` and ``version``. Every request, failed or not, is counted exactly once in
+``edgepack_requests_total`` and once in the histogram ``edgepack_request_seconds``, both labelled
+``outcome="ok"`` or ``outcome="error"``; so for every (model, version, outcome) the histogram's
+``_count`` equals the counter, and ``sum without (outcome)`` of either is all requests. Both
+outcomes are always written for a version that has seen a request (zero when none), so the two
+families have the same series. ``edgepack_request_errors_total{kind}`` breaks the errors down
+(``bad_request``, ``runtime_error``): its sum over ``kind`` equals ``outcome="error"``. A failed
+request's latency is the time given to :meth:`Telemetry.record`; today's callers do not time a
+failure and give 0, so the error series' observations sit in the lowest bucket.
+``edgepack_rows_total`` counts the rows of answered requests (a failure has none).
+
+Families: ``edgepack_requests_total``, ``edgepack_rows_total``, ``edgepack_request_errors_total``
+(counters), ``edgepack_request_seconds`` (histogram), ``edgepack_events_total{kind}`` (lifecycle
+events), ``process_start_time_seconds`` (gauge, Unix seconds), ``process_resident_memory_bytes``
+(gauge), ``process_cpu_seconds_total`` (counter), then the families the caller adds (the agent:
+``edgepack_drift_status{model,version}``). A family with no sample yet is not declared.
 """
 
 from __future__ import annotations
 
 import collections
+import functools
 import os
 import random
 import resource
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+from edgepack.agent._prometheus import Family, Sample, histogram, render
 
 __all__ = ["LATENCY_BUCKETS", "Telemetry"]
 
@@ -49,6 +70,7 @@ LATENCY_BUCKETS = (
 )
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 4096)
 RESERVOIR = 10_000
+_IMPORTED = time.time()  # the process start time where /proc cannot tell it
 
 
 @dataclass
@@ -58,8 +80,12 @@ class _Series:
     requests: int = 0
     rows: int = 0
     errors: collections.Counter[str] = field(default_factory=collections.Counter)
-    latency_sum: float = 0.0
+    latency_sum: float = 0.0  # answered requests
     latency_buckets: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS) + 1))
+    failed_latency_sum: float = 0.0  # failed requests
+    failed_latency_buckets: list[int] = field(
+        default_factory=lambda: [0] * (len(LATENCY_BUCKETS) + 1)
+    )
     batch_buckets: list[int] = field(default_factory=lambda: [0] * (len(BATCH_BUCKETS) + 1))
     # the current reporting interval
     interval_requests: int = 0
@@ -113,6 +139,8 @@ class Telemetry:
                 if error:
                     s.errors[error] += 1
                     s.interval_errors[error] += 1
+                    s.failed_latency_sum += seconds
+                    s.failed_latency_buckets[_bucket(LATENCY_BUCKETS, seconds)] += 1
                     continue
                 s.rows += rows
                 s.interval_rows += rows
@@ -131,11 +159,10 @@ class Telemetry:
 
     def process(self) -> dict[str, Any]:
         """Uptime, resident memory and CPU seconds of this process."""
-        times = os.times()
         return {
             "uptime_s": round(time.time() - self._started, 3),
             "rss_bytes": _rss_bytes(),
-            "cpu_s": round(times.user + times.system, 3),
+            "cpu_s": round(_cpu_seconds(), 3),
         }
 
     def report(self) -> dict[str, Any]:
@@ -187,74 +214,78 @@ class Telemetry:
             self._interval_started = now
         return report
 
-    def prometheus(self, extra: Sequence[tuple[str, Mapping[str, str], float]] = ()) -> str:
-        """Prometheus text exposition (format 0.0.4) of the cumulative numbers."""
+    def prometheus(self, extra: Sequence[Family] = ()) -> str:
+        """Prometheus text exposition (format 0.0.4) of the cumulative numbers.
+
+        Args:
+            extra: more families to append (the agent's drift gauges); their names must differ
+                from the ones written here.
+
+        Raises:
+            ValueError: an ``extra`` family is malformed or reuses a name.
+        """
         self.fold()
-        lines = [
-            "# HELP edgepack_requests_total Inference requests.",
-            "# TYPE edgepack_requests_total counter",
-        ]
+        requests: list[Sample] = []
+        rows: list[Sample] = []
+        errors: list[Sample] = []
+        latency: list[Sample] = []
         with self._lock:
-            series = sorted(self._series.items())
-            for (model, version), s in series:
-                lines.append(
-                    f'edgepack_requests_total{{model="{model}",version="{version}"}} {s.requests}'
-                )
-            lines += [
-                "# HELP edgepack_rows_total Rows inferred.",
-                "# TYPE edgepack_rows_total counter",
-            ]
-            lines += [
-                f'edgepack_rows_total{{model="{m}",version="{v}"}} {s.rows}' for (m, v), s in series
-            ]
-            lines += [
-                "# HELP edgepack_request_errors_total Failed requests by kind.",
-                "# TYPE edgepack_request_errors_total counter",
-            ]
-            for (m, v), s in series:
-                lines += [
-                    f'edgepack_request_errors_total{{model="{m}",version="{v}",kind="{kind}"}} {n}'
-                    for kind, n in sorted(s.errors.items())
-                ]
-            lines += [
-                "# HELP edgepack_request_seconds Inference latency.",
-                "# TYPE edgepack_request_seconds histogram",
-            ]
-            for (m, v), s in series:
-                labels = f'model="{m}",version="{v}"'
-                running = 0
-                for bound, count in zip(
-                    (*LATENCY_BUCKETS, float("inf")), s.latency_buckets, strict=True
+            for (model, version), s in sorted(self._series.items()):
+                key = (("model", model), ("version", str(version)))
+                failed = sum(s.errors.values())
+                for outcome, count, total, buckets in (
+                    ("ok", s.requests - failed, s.latency_sum, s.latency_buckets),
+                    ("error", failed, s.failed_latency_sum, s.failed_latency_buckets),
                 ):
-                    running += count
-                    le = "+Inf" if bound == float("inf") else repr(bound)
-                    lines.append(f'edgepack_request_seconds_bucket{{{labels},le="{le}"}} {running}')
-                lines.append(f"edgepack_request_seconds_sum{{{labels}}} {s.latency_sum:.9f}")
-                lines.append(f"edgepack_request_seconds_count{{{labels}}} {running}")
-            lines += [
-                "# HELP edgepack_events_total Lifecycle events.",
-                "# TYPE edgepack_events_total counter",
+                    labels = (*key, ("outcome", outcome))
+                    requests.append(("", labels, count))
+                    latency += histogram(labels, LATENCY_BUCKETS, buckets, total)
+                rows.append(("", key, s.rows))
+                errors += [("", (*key, ("kind", k)), n) for k, n in sorted(s.errors.items())]
+            events: list[Sample] = [
+                ("", (("kind", k),), n) for k, n in sorted(self._events.items())
             ]
-            lines += [
-                f'edgepack_events_total{{kind="{k}"}} {n}' for k, n in sorted(self._events.items())
-            ]
-        process = self.process()
-        lines += [
-            "# TYPE edgepack_uptime_seconds gauge",
-            f"edgepack_uptime_seconds {process['uptime_s']}",
-            "# TYPE process_resident_memory_bytes gauge",
-            f"process_resident_memory_bytes {process['rss_bytes']}",
-            "# TYPE process_cpu_seconds_total counter",
-            f"process_cpu_seconds_total {process['cpu_s']}",
+        families = [
+            Family(
+                "edgepack_requests_total",
+                "counter",
+                "Inference requests, by outcome (ok or error).",
+                requests,
+            ),
+            Family("edgepack_rows_total", "counter", "Rows in answered requests.", rows),
+            Family(
+                "edgepack_request_errors_total",
+                "counter",
+                "Failed requests by kind; the sum over kind is requests with outcome error.",
+                errors,
+            ),
+            Family(
+                "edgepack_request_seconds",
+                "histogram",
+                "Request latency in seconds, by outcome; _count equals edgepack_requests_total.",
+                latency,
+            ),
+            Family("edgepack_events_total", "counter", "Lifecycle events by kind.", events),
+            Family(
+                "process_start_time_seconds",
+                "gauge",
+                "Start time of the process since unix epoch in seconds.",
+                [("", (), _process_start_time())],
+            ),
+            Family(
+                "process_resident_memory_bytes",
+                "gauge",
+                "Resident memory size in bytes.",
+                [("", (), _rss_bytes())],
+            ),
+            Family(
+                "process_cpu_seconds_total",
+                "counter",
+                "Total user and system CPU time spent in seconds.",
+                [("", (), _cpu_seconds())],
+            ),
         ]
-        typed: set[str] = set()
-        for gauge, gauge_labels, value in extra:  # extra gauges: one TYPE line per metric name
-            if gauge not in typed:
-                lines.append(f"# TYPE {gauge} gauge")
-                typed.add(gauge)
-            text = ",".join(f'{k}="{v}"' for k, v in sorted(gauge_labels.items()))
-            lines.append(f"{gauge}{{{text}}} {value}" if text else f"{gauge} {value}")
-        return "\n".join(lines) + "\n"
+        return render([*families, *extra])
 
 
 def _bucket(bounds: tuple[float, ...], value: float) -> int:
@@ -273,3 +304,22 @@ def _rss_bytes() -> int:
     except OSError:
         pass
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def _cpu_seconds() -> float:
+    times = os.times()
+    return times.user + times.system
+
+
+@functools.cache
+def _process_start_time() -> float:
+    """When this process started, in Unix seconds (as Prometheus's own client computes it)."""
+    try:
+        with open("/proc/self/stat", "rb") as stat:
+            # field 22, starttime, in clock ticks after boot; the name (field 2) may hold spaces
+            ticks = int(stat.read().rsplit(b")", 1)[1].split()[19])
+        with open("/proc/stat", "rb") as system:
+            boot = next(float(line.split()[1]) for line in system if line.startswith(b"btime "))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return _IMPORTED  # not Linux: the closest moment known

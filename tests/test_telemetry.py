@@ -3,9 +3,14 @@
 First :class:`Telemetry` alone, fed known requests (seeded latencies, two kinds of error): the
 interval report's counts, error counts and p50/p95/p99 equal numpy's on the recorded latencies,
 the interval resets, and the Prometheus text is valid exposition format whose counters and
-cumulative histogram agree with the requests. Then a real :class:`Agent` serving iris over HTTP:
-N good and M bad requests, and ``GET /metrics`` counts exactly those; enough rows close a drift
-window and ``status()`` shows its verdict. Nothing here asserts on how long anything took.
+cumulative histogram agree with the requests. Every scrape is read twice: line by line by the
+strict checker below, and by prometheus_client's own parser, which must find HELP, TYPE and
+samples for every family, no sample outside a declared family, and a ``version`` label wherever
+there is a ``model`` label. Failed requests count alike in the requests counter and the latency
+histogram (the same ``outcome`` series, the same numbers); label values are escaped; the process
+start time is this process's. Then a real :class:`Agent` serving iris over HTTP: N good and M
+bad requests, and ``GET /metrics`` counts exactly those; enough rows close a drift window and
+``status()`` shows its verdict. Nothing here asserts on how long anything took.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import collections
 import json
 import math
+import os
 import re
 import time
 from collections.abc import Callable, Iterator
@@ -23,9 +29,12 @@ import httpx
 import numpy as np
 import pytest
 from conftest import KeyPair, write_agent_config
+from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import text_string_to_metric_families
 
 from edgepack.agent._config import load_config
 from edgepack.agent._daemon import Agent
+from edgepack.agent._prometheus import Family, gauge, render
 from edgepack.agent._telemetry import LATENCY_BUCKETS, RESERVOIR, Telemetry
 
 # --- Prometheus text exposition format 0.0.4, checked line by line --------------------------------
@@ -107,6 +116,43 @@ def check_histogram(samples: dict[tuple[str, Labels], float], name: str) -> dict
         assert (f"{name}_sum", labels) in samples
         counts[labels] = values[-1]
     return counts
+
+
+Families = dict[str, Metric]
+Samples = dict[tuple[str, Labels], float]
+# the sample names a family of each type may have, after the family's name as the parser gives it
+# (it drops a counter's _total: family edgepack_requests, sample edgepack_requests_total)
+SUFFIXES = {"counter": {"_total"}, "gauge": {""}, "histogram": {"_bucket", "_sum", "_count"}}
+
+
+def scrape(text: str) -> tuple[Families, Samples]:
+    """Check ``text`` against the exposition format and the conventions ``/metrics`` keeps.
+
+    Returns the families as prometheus_client parses them (by family name) and the strict
+    checker's {(sample name, labels in order): value}.
+    """
+    _, samples = parse_exposition(text)
+    families: Families = {}
+    for family in text_string_to_metric_families(text):
+        name = family.name
+        assert name not in families, f"{name} split in two"
+        assert family.type in SUFFIXES, f"{name}: no TYPE line (parsed as {family.type})"
+        assert family.documentation, f"{name}: no HELP line"
+        assert family.samples, f"{name} declared without samples"
+        for sample in family.samples:
+            suffix = sample.name.removeprefix(name)
+            assert sample.name.startswith(name), f"{sample.name} outside its family {name}"
+            assert suffix in SUFFIXES[family.type], f"{sample.name} in a {family.type}"
+            if "model" in sample.labels:
+                assert sample.labels.get("version", "").isdigit(), f"no version: {sample}"
+        families[name] = family
+    assert sum(len(f.samples) for f in families.values()) == len(samples)
+    return families, samples
+
+
+def series(samples: Samples, name: str) -> dict[Labels, float]:
+    """{labels: value} of one sample name."""
+    return {labels: value for (sample, labels), value in samples.items() if sample == name}
 
 
 # --- Telemetry alone ------------------------------------------------------------------------------
@@ -208,37 +254,135 @@ def test_prometheus_text_is_valid_and_cumulative() -> None:
     other = send(telemetry, "fraud", 1, 100, seed=6)
     telemetry.event("rollback:rolled-back-to")
 
-    extra = [("edgepack_example", {"model": "a"}, 1), ("edgepack_example", {"model": "b"}, 2)]
-    types, samples = parse_exposition(telemetry.prometheus(extra))
-    assert types["edgepack_requests_total"] == "counter"
-    assert types["edgepack_request_seconds"] == "histogram"
+    extra = [gauge("edgepack_example", "An example.", [({"model": "a", "version": "1"}, 1)])]
+    families, samples = scrape(telemetry.prometheus(extra))
+    assert families["edgepack_requests"].type == "counter"
+    assert families["edgepack_request_seconds"].type == "histogram"
     churn = (("model", "churn"), ("version", "3"))
-    fraud = (("model", "fraud"), ("version", "1"))
+    ok, error = (*churn, ("outcome", "ok")), (*churn, ("outcome", "error"))
+    fraud_ok = (("model", "fraud"), ("version", "1"), ("outcome", "ok"))
     latencies = first.latencies + later.latencies
-    assert samples[("edgepack_requests_total", churn)] == first.requests + later.requests
-    assert samples[("edgepack_requests_total", fraud)] == other.requests
+    errors = sum(first.errors.values()) + sum(later.errors.values())
+    assert samples[("edgepack_requests_total", ok)] == len(latencies)
+    assert samples[("edgepack_requests_total", error)] == errors
+    assert len(latencies) + errors == first.requests + later.requests
+    assert samples[("edgepack_requests_total", fraud_ok)] == len(other.latencies)
     assert samples[("edgepack_rows_total", churn)] == sum(first.rows) + sum(later.rows)
     for kind in ("bad_request", "runtime_error"):
         labels = (*churn, ("kind", kind))
         want = first.errors[kind] + later.errors[kind]
         assert samples[("edgepack_request_errors_total", labels)] == want
     counts = check_histogram(samples, "edgepack_request_seconds")
-    errors = sum(first.errors.values()) + sum(later.errors.values())
-    assert counts[churn] == first.requests + later.requests - errors == len(latencies)
-    assert counts[fraud] == len(other.latencies)
+    assert counts[ok] == len(latencies)
+    assert counts[error] == errors
+    assert counts[fraud_ok] == len(other.latencies)
     for bound in LATENCY_BUCKETS:
-        labels = (*churn, ("le", repr(bound)))
+        labels = (*ok, ("le", repr(bound)))
         assert samples[("edgepack_request_seconds_bucket", labels)] == sum(
             1 for s in latencies if s <= bound
         )
-    assert samples[("edgepack_request_seconds_sum", churn)] == pytest.approx(
-        sum(latencies), abs=1e-6
-    )
+    assert samples[("edgepack_request_seconds_sum", ok)] == pytest.approx(sum(latencies), abs=1e-6)
     assert samples[("edgepack_events_total", (("kind", "rollback:rolled-back-to"),))] == 1
-    assert types["edgepack_example"] == "gauge"  # one TYPE line for both series
-    assert samples[("edgepack_example", (("model", "a"),))] == 1
-    assert samples[("edgepack_example", (("model", "b"),))] == 2
+    assert families["edgepack_example"].type == "gauge"
+    assert samples[("edgepack_example", (("model", "a"), ("version", "1")))] == 1
     assert samples[("process_resident_memory_bytes", ())] > 0
+
+
+def test_failed_requests_count_alike_in_the_counter_and_the_histogram() -> None:
+    telemetry = Telemetry()
+    sent = {
+        ("churn", 3): send(telemetry, "churn", 3, 500, seed=11),
+        ("churn", 4): send(telemetry, "churn", 4, 200, seed=12),
+        ("fraud", 1): send(telemetry, "fraud", 1, 100, seed=13),
+    }
+    telemetry.record("fraud", 2, 0.0, 0, "runtime_error")  # a version that never answered
+    sent[("fraud", 2)] = Sent()
+    sent[("fraud", 2)].errors["runtime_error"] = 1
+    _, samples = scrape(telemetry.prometheus())
+
+    counters = series(samples, "edgepack_requests_total")
+    assert counters == check_histogram(samples, "edgepack_request_seconds")  # same series, counts
+    by_kind = series(samples, "edgepack_request_errors_total")
+    for (model, version), want in sent.items():
+        key = (("model", model), ("version", str(version)))
+        ok, error = counters[(*key, ("outcome", "ok"))], counters[(*key, ("outcome", "error"))]
+        assert ok + error == want.requests
+        assert error == sum(want.errors.values()) > 0
+        assert error == sum(n for labels, n in by_kind.items() if labels[:2] == key)
+    assert len(counters) == 2 * len(sent)  # both outcomes, always: no series comes and goes
+
+
+def test_no_family_is_declared_without_samples() -> None:
+    telemetry = Telemetry()
+    no_window_yet = gauge("edgepack_drift_status", "Drift.", [])
+    text = telemetry.prometheus([no_window_yet])
+    families, _ = scrape(text)
+    process = {"process_start_time_seconds", "process_resident_memory_bytes", "process_cpu_seconds"}
+    assert set(families) == process
+    assert "edgepack_" not in text  # not even a HELP line
+
+    telemetry.record("iris", 1, 0.001, 3)  # answered: no error, no event yet
+    families, _ = scrape(telemetry.prometheus([no_window_yet]))
+    assert set(families) - process == {
+        "edgepack_requests",
+        "edgepack_rows",
+        "edgepack_request_seconds",
+    }
+    telemetry.record("iris", 1, 0.0, 0, "bad_request")
+    telemetry.event("install:installed")
+    families, _ = scrape(telemetry.prometheus())
+    assert {"edgepack_request_errors", "edgepack_events"} <= set(families)
+
+
+def test_label_values_and_help_are_escaped() -> None:
+    odd = 'the "best" \\ model\nreally'  # a double quote, a backslash and a newline
+    about = "help with \\ and\na newline"
+    telemetry = Telemetry()
+    telemetry.record(odd, 2, 0.01, 1)
+    telemetry.event(odd)
+    extra = [gauge("edgepack_example", about, [({"model": odd, "version": "2"}, 1)])]
+    text = telemetry.prometheus(extra)
+    families, _ = scrape(text)
+    found = [
+        s.labels[key] for f in families.values() for s in f.samples for key in ("model", "kind")
+        if key in s.labels
+    ]  # fmt: skip
+    assert len(found) > 4
+    assert set(found) == {odd}
+    assert families["edgepack_events"].samples[0].labels == {"kind": odd}
+    assert families["edgepack_example"].documentation == about
+
+
+# this process is older than this module: pytest imported it
+IMPORTED = time.time()
+
+
+def test_process_start_time_is_this_processes() -> None:
+    _, samples = scrape(Telemetry().prometheus())
+    start = samples[("process_start_time_seconds", ())]
+    # independently: the process's age from /proc/uptime and its start tick
+    with open("/proc/self/stat") as stat:
+        ticks = int(stat.read().rsplit(")", 1)[1].split()[19])
+    with open("/proc/uptime") as uptime:
+        age = float(uptime.read().split()[0]) - ticks / os.sysconf("SC_CLK_TCK")
+    assert start == pytest.approx(time.time() - age, abs=1.5)  # /proc/stat btime is whole seconds
+    assert start <= IMPORTED  # not when the telemetry (or its module) began
+    assert samples[("process_cpu_seconds_total", ())] > 0
+    assert samples[("process_resident_memory_bytes", ())] > 1 << 20
+
+
+def test_render_refuses_what_a_scraper_would_reject() -> None:
+    one = [("", (), 1)]
+    for families in (
+        [Family("edgepack_x", "gauge", "x", one), Family("edgepack_x", "gauge", "x", one)],
+        [Family("edgepack-x", "gauge", "x", one)],
+        [Family("edgepack_x", "summary", "x", one)],
+        [Family("edgepack_x", "gauge", "x", [("", (("bad-label", "v"),), 1)])],
+    ):
+        with pytest.raises(ValueError):
+            render(families)
+    with pytest.raises(ValueError):  # the agent's own names are taken
+        Telemetry().prometheus([gauge("process_cpu_seconds_total", "again", [({}, 1)])])
 
 
 def test_exposition_checker_rejects_what_prometheus_rejects() -> None:
@@ -304,14 +448,15 @@ def wait_for(condition: Callable[[], Any], seconds: float = 15.0) -> Any:
     raise AssertionError(f"not true within {seconds} s: {condition}")
 
 
-def metrics(client: httpx.Client) -> tuple[dict[str, str], dict[tuple[str, Labels], float]]:
+def metrics(client: httpx.Client) -> tuple[Families, Samples]:
     response = client.get("/metrics")
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/plain; version=0.0.4")
-    return parse_exposition(response.text)
+    return scrape(response.text)
 
 
 IRIS = (("model", "iris"), ("version", "1"))
+OK, ERROR = (*IRIS, ("outcome", "ok")), (*IRIS, ("outcome", "error"))
 
 
 def test_metrics_endpoint_counts_the_requests_sent(served: Agent) -> None:
@@ -325,12 +470,15 @@ def test_metrics_endpoint_counts_the_requests_sent(served: Agent) -> None:
                 content = json.dumps({"inputs": [bad[i]]}).encode()  # NaN: not via httpx's json=
                 response = client.post("/v2/models/iris/infer", content=content)
                 assert response.status_code == 400, response.text
-        _, samples = metrics(client)
-    assert samples[("edgepack_requests_total", IRIS)] == GOOD + len(bad)
+        families, samples = metrics(client)
+    assert samples[("edgepack_requests_total", OK)] == GOOD
+    assert samples[("edgepack_requests_total", ERROR)] == len(bad)
     assert samples[("edgepack_request_errors_total", (*IRIS, ("kind", "bad_request")))] == len(bad)
     assert samples[("edgepack_rows_total", IRIS)] == GOOD * ROWS
-    assert check_histogram(samples, "edgepack_request_seconds")[IRIS] == GOOD
+    histogram = check_histogram(samples, "edgepack_request_seconds")
+    assert histogram == series(samples, "edgepack_requests_total") == {OK: GOOD, ERROR: len(bad)}
     assert samples[("edgepack_events_total", (("kind", "install:installed"),))] == 1
+    assert "edgepack_drift_status" not in families  # no window closed yet: not declared
 
 
 def test_drift_verdict_appears_in_status_after_a_window(served: Agent) -> None:
@@ -357,12 +505,16 @@ def test_metrics_with_a_drift_verdict_are_valid_exposition(served: Agent) -> Non
         served.infer("iris", {"input": iris_rows(rng, ROWS).astype(np.float32)})
     verdict = wait_for(lambda: served.status()["models"]["iris"]["drift"])
     with httpx.Client(base_url=served.server.url, timeout=10) as client:
-        types, samples = metrics(client)
-    assert types["edgepack_drift_status"] == "gauge"
-    drift = {labels: v for (name, labels), v in samples.items() if name == "edgepack_drift_status"}
+        families, samples = metrics(client)
+    assert families["edgepack_drift_status"].type == "gauge"
+    assert families["edgepack_drift_status"].documentation
     level = {"ok": 0, "warning": 1, "drift": 2}[served.monitor.latest["iris"]["status"]]
     assert verdict in ("ok", "warning", "drift")
-    assert drift == {(("model", "iris"),): level}
+    assert series(samples, "edgepack_drift_status") == {IRIS: level}
+    start = samples[("process_start_time_seconds", ())]
+    assert start <= IMPORTED
+    assert families["process_cpu_seconds"].type == "counter"
+    assert families["process_resident_memory_bytes"].type == "gauge"
 
 
 def test_a_request_for_an_unknown_output_is_counted_as_bad(served: Agent) -> None:
@@ -372,5 +524,6 @@ def test_a_request_for_an_unknown_output_is_counted_as_bad(served: Agent) -> Non
         response = infer(client, iris_rows(rng, 1), outputs=[{"name": "score"}])
         assert response.status_code == 400
         _, samples = metrics(client)
-    assert samples.get(("edgepack_requests_total", IRIS)) == 1
+    assert series(samples, "edgepack_requests_total") == {OK: 0, ERROR: 1}
     assert samples.get(("edgepack_request_errors_total", (*IRIS, ("kind", "bad_request")))) == 1
+    assert check_histogram(samples, "edgepack_request_seconds") == {OK: 0, ERROR: 1}
