@@ -72,9 +72,24 @@ class ServerConfig:
     port: int = 8080
     max_request_bytes: int = 16 * 1024**2
     max_batch_rows: int = 4096
-    # connections served at once; beyond it a client gets a 503 at once (the unit's TasksMax
-    # is 256: threads must not run out)
-    max_connections: int = 128
+    # connections open at once; when full, the longest-idle one is closed for a newcomer, and
+    # a 503 goes out only when every one is mid-request (capped by the open-file limit)
+    max_connections: int = 1024
+    workers: int = 1  # threads running inference; 0: on the server's event loop itself
+    read_timeout: float = 30.0  # seconds a request may take to arrive, from its first byte
+    idle_timeout: float = 60.0  # seconds an idle keep-alive connection stays open
+
+
+@dataclass(frozen=True)
+class GrpcConfig:
+    """``[grpc]``: the Open Inference Protocol over gRPC (off by default; the ``grpc`` extra)."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"  # local only unless asked otherwise
+    port: int = 8001  # Triton's gRPC port
+    max_workers: int = 4  # threads running requests (the unit's TasksMax is 256)
+    max_concurrent_rpcs: int = 64  # calls admitted at once; more get RESOURCE_EXHAUSTED at once
+    max_message_bytes: int = 16 * 1024**2  # each request and each response
 
 
 @dataclass(frozen=True)
@@ -242,7 +257,18 @@ _SERVER: dict[str, Check] = {
     "port": integer(0, 65535),
     "max_request_bytes": integer(0),
     "max_batch_rows": integer(0),
-    "max_connections": integer(1, 4096),
+    "max_connections": integer(1, 65536),
+    "workers": integer(0, 64),
+    "read_timeout": number(0.1, 3600),
+    "idle_timeout": number(0.1, 86400),
+}
+_GRPC: dict[str, Check] = {
+    "enabled": boolean,
+    "host": string(empty_ok=False),
+    "port": integer(0, 65535),
+    "max_workers": integer(1, 64),
+    "max_concurrent_rpcs": integer(1, 4096),
+    "max_message_bytes": integer(1024, 2**31 - 1),  # gRPC's limits are 32-bit
 }
 _RUNTIME: dict[str, Check] = {
     "intra_op_threads": integer(0),

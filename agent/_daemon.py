@@ -100,8 +100,13 @@ class Agent:
                 ready=lambda: self._ready,
                 metrics=self.metrics,
                 max_connections=self.config.server.max_connections,
+                workers=self.config.server.workers,
+                request_timeout=self.config.server.read_timeout,
+                idle_timeout=self.config.server.idle_timeout,
             ).start()
             log.info("serving the Open Inference Protocol on %s", self.server.url)
+        if self.config.grpc.enabled:
+            self._serve_grpc()
         self.monitor.start()
         self._watcher = SupervisedThread(
             "edgepack-watch", self._watch, on_crash=self.thread_crashed

@@ -1,7 +1,10 @@
 """The local inference server: Open Inference Protocol over HTTP/1.1, on 127.0.0.1 by default.
 
-A threaded server from the standard library (one thread per keep-alive connection), so the device
-installs nothing more for it. Routes::
+One asyncio event loop on a thread of its own reads and writes every connection; HTTP/1.1 is
+parsed here, in a few dozen lines, because the protocol this server speaks is small (no chunked
+bodies, no upgrades) and a framework would cost more per request than the model does. Inference
+runs on ``workers`` threads (onnxruntime releases the GIL, so two requests compute at once on
+two cores), or on the loop itself with ``workers = 0``. Routes::
 
     GET  /v2                                     server metadata
     GET  /v2/health/live | /v2/health/ready      liveness / readiness
@@ -10,24 +13,34 @@ installs nothing more for it. Routes::
     GET  /v2/models/{name}[/versions/{v}]/ready  model readiness
     POST /v2/models/{name}[/versions/{v}]/infer  inference (JSON or binary tensor extension)
 
-Every request goes through :meth:`edgepack.agent._runtime.Runtime.infer`. Bad requests get a 4xx
+Every request goes through :meth:`edgepack.agent._runtime.Runtime.run`. Bad requests get a 4xx
 with ``{"error": "..."}`` saying what was wrong; a valid request on which the model itself fails
 (:class:`~edgepack.agent.exceptions.InferenceError`: onnxruntime raised) gets a 500 with the same
-JSON body. Nothing a client sends can stop the server.
+JSON body. Nothing a client sends can stop the server, and no client can hold it:
+
+* a request must arrive whole within ``request_timeout`` seconds of its first byte, and an idle
+  keep-alive connection is closed after ``idle_timeout`` (a slow or silent client costs a few
+  hundred bytes until then, never a thread);
+* at ``max_connections`` the longest-idle keep-alive connection is closed to make room, and only
+  when every connection is mid-request does a newcomer get a 503;
+* a client that does not read its answers stops being read (no unbounded buffers), and one
+  connection's requests are answered one at a time, in order.
 """
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import contextlib
 import json
 import logging
 import re
 import socket
-import sys
 import threading
+import time
 from collections.abc import Callable
+from email.utils import formatdate
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import edgepack
@@ -50,190 +63,178 @@ _MODEL_PATH = re.compile(
 HEADER_LENGTH = "Inference-Header-Content-Length"
 # A byte count is ASCII digits only: str.isdigit() also takes '²' or '٣', which int() refuses.
 _BYTE_COUNT = re.compile(r"^[ \t]*[0-9]{1,18}[ \t]*$", re.ASCII)
+_TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$", re.ASCII)
+MAX_HEAD_BYTES = 64 * 1024  # request line and headers together
+MAX_HEADERS = 100
+_SERVER = f"edgepack-agent/{edgepack.__version__}".encode()
+_JSON = "application/json"
+Response = tuple[int, bytes, str, tuple[tuple[str, str], ...]]  # status, body, type, headers
 
 
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    # A half-sent request or an idle keep-alive connection frees its thread after this long.
-    timeout = 60
-    server_version = f"edgepack-agent/{edgepack.__version__}"
-    server: _Server
+class _Request:
+    __slots__ = ("body", "close", "headers", "method", "target")
 
-    def setup(self) -> None:
-        super().setup()
-        # Small request/response pairs on a keep-alive connection: don't wait for Nagle.
-        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        log.debug("%s - " + format, self.address_string(), *args)
-
-    def _send(
-        self,
-        status: int,
-        body: bytes,
-        headers: dict[str, str] | None = None,
-        content_type: str = "application/json",
+    def __init__(
+        self, method: str, target: str, headers: dict[str, list[str]], close: bool
     ) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        for key, value in (headers or {}).items():
-            self.send_header(key, value)
-        if self.close_connection:
-            self.send_header("Connection", "close")  # so keep-alive clients do not reuse it
-        self.end_headers()
-        self.wfile.write(body)
+        self.method = method
+        self.target = target
+        self.headers = headers
+        self.close = close
+        self.body = b""
 
-    def _json(self, status: int, data: Any) -> None:
-        self._send(status, json.dumps(data, separators=(",", ":")).encode())
+    def header(self, name: str) -> str | None:
+        values = self.headers.get(name)
+        return values[0] if values else None
 
-    def _error(self, status: int, message: str) -> None:
-        self._json(status, {"error": message})
 
-    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
-        """Errors the standard library raises itself (a malformed request line, headers too
-        long, an unknown method) answer in JSON like every other error."""
-        if code == HTTPStatus.NOT_IMPLEMENTED:  # a method we do not serve
-            self._method_not_allowed()
-            return
-        self.close_connection = True
-        if self.request_version == "HTTP/0.9":  # an unparsable request line: answer in 1.1
-            self.request_version = self.protocol_version
-        with contextlib.suppress(OSError):  # the client may be gone
-            self._error(code, message or HTTPStatus(code).phrase)
+class _BadRequestError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
 
-    def _method_not_allowed(self) -> None:
-        self.close_connection = True  # its body (if any) is never read
-        error = {"error": f"method {self.command[:20]} is not allowed here; use GET or POST"}
-        self._send(405, json.dumps(error).encode(), {"Allow": "GET, POST"})
 
-    def do_GET(self) -> None:
-        path = self.path.split("?", 1)[0]
-        runtime = self.server.runtime
+def _json(status: int, data: Any) -> Response:
+    return status, json.dumps(data, separators=(",", ":")).encode(), _JSON, ()
+
+
+def _error(status: int, message: str) -> Response:
+    return _json(status, {"error": message})
+
+
+def _parse_head(head: bytes) -> _Request:
+    """The request line and headers (``head`` ends before the blank line)."""
+    lines = head.decode("latin-1").split("\r\n")
+    parts = lines[0].split(" ")
+    if len(parts) != 3 or not parts[2].startswith("HTTP/"):
+        raise _BadRequestError(400, f"bad request line {lines[0][:80]!r}")
+    method, target, version = parts
+    if version not in ("HTTP/1.1", "HTTP/1.0"):
+        if re.fullmatch(r"HTTP/[0-9]+\.[0-9]+", version):
+            raise _BadRequestError(505, f"{version[:20]} is not supported; use HTTP/1.1")
+        raise _BadRequestError(400, f"bad request line {lines[0][:80]!r}")
+    if len(lines) - 1 > MAX_HEADERS:
+        raise _BadRequestError(431, f"more than {MAX_HEADERS} headers")
+    headers: dict[str, list[str]] = {}
+    for line in lines[1:]:
+        name, colon, value = line.partition(":")
+        if not colon or not _TOKEN.match(name):  # obsolete line folding included
+            raise _BadRequestError(400, f"bad header line {line[:80]!r}")
+        headers.setdefault(name.lower(), []).append(value.strip(" \t"))
+    connection = ",".join(headers.get("connection", ())).lower()
+    # HTTP/1.1 keeps the connection unless told to close; HTTP/1.0 closes unless told to keep
+    close = "close" in connection if version == "HTTP/1.1" else "keep-alive" not in connection
+    return _Request(method, target, headers, close)
+
+
+class _Server:
+    """What every connection shares: the routes, the limits and the connections themselves."""
+
+    def __init__(
+        self,
+        runtime: Runtime,
+        max_request_bytes: int,
+        ready: Callable[[], bool],
+        metrics: Callable[[], str],
+        max_connections: int,
+        workers: int,
+        request_timeout: float,
+        idle_timeout: float,
+    ) -> None:
+        self.runtime = runtime
+        self.max_request_bytes = max_request_bytes
+        self.ready = ready
+        self.metrics = metrics
+        self.max_connections = max_connections
+        self.request_timeout = request_timeout
+        self.idle_timeout = idle_timeout
+        self.connections: set[_Connection] = set()
+        self.pool = (
+            concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="edgepack-infer")
+            if workers > 0
+            else None
+        )
+        self.date = b""
+        self.tick()
+
+    def tick(self) -> None:
+        """Once a second: the Date header, and connections past their deadline are closed."""
+        self.date = formatdate(usegmt=True).encode()
+        now = time.monotonic()
+        for connection in list(self.connections):
+            if connection.deadline <= now:
+                connection.expire()
+
+    def admit(self, newcomer: _Connection) -> bool:
+        """Make room for ``newcomer``: close the longest-idle connection when full."""
+        if len(self.connections) >= self.max_connections:
+            idle = [c for c in self.connections if c.idle]
+            if not idle:
+                return False
+            min(idle, key=lambda c: c.since).close()
+        self.connections.add(newcomer)
+        return True
+
+    # -- routes ----------------------------------------------------------------------------------
+
+    def get(self, path: str) -> Response:
         if path in ("/v2", "/v2/"):
-            self._json(
-                200,
-                {
-                    "name": "edgepack-agent",
-                    "version": edgepack.__version__,
-                    "extensions": ["binary_tensor_data"],
-                },
-            )
-            return
+            info = {
+                "name": "edgepack-agent",
+                "version": edgepack.__version__,
+                "extensions": ["binary_tensor_data"],
+            }
+            return _json(200, info)
         if path == "/metrics":
-            body = self.server.metrics().encode()
-            self._send(200, body, content_type="text/plain; version=0.0.4; charset=utf-8")
-            return
+            return 200, self.metrics().encode(), "text/plain; version=0.0.4; charset=utf-8", ()
         if path == "/v2/health/live":
-            self._json(200, {"live": True})
-            return
+            return _json(200, {"live": True})
         if path == "/v2/health/ready":
-            ready = self.server.ready()
-            self._json(200 if ready else 503, {"ready": ready})
-            return
+            ready = self.ready()
+            return _json(200 if ready else 503, {"ready": ready})
         match = _MODEL_PATH.match(path)
         if not match or match["action"] == "/infer":
-            self._error(404, f"no such endpoint: GET {path}")
-            return
+            return _error(404, f"no such endpoint: GET {path}")
         try:
-            served = runtime.get(match["name"], int(match["version"]) if match["version"] else None)
+            served = self.runtime.get(
+                match["name"], int(match["version"]) if match["version"] else None
+            )
         except RequestError as e:
-            self._error(e.status, str(e))
-            return
+            return _error(e.status, str(e))
         if match["action"] == "/ready":
-            self._json(200, {"name": served.name, "ready": True})
-            return
-        outputs = served.manifest.outputs
-        self._json(
-            200, model_metadata(served.name, [served.version], served.manifest.inputs, outputs)
+            return _json(200, {"name": served.name, "ready": True})
+        manifest = served.manifest
+        return _json(
+            200, model_metadata(served.name, [served.version], manifest.inputs, manifest.outputs)
         )
 
-    def do_POST(self) -> None:
-        path = self.path.split("?", 1)[0]
-        match = _MODEL_PATH.match(path)
-        if not match or match["action"] != "/infer":
-            self._drain_or_close()
-            self._error(404, f"no such endpoint: POST {path}")
-            return
-        if self.headers.get("Transfer-Encoding") is not None:
-            self.close_connection = True
-            self._error(411, "chunked request bodies are not supported; send Content-Length")
-            return
-        lengths = self.headers.get_all("Content-Length") or []
-        if len(lengths) > 1:
-            # Two lengths (even equal ones) are how requests get smuggled past proxies.
-            self.close_connection = True
-            self._error(400, f"{len(lengths)} Content-Length headers; send exactly one")
-            return
-        if not lengths or not _BYTE_COUNT.match(lengths[0]):
-            self.close_connection = True
-            if not lengths:
-                self._error(411, "a Content-Length header is required")
-            else:
-                self._error(400, f"Content-Length must be a byte count, got {lengths[0][:40]!r}")
-            return
-        length = int(lengths[0])
-        limit = self.server.max_request_bytes
-        if length > limit:
-            # Read (and discard) a moderately large body so the client gets our 413 instead of
-            # a connection reset; past the cap, just hang up after answering.
-            self._discard(length, cap=max(4 * limit, 64 * 1024**2))
-            self.close_connection = True
-            self._error(413, f"request body is {length} bytes, above the limit of {limit}")
-            return
-        body = self.rfile.read(length)
+    def infer(self, match: re.Match[str], request: _Request) -> Response:
+        """``POST …/infer`` (on a worker thread, or on the loop with no workers)."""
         try:
-            request = decode_infer_request(body, _header_length(self.headers.get(HEADER_LENGTH)))
+            wanted = _header_length(request.header(HEADER_LENGTH.lower()))
+            decoded = decode_infer_request(request.body, wanted)
             version = int(match["version"]) if match["version"] else None
-            served = self.server.runtime.get(match["name"], version)
+            served = self.runtime.get(match["name"], version)
             # run on the model we hold: a hot swap right now must not fail this request
-            outputs = self.server.runtime.run(served, request.inputs, request.outputs or None)
+            outputs = self.runtime.run(served, decoded.inputs, decoded.outputs or None)
             payload, header_length = encode_infer_response(
-                served.name, served.version, request, outputs
+                served.name, served.version, decoded, outputs
             )
         except RequestError as e:
-            self._error(e.status, str(e))
-            return
+            return _error(e.status, str(e))
         except InferenceError as e:  # a valid request the model fails on: the model's fault
             log.warning("%s", e)
-            self._error(e.status, str(e))
-            return
+            return _error(e.status, str(e))
         except ValueError as e:
-            self._error(400, f"bad request: {e}")
-            return
+            return _error(400, f"bad request: {e}")
         except EdgepackError as e:
-            self._error(500, str(e))
-            return
+            return _error(500, str(e))
         except Exception as e:
             log.exception("inference failed")
-            self._error(500, f"inference failed: {str(e).splitlines()[0] if str(e) else e!r}")
-            return
+            return _error(500, f"inference failed: {str(e).splitlines()[0] if str(e) else e!r}")
         if header_length is None:
-            self._send(200, payload)
-        else:
-            self._send(
-                200,
-                payload,
-                {HEADER_LENGTH: str(header_length)},
-                content_type="application/octet-stream",
-            )
-
-    def _discard(self, length: int, cap: int) -> None:
-        remaining = length if length <= cap else 0
-        while remaining > 0:
-            chunk = self.rfile.read(min(remaining, 1 << 20))
-            if not chunk:
-                break
-            remaining -= len(chunk)
-
-    def _drain_or_close(self) -> None:
-        lengths = self.headers.get_all("Content-Length") or ["0"]
-        ok = len(lengths) == 1 and _BYTE_COUNT.match(lengths[0])
-        length = int(lengths[0]) if ok else -1
-        if 0 <= length <= self.server.max_request_bytes:
-            self.rfile.read(length)
-        else:
-            self.close_connection = True
+            return 200, payload, _JSON, ()
+        return 200, payload, "application/octet-stream", ((HEADER_LENGTH, str(header_length)),)
 
 
 def _header_length(value: str | None) -> int | None:
@@ -244,69 +245,240 @@ def _header_length(value: str | None) -> int | None:
     return int(value)
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-    request_queue_size = 128
+class _Connection(asyncio.Protocol):
+    """One client connection: parse, answer in order, enforce the deadlines."""
 
-    def __init__(
-        self,
-        address: tuple[str, int],
-        runtime: Runtime,
-        max_request_bytes: int,
-        ready: Callable[[], bool],
-        metrics: Callable[[], str],
-        max_connections: int,
-    ) -> None:
-        self.runtime = runtime
-        self.max_request_bytes = max_request_bytes
-        self.ready = ready
-        self.metrics = metrics
-        self.max_connections = max_connections
-        self._active = 0
-        self._active_lock = threading.Lock()
-        super().__init__(address, _Handler)
+    def __init__(self, server: _Server, loop: asyncio.AbstractEventLoop) -> None:
+        self.server = server
+        self.loop = loop
+        self.transport: asyncio.Transport | None = None
+        self.buffer = bytearray()
+        self.request: _Request | None = None  # head parsed, body still arriving
+        self.length = 0
+        self.discard = 0  # bytes of a refused body still to be swallowed before answering
+        self._refused: Response = _error(413, "request body too large")
+        self.busy = False  # a request is being answered
+        self.writable = True
+        self.closing = False
+        self.since = time.monotonic()
+        self.deadline = self.since + server.idle_timeout
 
-    def process_request(self, request: Any, client_address: Any) -> None:
-        """One thread per connection, up to ``max_connections``; beyond, a 503 at once, so
-        held or idle connections can never exhaust the process's threads."""
-        with self._active_lock:
-            full = self._active >= self.max_connections
-            if not full:
-                self._active += 1
-        if full:
+    @property
+    def idle(self) -> bool:
+        return not self.busy and not self.buffer and self.request is None and not self.discard
+
+    # -- asyncio's callbacks ---------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        with contextlib.suppress(OSError):
+            sock = transport.get_extra_info("socket")
+            if sock is not None:  # small request/response pairs: don't wait for Nagle
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if not self.server.admit(self):
             body = b'{"error":"too many connections; retry shortly"}'
-            with contextlib.suppress(OSError):
-                request.sendall(
-                    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-                    b"Retry-After: 1\r\nConnection: close\r\n"
-                    b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
-                )
-            self.shutdown_request(request)
+            transport.write(
+                b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                b"Retry-After: 1\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s"
+                % (len(body), body)
+            )
+            self.closing = True
+            transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closing = True
+        self.server.connections.discard(self)
+
+    def pause_writing(self) -> None:
+        self.writable = False
+        if self.transport is not None:
+            self.transport.pause_reading()  # a client that does not read gets nothing more
+
+    def resume_writing(self) -> None:
+        self.writable = True
+        if self.transport is not None and not self.closing:
+            self.transport.resume_reading()
+            self._advance()
+
+    def data_received(self, data: bytes) -> None:
+        if self.closing:
             return
+        if self.discard:
+            taken = min(self.discard, len(data))
+            self.discard -= taken
+            data = data[taken:]
+            if self.discard:
+                return
+            self._answer_refused()
+            return
+        if not self.buffer and self.request is None and not self.busy:  # a new request begins
+            self.deadline = time.monotonic() + self.server.request_timeout
+        self.buffer += data
+        self._advance()
+
+    def expire(self) -> None:
+        """Past the deadline: an idle connection just closes; a half-sent request gets a 408."""
+        if self.busy:  # the model is computing; its own deadline (request_timeout) applies
+            return
+        if self.request is not None or self.buffer:
+            self._write(_error(408, "the request did not arrive in time"), close=True)
+        self.close()
+
+    def close(self) -> None:
+        self.closing = True
+        if self.transport is not None:
+            self.transport.close()
+
+    # -- requests --------------------------------------------------------------------------------
+
+    def _advance(self) -> None:
+        """Answer every complete request in the buffer, one at a time."""
+        while not self.busy and self.writable and not self.closing:
+            if self.request is None:
+                end = self.buffer.find(b"\r\n\r\n")
+                if end < 0:
+                    if len(self.buffer) > MAX_HEAD_BYTES:
+                        self._fail(431, "request headers are too large")
+                    return
+                if end > MAX_HEAD_BYTES:
+                    self._fail(431, "request headers are too large")
+                    return
+                head = bytes(self.buffer[:end])
+                del self.buffer[: end + 4]
+                try:
+                    self.request = _parse_head(head)
+                    self.length = self._body_length(self.request)
+                except _BadRequestError as e:
+                    self._fail(e.status, str(e))
+                    return
+                if self.length < 0:  # refused: swallow what the client already sends
+                    return
+            if len(self.buffer) < self.length:
+                return
+            request, self.request = self.request, None
+            request.body = bytes(self.buffer[: self.length])
+            del self.buffer[: self.length]
+            self._dispatch(request)
+
+    def _body_length(self, request: _Request) -> int:
+        """The body's length, or -1 when the request was refused for its length."""
+        if request.headers.get("transfer-encoding") is not None:
+            raise _BadRequestError(
+                411, "chunked request bodies are not supported; send Content-Length"
+            )
+        lengths = request.headers.get("content-length", [])
+        if len(lengths) > 1:
+            # Two lengths (even equal ones) are how requests get smuggled past proxies.
+            raise _BadRequestError(400, f"{len(lengths)} Content-Length headers; send exactly one")
+        if not lengths:
+            if request.method == "POST":
+                raise _BadRequestError(411, "a Content-Length header is required")
+            return 0
+        if not _BYTE_COUNT.match(lengths[0]):
+            raise _BadRequestError(
+                400, f"Content-Length must be a byte count, got {lengths[0][:40]!r}"
+            )
+        length = int(lengths[0])
+        limit = self.server.max_request_bytes
+        if length > limit:
+            # Swallow a moderately large body so the client gets our 413 instead of a
+            # connection reset; past the cap, answer at once and hang up.
+            self._refused = _error(
+                413, f"request body is {length} bytes, above the limit of {limit}"
+            )
+            self.request = None
+            self.discard = length if length <= max(4 * limit, 64 * 1024**2) else 0
+            taken = min(self.discard, len(self.buffer))
+            del self.buffer[:taken]
+            self.discard -= taken
+            if not self.discard:
+                self._answer_refused()
+            return -1
+        return length
+
+    def _answer_refused(self) -> None:
+        self._write(self._refused, close=True)
+        self.close()
+
+    def _fail(self, status: int, message: str) -> None:
+        self._write(_error(status, message), close=True)
+        self.close()
+
+    def _dispatch(self, request: _Request) -> None:
+        server = self.server
+        path = request.target.split("?", 1)[0]
+        if request.method == "GET":
+            try:
+                response = server.get(path)
+            except Exception as e:  # /metrics or readiness raised: a bug, not the client's
+                log.exception("GET %s failed", path[:200])
+                response = _error(500, f"GET {path[:200]} failed: {e!r}")
+            self._respond(request, response)
+            return
+        if request.method != "POST":
+            error = f"method {request.method[:20]} is not allowed here; use GET or POST"
+            status, body, kind, _ = _error(405, error)
+            self._write((status, body, kind, (("Allow", "GET, POST"),)), close=True)
+            self.close()
+            return
+        match = _MODEL_PATH.match(path)
+        if not match or match["action"] != "/infer":
+            self._respond(request, _error(404, f"no such endpoint: POST {path}"))
+            return
+        if server.pool is None:
+            self._respond(request, server.infer(match, request))
+            return
+        self.busy = True
+        assert self.transport is not None
+        self.transport.pause_reading()  # one request at a time per connection
+        future = server.pool.submit(server.infer, match, request)
+        future.add_done_callback(
+            lambda done: self.loop.call_soon_threadsafe(self._finish, request, done)
+        )
+
+    def _finish(self, request: _Request, done: concurrent.futures.Future[Response]) -> None:
+        self.busy = False
         try:
-            super().process_request(request, client_address)
-        except BaseException:
-            self._release()
-            raise
+            response = done.result()
+        except BaseException as e:  # server.infer answers every error itself; this is a bug
+            log.exception("inference failed")
+            response = _error(500, f"inference failed: {e!r}")
+        self._respond(request, response)
+        if not self.closing and self.transport is not None:
+            if self.writable:
+                self.transport.resume_reading()
+            self._advance()
 
-    def process_request_thread(self, request: Any, client_address: Any) -> None:
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            self._release()
-
-    def _release(self) -> None:
-        with self._active_lock:
-            self._active -= 1
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        """A client that hung up or timed out is routine; anything else is logged with its trace."""
-        error = sys.exc_info()[1]
-        if isinstance(error, (ConnectionError, TimeoutError)):
-            log.debug("client %s went away: %s", client_address, error)
+    def _respond(self, request: _Request, response: Response) -> None:
+        self._write(response, close=request.close)
+        if request.close:
+            self.close()
         else:
-            log.exception("unexpected error serving %s", client_address)
+            now = time.monotonic()
+            self.since = now
+            self.deadline = now + (
+                self.server.request_timeout if self.buffer else self.server.idle_timeout
+            )
+
+    def _write(self, response: Response, close: bool) -> None:
+        if self.transport is None or self.transport.is_closing():
+            return
+        status, body, kind, extra = response
+        head = [
+            b"HTTP/1.1 %d %s\r\nServer: %s\r\nDate: %s\r\n"
+            % (status, _PHRASES[status], _SERVER, self.server.date),
+            b"Content-Type: %s\r\nContent-Length: %d\r\n" % (kind.encode(), len(body)),
+        ]
+        for key, value in extra:
+            head.append(b"%s: %s\r\n" % (key.encode(), value.encode()))
+        if close:
+            head.append(b"Connection: close\r\n")  # so keep-alive clients do not reuse it
+        head.append(b"\r\n")
+        self.transport.write(b"".join(head) + body)
+
+
+_PHRASES = {int(s): s.phrase.encode() for s in HTTPStatus}
 
 
 class InferenceServer:
@@ -315,10 +487,15 @@ class InferenceServer:
     Args:
         runtime: what to serve.
         host, port: where to listen (port 0 picks a free one; see :attr:`port`).
-        max_request_bytes: larger bodies get 413 without being read.
+        max_request_bytes: larger bodies get 413 without being kept.
         ready: returns whether the agent is ready (for ``/v2/health/ready``).
         metrics: returns the Prometheus text for ``/metrics``.
-        max_connections: connections served at once; more get a 503 and are closed.
+        max_connections: connections open at once; when full, the longest-idle keep-alive
+            connection is closed for a newcomer, and a 503 goes out only when none is idle.
+        workers: threads that run inference (0: on the event loop itself).
+        request_timeout: seconds a request may take to arrive, from its first byte ([server]
+            read_timeout; the inference deadline is [runtime] request_timeout).
+        idle_timeout: seconds an idle keep-alive connection stays open.
     """
 
     def __init__(
@@ -329,38 +506,100 @@ class InferenceServer:
         max_request_bytes: int = 16 * 1024**2,
         ready: Callable[[], bool] = lambda: True,
         metrics: Callable[[], str] = lambda: "",
-        max_connections: int = 128,
+        max_connections: int = 1024,
+        workers: int = 2,
+        request_timeout: float = 30.0,
+        idle_timeout: float = 60.0,
     ) -> None:
         try:
-            self._server = _Server(
-                (host, port), runtime, max_request_bytes, ready, metrics, max_connections
-            )
+            self._socket = socket.create_server((host, port), backlog=256)
         except OSError as e:
             raise EdgepackError(
                 f"cannot listen on {host}:{port}: {e.strerror or e} (is another agent running? "
                 "change [server].port in agent.toml)"
             ) from e
-        self._thread = threading.Thread(
-            target=self._server.serve_forever,
-            name="edgepack-http",
-            kwargs={"poll_interval": 0.2},
-            daemon=True,
+        self._server = _Server(
+            runtime,
+            max_request_bytes,
+            ready,
+            metrics,
+            min(max_connections, _descriptors_left()),
+            workers,
+            request_timeout,
+            idle_timeout,
         )
+        self._loop = asyncio.new_event_loop()
+        self._started = threading.Event()
+        self._thread = threading.Thread(target=self._serve, name="edgepack-http", daemon=True)
 
     @property
     def port(self) -> int:
-        return int(self._server.server_address[1])
+        return int(self._socket.getsockname()[1])
 
     @property
     def url(self) -> str:
-        host = self._server.server_address[0]
-        return f"http://{host!s}:{self.port}"
+        return f"http://{self._socket.getsockname()[0]!s}:{self.port}"
 
     def start(self) -> InferenceServer:
         self._thread.start()
+        self._started.wait(10)
         return self
 
+    def _serve(self) -> None:
+        loop, server = self._loop, self._server
+        asyncio.set_event_loop(loop)
+
+        def tick() -> None:
+            try:
+                server.tick()
+            except Exception:  # the deadlines must keep running whatever one connection did
+                log.exception("http: checking connection deadlines failed")
+            loop.call_later(1.0, tick)
+
+        async def listen() -> asyncio.Server:
+            return await loop.create_server(
+                lambda: _Connection(server, loop), sock=self._socket, backlog=256
+            )
+
+        listening = loop.run_until_complete(listen())
+        loop.call_later(1.0, tick)
+        loop.set_exception_handler(_log_loop_error)
+        self._started.set()
+        try:
+            loop.run_forever()
+        finally:
+            listening.close()
+            for connection in list(server.connections):
+                connection.close()
+            with contextlib.suppress(Exception):
+                loop.run_until_complete(listening.wait_closed())
+            loop.close()
+
     def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(timeout=5)
+        if self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=5)
+        else:
+            self._socket.close()
+        if self._server.pool is not None:
+            self._server.pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _descriptors_left() -> int:
+    """Connections this process can hold: its open-file limit less a margin for the rest."""
+    try:
+        import resource
+
+        soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    except (ImportError, OSError, ValueError):
+        return 1 << 30
+    return 1 << 30 if soft == resource.RLIM_INFINITY else max(16, soft - 64)
+
+
+def _log_loop_error(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """A client that hung up is routine; anything else is logged with its trace."""
+    error = context.get("exception")
+    if isinstance(error, (ConnectionError, TimeoutError)):
+        log.debug("client went away: %s", error)
+    else:
+        log.error("http: %s", context.get("message"), exc_info=error)
