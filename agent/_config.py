@@ -9,7 +9,8 @@ key (with a suggestion), a wrong type or a value out of range is a
 are resolved against the file's directory. See ``scripts/agent.example.toml`` for a commented
 example.
 
-The parts take their own table: :class:`ServerConfig` the HTTP server, :class:`RuntimeConfig`
+The parts take their own table: :class:`ServerConfig` the HTTP server, :class:`GrpcConfig` the
+gRPC server (edgepack.agent._grpc_server, the ``grpc`` extra), :class:`RuntimeConfig`
 onnxruntime, :class:`LimitsConfig` the lifecycle, :class:`MqttConfig` the fleet link
 (edgepack.agent._fleet_link), :class:`DownloadConfig` the HTTP fetcher (edgepack.agent._download),
 :class:`MonitorConfig` telemetry and drift (edgepack.agent._monitor, from ``[telemetry]`` and
@@ -52,6 +53,7 @@ __all__ = [
     "AgentConfig",
     "CaptureConfig",
     "DownloadConfig",
+    "GrpcConfig",
     "LimitsConfig",
     "MonitorConfig",
     "MqttConfig",
@@ -211,6 +213,7 @@ class AgentConfig:
     # offline root keys that may sign trust documents (key rotation); none: rotation disabled
     root_keys: tuple[Path, ...] = ()
     server: ServerConfig = field(default_factory=ServerConfig)
+    grpc: GrpcConfig = field(default_factory=GrpcConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     mqtt: MqttConfig | None = None  # None: no fleet link, the device works offline
@@ -389,6 +392,7 @@ def _schema(source: str, base: Path) -> dict[str, Check]:
         "root_keys": string_list(_path(base)),
         "groups": string_list(),
         "server": lambda v: ServerConfig(**table("server", _SERVER)(v)),
+        "grpc": lambda v: GrpcConfig(**table("grpc", _GRPC)(v)),
         "runtime": lambda v: RuntimeConfig(**table("runtime", _RUNTIME)(v)),
         "limits": lambda v: LimitsConfig(**table("limits", _LIMITS)(v)),
         "mqtt": mqtt,

@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -37,6 +37,9 @@ from edgepack.agent._runtime import Runtime
 from edgepack.agent._supervise import Heartbeats, SupervisedThread
 from edgepack.agent._trust import TrustStore
 from edgepack.agent.exceptions import EdgepackError
+
+if TYPE_CHECKING:  # grpc is loaded only when [grpc] is enabled
+    from edgepack.agent._grpc_server import GrpcInferenceServer
 
 __all__ = ["Agent"]
 
@@ -71,6 +74,7 @@ class Agent:
         )
         self.runtime = Runtime(config.runtime, config.server.max_batch_rows, monitor=self.monitor)
         self.server: InferenceServer | None = None
+        self.grpc_server: GrpcInferenceServer | None = None
         # proof of life from the parts that must stay responsive (systemd's watchdog reads it)
         self.heartbeats = Heartbeats()
         self._poll_interval = poll_interval
@@ -123,9 +127,26 @@ class Agent:
         if self.server is not None:
             self.server.stop()
             self.server = None
+        if self.grpc_server is not None:
+            self.grpc_server.stop()
+            self.grpc_server = None
         if self._watcher is not None:
             self._watcher.stop(timeout=5)
         self.monitor.stop()
+
+    def _serve_grpc(self) -> None:
+        """Start the gRPC server ([grpc], the ``grpc`` extra); on failure stop HTTP too."""
+        from edgepack.agent._grpc_server import GrpcInferenceServer
+
+        try:
+            server = GrpcInferenceServer(self.runtime, self.config.grpc, ready=lambda: self._ready)
+        except EdgepackError:
+            if self.server is not None:
+                self.server.stop()
+                self.server = None
+            raise
+        self.grpc_server = server.start()
+        log.info("serving the Open Inference Protocol over gRPC on %s", server.address)
 
     def __enter__(self) -> Agent:
         return self

@@ -1,7 +1,8 @@
 """The house rules of the layout, checked: who may import whom, and what an install puts where.
 
 - Importing every module of a package loads only what that package is allowed to depend on: the
-  agent no onnx/skl2onnx/scikit-learn/pandas nor the packager or fleet; the shared formats no
+  agent no onnx/skl2onnx/scikit-learn/pandas nor the packager or fleet, and not grpc or protobuf
+  either (the gRPC server loads them when ``[grpc]`` is enabled); the shared formats no
   onnxruntime, paho or httpx nor any other edgepack package; the fleet no onnxruntime nor the
   agent; the packager neither the agent nor the fleet.
 - A wheel of the project holds only ``edgepack`` import names (nothing generic like ``agent``).
@@ -43,7 +44,7 @@ RULES = {
         "onnxruntime",
         # (not rich/click: httpx imports its optional CLI when they happen to be installed)
         {"onnx", "skl2onnx", "sklearn", "pandas", "torch", "edgepack.packager", "edgepack.fleet",
-         "matplotlib", "jinja2"},
+         "matplotlib", "jinja2", "grpc", "google"},
     ),
     "edgepack.formats": (
         "cryptography",
@@ -86,6 +87,7 @@ def test_a_wheel_installs_only_edgepack_import_names(tmp_path: Path) -> None:
                    "edgepack/packager/_build.py", "edgepack/fleet/_collector.py"):
         assert module in names
     assert "edgepack/fleet/templates/report.html.j2" in names  # package data: the report's page
+    assert "edgepack/agent/grpc_predict_v2.proto" in names  # the gRPC service, for protoc users
 
 
 def _requirements(extra: str, extras: dict[str, list[str]], seen: set[str]) -> set[str]:
