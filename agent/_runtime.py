@@ -12,7 +12,9 @@ Every request is reported to the monitor given to the constructor (telemetry and
 
 from __future__ import annotations
 
+import functools
 import logging
+import math
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -38,6 +40,7 @@ __all__ = ["NUMPY_DTYPES", "Runtime", "ServedModel"]
 
 log = logging.getLogger("edgepack.agent")
 
+_SUM = np.add.reduce
 NUMPY_DTYPES: dict[str, Any] = {
     "float32": np.float32,
     "float64": np.float64,
@@ -53,7 +56,7 @@ NUMPY_DTYPES: dict[str, Any] = {
 
 @dataclass(frozen=True)
 class ServedModel:
-    """One loaded model version."""
+    """One loaded model version (what requests need of it is worked out once, at load)."""
 
     manifest: Manifest
     session: ort.InferenceSession
@@ -66,9 +69,40 @@ class ServedModel:
     def version(self) -> int:
         return self.manifest.version
 
-    @property
+    @functools.cached_property
+    def label(self) -> str:
+        return f"{self.manifest.name} v{self.manifest.version}"
+
+    @functools.cached_property
     def output_names(self) -> list[str]:
         return [o.name for o in self.session.get_outputs()]
+
+    @functools.cached_property
+    def direct(self) -> bool:
+        """Whether requests may call the compiled session directly (see run_session)."""
+        return hasattr(self.session, "_sess") and self.session.get_providers() == [
+            "CPUExecutionProvider"
+        ]
+
+    @functools.cached_property
+    def specs(self) -> dict[str, TensorSpec]:
+        return {spec.name: spec for spec in self.manifest.inputs}
+
+    @functools.cached_property
+    def fast_plan(self) -> tuple[tuple[str, np.dtype[Any], int, tuple[tuple[int, int], ...]], ...]:
+        """Per input: name, dtype, dimensions and the fixed ones (axis, size), for inputs that
+        may take the fast path (numbers; text always goes the careful way)."""
+        if any(spec.dtype == "string" for spec in self.manifest.inputs):
+            return ()
+        return tuple(
+            (
+                spec.name,
+                np.dtype(NUMPY_DTYPES[spec.dtype]),
+                len(spec.shape),
+                tuple((axis, dim) for axis, dim in enumerate(spec.shape) if dim is not None),
+            )
+            for spec in self.manifest.inputs
+        )
 
 
 def _check_input(spec: TensorSpec, value: Any, max_rows: int, model: str) -> np.ndarray:
@@ -205,7 +239,7 @@ class Runtime:
         Raises:
             RequestError: an input is missing, unknown, or of the wrong dtype or shape.
         """
-        specs = {spec.name: spec for spec in served.manifest.inputs}
+        specs = served.specs
         unknown = sorted(set(inputs) - set(specs))
         if unknown:
             raise RequestError(
@@ -225,6 +259,42 @@ class Runtime:
                 f"{served.name}: inputs have different numbers of rows {sorted(rows)}"
             )
         return feeds
+
+    def _fast_feeds(
+        self, served: ServedModel, inputs: Mapping[str, Any]
+    ) -> dict[str, np.ndarray] | None:
+        """The feeds when every input already is a C-ordered array of the manifest's dtype and
+        shape, finite, within the row limit; otherwise None, and :meth:`prepare` checks (and
+        explains) the slow way. A handful of attribute reads per input: what a caller that
+        passes ready arrays pays."""
+        plan = served.fast_plan
+        if not plan or len(inputs) != len(plan):
+            return None
+        rows = -1
+        for name, dtype, ndim, fixed in plan:
+            array = inputs.get(name)
+            if (
+                type(array) is not np.ndarray
+                or array.dtype != dtype
+                or array.ndim != ndim
+                or not array.flags.c_contiguous
+            ):
+                return None
+            shape = array.shape
+            for axis, dim in fixed:
+                if shape[axis] != dim:
+                    return None
+            if ndim:
+                if rows < 0:
+                    rows = shape[0]
+                if shape[0] != rows or rows > self._max_rows:
+                    return None
+            # NaN or infinity makes the sum non-finite (one ufunc call; ndarray.all() costs
+            # twice that); a float64 sum of float32 rows cannot overflow, and for float64 rows
+            # near 1e308 an overflow merely sends them to the exact check in prepare
+            if dtype.kind == "f" and not math.isfinite(_SUM(array, axis=None, dtype=np.float64)):
+                return None  # prepare says which input holds NaN or infinity
+        return dict(inputs)
 
     def infer(
         self,
@@ -259,31 +329,39 @@ class Runtime:
             InferenceError: the model failed on valid inputs.
         """
         name, monitor = served.name, self._monitor
-        try:
-            feeds = self.prepare(served, inputs)
-        except RequestError:
-            if monitor is not None:
-                monitor.failed(name, served.version, "bad_request")
-            raise
+        feeds = self._fast_feeds(served, inputs)
+        if feeds is None:
+            try:
+                feeds = self.prepare(served, inputs)
+            except RequestError:
+                if monitor is not None:
+                    monitor.failed(name, served.version, "bad_request")
+                raise
         names = served.output_names
-        wanted = list(outputs) if outputs else names
-        unknown = [o for o in wanted if o not in names]
-        if unknown:
-            if monitor is not None:
-                monitor.failed(name, served.version, "bad_request")
-            raise RequestError(
-                f"{name}: unknown output(s) {', '.join(map(repr, unknown))}; "
-                f"the model has {', '.join(map(repr, names))}"
-            )
-        # drift watches the model's first output (label / prediction): always compute it
-        first = names[0]
-        run = wanted if monitor is None or first in wanted else [first, *wanted]
+        if outputs:
+            wanted = list(outputs)
+            unknown = [o for o in wanted if o not in names]
+            if unknown:
+                if monitor is not None:
+                    monitor.failed(name, served.version, "bad_request")
+                raise RequestError(
+                    f"{name}: unknown output(s) {', '.join(map(repr, unknown))}; "
+                    f"the model has {', '.join(map(repr, names))}"
+                )
+            # drift watches the model's first output (label / prediction): always compute it
+            run = wanted if monitor is None or names[0] in wanted else [names[0], *wanted]
+        else:
+            wanted = run = names
         start = time.perf_counter()
         try:
             results = run_session(
-                served.session, run, feeds, f"{name} v{served.version}",
+                served.session,
+                run,
+                feeds,
+                served.label,
                 timeout=self._config.request_timeout,
-            )  # fmt: skip
+                direct=served.direct,
+            )
         except InferenceError:
             if monitor is not None:
                 monitor.failed(name, served.version, "runtime_error")
@@ -292,5 +370,6 @@ class Runtime:
         computed = dict(zip(run, results, strict=True))
         if monitor is not None:
             rows = len(next(iter(feeds.values()))) if feeds else 0
+            first = names[0]
             monitor.observe(name, served.version, feeds, {first: computed[first]}, elapsed, rows)
-        return {key: computed[key] for key in wanted}
+        return computed if run is wanted else {key: computed[key] for key in wanted}

@@ -37,6 +37,7 @@ from edgepack.agent._config import RuntimeConfig, ServerConfig, load_config
 from edgepack.agent._daemon import Agent
 from edgepack.agent._http_server import InferenceServer
 from edgepack.agent._runtime import Runtime
+from edgepack.agent._session import run_session
 from edgepack.agent.exceptions import (
     EdgepackError,
     InferenceError,
@@ -589,8 +590,16 @@ def raw_exchange(url: str, request: bytes) -> tuple[int, str]:
         ("Content-Length: 5\r\nContent-Length: 5\r\n", 400, "2 Content-Length headers"),
         ("Content-Length: 5\r\nTransfer-Encoding: chunked\r\n", 411, "chunked request bodies"),
     ],
-    ids=["missing", "not-a-number", "negative", "plus-sign", "chunked", "conflicting",
-         "duplicate", "length-and-chunked"],
+    ids=[
+        "missing",
+        "not-a-number",
+        "negative",
+        "plus-sign",
+        "chunked",
+        "conflicting",
+        "duplicate",
+        "length-and-chunked",
+    ],
 )
 def test_body_without_one_usable_length_is_refused(
     url: str,
@@ -925,3 +934,69 @@ def test_request_holding_old_version_finishes_after_swap(
         np.testing.assert_array_equal(outputs_of(response)["label"], golden["output.label"])
     finally:
         agent.stop()
+
+
+# --- the fast path for ready arrays -------------------------------------------------------------
+
+
+def test_ready_arrays_skip_conversion_and_answer_as_the_careful_path(
+    served: Agent, golden: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rows = np.ascontiguousarray(golden["input.input"], dtype=np.float32)
+    careful = served.infer("iris", {"input": rows.tolist()})  # a list: converted and checked
+    model = served.runtime.get("iris")
+    assert model.direct  # a CPU session: called without onnxruntime's Python wrapper
+
+    def refuse(*_args: Any) -> None:
+        raise AssertionError("the careful path ran for ready arrays")
+
+    monkeypatch.setattr(served.runtime, "prepare", refuse)
+    assert_same(served.infer("iris", {"input": rows}), careful)
+    assert_same(
+        dict(zip(model.output_names, model.session.run(None, {"input": rows}), strict=True)),
+        careful,
+    )
+    with pytest.raises(AssertionError, match="careful path"):  # anything else goes the slow way
+        served.infer("iris", {"input": rows.tolist()})
+
+
+@pytest.mark.parametrize(
+    ("make", "says"),
+    [
+        (lambda r: np.where(np.arange(r.size).reshape(r.shape) == 3, np.nan, r), "NaN"),
+        (lambda r: np.where(np.arange(r.size).reshape(r.shape) == 0, np.inf, r), "NaN or inf"),
+        (lambda r: np.full_like(r, np.finfo(np.float32).max), None),  # huge, but finite
+        (lambda r: r[:, :3], "dimension 1 must be 4"),
+        (lambda r: np.repeat(r, MAX_ROWS, axis=0), "above the limit"),
+        (lambda r: np.asfortranarray(np.repeat(r, 3, axis=1)[:, ::3]), None),  # not C-ordered
+        (lambda r: r.astype(np.float64), None),  # converted, as before
+    ],
+)
+def test_arrays_the_fast_path_declines_get_the_careful_answer(
+    served: Agent,
+    golden: dict[str, Any],
+    make: Callable[[np.ndarray], np.ndarray],
+    says: str | None,
+) -> None:
+    rows = make(np.ascontiguousarray(golden["input.input"], dtype=np.float32))
+    if says is None:
+        got = served.infer("iris", {"input": rows})
+        want = served.infer("iris", {"input": np.ascontiguousarray(rows, dtype=np.float32)})
+        assert_same(got, want)
+    else:
+        with pytest.raises(RequestError, match=says):
+            served.infer("iris", {"input": rows})
+
+
+@pytest.mark.parametrize("timeout", [0.0, 30.0])
+def test_the_compiled_session_is_called_alike_with_and_without_a_deadline(
+    served: Agent, golden: dict[str, Any], timeout: float
+) -> None:
+    model = served.runtime.get("iris")
+    rows = np.ascontiguousarray(golden["input.input"], dtype=np.float32)
+    want = model.session.run(model.output_names, {"input": rows})
+    got = run_session(
+        model.session, model.output_names, {"input": rows}, "iris v1", timeout, direct=True
+    )
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_array_equal(a, b)
