@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 import edgepack
-from edgepack.agent._inference_protocol import model_metadata, oip_datatype
+from edgepack.agent._inference_protocol import model_metadata
 from edgepack.agent.exceptions import ModelNotFoundError, RequestError
 from edgepack.formats.manifest import TensorSpec
 
@@ -233,6 +233,8 @@ _NUMPY: dict[str, Any] = {
     "UINT64": np.uint64,
     "BOOL": np.bool_,
 }
+_RAW = {name: np.dtype(kind).newbyteorder("<") for name, kind in _NUMPY.items()}
+_DATATYPE = {np.dtype(kind): name for name, kind in _NUMPY.items()}  # numpy dtype -> datatype
 # datatype -> the InferTensorContents field that carries it (FP16 is sent raw only)
 _CONTENTS = {
     "BOOL": "bool_contents",
@@ -325,13 +327,15 @@ def _decode(request: Any) -> GrpcInferRequest:
 
 
 def _refuse_unsupported(parameters: Mapping[str, Any], where: str) -> None:
+    if not parameters:
+        return
     for key, why in _UNSUPPORTED.items():
         if key in parameters:
             raise RequestError(f"{where}: parameter {key!r}: {why}")
 
 
 def _input(tensor: Any, raw: bytes | None) -> np.ndarray:
-    name, datatype, shape = tensor.name, tensor.datatype, list(tensor.shape)
+    name, datatype, shape = tensor.name, tensor.datatype, tensor.shape[:]
     if len(shape) > _MAX_RANK or any(d < 0 for d in shape):
         raise RequestError(
             f"input {name!r}: shape must be at most {_MAX_RANK} non-negative dimensions, "
@@ -359,7 +363,7 @@ def _input(tensor: Any, raw: bytes | None) -> np.ndarray:
 def _from_raw(blob: bytes, datatype: str, name: str) -> np.ndarray:
     if datatype == "BYTES":
         return _objects(_bytes_elements(blob, name))
-    dtype = np.dtype(_NUMPY[datatype]).newbyteorder("<")
+    dtype = _RAW[datatype]
     if len(blob) % dtype.itemsize:
         raise RequestError(
             f"input {name!r}: {len(blob)} bytes of raw {datatype} data is not a whole number of "
@@ -412,6 +416,16 @@ def _from_contents(contents: Any, datatype: str, name: str) -> np.ndarray:
 # --- responses ------------------------------------------------------------------------------
 
 
+def _datatype(array: np.ndarray) -> str:
+    """The datatype of an output (text is BYTES)."""
+    name = _DATATYPE.get(array.dtype) or _DATATYPE.get(array.dtype.newbyteorder("="))
+    if name is not None:
+        return name
+    if array.dtype.kind in "USO":
+        return "BYTES"
+    raise ValueError(f"no Open Inference Protocol datatype for {array.dtype}")
+
+
 def _raw(array: np.ndarray) -> bytes:
     if array.dtype.kind in "USO":
         parts = []
@@ -432,7 +446,7 @@ def encode_infer_response(
     )
     for name, value in outputs.items():
         array = np.asarray(value)
-        response.outputs.add(name=name, datatype=oip_datatype(array), shape=array.shape)
+        response.outputs.add(name=name, datatype=_datatype(array), shape=array.shape)
         response.raw_output_contents.append(_raw(array))
     return response
 
