@@ -12,9 +12,9 @@ Every request goes to 127.0.0.1 (the address is refused otherwise); every loop i
 count and in time (``seconds`` per measurement, at most :data:`MAX_REQUESTS_PER_THREAD` calls
 per thread, :data:`MAX_LATENCY_REQUESTS` sequential ones).
 
-Run alone, ``.venv/bin/python scripts/bench/_grpc_bench.py [--seconds S]`` builds the digits MLP
-bundle of ``bench_agent.py``, starts ``edgepack-agent run`` with HTTP and gRPC, and prints both
-(about two minutes with the defaults); it writes nothing.
+Run alone, ``.venv/bin/python scripts/bench/_grpc_bench.py [--seconds S] [--model mlp|forest]``
+builds that digits bundle of ``bench_agent.py``, starts ``edgepack-agent run`` with HTTP and gRPC,
+and prints both (about two minutes with the defaults); it writes nothing.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from importlib.metadata import version as package_version
 from pathlib import Path
 from typing import Any
@@ -43,6 +43,7 @@ LOOPBACK = ("127.0.0.1", "localhost", "[::1]")
 
 Call = Callable[[], object]
 Client = tuple[Call, Callable[[], None]]  # one call, and how to close its connection
+Maker = Callable[[Mapping[str, np.ndarray]], Client]  # makes a client for these inputs
 
 
 def _loopback(address: str) -> str:
@@ -78,7 +79,7 @@ def _datatype(array: np.ndarray) -> str:
     return str(np_to_triton_dtype(array.dtype))
 
 
-def grpc_client(address: str, model: str) -> Callable[[Mapping[str, np.ndarray]], Client]:
+def grpc_client(address: str, model: str) -> Maker:
     """Per thread: a ``tritonclient.grpc`` client on a connection of its own."""
     import tritonclient.grpc as triton
 
@@ -101,7 +102,7 @@ def grpc_client(address: str, model: str) -> Callable[[Mapping[str, np.ndarray]]
     return make
 
 
-def http_client(address: str, model: str) -> Callable[[Mapping[str, np.ndarray]], Client]:
+def http_client(address: str, model: str) -> Maker:
     """Per thread: a ``tritonclient.http`` client (binary tensors) on a connection of its own."""
     import tritonclient.http as triton
 
@@ -134,55 +135,53 @@ def _latency_us(call: Call, seconds: float) -> tuple[float, float, int]:
     return cuts[49] * 1e6, cuts[98] * 1e6, len(times)
 
 
-def _throughput(clients: Sequence[Client], seconds: float) -> tuple[float, int]:
-    """Calls per second over one thread per client for ``seconds``, and the failures."""
-    done, failed = [0] * len(clients), [0] * len(clients)
-    for call, _close in clients:
-        call()  # connect and warm up before the clock starts
-    barrier = threading.Barrier(len(clients) + 1)
+def _throughput(
+    make: Maker, inputs: Mapping[str, np.ndarray], clients: int, seconds: float
+) -> tuple[float, int]:
+    """Calls per second over ``clients`` threads for ``seconds``, and the failures. Each thread
+    makes its own client (tritonclient.http's cannot be used from another thread), connects and
+    warms up before the clock starts, and closes it at the end."""
+    done, failed = [0] * clients, [0] * clients
+    ready = threading.Barrier(clients + 1)  # every client connected and warmed up
+    go = threading.Event()  # set once stop_at is
     stop_at = [0.0]
 
     def worker(slot: int) -> None:
-        call = clients[slot][0]
-        barrier.wait()
-        for _ in range(MAX_REQUESTS_PER_THREAD):
-            if time.perf_counter() >= stop_at[0]:
-                break
+        call, close = make(inputs)
+        try:
             try:
                 call()
-                done[slot] += 1
-            except Exception:  # noqa: BLE001 - any error is one failed request, counted
+            except Exception:  # noqa: BLE001 - a failed warm-up is a failed request, counted
                 failed[slot] += 1
+            ready.wait()
+            go.wait(timeout=JOIN_SLACK)
+            for _ in range(MAX_REQUESTS_PER_THREAD):
+                if time.perf_counter() >= stop_at[0]:
+                    break
+                try:
+                    call()
+                    done[slot] += 1
+                except Exception:  # noqa: BLE001 - any error is one failed request, counted
+                    failed[slot] += 1
+        finally:
+            with contextlib.suppress(Exception):
+                close()
 
-    threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(len(clients))]
+    threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(clients)]
     for t in threads:
         t.start()
+    ready.wait(timeout=JOIN_SLACK)
     start = time.perf_counter()
     stop_at[0] = start + seconds
-    barrier.wait()
+    go.set()
     for t in threads:
         t.join(timeout=seconds + JOIN_SLACK)
     elapsed = time.perf_counter() - start
     return sum(done) / elapsed, sum(failed)
 
 
-@contextlib.contextmanager
-def _clients(
-    make: Callable[[Mapping[str, np.ndarray]], Client], inputs: dict, count: int
-) -> Iterator[list[Client]]:
-    made: list[Client] = []
-    try:
-        for _ in range(count):
-            made.append(make(inputs))
-        yield made
-    finally:
-        for _call, close in made:
-            with contextlib.suppress(Exception):
-                close()
-
-
 def _measure(
-    make: Callable[[Mapping[str, np.ndarray]], Client],
+    make: Maker,
     inputs: dict[str, np.ndarray],
     seconds: float,
     clients: Sequence[int],
@@ -192,12 +191,14 @@ def _measure(
     batch = {name: _rows(array, batch_rows) for name, array in inputs.items()}
     out: dict[str, Any] = {"failures": 0}
     for label, feeds in (("", one), ("batch_", batch)):
-        with _clients(make, feeds, 1) as (single,):
-            p50, p99, count = _latency_us(single[0], seconds)
+        call, close = make(feeds)
+        try:
+            p50, p99, count = _latency_us(call, seconds)
+        finally:
+            close()
         out.update({f"{label}p50": p50, f"{label}p99": p99, f"{label}latency_n": count})
         for n in clients:
-            with _clients(make, feeds, n) as made:
-                rate, failures = _throughput(made, seconds)
+            rate, failures = _throughput(make, feeds, n, seconds)
             out[f"{label}rps{n}"] = rate
             out["failures"] += failures
             if label:
@@ -304,18 +305,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=3.0, help="per measurement")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--model", choices=("mlp", "forest"), default="mlp")
     args = parser.parse_args()
     here = Path(__file__).resolve().parent
     sys.path.insert(0, str(here))
     sys.path.insert(0, str(here.parents[1]))
     # the bundle and the process helpers of the agent benchmark, so both measure one model
-    from bench_agent import HOST, NAME, agent_cli, free_port, make_bundle, spawned, wait_ready
+    from bench_agent import HOST, agent_cli, free_port, make_bundle, spawned, wait_ready
 
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench-grpc-") as name:
         tmp = Path(name)
         print("training and building the bundle ...", flush=True)
-        bundle = make_bundle(tmp)
+        bundle = make_bundle(tmp, args.model)
         http_port, grpc_port = free_port(), free_port()
         (tmp / "agent").mkdir()
         config = tmp / "agent" / "agent.toml"
@@ -331,11 +333,11 @@ def main() -> None:
             results = {}
             print("measuring gRPC ...", flush=True)
             results["agent gRPC (tritonclient.grpc)"] = measure_grpc(
-                f"{HOST}:{grpc_port}", NAME, bundle.rows, args.seconds, args.clients
+                f"{HOST}:{grpc_port}", bundle.name, bundle.rows, args.seconds, args.clients
             )
             print("measuring HTTP ...", flush=True)
             results["agent HTTP (tritonclient.http, binary)"] = measure_http(
-                f"{HOST}:{http_port}", NAME, bundle.rows, args.seconds, args.clients
+                f"{HOST}:{http_port}", bundle.name, bundle.rows, args.seconds, args.clients
             )
     print(_table(results, args.clients))
     for label, r in results.items():
