@@ -11,11 +11,11 @@ storage (full disk, permissions) says so, apart from a bundle that was refused.
 from __future__ import annotations
 
 import argparse
-import http.client
 import json
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 import urllib.parse
@@ -155,15 +155,18 @@ def http_probe(url: str, timeout: float = 5.0) -> Callable[[], str | None]:
     where = urllib.parse.urlsplit(url)
 
     def probe() -> str | None:
-        connection = http.client.HTTPConnection(where.hostname or "127.0.0.1", where.port, timeout)
+        # A raw socket, not http.client: that would load email and ssl (6 MiB) into the daemon.
+        host, port = where.hostname or "127.0.0.1", where.port or 80
         try:
-            connection.request("GET", "/v2/health/live")
-            status = connection.getresponse().status
+            with socket.create_connection((host, port), timeout) as sock:
+                sock.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: agent\r\n"
+                             b"Connection: close\r\n\r\n")  # fmt: skip
+                head = sock.recv(64)
         except OSError as e:  # refused, reset, timed out
             return f"http: no answer from {url} within {timeout:g} s ({e})"
-        finally:
-            connection.close()
-        return None if status == 200 else f"http: /v2/health/live answered {status}"
+        parts = head.split(b" ", 2)
+        status = parts[1].decode("ascii", "replace") if len(parts) > 1 else repr(head[:20])
+        return None if status == "200" else f"http: /v2/health/live answered {status}"
 
     return probe
 

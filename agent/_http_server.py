@@ -1,10 +1,12 @@
 """The local inference server: Open Inference Protocol over HTTP/1.1, on 127.0.0.1 by default.
 
-One asyncio event loop on a thread of its own reads and writes every connection; HTTP/1.1 is
-parsed here, in a few dozen lines, because the protocol this server speaks is small (no chunked
-bodies, no upgrades) and a framework would cost more per request than the model does. Inference
-runs on ``workers`` threads (onnxruntime releases the GIL, so two requests compute at once on
-two cores), or on the loop itself with ``workers = 0``. Routes::
+One event loop (:mod:`selectors`, epoll on Linux) on a thread of its own reads and writes every
+connection; HTTP/1.1 is parsed here, in a few dozen lines, because the protocol this server
+speaks is small (no chunked bodies, no upgrades) and a framework would cost more per request
+than the model does. (asyncio would do the same job, but importing it loads ssl too: 7 MiB of
+RSS on a device that serves plain HTTP on loopback.) Inference runs on ``workers`` threads
+(onnxruntime releases the GIL, so two requests compute at once on two cores), or on the loop
+itself with ``workers = 0``. Routes::
 
     GET  /v2                                     server metadata
     GET  /v2/health/live | /v2/health/ready      liveness / readiness
@@ -29,17 +31,17 @@ JSON body. Nothing a client sends can stop the server, and no client can hold it
 
 from __future__ import annotations
 
-import asyncio
+import collections
 import concurrent.futures
 import contextlib
 import json
 import logging
 import re
+import selectors
 import socket
 import threading
 import time
 from collections.abc import Callable
-from email.utils import formatdate
 from http import HTTPStatus
 from typing import Any
 
@@ -159,7 +161,7 @@ class _Server:
 
     def tick(self) -> None:
         """Once a second: the Date header, and connections past their deadline are closed."""
-        self.date = formatdate(usegmt=True).encode()
+        self.date = _http_date(time.time())
         now = time.monotonic()
         for connection in list(self.connections):
             if connection.deadline <= now:
@@ -245,13 +247,14 @@ def _header_length(value: str | None) -> int | None:
     return int(value)
 
 
-class _Connection(asyncio.Protocol):
-    """One client connection: parse, answer in order, enforce the deadlines."""
+class _Connection:
+    """One client connection: parse, answer in order, enforce the deadlines. (Its callbacks are
+    asyncio's Protocol's, called by :class:`_Transport`.)"""
 
-    def __init__(self, server: _Server, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, server: _Server, loop: _Loop) -> None:
         self.server = server
         self.loop = loop
-        self.transport: asyncio.Transport | None = None
+        self.transport: _Transport | None = None
         self.buffer = bytearray()
         self.request: _Request | None = None  # head parsed, body still arriving
         self.length = 0
@@ -267,15 +270,10 @@ class _Connection(asyncio.Protocol):
     def idle(self) -> bool:
         return not self.busy and not self.buffer and self.request is None and not self.discard
 
-    # -- asyncio's callbacks ---------------------------------------------------------------------
+    # -- the transport's callbacks ---------------------------------------------------------------
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+    def connection_made(self, transport: _Transport) -> None:
         self.transport = transport
-        with contextlib.suppress(OSError):
-            sock = transport.get_extra_info("socket")
-            if sock is not None:  # small request/response pairs: don't wait for Nagle
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if not self.server.admit(self):
             body = b'{"error":"too many connections; retry shortly"}'
             transport.write(
@@ -479,6 +477,223 @@ class _Connection(asyncio.Protocol):
 
 
 _PHRASES = {int(s): s.phrase.encode() for s in HTTPStatus}
+_DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+
+
+def _http_date(seconds: float) -> bytes:
+    """RFC 9110's IMF-fixdate (what email.utils.formatdate writes, without importing email)."""
+    t = time.gmtime(seconds)
+    return (
+        f"{_DAYS[t.tm_wday]}, {t.tm_mday:02d} {_MONTHS[t.tm_mon - 1]} {t.tm_year} "
+        f"{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d} GMT"
+    ).encode()
+
+
+_HIGH_WATER = 256 * 1024  # unsent bytes at which a connection stops being read
+_LOW_WATER = 64 * 1024
+_ACCEPT_BURST = 64  # connections accepted per wake-up (the others wait in the backlog)
+
+
+class _Transport:
+    """What :class:`_Connection` needs of an asyncio transport, over one non-blocking socket:
+    buffered writes with high/low water marks, pause/resume reading, close after flushing."""
+
+    def __init__(self, loop: _Loop, sock: socket.socket, protocol: _Connection) -> None:
+        self._loop = loop
+        self._sock = sock
+        self._protocol = protocol
+        self._out = bytearray()
+        self._reading = True
+        self._paused_writing = False
+        self._closing = False
+        self._closed = False
+        self._events = 0
+        self._update()
+
+    def get_extra_info(self, name: str) -> Any:
+        return self._sock if name == "socket" else None
+
+    def is_closing(self) -> bool:
+        return self._closing or self._closed
+
+    def write(self, data: bytes) -> None:
+        if self._closing or self._closed:
+            return
+        if not self._out:
+            try:
+                sent = self._sock.send(data)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError:
+                self._abort()
+                return
+            data = data[sent:]
+            if not data:
+                return
+        self._out += data
+        self._update()
+        if len(self._out) > _HIGH_WATER and not self._paused_writing:
+            self._paused_writing = True
+            self._protocol.pause_writing()
+
+    def pause_reading(self) -> None:
+        self._reading = False
+        self._update()
+
+    def resume_reading(self) -> None:
+        self._reading = True
+        self._update()
+
+    def close(self) -> None:
+        """Close once what was written is sent."""
+        self._closing = True
+        if not self._out:
+            self._abort()
+        else:
+            self._update()
+
+    def _update(self) -> None:
+        if self._closed:
+            return
+        events = (selectors.EVENT_READ if self._reading and not self._closing else 0) | (
+            selectors.EVENT_WRITE if self._out else 0
+        )
+        if events == self._events:
+            return
+        selector = self._loop.selector
+        if not events:
+            selector.unregister(self._sock)
+        elif not self._events:
+            selector.register(self._sock, events, self._ready)
+        else:
+            selector.modify(self._sock, events, self._ready)
+        self._events = events
+
+    def _ready(self, mask: int) -> None:
+        if mask & selectors.EVENT_WRITE:
+            self._flush()
+        if mask & selectors.EVENT_READ and not self._closed and self._reading:
+            try:
+                data = self._sock.recv(65536)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                self._abort()
+                return
+            if not data:  # the client is gone (or half-closed: nothing more will come)
+                self._abort()
+                return
+            self._protocol.data_received(data)
+
+    def _flush(self) -> None:
+        try:
+            sent = self._sock.send(self._out)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._abort()
+            return
+        del self._out[:sent]
+        if self._paused_writing and len(self._out) <= _LOW_WATER:
+            self._paused_writing = False
+            self._protocol.resume_writing()
+        if not self._out and self._closing:
+            self._abort()
+        else:
+            self._update()
+
+    def _abort(self) -> None:
+        if self._closed:
+            return
+        self._closed = self._closing = True
+        if self._events:
+            self._loop.selector.unregister(self._sock)
+            self._events = 0
+        with contextlib.suppress(OSError):
+            self._sock.close()
+        self._protocol.connection_lost(None)
+
+
+class _Loop:
+    """The server's event loop: accept, dispatch socket events, run what worker threads hand
+    back (:meth:`call_soon_threadsafe`), and tick the connections' deadlines once a second."""
+
+    def __init__(self, listener: socket.socket, server: _Server) -> None:
+        self.selector = selectors.DefaultSelector()
+        self._listener = listener
+        self._server = server
+        self._calls: collections.deque[tuple[Callable[..., None], tuple[Any, ...]]] = (
+            collections.deque()
+        )
+        self._wake_read, self._wake_write = socket.socketpair()
+        for sock in (listener, self._wake_read, self._wake_write):
+            sock.setblocking(False)
+        self.selector.register(listener, selectors.EVENT_READ, self._accept)
+        self.selector.register(self._wake_read, selectors.EVENT_READ, self._drain_wake)
+        self._stopping = False
+
+    def call_soon_threadsafe(self, callback: Callable[..., None], *args: Any) -> None:
+        self._calls.append((callback, args))
+        with contextlib.suppress(BlockingIOError, OSError):  # full: a wake-up is pending anyway
+            self._wake_write.send(b"\0")
+
+    def stop(self) -> None:
+        self._stopping = True
+        with contextlib.suppress(OSError):
+            self._wake_write.send(b"\0")
+
+    def run(self) -> None:
+        next_tick = time.monotonic() + 1.0
+        try:
+            while not self._stopping:
+                timeout = max(0.0, next_tick - time.monotonic())
+                for key, mask in self.selector.select(timeout):
+                    self._guarded(key.data, mask)
+                while self._calls:
+                    callback, args = self._calls.popleft()
+                    self._guarded(callback, *args)
+                if time.monotonic() >= next_tick:
+                    next_tick = time.monotonic() + 1.0
+                    self._guarded(self._server.tick)
+        finally:
+            for connection in list(self._server.connections):
+                if connection.transport is not None:
+                    connection.transport._abort()
+            self.close()
+
+    def close(self) -> None:
+        for sock in (self._listener, self._wake_read, self._wake_write):
+            with contextlib.suppress(OSError):
+                sock.close()
+        self.selector.close()
+
+    def _guarded(self, callback: Callable[..., None], *args: Any) -> None:
+        """One connection's bug must not stop the loop that serves the others."""
+        try:
+            callback(*args)
+        except Exception:
+            log.exception("http: %s failed; continuing", getattr(callback, "__name__", callback))
+
+    def _drain_wake(self, _mask: int) -> None:
+        with contextlib.suppress(BlockingIOError, OSError):
+            while self._wake_read.recv(4096):
+                pass
+
+    def _accept(self, _mask: int) -> None:
+        for _ in range(_ACCEPT_BURST):
+            try:
+                sock, _address = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:  # out of descriptors, say: the backlog waits for the next turn
+                log.warning("http: cannot accept a connection: %s", e)
+                return
+            sock.setblocking(False)
+            with contextlib.suppress(OSError):  # small request/response pairs: no Nagle wait
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            connection = _Connection(self._server, self)
+            connection.connection_made(_Transport(self, sock, connection))
 
 
 class InferenceServer:
@@ -528,9 +743,8 @@ class InferenceServer:
             request_timeout,
             idle_timeout,
         )
-        self._loop = asyncio.new_event_loop()
-        self._started = threading.Event()
-        self._thread = threading.Thread(target=self._serve, name="edgepack-http", daemon=True)
+        self._loop = _Loop(self._socket, self._server)
+        self._thread = threading.Thread(target=self._loop.run, name="edgepack-http", daemon=True)
 
     @property
     def port(self) -> int:
@@ -542,45 +756,14 @@ class InferenceServer:
 
     def start(self) -> InferenceServer:
         self._thread.start()
-        self._started.wait(10)
         return self
-
-    def _serve(self) -> None:
-        loop, server = self._loop, self._server
-        asyncio.set_event_loop(loop)
-
-        def tick() -> None:
-            try:
-                server.tick()
-            except Exception:  # the deadlines must keep running whatever one connection did
-                log.exception("http: checking connection deadlines failed")
-            loop.call_later(1.0, tick)
-
-        async def listen() -> asyncio.Server:
-            return await loop.create_server(
-                lambda: _Connection(server, loop), sock=self._socket, backlog=256
-            )
-
-        listening = loop.run_until_complete(listen())
-        loop.call_later(1.0, tick)
-        loop.set_exception_handler(_log_loop_error)
-        self._started.set()
-        try:
-            loop.run_forever()
-        finally:
-            listening.close()
-            for connection in list(server.connections):
-                connection.close()
-            with contextlib.suppress(Exception):
-                loop.run_until_complete(listening.wait_closed())
-            loop.close()
 
     def stop(self) -> None:
         if self._thread.is_alive():
-            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._loop.stop()
             self._thread.join(timeout=5)
         else:
-            self._socket.close()
+            self._loop.close()
         if self._server.pool is not None:
             self._server.pool.shutdown(wait=False, cancel_futures=True)
 
@@ -594,12 +777,3 @@ def _descriptors_left() -> int:
     except (ImportError, OSError, ValueError):
         return 1 << 30
     return 1 << 30 if soft == resource.RLIM_INFINITY else max(16, soft - 64)
-
-
-def _log_loop_error(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
-    """A client that hung up is routine; anything else is logged with its trace."""
-    error = context.get("exception")
-    if isinstance(error, (ConnectionError, TimeoutError)):
-        log.debug("client went away: %s", error)
-    else:
-        log.error("http: %s", context.get("message"), exc_info=error)

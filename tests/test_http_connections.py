@@ -7,15 +7,18 @@ from __future__ import annotations
 
 import json
 import socket
+import threading
 import time
 from collections.abc import Iterator
+from email.utils import formatdate
 from http.client import HTTPResponse
 from typing import Any
 
 import pytest
 
+from edgepack.agent._cli import http_probe
 from edgepack.agent._config import RuntimeConfig
-from edgepack.agent._http_server import InferenceServer
+from edgepack.agent._http_server import InferenceServer, _http_date
 from edgepack.agent._runtime import Runtime
 
 WAIT = 10.0  # the longest a socket read may block
@@ -187,3 +190,36 @@ def test_headers_beyond_the_limit_get_a_431(serve: Any) -> None:
         status, body, _ = answer(sock)
     assert status == 431
     assert "too large" in body["error"]
+
+
+@pytest.mark.parametrize("seconds", [0.0, 951_782_400.0, 1_796_193_632.5, 4_102_444_799.0])
+def test_the_date_header_is_an_imf_fixdate(seconds: float) -> None:
+    assert _http_date(seconds).decode() == formatdate(seconds, usegmt=True)
+
+
+def test_the_watchdog_probe_reads_liveness_without_http_client(serve: Any) -> None:
+    server = serve()
+    assert http_probe(server.url, timeout=WAIT)() is None
+    with socket.socket() as closed:  # a port nobody listens on
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    said = http_probe(f"http://127.0.0.1:{port}", timeout=WAIT)()
+    assert said is not None
+    assert said.startswith(f"http: no answer from http://127.0.0.1:{port}")
+
+
+def test_the_watchdog_probe_reports_a_status_that_is_not_200() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port = listener.getsockname()[1]
+
+        def answer_once() -> None:
+            conn, _ = listener.accept()
+            with conn:
+                conn.recv(4096)
+                conn.sendall(b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\n\r\n")
+
+        thread = threading.Thread(target=answer_once, daemon=True)
+        thread.start()
+        said = http_probe(f"http://127.0.0.1:{port}", timeout=WAIT)()
+        thread.join(WAIT)
+    assert said == "http: /v2/health/live answered 500"

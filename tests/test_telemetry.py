@@ -470,7 +470,7 @@ def test_metrics_endpoint_counts_the_requests_sent(served: Agent) -> None:
                 content = json.dumps({"inputs": [bad[i]]}).encode()  # NaN: not via httpx's json=
                 response = client.post("/v2/models/iris/infer", content=content)
                 assert response.status_code == 400, response.text
-        families, samples = metrics(client)
+        _families, samples = metrics(client)
     assert samples[("edgepack_requests_total", OK)] == GOOD
     assert samples[("edgepack_requests_total", ERROR)] == len(bad)
     assert samples[("edgepack_request_errors_total", (*IRIS, ("kind", "bad_request")))] == len(bad)
@@ -478,7 +478,8 @@ def test_metrics_endpoint_counts_the_requests_sent(served: Agent) -> None:
     histogram = check_histogram(samples, "edgepack_request_seconds")
     assert histogram == series(samples, "edgepack_requests_total") == {OK: GOOD, ERROR: len(bad)}
     assert samples[("edgepack_events_total", (("kind", "install:installed"),))] == 1
-    assert "edgepack_drift_status" not in families  # no window closed yet: not declared
+    # (whether a drift window closed by now is the monitor thread's timing: an undeclared
+    # family without samples is checked race-free by test_no_family_is_declared_without_samples)
 
 
 def test_drift_verdict_appears_in_status_after_a_window(served: Agent) -> None:
