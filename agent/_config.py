@@ -115,6 +115,9 @@ class LimitsConfig:
     max_total_bytes: int = 2 * 1024**3
     max_install_attempts: int = 3  # a crash loop in one install stops after this many restarts
     health_check_timeout: float = 120.0  # seconds a health check may take, loading included
+    # true: health checks run in a child process (a native crash stays there; costs an
+    # interpreter start and a second load); false: in the agent, on the session that serves
+    health_check_in_child: bool = False
     probation_period: float = 600.0  # seconds a new version must serve to be marked good; 0: off
     probation_max_starts: int = 3  # daemon starts within probation before it rolls back
 
@@ -285,6 +288,7 @@ _LIMITS: dict[str, Check] = {
     "max_total_bytes": integer(0),
     "max_install_attempts": integer(0),
     "health_check_timeout": number(1, 3600),
+    "health_check_in_child": boolean,
     "probation_period": number(0, 7 * 24 * 3600),
     "probation_max_starts": integer(1, 100),
 }

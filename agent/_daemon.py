@@ -9,7 +9,9 @@
 ``start`` first finishes or undoes any operation a crash interrupted (the journal), then loads
 the active version of every installed model, starts the HTTP server if asked, and watches
 ``state.json`` so an install made by another process (``edgepack-agent install`` while the
-daemon runs) is picked up and hot-swapped within a second.
+daemon runs) is picked up and hot-swapped within a second. An install, rollback or recovery run
+here instead swaps in the session its health check ran on (edgepack.agent._health_check), so the
+model is loaded once; the watcher leaves that swap to it.
 
 Everything is wired here, at construction, from the one :class:`AgentConfig`: the lifecycle, the
 monitor (telemetry and drift, with the sample store when ``[capture]`` is on), and the runtime
@@ -21,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -33,7 +35,7 @@ from edgepack.agent._http_server import InferenceServer
 from edgepack.agent._lifecycle import Fetcher, Lifecycle, OnState, Outcome
 from edgepack.agent._monitor import Monitor, ReportRelay
 from edgepack.agent._prometheus import gauge
-from edgepack.agent._runtime import Runtime
+from edgepack.agent._runtime import Runtime, ServedModel
 from edgepack.agent._supervise import Heartbeats, SupervisedThread
 from edgepack.agent._trust import TrustStore
 from edgepack.agent.exceptions import EdgepackError
@@ -81,6 +83,9 @@ class Agent:
         self._stop = threading.Event()
         self._watcher: SupervisedThread | None = None
         self._ready = False
+        # held by an install, rollback or retire in this process, which swaps in the session
+        # its health check loaded; the watcher does not load that version a second time
+        self._operating = threading.Lock()
         self.recovered: Outcome | None = None
 
     # -- running -------------------------------------------------------------------------------
@@ -91,6 +96,7 @@ class Agent:
         self.recovered = self.lifecycle.recover()
         if self.recovered is not None:
             log.warning("recovered an interrupted %s: %s", self.recovered.op, self.recovered.result)
+            self._hand_over(self.recovered)
         for outcome in self.lifecycle.start_probation_check():  # a version that keeps us dying
             log.warning("probation: %s: %s (%s)", outcome.op, outcome.result, outcome.reason)
             self._apply(outcome)
@@ -168,8 +174,12 @@ class Agent:
         while not self._stop.wait(self._poll_interval):
             try:
                 data = read_json(state_file)
-                if data is not None and data.get("generation") != self.runtime.generation:
-                    self.sync()
+                changed = data is not None and data.get("generation") != self.runtime.generation
+                if changed and self._operating.acquire(blocking=False):
+                    try:  # (else an operation here is about to swap in its own session)
+                        self.sync()
+                    finally:
+                        self._operating.release()
                 self.lifecycle.settle()  # versions that served out their probation: good
             except EdgepackError as e:
                 log.error("cannot load the installed models: %s", e)
@@ -193,10 +203,21 @@ class Agent:
         )
         return self.monitor.telemetry.prometheus([drift])
 
+    def _hand_over(self, outcome: Outcome) -> None:
+        """Serve the session the operation's health check ran on: the model is loaded once."""
+        if outcome.session is not None and outcome.manifest is not None:
+            self.runtime.activate(ServedModel(outcome.manifest, outcome.session))
+        outcome.session = None  # the runtime holds it now; an outcome kept must not
+
     def _apply(self, outcome: Outcome) -> Outcome:
         self.monitor.telemetry.event(f"{outcome.op}:{outcome.result}")
-        self.sync()  # loads what was committed and swaps it in; requests in flight finish
+        self._hand_over(outcome)
+        self.sync()  # loads whatever else was committed; requests in flight finish
         return outcome
+
+    def _operate(self, operation: Callable[[], Outcome]) -> Outcome:
+        with self._operating:
+            return self._apply(operation())
 
     def install(
         self,
@@ -213,8 +234,8 @@ class Agent:
 
         ``on_state`` is called with the journal entry of every state entered (job progress).
         """
-        return self._apply(
-            self.lifecycle.install(
+        return self._operate(
+            lambda: self.lifecycle.install(
                 source,
                 expected_sha256=expected_sha256,
                 expected_size=expected_size,
@@ -229,13 +250,15 @@ class Agent:
         self, name: str, *, job_id: str | None = None, on_state: OnState | None = None
     ) -> Outcome:
         """Go back to the retained previous version of ``name`` and serve it."""
-        return self._apply(self.lifecycle.rollback(name, job_id=job_id, on_state=on_state))
+        return self._operate(
+            lambda: self.lifecycle.rollback(name, job_id=job_id, on_state=on_state)
+        )
 
     def retire(
         self, name: str, *, job_id: str | None = None, on_state: OnState | None = None
     ) -> Outcome:
         """Uninstall ``name`` and stop serving it."""
-        return self._apply(self.lifecycle.retire(name, job_id=job_id, on_state=on_state))
+        return self._operate(lambda: self.lifecycle.retire(name, job_id=job_id, on_state=on_state))
 
     # -- inference and status -------------------------------------------------------------------
 

@@ -3,8 +3,9 @@
 :func:`check_golden` runs the bundle's ``golden.npz`` inputs through the session that will serve
 the model (opened by :func:`edgepack.agent._session.open_installed`, as the runtime opens it) and
 compares the outputs with the ones recorded at build time, within the manifest's ``health``
-tolerance. The lifecycle runs it before committing a new version and before rolling back to a
-retained one; a failure means automatic rollback (or the rollback is refused).
+tolerance. The lifecycle runs it (through edgepack.agent._health_check, under a deadline) before
+committing a new version and before rolling back to a retained one; a failure means automatic
+rollback (or the rollback is refused).
 """
 
 from __future__ import annotations
@@ -42,8 +43,16 @@ def _compare(name: str, got: np.ndarray, want: np.ndarray, health: dict) -> str 
     return None
 
 
-def check_golden(session: ort.InferenceSession, manifest: Manifest, golden: bytes) -> int:
+def check_golden(
+    session: ort.InferenceSession, manifest: Manifest, golden: bytes, timeout: float = 0.0
+) -> int:
     """Run the golden inputs and compare with the recorded outputs.
+
+    Args:
+        session: the loaded model (the one that will serve it).
+        manifest: its manifest (the ``health`` tolerances).
+        golden: the bytes of its ``golden.npz``.
+        timeout: seconds before onnxruntime is told to stop the run (0: no limit).
 
     Returns:
         The number of golden rows checked.
@@ -61,7 +70,7 @@ def check_golden(session: ort.InferenceSession, manifest: Manifest, golden: byte
     feeds = {k.removeprefix("input."): v for k, v in arrays.items() if k.startswith("input.")}
     names: Sequence[str] = [o.name for o in session.get_outputs()]
     try:
-        outputs = run_session(session, None, feeds, f"{what} on its golden inputs")
+        outputs = run_session(session, None, feeds, f"{what} on its golden inputs", timeout)
     except InferenceError as e:
         raise HealthCheckError(str(e)) from e
     problems = []

@@ -4,8 +4,9 @@ An install walks ``fetching → verifying → staging → health_check → commi
 VERIFYING streams the archive once into ``staging/op-ID/``, hashing as it writes, then checks the
 signature against those digests, the deploy's model/version, the device and the version
 (edgepack.agent._unpack): bounded memory, and only verified bytes can be installed. STAGING
-renames that directory into ``models/``. HEALTH_CHECK runs in a child process with a deadline
-(edgepack.agent._probe): a model that loops or crashes onnxruntime fails its check. A failure
+renames that directory into ``models/``. HEALTH_CHECK loads the installed files once, verified,
+and runs the golden rows on that session under a deadline (edgepack.agent._health_check): a model
+that loops fails its check, and the checked session is what the runtime then serves. A failure
 before staging ends in ``failed`` with nothing changed (*rejected*); after it, ``rolling_back``
 removes what was staged and the previous version keeps serving. A rollback re-checks the retained
 previous version and commits it; a retire commits the removal. The graph is the ``TRANSITIONS``
@@ -44,9 +45,9 @@ from edgepack.agent._compatibility import (
 )
 from edgepack.agent._config import AgentConfig
 from edgepack.agent._fetch import Fetcher, LocalFetcher, discard_fetched, fetched_already
+from edgepack.agent._health_check import check_installed
 from edgepack.agent._journal import Journal, JournalEntry
 from edgepack.agent._probation import Probation
-from edgepack.agent._probe import check_in_child
 from edgepack.agent._state import ModelState, Store
 from edgepack.agent._states import (
     FAIL,
@@ -60,7 +61,7 @@ from edgepack.agent._states import (
     State,
     resume_point,
 )
-from edgepack.agent._unpack import unpack_verified, verify_installed
+from edgepack.agent._unpack import unpack_verified
 from edgepack.agent.exceptions import (
     EdgepackError,
     InstallError,
@@ -98,6 +99,7 @@ class _Run:
     error: EdgepackError | None = None
     skipped: bool = False
     trace: list[str] = field(default_factory=list)
+    session: Any = None  # the health-checked onnxruntime session, for the runtime to serve
 
 
 class Lifecycle:
@@ -371,6 +373,7 @@ class Lifecycle:
             trace=run.trace,
             manifest=run.manifest,
             job_id=e.job_id,
+            session=run.session if final is S.DONE else None,
         )
 
     # -- states ------------------------------------------------------------------------------
@@ -451,21 +454,14 @@ class Lifecycle:
         e = run.entry
         if e.model is None or e.version is None:
             raise InstallError("no model to check")
-        # Checked as the runtime will serve it: verified again, from the installed files, then
-        # loaded and run in a child process that is killed at the deadline.
-        directory = self.store.version_dir(e.model, e.version)
-        manifest = verify_installed(directory, self._bundle_keys(), e.model, e.version)
-        runtime = self.config.runtime
-        rows = check_in_child(
-            directory,
-            providers=list(runtime.providers),
-            intra_op_threads=runtime.intra_op_threads,
-            inter_op_threads=runtime.inter_op_threads,
-            deadline=self.config.limits.health_check_timeout,
-            what=f"{e.model} v{e.version}",
-        )
-        log.info("%s v%d healthy: %d golden rows match", e.model, e.version, rows)
-        run.manifest = manifest
+        # Checked as the runtime will serve it: the installed files verified again and loaded,
+        # the golden rows run on that session, all within the deadline; the session is kept.
+        limits = self.config.limits
+        checked = check_installed(
+            self.store, e.model, e.version, self._bundle_keys(), self.config.runtime,
+            deadline=limits.health_check_timeout, in_child=limits.health_check_in_child,
+        )  # fmt: skip
+        run.manifest, run.session = checked.manifest, checked.session
 
     def _committing(self, run: _Run) -> None:
         e = run.entry

@@ -373,3 +373,13 @@ class Runtime:
             first = names[0]
             monitor.observe(name, served.version, feeds, {first: computed[first]}, elapsed, rows)
         return computed if run is wanted else {key: computed[key] for key in wanted}
+
+    def activate(self, served: ServedModel) -> None:
+        """Serve ``served``, a version the lifecycle has already loaded and health-checked
+        (edgepack.agent._health_check), instead of loading it again; requests in flight finish
+        on the model they hold. Call it only for the committed active version: the next
+        :meth:`sync` keeps it while ``state.json`` says so, and replaces it otherwise."""
+        with self._sync_lock:
+            self.put(served)
+            self.failed.pop(served.name, None)
+            log.info("runtime: %s: serving v%d, the checked session", served.name, served.version)

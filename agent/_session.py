@@ -1,13 +1,14 @@
 """onnxruntime sessions for installed models: open them as the device serves them, run them.
 
 Two parts of the agent load an installed version: the lifecycle's health check (a new version
-before it is committed, a retained one before a rollback) and the runtime (the active version of
-every model, at start and after each change). Both go through :func:`open_installed`: read the
-version's files from the state directory, verify them against the trusted keys again (files
-changed at rest are never served), parse the manifest and open the session. :func:`open_session`
-picks the execution providers (:func:`session_providers`: those of the bundle that this device
-has, in the bundle's order, CPU last) and threads (the agent's ``[runtime]`` config overrides the
-profile's).
+before it is committed, a retained one before a rollback; the runtime then serves that session)
+and the runtime (the active version of every model at start, and what another process
+committed). Both go through :func:`open_installed`: stream the version's files from the state
+directory, verify them against the trusted keys again (files changed at rest are never served),
+parse the manifest and open the session from the verified bytes of ``model.onnx``.
+:func:`open_session` picks the execution providers (:func:`session_providers`: those of the
+bundle that this device has, in the bundle's order, CPU last) and threads (the agent's
+``[runtime]`` config overrides the profile's).
 
 :func:`run_session` is the seam where inference enters onnxruntime: whatever onnxruntime raises
 while computing becomes an :class:`~edgepack.agent.exceptions.InferenceError` (``raise ... from``
@@ -28,19 +29,21 @@ import onnxruntime as ort
 
 from edgepack.agent._config import RuntimeConfig
 from edgepack.agent._state import Store
+from edgepack.agent._unpack import verify_installed
 from edgepack.agent.exceptions import HealthCheckError, InferenceError, StorageError
-from edgepack.formats.bundle import MANIFEST_FILE, MODEL_FILE, SIGNATURE_FILE
-from edgepack.formats.manifest import Manifest, parse_manifest
-from edgepack.formats.modelsig import verify_files
+from edgepack.formats.bundle import GOLDEN_FILE, MODEL_FILE
+from edgepack.formats.manifest import Manifest
 
 __all__ = ["InstalledVersion", "open_installed", "open_session", "run_session", "session_providers"]
+
+_KEEP = (MODEL_FILE, GOLDEN_FILE)  # what a load needs of the files; the rest only streams
 
 
 @dataclass(frozen=True)
 class InstalledVersion:
     """One installed version, verified and loaded: its files, its manifest, its session."""
 
-    files: Mapping[str, bytes]
+    files: Mapping[str, bytes]  # the verified bytes of model.onnx and golden.npz
     manifest: Manifest
     session: ort.InferenceSession
 
@@ -97,7 +100,8 @@ def open_installed(
         runtime: the agent's ``[runtime]`` settings.
 
     Returns:
-        The files, the parsed manifest and the session.
+        ``model.onnx`` and ``golden.npz`` (the other files are hashed as they stream, not kept),
+        the parsed manifest and the session.
 
     Raises:
         StorageError: the files cannot be read, are incomplete, or are another version's.
@@ -105,22 +109,12 @@ def open_installed(
         ManifestError: the manifest does not parse.
         HealthCheckError: onnxruntime cannot load the model here.
     """
-    files = store.read_files(name, version)
     where = store.version_dir(name, version)
-    if MANIFEST_FILE not in files or MODEL_FILE not in files:
+    # What is on disk must still be exactly what was signed (disk corruption, tampering); each
+    # file is read once, and the model is loaded from the very bytes that were hashed.
+    manifest, files = verify_installed(where, keys, name, version, keep=_KEEP)
+    if MODEL_FILE not in files:
         raise StorageError(f"{where} is incomplete; reinstall {name}")
-    # What is on disk must still be exactly what was signed (disk corruption, tampering).
-    verify_files(
-        {k: v for k, v in files.items() if k != SIGNATURE_FILE},
-        files.get(SIGNATURE_FILE, b""),
-        keys,
-    )
-    manifest = parse_manifest(files[MANIFEST_FILE])
-    if (manifest.name, manifest.version) != (name, version):
-        raise StorageError(
-            f"{where} holds {manifest.name} v{manifest.version}, not {name} v{version}; "
-            f"reinstall {name}"
-        )
     return InstalledVersion(files, manifest, open_session(files[MODEL_FILE], manifest, runtime))
 
 

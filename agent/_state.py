@@ -323,15 +323,3 @@ class Store:
                 shutil.rmtree(directory, ignore_errors=True)
         for child in self.staging.iterdir() if self.staging.is_dir() else ():
             shutil.rmtree(child, ignore_errors=True)
-
-    def read_files(self, name: str, version: int) -> dict[str, bytes]:
-        """Every file of an installed version (relative path → bytes)."""
-        root = self.version_dir(name, version)
-        try:
-            return {
-                p.relative_to(root).as_posix(): p.read_bytes()
-                for p in sorted(root.rglob("*"))
-                if p.is_file()
-            }
-        except OSError as e:
-            raise storage_error("read", root, e) from e

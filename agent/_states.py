@@ -11,10 +11,14 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from edgepack.agent._journal import JournalEntry
 from edgepack.agent.exceptions import EdgepackError
 from edgepack.formats.manifest import Manifest
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
 
 __all__ = [
     "FAIL",
@@ -147,6 +151,10 @@ class Outcome:
     trace: list[str] = field(default_factory=list)
     manifest: Manifest | None = None
     job_id: str | None = None
+    # the session the health check ran on, loaded once: an install or rollback that committed
+    # hands it to the runtime to serve (edgepack.agent._health_check); None otherwise, or once
+    # handed over
+    session: ort.InferenceSession | None = None
 
     @property
     def ok(self) -> bool:

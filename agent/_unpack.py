@@ -14,7 +14,8 @@ the directory into ``models/NAME/VERSION``. So:
   disk after this pass is never read again (the bundle's own sha256 is taken from the same pass).
 
 :func:`verify_installed` re-checks an installed version directory the same way (streamed hashes,
-then the signature) before its health check.
+then the signature) whenever it is loaded (edgepack.agent._session.open_installed: the health
+check, the runtime), keeping in memory only the files it is asked for (``model.onnx``).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import hashlib
 import io
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -187,17 +188,24 @@ def _stream(
 
 
 def verify_installed(
-    directory: Path, keys: Sequence[ec.EllipticCurvePublicKey], name: str, version: int
-) -> Manifest:
-    """Check that an installed version's files are still exactly what was signed, streaming.
+    directory: Path,
+    keys: Sequence[ec.EllipticCurvePublicKey],
+    name: str,
+    version: int,
+    keep: Collection[str] = (),
+) -> tuple[Manifest, dict[str, bytes]]:
+    """Check that an installed version's files are still exactly what was signed, streaming:
+    each file is read once, and only the manifest, the signature and the files in ``keep`` are
+    held in memory (so what is then used of them is exactly what was verified).
 
     Args:
         directory: ``models/NAME/VERSION``.
         keys: the trusted bundle-signing keys.
         name, version: what the directory must hold.
+        keep: files to return the verified bytes of (``model.onnx`` to load it).
 
     Returns:
-        Its manifest.
+        Its manifest, and the bytes of the files in ``keep`` that are there.
 
     Raises:
         StorageError: the files cannot be read, are incomplete, or are another version's.
@@ -205,6 +213,7 @@ def verify_installed(
         ManifestError: the manifest does not parse.
     """
     digests: dict[str, str] = {}
+    kept: dict[str, bytes] = {}
     try:
         files = sorted(p for p in directory.rglob("*") if p.is_file())
         for path in files:
@@ -212,20 +221,25 @@ def verify_installed(
             if rel in _KEPT and path.stat().st_size > _KEPT[rel]:
                 raise StorageError(f"{path} is larger than any bundle's; reinstall {name}")
             sha = hashlib.sha256()
+            held = bytearray() if rel in _KEPT or rel in keep else None
             with open(path, "rb") as handle:
                 while chunk := handle.read(_CHUNK):
                     sha.update(chunk)
+                    if held is not None:
+                        held += chunk
             digests[rel] = sha.hexdigest()
-        if MANIFEST_FILE not in digests:
-            raise StorageError(f"{directory} is incomplete; reinstall {name}")
-        signature = (directory / SIGNATURE_FILE).read_bytes() if SIGNATURE_FILE in digests else b""
-        verify_digests({k: v for k, v in digests.items() if k != SIGNATURE_FILE}, signature, keys)
-        manifest = parse_manifest((directory / MANIFEST_FILE).read_bytes())
+            if held is not None:
+                kept[rel] = bytes(held)
     except OSError as e:
         raise storage_error("read", directory, e) from e
+    if MANIFEST_FILE not in digests:
+        raise StorageError(f"{directory} is incomplete; reinstall {name}")
+    signature = kept.get(SIGNATURE_FILE, b"")
+    verify_digests({k: v for k, v in digests.items() if k != SIGNATURE_FILE}, signature, keys)
+    manifest = parse_manifest(kept[MANIFEST_FILE])
     if (manifest.name, manifest.version) != (name, version):
         raise StorageError(
             f"{directory} holds {manifest.name} v{manifest.version}, not {name} v{version}; "
             f"reinstall {name}"
         )
-    return manifest
+    return manifest, {k: v for k, v in kept.items() if k in keep}

@@ -94,6 +94,7 @@ def test_relative_paths_are_relative_to_the_file(tmp_path: Path, keys: KeyPair) 
         ('[mqtt]\nport = 70000\ncommand_keys = ["k.pub"]', "[mqtt].port must be an integer in"),
         ("[mqtt]\nreconnect_min = 90\ncommand_keys = ['k.pub']", "[mqtt].reconnect_min (90)"),
         ("[server]\nport = true", "[server].port must be an integer in [0, 65535], got True"),
+        ("[limits]\nhealth_check_in_child = 1", "[limits].health_check_in_child must be true or"),
         ("mqtt = 5", "[mqtt] must be a table, got 5"),
         ("trusted_keys = []", "trusted_keys is empty"),
     ],

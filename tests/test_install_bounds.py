@@ -16,6 +16,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
@@ -29,6 +30,7 @@ from test_probe import looping_model
 
 from edgepack.agent._config import load_config
 from edgepack.agent._download import HttpFetcher
+from edgepack.agent._health_check import checks_left_running
 from edgepack.agent._lifecycle import Lifecycle
 from edgepack.agent.exceptions import ArchiveError, BundleError, HealthCheckError, StorageError
 from edgepack.fleet._bundle_server import BundleServer
@@ -251,10 +253,13 @@ def looping_bundle(
     )
 
 
+@pytest.mark.parametrize("in_child", [False, True], ids=["in-process", "in-child"])
 def test_a_model_that_loops_fails_its_health_check_at_the_deadline_and_rolls_back(
-    tmp_path: Path, keys: KeyPair, iris_bundles: dict[str, Path], looping_bundle: Path
-) -> None:
-    work = make_device(tmp_path / "device", keys, "health_check_timeout = 3\n")
+    tmp_path: Path, keys: KeyPair, iris_bundles: dict[str, Path], looping_bundle: Path,
+    in_child: bool,
+) -> None:  # fmt: skip
+    child = f"health_check_in_child = {str(in_child).lower()}\n"
+    work = make_device(tmp_path / "device", keys, "health_check_timeout = 3\n" + child)
     assert lifecycle(work).install(str(iris_bundles["v1"])).ok
     outcome = lifecycle(work).install(str(looping_bundle))
     assert (outcome.result, outcome.version) == ("rolled-back", 9)
@@ -263,6 +268,9 @@ def test_a_model_that_loops_fails_its_health_check_at_the_deadline_and_rolls_bac
     assert state(work)["models"]["iris"]["active"] == 1
     assert not (work / "state" / "models" / "iris" / "9").exists()
     assert leftovers(work) == []
+    # in the agent: onnxruntime was told to stop (RunOptions.terminate), so the loop ended and
+    # no check is left running in the background
+    assert checks_left_running() == 0
 
 
 def test_recovery_after_a_crash_in_the_health_check_of_a_looping_model_does_not_hang(
@@ -283,14 +291,44 @@ def test_recovery_after_a_crash_in_the_health_check_of_a_looping_model_does_not_
     assert state(work)["models"]["iris"]["active"] == 1
 
 
-def test_a_model_that_crashes_onnxruntime_natively_rolls_back(
-    v1_device: Path, iris_bundles: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+def test_a_model_that_crashes_onnxruntime_natively_in_a_child_check_rolls_back(
+    tmp_path: Path, keys: KeyPair, iris_bundles: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    work = make_device(tmp_path / "device", keys, "health_check_in_child = true\n")
+    assert lifecycle(work).install(str(iris_bundles["v1"])).ok
     monkeypatch.setenv("EDGEPACK_FAULT_PROBE_SIGNAL", "SIGSEGV")
-    outcome = lifecycle(v1_device).install(str(iris_bundles["v2"]))
+    outcome = lifecycle(work).install(str(iris_bundles["v2"]))
     assert outcome.result == "rolled-back"
     assert "was killed by signal SIGSEGV" in str(outcome.error)
+    assert state(work)["models"]["iris"]["active"] == 1
+    assert leftovers(work) == []
+
+
+def test_a_model_that_crashes_onnxruntime_natively_in_the_agent_is_rolled_back_by_the_journal(
+    v1_device: Path, iris_bundles: dict[str, Path]
+) -> None:
+    """In-process, a native crash in the check kills the process every time; each restart
+    resumes the journaled health check, and the crash-loop limit (3) rolls the install back."""
+    env = {**os.environ, "EDGEPACK_FAULT_PROBE_SIGNAL": "SIGSEGV"}
+    config = ["--config", str(v1_device / "agent.toml")]
+    for command in (["install", str(iris_bundles["v2"])], ["recover"], ["recover"]):
+        crashed = subprocess.run(
+            [str(AGENT), *config, *command],
+            capture_output=True, text=True, timeout=120, check=False, env=env,
+        )  # fmt: skip
+        assert crashed.returncode == -signal.SIGSEGV, crashed.stderr
+        assert json.loads((v1_device / "state" / "journal.json").read_text())["state"] == (
+            "health_check"
+        )
+        assert state(v1_device)["models"]["iris"]["active"] == 1
+    outcome = lifecycle(v1_device).recover()  # the fourth start: no more attempts
+    assert outcome is not None
+    assert (outcome.result, str(outcome.error)) == (
+        "rolled-back",
+        "interrupted 3 times in state health_check",
+    )
     assert state(v1_device)["models"]["iris"]["active"] == 1
+    assert not (v1_device / "state" / "models" / "iris" / "2").exists()
     assert leftovers(v1_device) == []
 
 

@@ -259,8 +259,10 @@ def _one_round(
         try:
             time.sleep(WARMUP)  # steady load before the deploy
             marks: list[tuple[str, float]] = []
-            checks = _HealthLog()
-            logging.getLogger("edgepack.agent").addHandler(checks)
+            checks, logger = _HealthLog(), logging.getLogger("edgepack.agent")
+            level = logger.level
+            logger.addHandler(checks)
+            logger.setLevel(logging.INFO)  # the health check's split is an INFO line
             started = time.monotonic()
             try:
                 outcome = agent.install(
@@ -268,7 +270,8 @@ def _one_round(
                 )
                 returned = time.monotonic()
             finally:
-                logging.getLogger("edgepack.agent").removeHandler(checks)
+                logger.removeHandler(checks)
+                logger.setLevel(level)
             if not outcome.ok:
                 raise RuntimeError(f"deploying v2 failed: {outcome.reason}")
             until = returned + SERVE_TIMEOUT
