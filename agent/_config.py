@@ -104,6 +104,10 @@ class RuntimeConfig:
     # seconds one inference may take before onnxruntime is told to stop (a model that loops
     # on some live inputs must not hold a thread and a core forever); 0: no limit
     request_timeout: float = 60.0
+    # dynamic batching (edgepack.agent._batching): concurrent requests coalesced into one run
+    batch_delay_ms: float = 0.0  # the longest a request waits for company; 0: no batching
+    batch_rows: int = 64  # rows at which a batch runs without waiting longer
+    batch_models: tuple[str, ...] = ()  # the models that batch; empty: every model
 
 
 @dataclass(frozen=True)
@@ -281,6 +285,9 @@ _RUNTIME: dict[str, Check] = {
     "inter_op_threads": integer(0),
     "providers": string_list(),
     "request_timeout": number(0, 24 * 3600),
+    "batch_delay_ms": number(0, 1000),
+    "batch_rows": integer(1, 65536),
+    "batch_models": string_list(),
 }
 _LIMITS: dict[str, Check] = {
     "max_bundle_bytes": integer(0),

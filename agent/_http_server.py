@@ -210,33 +210,62 @@ class _Server:
             200, model_metadata(served.name, [served.version], manifest.inputs, manifest.outputs)
         )
 
-    def infer(self, match: re.Match[str], request: _Request) -> Response:
-        """``POST …/infer`` (on a worker thread, or on the loop with no workers)."""
+    def infer(
+        self, match: re.Match[str], request: _Request, reply: Callable[[Response], None]
+    ) -> None:
+        """``POST …/infer`` (on a worker thread, or on the loop with no workers). ``reply``
+        gets the answer, from this thread or, for a model that batches, the batcher's."""
         try:
             wanted = _header_length(request.header(HEADER_LENGTH.lower()))
             decoded = decode_infer_request(request.body, wanted)
             version = int(match["version"]) if match["version"] else None
             served = self.runtime.get(match["name"], version)
+
+            def done(outputs: dict[str, Any] | None, error: BaseException | None) -> None:
+                reply(_answer(served, decoded, outputs, error))
+
             # run on the model we hold: a hot swap right now must not fail this request
+            if self.runtime.batching(served) and self.runtime.run_async(
+                served, decoded.inputs, decoded.outputs or None, done
+            ):
+                return
             outputs = self.runtime.run(served, decoded.inputs, decoded.outputs or None)
-            payload, header_length = encode_infer_response(
-                served.name, served.version, decoded, outputs
-            )
-        except RequestError as e:
-            return _error(e.status, str(e))
-        except InferenceError as e:  # a valid request the model fails on: the model's fault
-            log.warning("%s", e)
-            return _error(e.status, str(e))
-        except ValueError as e:
-            return _error(400, f"bad request: {e}")
-        except EdgepackError as e:
-            return _error(500, str(e))
-        except Exception as e:
-            log.exception("inference failed")
-            return _error(500, f"inference failed: {str(e).splitlines()[0] if str(e) else e!r}")
-        if header_length is None:
-            return 200, payload, _JSON, ()
-        return 200, payload, "application/octet-stream", ((HEADER_LENGTH, str(header_length)),)
+        except Exception as e:  # noqa: BLE001 - every failure is answered, by its kind
+            reply(_failure(e))
+            return
+        reply(_answer(served, decoded, outputs, None))
+
+
+def _answer(
+    served: Any, decoded: Any, outputs: dict[str, Any] | None, error: BaseException | None
+) -> Response:
+    """The response to an inference: the encoded outputs, or what went wrong."""
+    if error is not None or outputs is None:
+        return _failure(error or RuntimeError("no outputs"))
+    try:
+        payload, header_length = encode_infer_response(
+            served.name, served.version, decoded, outputs
+        )
+    except Exception as e:  # noqa: BLE001 - answered by its kind
+        return _failure(e)
+    if header_length is None:
+        return 200, payload, _JSON, ()
+    return 200, payload, "application/octet-stream", ((HEADER_LENGTH, str(header_length)),)
+
+
+def _failure(error: BaseException) -> Response:
+    if isinstance(error, RequestError):
+        return _error(error.status, str(error))
+    if isinstance(error, InferenceError):  # a valid request the model fails on: its fault
+        log.warning("%s", error)
+        return _error(error.status, str(error))
+    if isinstance(error, ValueError):
+        return _error(400, f"bad request: {error}")
+    if isinstance(error, EdgepackError):
+        return _error(500, str(error))
+    log.error("inference failed", exc_info=error)
+    text = str(error).splitlines()[0] if str(error) else repr(error)
+    return _error(500, f"inference failed: {text}")
 
 
 def _header_length(value: str | None) -> int | None:
@@ -424,24 +453,20 @@ class _Connection:
         if not match or match["action"] != "/infer":
             self._respond(request, _error(404, f"no such endpoint: POST {path}"))
             return
-        if server.pool is None:
-            self._respond(request, server.infer(match, request))
-            return
         self.busy = True
         assert self.transport is not None
         self.transport.pause_reading()  # one request at a time per connection
-        future = server.pool.submit(server.infer, match, request)
-        future.add_done_callback(
-            lambda done: self.loop.call_soon_threadsafe(self._finish, request, done)
-        )
 
-    def _finish(self, request: _Request, done: concurrent.futures.Future[Response]) -> None:
+        def reply(response: Response) -> None:  # from any thread
+            self.loop.call_soon_threadsafe(self._finish, request, response)
+
+        if server.pool is None:
+            server.infer(match, request, reply)
+        else:
+            server.pool.submit(server.infer, match, request, reply)
+
+    def _finish(self, request: _Request, response: Response) -> None:
         self.busy = False
-        try:
-            response = done.result()
-        except BaseException as e:  # server.infer answers every error itself; this is a bug
-            log.exception("inference failed")
-            response = _error(500, f"inference failed: {e!r}")
         self._respond(request, response)
         if not self.closing and self.transport is not None:
             if self.writable:
@@ -632,11 +657,15 @@ class _Loop:
         self.selector.register(listener, selectors.EVENT_READ, self._accept)
         self.selector.register(self._wake_read, selectors.EVENT_READ, self._drain_wake)
         self._stopping = False
+        self._thread_id = -1
 
     def call_soon_threadsafe(self, callback: Callable[..., None], *args: Any) -> None:
+        """Run ``callback`` on the loop's thread, after the events at hand (from any thread;
+        only another thread's call needs to wake the loop)."""
         self._calls.append((callback, args))
-        with contextlib.suppress(BlockingIOError, OSError):  # full: a wake-up is pending anyway
-            self._wake_write.send(b"\0")
+        if threading.get_ident() != self._thread_id:
+            with contextlib.suppress(BlockingIOError, OSError):  # full: a wake-up is pending
+                self._wake_write.send(b"\0")
 
     def stop(self) -> None:
         self._stopping = True
@@ -644,6 +673,7 @@ class _Loop:
             self._wake_write.send(b"\0")
 
     def run(self) -> None:
+        self._thread_id = threading.get_ident()
         next_tick = time.monotonic() + 1.0
         try:
             while not self._stopping:
@@ -722,7 +752,7 @@ class InferenceServer:
         ready: Callable[[], bool] = lambda: True,
         metrics: Callable[[], str] = lambda: "",
         max_connections: int = 1024,
-        workers: int = 2,
+        workers: int = 1,
         request_timeout: float = 30.0,
         idle_timeout: float = 60.0,
     ) -> None:

@@ -17,13 +17,14 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 
+from edgepack.agent._batching import Batcher, Pending
 from edgepack.agent._config import RuntimeConfig
 from edgepack.agent._monitor import Monitor
 from edgepack.agent._session import open_installed, run_session
@@ -147,6 +148,11 @@ def _check_input(spec: TensorSpec, value: Any, max_rows: int, model: str) -> np.
     return np.ascontiguousarray(array)
 
 
+def _rows(feeds: Mapping[str, np.ndarray]) -> int:
+    first = next(iter(feeds.values()), None)
+    return len(first) if first is not None and first.ndim else 0
+
+
 def _shape(shape: Sequence[int | None]) -> str:
     return "[" + ", ".join("batch" if d is None else str(d) for d in shape) + "]"
 
@@ -168,6 +174,8 @@ class Runtime:
         self._monitor = monitor
         self._models: dict[str, ServedModel] = {}
         self._sync_lock = threading.Lock()
+        self._batchers: dict[tuple[str, int], Batcher] = {}
+        self._batch_lock = threading.Lock()
         self.generation = -1
         self.failed: dict[str, tuple[int, str]] = {}  # model -> (version, why it is not served)
 
@@ -189,9 +197,13 @@ class Runtime:
     def put(self, served: ServedModel) -> None:
         """Serve ``served`` from now on; requests in flight finish on the model they hold."""
         self._models = {**self._models, served.name: served}
+        if self._batchers:
+            self._retire_batchers()
 
     def remove(self, name: str) -> None:
         self._models = {k: v for k, v in self._models.items() if k != name}
+        if self._batchers:
+            self._retire_batchers()
 
     def sync(self, store: Store, state: DeviceState, keys: Sequence[Any]) -> list[str]:
         """Make the served set match ``state``: load new active versions, drop retired models.
@@ -328,51 +340,164 @@ class Runtime:
             RequestError: bad inputs or unknown outputs.
             InferenceError: the model failed on valid inputs.
         """
-        name, monitor = served.name, self._monitor
+        feeds, wanted, run = self._validated(served, inputs, outputs)
+        batcher = self._batcher(served)
+        if batcher is not None:
+            pending = Pending(feeds, _rows(feeds))
+            if batcher.submit(pending):
+                limit = self._config.request_timeout
+                if not pending.wait(limit + 10.0 if limit > 0 else 1e9):  # the run has its own
+                    self._failed(served, "runtime_error")
+                    raise InferenceError(f"{served.label}: no answer from the batcher")
+                return self._answered(served, feeds, wanted, run, pending)
+        start = time.perf_counter()
+        try:
+            results = self._session_run(served, run, feeds)
+        except InferenceError:
+            self._failed(served, "runtime_error")
+            raise
+        return self._finish(served, feeds, wanted, run, results, time.perf_counter() - start)
+
+    def run_async(
+        self,
+        served: ServedModel,
+        inputs: Mapping[str, Any],
+        outputs: Sequence[str] | None,
+        done: Callable[[dict[str, np.ndarray] | None, BaseException | None], None],
+    ) -> bool:
+        """Queue the request on the model's batcher and return at once; ``done`` gets the
+        outputs (or the error) on the batcher's thread. False, with nothing queued, when the
+        model does not batch (or its queue is full): then call :meth:`run`.
+
+        Raises:
+            RequestError: bad inputs or unknown outputs (at once, on the caller's thread).
+        """
+        batcher = self._batcher(served)
+        if batcher is None or not batcher.splittable:
+            return False
+        feeds, wanted, run = self._validated(served, inputs, outputs)
+
+        def answered(pending: Pending) -> None:
+            try:
+                result = self._answered(served, feeds, wanted, run, pending)
+            except BaseException as e:  # noqa: BLE001 - handed to the callback, like a result
+                done(None, e)
+                return
+            done(result, None)
+
+        return batcher.submit(Pending(feeds, _rows(feeds), answered))
+
+    def batching(self, served: ServedModel) -> bool:
+        """Whether requests for ``served`` go through a batcher (``[runtime] batch_delay_ms``)."""
+        return self._batcher(served) is not None
+
+    def _validated(
+        self, served: ServedModel, inputs: Mapping[str, Any], outputs: Sequence[str] | None
+    ) -> tuple[dict[str, np.ndarray], list[str], list[str]]:
+        """Feeds, the outputs wanted and the outputs to compute; RequestError otherwise."""
         feeds = self._fast_feeds(served, inputs)
         if feeds is None:
             try:
                 feeds = self.prepare(served, inputs)
             except RequestError:
-                if monitor is not None:
-                    monitor.failed(name, served.version, "bad_request")
+                self._failed(served, "bad_request")
                 raise
         names = served.output_names
-        if outputs:
-            wanted = list(outputs)
-            unknown = [o for o in wanted if o not in names]
-            if unknown:
-                if monitor is not None:
-                    monitor.failed(name, served.version, "bad_request")
-                raise RequestError(
-                    f"{name}: unknown output(s) {', '.join(map(repr, unknown))}; "
-                    f"the model has {', '.join(map(repr, names))}"
-                )
-            # drift watches the model's first output (label / prediction): always compute it
-            run = wanted if monitor is None or names[0] in wanted else [names[0], *wanted]
-        else:
-            wanted = run = names
-        start = time.perf_counter()
-        try:
-            results = run_session(
-                served.session,
-                run,
-                feeds,
-                served.label,
-                timeout=self._config.request_timeout,
-                direct=served.direct,
+        if not outputs:
+            return feeds, names, names
+        wanted = list(outputs)
+        unknown = [o for o in wanted if o not in names]
+        if unknown:
+            self._failed(served, "bad_request")
+            raise RequestError(
+                f"{served.name}: unknown output(s) {', '.join(map(repr, unknown))}; "
+                f"the model has {', '.join(map(repr, names))}"
             )
-        except InferenceError:
-            if monitor is not None:
-                monitor.failed(name, served.version, "runtime_error")
-            raise
-        elapsed = time.perf_counter() - start
+        if self._batcher(served) is not None:
+            return feeds, wanted, names  # a batch computes every output once
+        # drift watches the model's first output (label / prediction): always compute it
+        monitored = self._monitor is None or names[0] in wanted
+        return feeds, wanted, wanted if monitored else [names[0], *wanted]
+
+    def _session_run(
+        self, served: ServedModel, run: list[str], feeds: dict[str, np.ndarray]
+    ) -> list[np.ndarray]:
+        return run_session(
+            served.session,
+            run,
+            feeds,
+            served.label,
+            timeout=self._config.request_timeout,
+            direct=served.direct,
+        )
+
+    def _answered(
+        self,
+        served: ServedModel,
+        feeds: dict[str, np.ndarray],
+        wanted: list[str],
+        run: list[str],
+        pending: Pending,
+    ) -> dict[str, np.ndarray]:
+        if pending.error is not None or pending.result is None:
+            self._failed(served, "runtime_error")
+            if isinstance(pending.error, InferenceError):
+                raise pending.error
+            raise InferenceError(f"{served.label} failed: {pending.error!r}") from pending.error
+        return self._finish(served, feeds, wanted, run, pending.result, pending.seconds)
+
+    def _finish(
+        self,
+        served: ServedModel,
+        feeds: dict[str, np.ndarray],
+        wanted: list[str],
+        run: list[str],
+        results: list[np.ndarray],
+        elapsed: float,
+    ) -> dict[str, np.ndarray]:
         computed = dict(zip(run, results, strict=True))
+        monitor = self._monitor
         if monitor is not None:
-            rows = len(next(iter(feeds.values()))) if feeds else 0
-            first = names[0]
-            monitor.observe(name, served.version, feeds, {first: computed[first]}, elapsed, rows)
+            first = served.output_names[0]
+            observed = {first: computed[first]}
+            monitor.observe(served.name, served.version, feeds, observed, elapsed, _rows(feeds))
         return computed if run is wanted else {key: computed[key] for key in wanted}
+
+    def _failed(self, served: ServedModel, kind: str) -> None:
+        if self._monitor is not None:
+            self._monitor.failed(served.name, served.version, kind)
+
+    def _batcher(self, served: ServedModel) -> Batcher | None:
+        """The batcher of ``served`` when its model batches (made on first use)."""
+        config = self._config
+        if config.batch_delay_ms <= 0 or (
+            config.batch_models and served.name not in config.batch_models
+        ):
+            return None
+        key = (served.name, served.version)
+        batcher = self._batchers.get(key)
+        if batcher is None:
+            with self._batch_lock:
+                batcher = self._batchers.get(key)
+                if batcher is None:
+                    names = served.output_names
+                    batcher = Batcher(
+                        lambda feeds: self._session_run(served, names, feeds),
+                        served.label,
+                        config.batch_delay_ms / 1000.0,
+                        config.batch_rows,
+                    )
+                    self._batchers = {**self._batchers, key: batcher}
+        return batcher
+
+    def _retire_batchers(self) -> None:
+        """Stop the batchers of versions no longer served (their waiting requests answered)."""
+        live = {(m.name, m.version) for m in self._models.values()}
+        with self._batch_lock:
+            gone = [b for key, b in self._batchers.items() if key not in live]
+            self._batchers = {k: b for k, b in self._batchers.items() if k in live}
+        for batcher in gone:
+            threading.Thread(target=batcher.stop, name="edgepack-batch-stop", daemon=True).start()
 
     def activate(self, served: ServedModel) -> None:
         """Serve ``served``, a version the lifecycle has already loaded and health-checked

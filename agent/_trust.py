@@ -144,4 +144,3 @@ def _from_json(data: dict[str, Any]) -> Trust:
         command_keys=keys("command_keys"),
         issued_at=str(data.get("issued_at", "")),
     )
-
