@@ -223,10 +223,12 @@ def _decode(body: bytes, header_length: int | None) -> InferRequest:
         header, binary = body[:header_length], body[header_length:]
     else:
         header, binary = body, b""
-    try:
-        data = json.loads(header)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise RequestError(f"request body is not valid JSON: {e}") from e
+    data = _fast_loads(header)
+    if data is _SLOW:  # no orjson, or a body it refuses (NaN, lone surrogates): as before
+        try:
+            data = json.loads(header)
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+            raise RequestError(f"request body is not valid JSON: {e}") from e
     if not isinstance(data, dict) or not isinstance(data.get("inputs"), list):
         raise RequestError("request must be a JSON object with an 'inputs' list")
     inputs: dict[str, np.ndarray] = {}
@@ -276,6 +278,48 @@ def _binary(array: np.ndarray) -> bytes:
     return np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
 
 
+_orjson: Any
+try:  # optional (the agent extra has it): JSON in C, numpy arrays without a list in between
+    import orjson as _orjson
+except ImportError:  # pragma: no cover - the standard library does the same, slower
+    _orjson = None
+
+_SLOW = object()
+# little-endian and single-byte dtypes orjson writes from the array itself (float16 and
+# anything big-endian go through tolist())
+_ORJSON_DTYPES = frozenset(
+    {"<f4", "<f8", "<i8", "<i4", "<i2", "|i1", "<u8", "<u4", "<u2", "|u1", "|b1"}
+)
+
+
+def _fast_loads(text: bytes) -> Any:
+    """orjson's parse, or ``_SLOW`` when there is no orjson or it refuses the text (the
+    standard library then parses it, or says what is wrong, exactly as before)."""
+    if _orjson is None:
+        return _SLOW
+    try:
+        return _orjson.loads(text)
+    except _orjson.JSONDecodeError:
+        return _SLOW
+
+
+def _dumps(body: dict[str, Any]) -> bytes:
+    if _orjson is not None:
+        try:
+            return _orjson.dumps(body, option=_orjson.OPT_SERIALIZE_NUMPY)
+        except TypeError:  # an id orjson cannot write (an integer past 64 bits, say)
+            pass
+    return json.dumps(_lists(body), separators=(",", ":")).encode()
+
+
+def _lists(body: dict[str, Any]) -> dict[str, Any]:
+    entries = [
+        {**e, "data": e["data"].tolist()} if isinstance(e.get("data"), np.ndarray) else e
+        for e in body["outputs"]
+    ]
+    return {**body, "outputs": entries}
+
+
 def encode_infer_response(
     model: str, version: int, request: InferRequest, outputs: Mapping[str, np.ndarray]
 ) -> tuple[bytes, int | None]:
@@ -294,13 +338,15 @@ def encode_infer_response(
             blobs.append(blob)
         elif array.dtype.kind in "USO":
             entry["data"] = [str(x) for x in array.ravel()]
+        elif _orjson is not None and array.dtype.str in _ORJSON_DTYPES:
+            entry["data"] = np.ascontiguousarray(array).ravel()  # serialized in C, as float32
         else:
             entry["data"] = array.ravel().tolist()
         entries.append(entry)
     body: dict[str, Any] = {"model_name": model, "model_version": str(version), "outputs": entries}
     if request.id is not None:
         body["id"] = request.id
-    header = json.dumps(body, separators=(",", ":")).encode()
+    header = _dumps(body)
     if not blobs:
         return header, None
     return header + b"".join(blobs), len(header)

@@ -85,6 +85,10 @@ BIN = Path(sys.executable).parent
 ROUNDS = 3  # alternated rounds per HTTP figure; the median is reported
 WRK_SECONDS = 4  # per wrk run
 CONNECTIONS = 8
+MANY_CONNECTIONS = 64
+BATCHING_DELAY_MS = 2
+# the batched agent's settings
+BATCHING = f"[runtime]\nbatch_delay_ms = {BATCHING_DELAY_MS}\nbatch_rows = 64\n"
 IDLE_CONNECTIONS = 300
 BATCH_ROWS = 64
 INPROC_CALLS = 6000  # interleaved in-process calls per variant, after the warm-up
@@ -455,12 +459,14 @@ def measure_model(tmp: Path, kind: str, wrk_binary: str) -> dict[str, Any]:
     options.inter_op_num_threads = bundle.inter_op
     session = ort.InferenceSession(bundle.model, options, providers=["CPUExecutionProvider"])
 
-    agent_port, api_port = free_port(), free_port()
+    agent_port, api_port, batched_port = free_port(), free_port(), free_port()
     daemon_config = agent_config(work / "daemon", bundle, agent_port)
-    subprocess.run(
-        [*agent_cli(), "--config", str(daemon_config), "install", str(bundle.path)],
-        check=True, timeout=300, stdout=subprocess.DEVNULL,
-    )  # fmt: skip
+    batched_config = agent_config(work / "batched", bundle, batched_port, BATCHING)
+    for config in (daemon_config, batched_config):
+        subprocess.run(
+            [*agent_cli(), "--config", str(config), "install", str(bundle.path)],
+            check=True, timeout=300, stdout=subprocess.DEVNULL,
+        )  # fmt: skip
     (work / "api").mkdir()
     (work / "api" / "app.py").write_text(FASTAPI_APP)
     api_env = {
@@ -485,6 +491,9 @@ def measure_model(tmp: Path, kind: str, wrk_binary: str) -> dict[str, Any]:
             [*agent_cli(), "--config", str(daemon_config), "run"], work / "agent.log"
         ) as agent_proc,
         spawned(api_argv, work / "api.log", cwd=work / "api", env=api_env) as api_proc,
+        spawned(
+            [*agent_cli(), "--config", str(batched_config), "run"], work / "batched.log"
+        ) as batched_proc,
     ):
         if not inproc.install(str(bundle.path)).ok:
             raise SystemExit("in-process install failed")
@@ -492,11 +501,13 @@ def measure_model(tmp: Path, kind: str, wrk_binary: str) -> dict[str, Any]:
         store = inproc.lifecycle.store
         bare_runtime.sync(store, store.load(), inproc.config.public_keys())
         agent_url, api_url = f"http://{HOST}:{agent_port}", f"http://{HOST}:{api_port}"
+        batched_url = f"http://{HOST}:{batched_port}"
         wait_ready(f"{agent_url}/v2/health/ready", agent_proc, work / "agent.log")
         wait_ready(f"{api_url}/v2/health/ready", api_proc, work / "api.log")
+        wait_ready(f"{batched_url}/v2/health/ready", batched_proc, work / "batched.log")
         check = bundle.rows[:BATCH_ROWS]
         want = session.run(None, {INPUT: check})[1]
-        for url in (agent_url, api_url):
+        for url in (agent_url, api_url, batched_url):
             got = probabilities_over_http(url, bundle.name, check)
             if not np.allclose(got, want, rtol=0, atol=1e-6):
                 raise SystemExit(f"{url} does not serve the same model as bare session.run")
@@ -512,18 +523,24 @@ def measure_model(tmp: Path, kind: str, wrk_binary: str) -> dict[str, Any]:
                 }
             )
         print(f"{kind}: HTTP with wrk ...", flush=True)
-        servers = {"agent": agent_url, "fastapi": api_url}
-        runs: dict[tuple[str, int], list[dict[str, float]]] = {}
+        servers = {"agent": agent_url, "fastapi": api_url, "batched": batched_url}
+        loads = {  # (rows per request, connections) measured on each server
+            "agent": [(1, CONNECTIONS), (BATCH_ROWS, CONNECTIONS), (1, MANY_CONNECTIONS)],
+            "fastapi": [(1, CONNECTIONS), (BATCH_ROWS, CONNECTIONS), (1, MANY_CONNECTIONS)],
+            "batched": [(1, CONNECTIONS), (1, MANY_CONNECTIONS)],
+        }
+        runs: dict[tuple[str, int, int], list[dict[str, float]]] = {}
         infer = f"/v2/models/{bundle.name}/infer"
         for round_ in range(ROUNDS):
             order = list(servers) if round_ % 2 == 0 else list(servers)[::-1]
             for label in order:
-                for rows, body in bodies.items():
-                    got = wrk(wrk_binary, script, servers[label] + infer, body, CONNECTIONS)
-                    runs.setdefault((label, rows), []).append(got)
+                for rows, connections in loads[label]:
+                    url = servers[label] + infer
+                    got = wrk(wrk_binary, script, url, bodies[rows], connections)
+                    runs.setdefault((label, rows, connections), []).append(got)
             with idle_connections(agent_port, IDLE_CONNECTIONS):
                 got = wrk(wrk_binary, script, agent_url + infer, bodies[1], CONNECTIONS)
-                runs.setdefault(("agent+idle", 1), []).append(got)
+                runs.setdefault(("agent+idle", 1, CONNECTIONS), []).append(got)
         results["http"] = {
             key: {
                 "rps": statistics.median(r["rps"] for r in values),
@@ -566,21 +583,30 @@ def model_table(results: dict[str, Any]) -> list[str]:
         "| figure | edgepack | comparator | ratio | goal |",
         "| --- | ---: | ---: | ---: | --- |",
     ]
-    for rows in (1, BATCH_ROWS):
-        agent, api = http[("agent", rows)], http[("fastapi", rows)]
+    for rows, conns in ((1, CONNECTIONS), (BATCH_ROWS, CONNECTIONS), (1, MANY_CONNECTIONS)):
+        agent, api = http[("agent", rows, conns)], http[("fastapi", rows, conns)]
         what = "single rows" if rows == 1 else f"{rows}-row batches"
         ratio = agent["rps"] / api["rps"]
         lines.append(
-            f"| HTTP throughput, {CONNECTIONS} connections, {what} (req/s) | "
+            f"| HTTP throughput, {conns} connections, {what} (req/s) | "
             f"{agent['rps']:,.0f} | FastAPI {api['rps']:,.0f} | {ratio:.2f}× | "
             f"≥ 2×: {_goal(ratio >= 2)} |"
         )
         lines.append(
-            f"| HTTP p50 / p99, {what} (ms) | {agent['p50']:.2f} / {agent['p99']:.2f} | "
+            f"| HTTP p50 / p99, {conns} connections, {what} (ms) | "
+            f"{agent['p50']:.2f} / {agent['p99']:.2f} | "
             f"FastAPI {api['p50']:.2f} / {api['p99']:.2f} | p99 {agent['p99'] / api['p99']:.2f}× | "
             f"p99 no worse: {_goal(agent['p99'] <= api['p99'])} |"
         )
-    idle, busy = http[("agent+idle", 1)], http[("agent", 1)]
+    for conns in (CONNECTIONS, MANY_CONNECTIONS):
+        batched, plain = http[("batched", 1, conns)], http[("agent", 1, conns)]
+        lines.append(
+            f"| dynamic batching ({BATCHING_DELAY_MS} ms), {conns} connections, single rows "
+            f"(req/s; p99 ms) | {batched['rps']:,.0f}; {batched['p99']:.2f} | agent without it "
+            f"{plain['rps']:,.0f}; {plain['p99']:.2f} | {batched['rps'] / plain['rps']:.2f}× | "
+            "what it buys |"
+        )
+    idle, busy = http[("agent+idle", 1, CONNECTIONS)], http[("agent", 1, CONNECTIONS)]
     lines.append(
         f"| HTTP throughput with {IDLE_CONNECTIONS} idle connections held open (req/s) | "
         f"{idle['rps']:,.0f} | agent without them {busy['rps']:,.0f} | "
@@ -655,8 +681,9 @@ def run(tmp: Path, kinds: list[str], deploy: bool, grpc: bool) -> tuple[str, int
         f"{load_start:.2f} at start, {load_end:.2f} at the end. Numbers from "
         "`scripts/bench/bench_agent.py`, one run.",
         "",
-        f"HTTP: `wrk` (one thread, {CONNECTIONS} keep-alive connections, {WRK_SECONDS} s a "
-        f"run, the same JSON body for both servers), {ROUNDS} rounds alternating the servers, "
+        f"HTTP: `wrk` (one thread, {CONNECTIONS} or {MANY_CONNECTIONS} keep-alive connections, "
+        f"{WRK_SECONDS} s a run, the same JSON body for every server), {ROUNDS} rounds "
+        "alternating the servers (agent, FastAPI, and an agent with dynamic batching), "
         "medians; wrk and the servers share the machine's cores. FastAPI runs on uvicorn "
         f"{package_version('uvicorn')} (h11, asyncio: what `pip install fastapi uvicorn` gives), "
         "a sync endpoint, access log off. In-process: medians of "
@@ -677,6 +704,8 @@ def deploy_section() -> list[str]:
     got = measure_deploy(log=lambda line: print(line, flush=True))
     phases = ", ".join(f"{k} {v:.2f} s" for k, v in got["phases"].items() if v is not None)
     seconds = got["deploy_to_serving"]
+    if seconds is None:
+        return [f"Deploy → serving: v2 never answered ({got.get('failures')})."]
     return [
         f"**Deploy → new version answering**, a {got['trees']}-tree forest "
         f"({got['bundle_bytes'] / 1e6:.1f} MB bundle), {got['rounds']} rounds under "
