@@ -191,11 +191,11 @@ def run_session(
         InferenceError: onnxruntime failed while computing, or did not finish within
             ``timeout`` (the original is the ``__cause__``).
     """
-    names = None if outputs is None else list(outputs)
+    names = outputs if outputs is None or type(outputs) is list else list(outputs)
     run = session._sess.run if direct and names else session.run  # see direct
     if timeout <= 0:
         try:
-            return list(run(names, feeds, None))
+            return run(names, feeds, None)  # a list already
         except Exception as e:  # onnxruntime's own exception types, which it does not export
             raise InferenceError(
                 f"{what} failed while computing an answer: {_first_line(e)}"
@@ -205,7 +205,7 @@ def run_session(
         options = _RUN_OPTIONS.options = ort.RunOptions()
     ticket = _DEADLINES.add(timeout, options)
     try:
-        return list(run(names, feeds, options))
+        return run(names, feeds, options)
     except Exception as e:
         if options.terminate:
             raise InferenceError(
