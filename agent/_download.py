@@ -26,7 +26,6 @@ and retried (resuming). Time comes from an injected monotonic clock.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -39,6 +38,7 @@ from pathlib import Path
 
 import httpx
 
+from edgepack._digest import Sha256, sha256
 from edgepack._files import fsync_dir, sha256_stream, storage_error, write_json_atomic
 from edgepack.agent._config import DownloadConfig
 from edgepack.agent.exceptions import BundleError, DownloadError
@@ -212,7 +212,7 @@ class HttpFetcher:
     def _receive(
         self, response: httpx.Response, t: _Target, pace: _Pace, start: int, total: int | None
     ) -> tuple[int, str]:
-        sha = _hash_prefix(t.part) if start else hashlib.sha256()  # the kept prefix, from disk
+        sha = _hash_prefix(t.part) if start else sha256()  # the kept prefix, from disk
         etag = response.headers.get("etag", "")  # a weak (W/) one does not promise the same bytes
         validator = etag if etag[:2] not in ("", "W/") else response.headers.get("last-modified")
         try:
@@ -338,7 +338,7 @@ def _resume_point(t: _Target) -> tuple[int, str | None]:
     return (size, validator) if ok else (0, None)
 
 
-def _hash_prefix(path: Path) -> hashlib._Hash:
+def _hash_prefix(path: Path) -> Sha256:
     """The running sha256 of what a partial download kept, to continue with the rest."""
     try:
         with open(path, "rb") as handle:

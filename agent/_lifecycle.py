@@ -25,7 +25,6 @@ right after journaling that state (or after acting in it), on an operation's fir
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import signal
@@ -37,6 +36,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from edgepack._digest import sha256
 from edgepack.agent._compatibility import (
     DeviceFacts,
     check_compatible,
@@ -382,7 +382,7 @@ class Lifecycle:
         e = run.entry
         assert e.source is not None
         self.store.ensure()
-        digest = hashlib.sha256(e.source.encode()).hexdigest()[:16]
+        digest = sha256(e.source.encode()).hexdigest()[:16]
         dest = self.store.incoming / f"{digest}.edgepack"
         run.entry = e.moved(e.state, incoming=str(dest))
         self.journal.write(run.entry)

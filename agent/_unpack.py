@@ -20,7 +20,6 @@ check, the runtime), keeping in memory only the files it is asked for (``model.o
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 import shutil
@@ -31,6 +30,7 @@ from typing import Any, BinaryIO
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from edgepack._digest import sha256
 from edgepack._files import fsync_dir, storage_error
 from edgepack.agent.exceptions import BundleError, StorageError
 from edgepack.formats.bundle import (
@@ -65,7 +65,7 @@ class _Hashing(io.RawIOBase):
 
     def __init__(self, raw: BinaryIO) -> None:
         self.raw = raw
-        self.sha = hashlib.sha256()
+        self.sha = sha256()
 
     def readable(self) -> bool:
         return True
@@ -165,7 +165,7 @@ def _stream(
                 path = directory / member.name
                 path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
                 written.add(path.parent)
-                sha = hashlib.sha256()
+                sha = sha256()
                 small = bytearray() if cap is not None else None
                 fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
                 with os.fdopen(fd, "wb") as out:
@@ -179,12 +179,12 @@ def _stream(
                 digests[member.name] = sha.hexdigest()
                 if small is not None:
                     kept[member.name] = bytes(small)
-            sha256 = hashing.drain()
+            archive_sha256 = hashing.drain()
         for parent in sorted(written, key=lambda p: len(p.parts), reverse=True):
             fsync_dir(parent)
     except OSError as e:
         raise storage_error("write the bundle's files to", directory, e) from e
-    return digests, kept, sha256
+    return digests, kept, archive_sha256
 
 
 def verify_installed(
@@ -220,7 +220,7 @@ def verify_installed(
             rel = path.relative_to(directory).as_posix()
             if rel in _KEPT and path.stat().st_size > _KEPT[rel]:
                 raise StorageError(f"{path} is larger than any bundle's; reinstall {name}")
-            sha = hashlib.sha256()
+            sha = sha256()
             held = bytearray() if rel in _KEPT or rel in keep else None
             with open(path, "rb") as handle:
                 while chunk := handle.read(_CHUNK):

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import json
 import os
 import tempfile
@@ -24,6 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from edgepack._digest import Sha256, sha256
 from edgepack.errors import StorageError
 
 __all__ = [
@@ -131,12 +131,12 @@ def read_json(path: Path) -> Any:
         raise StorageError(f"{path} is corrupt ({e}); move it aside and reinstall the model") from e
 
 
-def sha256_stream(handle: BinaryIO, digest: hashlib._Hash | None = None) -> hashlib._Hash:
+def sha256_stream(handle: BinaryIO, digest: Sha256 | None = None) -> Sha256:
     """Hash what is left in ``handle``, read in 1 MiB chunks.
 
     Args:
         handle: a binary file open for reading.
-        digest: a ``hashlib`` hash to continue (a new SHA-256 when ``None``).
+        digest: a SHA-256 to continue (edgepack._digest; a new one when ``None``).
 
     Returns:
         The hash object, to ``update()`` further or read with ``hexdigest()``.
@@ -145,7 +145,7 @@ def sha256_stream(handle: BinaryIO, digest: hashlib._Hash | None = None) -> hash
         OSError: reading failed (callers turn it into their own error).
     """
     if digest is None:
-        digest = hashlib.sha256()
+        digest = sha256()
     while chunk := handle.read(_CHUNK):
         digest.update(chunk)
     return digest

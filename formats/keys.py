@@ -8,13 +8,13 @@ id (:func:`key_id`) is the SHA-256 hex of its public PEM, the Sigstore bundle's 
 
 from __future__ import annotations
 
-import hashlib
 from typing import cast
 
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from edgepack._digest import sha256
 from edgepack.formats.exceptions import KeyFormatError
 
 __all__ = [
@@ -65,7 +65,7 @@ def public_key_pem(key: AnyKey) -> bytes:
 
 def key_id(public_key: AnyKey) -> str:
     """Return the SHA-256 hex of the public PEM: the Sigstore bundle's key ``hint``."""
-    return hashlib.sha256(public_key_pem(public_key)).hexdigest()
+    return sha256(public_key_pem(public_key)).hexdigest()
 
 
 def _kind(key: object) -> str:
@@ -117,5 +117,3 @@ def load_public_key(pem: bytes, *, source: str = "key") -> ec.EllipticCurvePubli
         raise KeyFormatError(f"{source}: not a readable PEM public key ({e})") from e
     check_ecdsa(key, source)
     return cast(ec.EllipticCurvePublicKey, key)
-
-

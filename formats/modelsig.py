@@ -27,7 +27,6 @@ never ride along in a bundle. The deciding code takes bytes or digests and does 
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from edgepack._digest import sha256
 from edgepack.formats.dsse import dsse_sign, dsse_verify
 from edgepack.formats.exceptions import SignatureError
 from edgepack.formats.keys import key_id
@@ -87,7 +87,7 @@ def _check_name(name: object) -> str:
 
 
 def _subject_digest(digests: Sequence[str]) -> str:
-    return hashlib.sha256(b"".join(bytes.fromhex(d) for d in digests)).hexdigest()
+    return sha256(b"".join(bytes.fromhex(d) for d in digests)).hexdigest()
 
 
 def sign_digests(
@@ -152,7 +152,7 @@ def sign_files(
             leaves out (``model.sig``, ``.git*`` at the top level).
         KeyFormatError: ``key`` is not an ECDSA P-256/384/521 private key.
     """
-    digests = {name: hashlib.sha256(data).hexdigest() for name, data in files.items()}
+    digests = {name: sha256(data).hexdigest() for name, data in files.items()}
     return sign_digests(digests, key, model_name)
 
 
@@ -283,6 +283,5 @@ def verify_files(
         SignatureError: with the reason: malformed or unsupported signature, no trusted key
             verifies, or a file is extra, missing or modified.
     """
-    digests = {name: hashlib.sha256(data).hexdigest() for name, data in files.items()}
+    digests = {name: sha256(data).hexdigest() for name, data in files.items()}
     return verify_digests(digests, signature, trusted_keys)
-

@@ -145,3 +145,21 @@ def test_each_package_has_a_small_front_door_that_loads_lazily(package: str) -> 
     light, *names = out.stdout.split()
     assert set(names) == FRONT_DOORS[package]
     assert light == "1", f"importing {package} alone loaded onnx/onnxruntime"
+
+
+def test_the_daemon_loads_no_second_openssl_nor_asyncio_before_a_feature_needs_them() -> None:
+    """What `edgepack-agent run` imports with no fleet link and no gRPC: not asyncio or ssl
+    (7 MiB), email or http.client (they load ssl), hashlib's libcrypto beside cryptography's
+    (3.5 MiB); paho and httpx load with the fleet link or a download."""
+    probe = (
+        "import sys, edgepack.agent._cli, edgepack.agent._daemon, edgepack.agent._http_server\n"
+        "print(' '.join(sorted(sys.modules)))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, check=True,
+        timeout=120,
+    )  # fmt: skip
+    loaded = set(out.stdout.split())
+    assert "onnxruntime" in loaded
+    heavy = {"asyncio", "ssl", "_ssl", "email", "http.client", "_hashlib", "paho", "httpx"}
+    assert not loaded & heavy, sorted(loaded & heavy)
