@@ -115,4 +115,3 @@ def dsse_verify(
         SignatureError: malformed envelope, other payload type, or no trusted key verifies.
     """
     return _dsse_verify(envelope, trusted_keys, payload_type, hint)
-
