@@ -196,7 +196,9 @@ class MonitorConfig:
     window: int = 500  # rows per drift window
     min_rows: int = 100  # the fewest rows a time-flushed window may have
     max_age: float = 3600.0  # seconds after which a window with min_rows closes
-    max_queued_rows: int = 100_000  # drift work waiting; beyond it new batches are skipped
+    # drift work waiting (each queued row holds its arrays: ~1 KB for a single-row request);
+    # beyond it new batches are skipped, counted, so a monitor that falls behind costs no memory
+    max_queued_rows: int = 10_000
 
 
 @dataclass(frozen=True)

@@ -112,14 +112,17 @@ class Monitor:
         seconds: float,
         rows: int,
     ) -> None:
-        """Record one served request (cheap: two appends)."""
+        """Record one served request (cheap: two appends and a copy of the inputs)."""
         self.telemetry.record(model, version, seconds, rows)
         if self.config.drift or self.capture is not None:
             if self._queued_rows + rows > self.config.max_queued_rows:
                 self.skipped_batches += 1  # bounded memory: monitoring falls behind, not the device
                 return
             self._queued_rows += rows
-            self._queue.append((model, version, inputs, outputs))
+            # copies: an in-process caller may refill the same array for its next request
+            # before this batch is counted (a copy of one row costs less than a microsecond)
+            kept = {name: np.array(value, copy=True) for name, value in inputs.items()}
+            self._queue.append((model, version, kept, outputs))
 
     def failed(self, model: str, version: int, kind: str) -> None:
         """Record a failed request (bad input, unknown model...)."""

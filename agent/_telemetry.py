@@ -99,7 +99,7 @@ class _Series:
 class Telemetry:
     """Aggregates request records and process statistics for one agent."""
 
-    def __init__(self, max_pending: int = 1_000_000) -> None:
+    def __init__(self, max_pending: int = 100_000) -> None:
         self._pending: collections.deque[tuple[str, int, float, int, str | None]] = (
             collections.deque(maxlen=max_pending)
         )

@@ -20,6 +20,7 @@ import json
 import math
 import os
 import re
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -528,3 +529,21 @@ def test_a_request_for_an_unknown_output_is_counted_as_bad(served: Agent) -> Non
     assert series(samples, "edgepack_requests_total") == {OK: 0, ERROR: 1}
     assert samples.get(("edgepack_request_errors_total", (*IRIS, ("kind", "bad_request")))) == 1
     assert check_histogram(samples, "edgepack_request_seconds") == {OK: 0, ERROR: 1}
+
+
+def test_drift_counts_what_was_asked_even_if_the_caller_refills_its_array(served: Agent) -> None:
+    """An in-process caller that reuses one buffer: the drift queue keeps what each request held."""
+    buffer = iris_rows(np.random.default_rng(3), 1).astype(np.float32)  # the fast path
+    asked = buffer.copy()
+    monitor = served.monitor
+    monitor._stop.set()  # hold the monitor thread's hand: nothing is counted meanwhile
+    monitor._thread.join(10)
+    try:
+        served.infer("iris", {"input": buffer})
+        buffer[:] = -1.0  # the next request's values, written into the same array
+        *_, (_model, _version, inputs, _outputs) = monitor._queue
+        np.testing.assert_array_equal(inputs["input"], asked)
+    finally:
+        monitor._stop.clear()
+        monitor._thread = threading.Thread(target=monitor._loop, daemon=True)
+        monitor._thread.start()
