@@ -121,7 +121,7 @@ class Monitor:
             self._queued_rows += rows
             # copies: an in-process caller may refill the same array for its next request
             # before this batch is counted (a copy of one row costs less than a microsecond)
-            kept = {name: np.array(value, copy=True) for name, value in inputs.items()}
+            kept = {name: value.copy() for name, value in inputs.items()}
             self._queue.append((model, version, kept, outputs))
 
     def failed(self, model: str, version: int, kind: str) -> None:

@@ -42,6 +42,7 @@ __all__ = ["NUMPY_DTYPES", "Runtime", "ServedModel"]
 log = logging.getLogger("edgepack.agent")
 
 _SUM = np.add.reduce
+_SMALL = 256  # elements summed as Python floats in the fast path's finiteness check
 NUMPY_DTYPES: dict[str, Any] = {
     "float32": np.float32,
     "float64": np.float64,
@@ -301,11 +302,15 @@ class Runtime:
                     rows = shape[0]
                 if shape[0] != rows or rows > self._max_rows:
                     return None
-            # NaN or infinity makes the sum non-finite (one ufunc call; ndarray.all() costs
-            # twice that); a float64 sum of float32 rows cannot overflow, and for float64 rows
-            # near 1e308 an overflow merely sends them to the exact check in prepare
-            if dtype.kind == "f" and not math.isfinite(_SUM(array, axis=None, dtype=np.float64)):
-                return None  # prepare says which input holds NaN or infinity
+            # NaN or infinity makes the sum non-finite; a float64 sum of float32 rows cannot
+            # overflow, and float64 rows near 1e308 merely go to the exact check in prepare.
+            # A few rows are summed as Python floats: right after onnxruntime ran, numpy's
+            # ufunc machinery is out of the CPU's caches and costs twice as much.
+            if dtype.kind == "f":
+                small = array.size <= _SMALL
+                total = sum(array.ravel().tolist()) if small else _SUM(array, None, np.float64)
+                if not math.isfinite(total):
+                    return None  # prepare says which input holds NaN or infinity
         return dict(inputs)
 
     def infer(
