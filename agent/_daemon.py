@@ -294,7 +294,7 @@ class Agent:
                     "highest": m.highest,
                     "serving": served.get(name),
                     "not_served_because": failed.get(name, (None, None))[1],
-                    "drift": (self.monitor.latest.get(name) or {}).get("status"),
+                    "drift": self.monitor.verdict(name, m.active),
                     "installed_at": m.installed_at,
                 }
                 for name, m in sorted(state.models.items())

@@ -41,6 +41,8 @@ __all__ = ["Monitor", "ReportRelay", "Sink"]
 
 log = logging.getLogger("edgepack.agent.monitor")
 
+VERDICTS_FILE = "drift.json"  # in the state directory: the latest verdict per model
+
 Sink = Callable[[str, dict[str, Any]], None]
 """Takes a report: its kind (``"telemetry"`` or ``"drift"``) and its JSON-ready body."""
 
@@ -247,6 +249,7 @@ class Monitor:
             model=model, version=version, bundle_sha256=state.bundle_sha256 if state else None
         )
         self.latest[model] = report
+        self._save_verdicts()
         drifting = [f["name"] for f in report["features"] if f["drifting"]]
         previous = self._status.get(model)
         self._status[model] = report["status"]
@@ -264,6 +267,35 @@ class Monitor:
             f" (drifting: {', '.join(drifting)})" if drifting else "",
         )
         self._emit("drift", report)
+
+    def verdict(self, model: str, version: int | None) -> str | None:
+        """The latest drift verdict of ``model`` at ``version``: this process's own, else the
+        one the serving daemon wrote to ``drift.json`` (``edgepack-agent status`` runs in a
+        process of its own, which counts no windows)."""
+        report = self.latest.get(model)
+        if report is None:
+            try:
+                report = json.loads((self.store.root / VERDICTS_FILE).read_text()).get(model)
+            except (OSError, ValueError, AttributeError):
+                return None
+        if not isinstance(report, dict) or report.get("version") != version:
+            return None  # a verdict about another version says nothing about this one
+        status = report.get("status")
+        return status if isinstance(status, str) else None
+
+    def _save_verdicts(self) -> None:
+        """The latest verdict per model, for other processes (not durable: after a power cut
+        the next window writes it again)."""
+        verdicts = {
+            name: {"version": r.get("version"), "status": r.get("status"), "n": r.get("n")}
+            for name, r in self.latest.items()
+        }
+        path = self.store.root / VERDICTS_FILE
+        try:
+            path.with_suffix(".tmp").write_text(json.dumps(verdicts))
+            path.with_suffix(".tmp").replace(path)
+        except OSError as e:
+            log.warning("cannot write %s: %s", path, e)
 
     def _emit(self, kind: str, payload: dict[str, Any]) -> None:
         if self._sink is None:

@@ -20,6 +20,8 @@ import json
 import math
 import os
 import re
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -547,3 +549,25 @@ def test_drift_counts_what_was_asked_even_if_the_caller_refills_its_array(served
         monitor._stop.clear()
         monitor._thread = threading.Thread(target=monitor._loop, daemon=True)
         monitor._thread.start()
+
+
+def test_status_from_another_process_shows_the_serving_daemons_verdict(
+    served: Agent, tmp_path: Path
+) -> None:
+    """`edgepack-agent status --json` runs in its own process and counts no windows: it reads
+    the verdict the daemon wrote (it showed "drift": null while /metrics said drift 2)."""
+    rng = np.random.default_rng(10)
+    for _ in range(GOOD):
+        served.infer("iris", {"input": iris_rows(rng, ROWS).astype(np.float32)})
+    verdict = wait_for(lambda: served.status()["models"]["iris"]["drift"])
+    config = tmp_path / "agent.toml"
+    out = subprocess.run(
+        [sys.executable, "-m", "edgepack.agent._cli", "--config", str(config), "status", "--json"],
+        capture_output=True, text=True, timeout=120, check=True,
+    )  # fmt: skip
+    shown = json.loads(out.stdout)["models"]["iris"]["drift"]
+    assert shown == served.monitor.latest["iris"]["status"]
+    assert shown == verdict  # no traffic since: no other window closed
+    other = Agent(load_config(config))  # not started: a verdict of another version is not shown
+    assert other.monitor.verdict("iris", 2) is None
+    assert other.monitor.verdict("iris", 1) == shown
