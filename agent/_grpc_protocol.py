@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 import edgepack
-from edgepack.agent._inference_protocol import model_metadata
+from edgepack.agent._inference_protocol import bytes_elements, model_metadata
 from edgepack.agent.exceptions import ModelNotFoundError, RequestError
 from edgepack.formats.manifest import TensorSpec
 
@@ -362,7 +362,7 @@ def _input(tensor: Any, raw: bytes | None) -> np.ndarray:
 
 def _from_raw(blob: bytes, datatype: str, name: str) -> np.ndarray:
     if datatype == "BYTES":
-        return _objects(_bytes_elements(blob, name))
+        return _objects(bytes_elements(blob, name))
     dtype = _RAW[datatype]
     if len(blob) % dtype.itemsize:
         raise RequestError(
@@ -372,21 +372,6 @@ def _from_raw(blob: bytes, datatype: str, name: str) -> np.ndarray:
     if datatype == "BOOL" and blob and max(blob) > 1:
         raise RequestError(f"input {name!r}: raw BOOL bytes must be 0 or 1")
     return np.frombuffer(blob, dtype=dtype)
-
-
-def _bytes_elements(blob: bytes, name: str) -> list[str]:
-    """BYTES elements as tritonclient serializes them: a 4-byte little-endian length, the bytes."""
-    items, offset = [], 0
-    while offset < len(blob):
-        if offset + 4 > len(blob):
-            raise RequestError(f"input {name!r}: truncated BYTES element length")
-        (size,) = struct.unpack_from("<I", blob, offset)
-        offset += 4
-        if offset + size > len(blob):
-            raise RequestError(f"input {name!r}: a BYTES element runs past the data")
-        items.append(blob[offset : offset + size].decode("utf-8", errors="strict"))
-        offset += size
-    return items
 
 
 def _objects(items: Sequence[str]) -> np.ndarray:

@@ -82,7 +82,9 @@ class InferRequest:
     binary_default: bool
 
 
-def _bytes_elements(blob: bytes, name: str) -> list[str]:
+def bytes_elements(blob: bytes, name: str) -> list[str]:
+    """BYTES elements as Triton clients serialize them (HTTP binary extension and gRPC raw
+    contents alike): a 4-byte little-endian length, then the UTF-8 bytes."""
     items, offset = [], 0
     while offset < len(blob):
         if offset + 4 > len(blob):
@@ -174,7 +176,7 @@ def _decode_input(item: Any, binary: bytes, offset: int) -> tuple[str, np.ndarra
             blob = binary[offset : offset + size]
             offset += size
             if datatype == "BYTES":
-                items = _bytes_elements(blob, name)
+                items = bytes_elements(blob, name)
                 values: Any = np.empty(len(items), dtype=object)
                 values[:] = items
             else:
