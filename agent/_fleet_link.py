@@ -269,6 +269,8 @@ class DeviceLink:
         if what is ReportKind.TELEMETRY:
             topic = self.topics.telemetry(self.device)
             report = {**report, "outbox": {"queued": len(self.outbox), **self.outbox.counters()}}
+        elif what is ReportKind.QUALITY:
+            topic = self.topics.quality(self.device)
         else:
             topic = self.topics.drift(self.device)
         try:

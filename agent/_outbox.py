@@ -6,7 +6,7 @@ writes), drained strictly in order by the MQTT link once the broker acknowledged
 It survives agent restarts and broker outages.
 
 Bounded: beyond ``max_messages`` the oldest *telemetry* is dropped first, then the oldest drift
-report, and the drop is counted (reported with the next telemetry). Job updates are never
+report, then the oldest quality report, and the drop is counted (reported with the next telemetry). Job updates are never
 dropped; an outbox full of job updates alone keeps growing, since losing one would leave the
 operator blind to what the device did.
 """
@@ -22,8 +22,8 @@ from edgepack.agent.exceptions import StorageError
 
 __all__ = ["KINDS", "Message", "Outbox"]
 
-KINDS = ("job", "drift", "telemetry")  # never dropped … dropped first
-_DROP_ORDER = ("telemetry", "drift")
+KINDS = ("job", "quality", "drift", "telemetry")  # never dropped … dropped first
+_DROP_ORDER = ("telemetry", "drift", "quality")
 
 
 @dataclass(frozen=True)

@@ -75,6 +75,7 @@ pattern write {prefix}/devices/%u/jobs/+/status
 pattern write {prefix}/devices/%u/pending/get
 pattern write {prefix}/devices/%u/telemetry
 pattern write {prefix}/devices/%u/drift
+pattern write {prefix}/devices/%u/quality
 
 # Nothing above lets a device write any `.../jobs/MODEL` topic (only {ops} signs and sends
 # commands, and the device would refuse an unsigned one anyway), read another device's topics
@@ -91,6 +92,7 @@ topic read {prefix}/devices/+/jobs/+/status
 topic read {prefix}/devices/+/pending/get
 topic read {prefix}/devices/+/telemetry
 topic read {prefix}/devices/+/drift
+topic read {prefix}/devices/+/quality
 # The commands themselves (retained), so it knows every job and can re-serve pending ones, and
 # the trust document, which it hands on in pending answers.
 topic read {prefix}/devices/+/jobs/+

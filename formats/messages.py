@@ -119,10 +119,11 @@ class JobStep(TextEnum):
 
 
 class ReportKind(TextEnum):
-    """The two reports a device sends through its outbox; the value is the topic's last level."""
+    """The reports a device sends through its outbox; the value is the topic's last level."""
 
     TELEMETRY = "telemetry"
     DRIFT = "drift"
+    QUALITY = "quality"
 
 
 # -- job status -----------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ hand, so the topic tree lives here and in ``docs/protocol.md`` §1. Under a conf
     {prefix}/devices/{device}/pending              the collector answers with pending commands
     {prefix}/devices/{device}/telemetry            telemetry reports
     {prefix}/devices/{device}/drift                drift reports
+    {prefix}/devices/{device}/quality              model-quality reports (ground truth, estimates)
     {prefix}/collectors/{collector}                retained  a collector is online and subscribed
     {prefix}/presence/ping                         a device asks connected collectors to answer
     {prefix}/trust                                 retained  the signed trust document (keys)
@@ -48,6 +49,7 @@ class TopicKind(TextEnum):
     PENDING = "pending"
     TELEMETRY = "telemetry"
     DRIFT = "drift"
+    QUALITY = "quality"
     COLLECTOR = "collector"
     PRESENCE_PING = "presence_ping"
     TRUST = "trust"
@@ -73,6 +75,7 @@ _DEVICE_LEAVES = {
     ("pending", "get"): TopicKind.PENDING_GET,
     ("telemetry",): TopicKind.TELEMETRY,
     ("drift",): TopicKind.DRIFT,
+    ("quality",): TopicKind.QUALITY,
 }
 
 
@@ -171,6 +174,9 @@ class Topics:
 
     def drift(self, device: str) -> str:
         return f"{self.prefix}/devices/{device}/drift"
+
+    def quality(self, device: str) -> str:
+        return f"{self.prefix}/devices/{device}/quality"
 
     def collector(self, collector: str = "+") -> str:
         """Retained presence of a collector (online while it is subscribed; LWT offline)."""

@@ -74,7 +74,7 @@ def test_order_survives_a_restart(tmp_path: Path) -> None:
     path = tmp_path / "outbox.db"
     box = Outbox(path)
     for i in range(30):
-        box.put(KINDS[i % 3], f"t/{i}", str(i).encode())
+        box.put(KINDS[i % len(KINDS)], f"t/{i}", str(i).encode())
     delivered = [payload for _, _, payload in drain_some(box, 10)]
     assert delivered == [str(i).encode() for i in range(10)]
     assert [box.next_seq("drift") for _ in range(3)] == [1, 2, 3]
@@ -83,10 +83,10 @@ def test_order_survives_a_restart(tmp_path: Path) -> None:
     box = Outbox(path)  # the agent restarted
     assert len(box) == 20
     for i in range(30, 35):
-        box.put(KINDS[i % 3], f"t/{i}", str(i).encode())
+        box.put(KINDS[i % len(KINDS)], f"t/{i}", str(i).encode())
     rest = drain(box)
     assert [payload for _, _, payload in rest] == [str(i).encode() for i in range(10, 35)]
-    assert [topic_kind for _, topic_kind, _ in rest] == [KINDS[i % 3] for i in range(10, 35)]
+    assert [topic_kind for _, topic_kind, _ in rest] == [KINDS[i % len(KINDS)] for i in range(10, 35)]
     assert box.next_seq("drift") == 4  # report numbers continue, never restart
     assert box.next_seq("telemetry") == 1
     last_id = rest[-1][0]
@@ -162,11 +162,11 @@ def test_bound_holds_under_a_random_mix(tmp_path: Path) -> None:
             assert got == [s for s, _ in model[:count]]
             del model[:count]
             continue
-        kind = rng.choices(KINDS, weights=(1, 3, 6))[0]
+        kind = rng.choices(KINDS, weights=(1, 1, 3, 6))[0]
         box.put(kind, kind, str(step).encode())
         model.append((step, kind))
         excess = len(model) - 50
-        for droppable in ("telemetry", "drift"):
+        for droppable in ("telemetry", "drift", "quality"):
             while excess > 0 and any(k == droppable for _, k in model):
                 model.remove(next(m for m in model if m[1] == droppable))
                 dropped[droppable] += 1
