@@ -45,6 +45,7 @@ __all__ = [
     "GOLDEN_FILE",
     "MANIFEST_FILE",
     "MODEL_FILE",
+    "QUALITY_FILE",
     "REFERENCE_FILE",
     "REQUIRED_FILES",
     "SIGNATURE_FILE",
@@ -64,6 +65,7 @@ MANIFEST_FILE = "manifest.json"
 MODEL_FILE = "model.onnx"
 REFERENCE_FILE = "reference.json"
 GOLDEN_FILE = "golden.npz"
+QUALITY_FILE = "quality.json"  # optional: only when the build had the ground truth (--target)
 REQUIRED_FILES = (MANIFEST_FILE, MODEL_FILE, REFERENCE_FILE, GOLDEN_FILE, SIGNATURE_FILE)
 
 

@@ -43,6 +43,7 @@ from edgepack.formats.bundle import (
     GOLDEN_FILE,
     MANIFEST_FILE,
     MODEL_FILE,
+    QUALITY_FILE,
     REFERENCE_FILE,
     bundle_filename,
     write_bundle,
@@ -50,6 +51,7 @@ from edgepack.formats.bundle import (
 from edgepack.formats.exceptions import EdgepackError, KeyFormatError
 from edgepack.formats.keys import load_private_key
 from edgepack.formats.manifest import Manifest, check_model_name
+from edgepack.formats.quality import quality_json
 from edgepack.packager._converters import Converter, Prediction, find_converter
 from edgepack.packager._converters.onnx_model import tensor_specs
 from edgepack.packager._graph import (
@@ -62,6 +64,7 @@ from edgepack.packager._graph import (
 from edgepack.packager._parity import MIN_PARITY_ROWS, ParityResult
 from edgepack.packager._precision import Measured, Timing, candidates_for, measure, select
 from edgepack.packager._profiles import Profile, get_profile
+from edgepack.packager._quality import pop_target, quality_reference
 from edgepack.packager._reference import (
     InputLayout,
     ReferenceSplit,
@@ -127,6 +130,7 @@ class BuildRequest:
     columns: Sequence[str] | None = None
     force: bool = False
     timing: Timing = field(default_factory=Timing)
+    target: str | None = None  # the reference column with the ground truth: quality.json
 
 
 @dataclass(frozen=True)
@@ -171,6 +175,7 @@ class _Shared:
     notes: list[str]
     mlflow: MlflowModel | None = None
     seconds: float = 0.0
+    quality_json: bytes | None = None
     converted: dict[tuple[int, int], onnx.ModelProto] = field(default_factory=dict)
 
 
@@ -249,6 +254,9 @@ def _prepare(request: BuildRequest) -> _Shared:
     signature_columns = from_mlflow.columns if from_mlflow else None
     converter = find_converter(source.obj)
     frame = load_reference(request.reference)
+    truth = None
+    if request.target:
+        frame, truth = pop_target(frame, request.target)
     model_names = converter.feature_names(source.obj)
     # --columns as given; else the MLflow signature's names, unless the model has its own
     stated = (
@@ -280,6 +288,12 @@ def _prepare(request: BuildRequest) -> _Shared:
             f"{MIN_PARITY_ROWS + CALIBRATION_ROWS:,} rows or more"
         )
     stats = reference_statistics(split.all, layout, task, source_all)
+    labels = converter.class_labels(source.obj)
+    quality = (
+        None
+        if truth is None
+        else quality_json(quality_reference(task, truth, source_all, list(labels)))
+    )
     return _Shared(
         source=source,
         converter=converter,
@@ -288,10 +302,11 @@ def _prepare(request: BuildRequest) -> _Shared:
         split=split,
         source_parity=converter.predict(source.obj, layout, split.parity),
         reference_json=to_json(stats),
-        labels=converter.class_labels(source.obj),
+        labels=labels,
         notes=notes,
         mlflow=from_mlflow,
         seconds=time.perf_counter() - start,
+        quality_json=quality,
     )
 
 
@@ -526,6 +541,8 @@ def _build_one(
         REFERENCE_FILE: shared.reference_json,
         GOLDEN_FILE: _golden(shared, chosen.model_bytes),
     }
+    if shared.quality_json is not None:
+        files[QUALITY_FILE] = shared.quality_json
     existing = existing_release(path, {MANIFEST_FILE: manifest.to_json(), **files})
     unchanged = bool(existing and existing["same"])
     if existing and not existing["same"] and not request.force:

@@ -245,6 +245,12 @@ def profiles(profile_dirs: tuple[Path, ...]) -> None:
     "feature names, or a .npy reference).",
 )
 @click.option(
+    "--target",
+    default=None,
+    help="The reference column with the ground truth (true label or value): the bundle then "
+    "carries the model's held-out quality (quality.json) for the device to compare with.",
+)
+@click.option(
     "--force",
     is_flag=True,
     help="Replace an existing bundle of this name, version and profile with different content.",
@@ -261,6 +267,7 @@ def build(
     trust_pickle: bool,
     profile_dirs: tuple[Path, ...],
     columns: str | None,
+    target: str | None,
     force: bool,
     explain: bool,
 ) -> None:
@@ -285,6 +292,7 @@ def build(
         profile_dirs=profile_dirs,
         columns=[c.strip() for c in columns.split(",") if c.strip()] if columns else None,
         force=force,
+        target=target,
     )
     log_path = out_dir / f"{name}-{version}.build.log"
     progress = Progress(
