@@ -57,6 +57,7 @@ __all__ = [
     "LimitsConfig",
     "MonitorConfig",
     "MqttConfig",
+    "QualityConfig",
     "RuntimeConfig",
     "ServerConfig",
     "load_config",
@@ -202,6 +203,16 @@ class MonitorConfig:
 
 
 @dataclass(frozen=True)
+class QualityConfig:
+    """``[quality]``: model quality from delayed ground truth and CBPE (edgepack.agent._quality)."""
+
+    enabled: bool = True
+    window: int = 200  # labeled rows per quality window
+    estimate_window: int = 500  # predictions per CBPE (estimated accuracy) window
+    max_predictions: int = 10_000  # rows of recent predictions kept for feedback to join
+
+
+@dataclass(frozen=True)
 class CaptureConfig:
     """``[capture]``: the rate-limited sample store for retraining (off by default)."""
 
@@ -229,6 +240,7 @@ class AgentConfig:
     download: DownloadConfig = field(default_factory=DownloadConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     capture: CaptureConfig = field(default_factory=CaptureConfig)
+    quality: QualityConfig = field(default_factory=QualityConfig)
     source: Path | None = None
 
     def public_keys(self) -> list[ec.EllipticCurvePublicKey]:
@@ -324,6 +336,12 @@ _DRIFT: dict[str, Check] = {
     "max_age": number(above=0),
     "max_queued_rows": integer(1),
 }
+_QUALITY: dict[str, Check] = {
+    "enabled": boolean,
+    "window": integer(20),
+    "estimate_window": integer(20),
+    "max_predictions": integer(1),
+}
 _CAPTURE: dict[str, Check] = {
     "enabled": boolean,
     "per_minute": integer(1),
@@ -413,6 +431,7 @@ def _schema(source: str, base: Path) -> dict[str, Check]:
         "telemetry": table("telemetry", _TELEMETRY),  # with [drift]: one MonitorConfig
         "drift": table("drift", _DRIFT),
         "capture": lambda v: CaptureConfig(**table("capture", _CAPTURE)(v)),
+        "quality": lambda v: QualityConfig(**table("quality", _QUALITY)(v)),
     }
 
 

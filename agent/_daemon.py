@@ -72,7 +72,11 @@ class Agent:
         )
         self.reports = ReportRelay()  # telemetry and drift reports; the MQTT link connects it
         self.monitor = Monitor(
-            self.lifecycle.store, config.monitor, sink=self.reports, capture=self.samples
+            self.lifecycle.store,
+            config.monitor,
+            sink=self.reports,
+            capture=self.samples,
+            quality=config.quality,
         )
         self.runtime = Runtime(config.runtime, config.server.max_batch_rows, monitor=self.monitor)
         self.server: InferenceServer | None = None
@@ -201,7 +205,7 @@ class Agent:
                 for name, report in sorted(self.monitor.latest.items())
             ),
         )
-        return self.monitor.telemetry.prometheus([drift])
+        return self.monitor.telemetry.prometheus([drift, *self.monitor.quality_families()])
 
     def _hand_over(self, outcome: Outcome) -> None:
         """Serve the session the operation's health check ran on: the model is loaded once."""
@@ -268,15 +272,36 @@ class Agent:
         inputs: Mapping[str, Any],
         version: int | None = None,
         outputs: Sequence[str] | None = None,
+        request_id: str | None = None,
     ) -> dict[str, np.ndarray]:
         """Run inference in-process (same validation as the HTTP endpoint).
+
+        With a ``request_id`` the predictions are kept for :meth:`feedback` (``[quality]``).
 
         Raises:
             ModelNotFoundError: no such model or version is served.
             RequestError: bad inputs or unknown outputs.
             InferenceError: the model failed on valid inputs.
         """
-        return self.runtime.infer(name, inputs, version, outputs)
+        if request_id is None:
+            return self.runtime.infer(name, inputs, version, outputs)
+        served = self.runtime.get(name, version)
+        result = self.runtime.run(served, inputs, outputs)
+        self.runtime.remember(served, request_id, result)
+        return result
+
+    def feedback(
+        self, name: str, request_id: str, labels: Any = None, targets: Any = None
+    ) -> dict[str, Any]:
+        """The ground truth of an earlier request (one label or target per row it had).
+
+        Returns ``{"id", "rows", "accepted"}`` (``accepted`` false: a repeat, ignored).
+
+        Raises:
+            UnknownRequestError: no predictions kept for ``request_id`` (HTTP 404).
+            FeedbackError: malformed feedback (HTTP 400).
+        """
+        return self.monitor.feedback(name, request_id, labels=labels, targets=targets)
 
     def status(self) -> dict[str, Any]:
         """Installed and served models, any pending operation, and recent events."""
@@ -295,6 +320,7 @@ class Agent:
                     "serving": served.get(name),
                     "not_served_because": failed.get(name, (None, None))[1],
                     "drift": self.monitor.verdict(name, m.active),
+                    "quality": self.monitor.quality_verdict(name, m.active),
                     "installed_at": m.installed_at,
                 }
                 for name, m in sorted(state.models.items())

@@ -14,6 +14,7 @@ itself with ``workers = 0``. Routes::
     GET  /v2/models/{name}[/versions/{v}]        model metadata
     GET  /v2/models/{name}[/versions/{v}]/ready  model readiness
     POST /v2/models/{name}[/versions/{v}]/infer  inference (JSON or binary tensor extension)
+    POST /v2/models/{name}/feedback              ground truth for earlier requests, by id
 
 Every request goes through :meth:`edgepack.agent._runtime.Runtime.run`. Bad requests get a 4xx
 with ``{"error": "..."}`` saying what was wrong; a valid request on which the model itself fails
@@ -34,6 +35,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import contextlib
+import dataclasses
 import json
 import logging
 import re
@@ -41,12 +43,14 @@ import selectors
 import socket
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from http import HTTPStatus
 from typing import Any
 
 import edgepack
 from edgepack.agent._inference_protocol import (
+    decode_feedback,
     decode_infer_request,
     encode_infer_response,
     model_metadata,
@@ -60,7 +64,7 @@ log = logging.getLogger("edgepack.agent.http")
 
 _MODEL_PATH = re.compile(
     r"^/v2/models/(?P<name>[A-Za-z0-9][A-Za-z0-9_.-]{0,63})(?:/versions/(?P<version>\d{1,18}))?"
-    r"(?P<action>/ready|/infer)?/?$"
+    r"(?P<action>/ready|/infer|/feedback)?/?$"
 )
 HEADER_LENGTH = "Inference-Header-Content-Length"
 # A byte count is ASCII digits only: str.isdigit() also takes '²' or '٣', which int() refuses.
@@ -195,7 +199,7 @@ class _Server:
             ready = self.ready()
             return _json(200 if ready else 503, {"ready": ready})
         match = _MODEL_PATH.match(path)
-        if not match or match["action"] == "/infer":
+        if not match or match["action"] in ("/infer", "/feedback"):
             return _error(404, f"no such endpoint: GET {path}")
         try:
             served = self.runtime.get(
@@ -220,9 +224,20 @@ class _Server:
             decoded = decode_infer_request(request.body, wanted)
             version = int(match["version"]) if match["version"] else None
             served = self.runtime.get(match["name"], version)
+            monitor = self.runtime.monitor
+            if monitor is not None and monitor.quality_config.enabled:
+                if decoded.id is None:  # an id of its own, returned, so feedback can name it
+                    decoded = dataclasses.replace(decoded, id=uuid.uuid4().hex)
+                runtime = self.runtime
 
-            def done(outputs: dict[str, Any] | None, error: BaseException | None) -> None:
-                reply(_answer(served, decoded, outputs, error))
+                def done(outputs: dict[str, Any] | None, error: BaseException | None) -> None:
+                    if outputs is not None:
+                        runtime.remember(served, decoded.id, outputs)
+                    reply(_answer(served, decoded, outputs, error))
+            else:
+
+                def done(outputs: dict[str, Any] | None, error: BaseException | None) -> None:
+                    reply(_answer(served, decoded, outputs, error))
 
             # run on the model we hold: a hot swap right now must not fail this request
             if self.runtime.batching(served) and self.runtime.run_async(
@@ -233,7 +248,33 @@ class _Server:
         except Exception as e:  # noqa: BLE001 - every failure is answered, by its kind
             reply(_failure(e))
             return
-        reply(_answer(served, decoded, outputs, None))
+        done(outputs, None)
+
+    def feedback(self, match: re.Match[str], request: _Request) -> Response:
+        """``POST /v2/models/NAME/feedback``: ground truth for earlier requests, by id."""
+        monitor = self.runtime.monitor
+        if monitor is None or not monitor.quality_config.enabled:
+            return _error(404, "feedback is off on this agent ([quality] enabled = false)")
+        try:
+            items = decode_feedback(request.body)
+            results: list[dict[str, Any]] = []
+            unknown: list[str] = []
+            errors: list[str] = []
+            for request_id, labels, targets in items:
+                try:
+                    results.append(
+                        monitor.feedback(match["name"], request_id, labels=labels, targets=targets)
+                    )
+                except RequestError as e:
+                    (unknown if e.status == 404 else errors).append(str(e))
+        except RequestError as e:
+            return _error(e.status, str(e))
+        if len(items) == 1 and (unknown or errors):
+            return _error(404 if unknown else 400, (unknown or errors)[0])
+        body = {"accepted": sum(r["accepted"] for r in results), "results": results}
+        if unknown or errors:
+            body["errors"] = unknown + errors
+        return _json(200, body)
 
 
 def _answer(
@@ -450,6 +491,9 @@ class _Connection:
             self.close()
             return
         match = _MODEL_PATH.match(path)
+        if match and match["action"] == "/feedback":
+            self._respond(request, server.feedback(match, request))
+            return
         if not match or match["action"] != "/infer":
             self._respond(request, _error(404, f"no such endpoint: POST {path}"))
             return

@@ -270,6 +270,43 @@ def _decode(body: bytes, header_length: int | None) -> InferRequest:
     )
 
 
+MAX_FEEDBACK_ITEMS = 10_000
+
+
+def decode_feedback(body: bytes) -> list[tuple[str, Any, Any]]:
+    """``POST …/feedback``: ``{"id", "labels"|"targets"}`` or ``{"feedback": [those...]}``.
+
+    Returns ``(id, labels, targets)`` per item (one of the two is ``None``).
+
+    Raises:
+        RequestError: not JSON, no id, neither or both of labels and targets, too many items.
+    """
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise RequestError(f"feedback body is not valid JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise RequestError("feedback must be a JSON object")
+    items = data.get("feedback", [data])
+    if not isinstance(items, list) or not items or len(items) > MAX_FEEDBACK_ITEMS:
+        raise RequestError(
+            f"'feedback' must be a list of 1 to {MAX_FEEDBACK_ITEMS} objects with an id"
+        )
+    decoded = []
+    for n, item in enumerate(items):
+        where = f"feedback[{n}]" if "feedback" in data else "feedback"
+        if not isinstance(item, dict):
+            raise RequestError(f"{where} must be an object")
+        request_id = item.get("id")
+        if not isinstance(request_id, str) or not request_id:
+            raise RequestError(f"{where}: 'id' must be the request's id, a non-empty string")
+        labels, targets = item.get("labels"), item.get("targets")
+        if (labels is None) == (targets is None):
+            raise RequestError(f"{where}: give exactly one of 'labels' or 'targets'")
+        decoded.append((request_id[:256], labels, targets))
+    return decoded
+
+
 def _binary(array: np.ndarray) -> bytes:
     if array.dtype.kind in "USO":
         parts = []

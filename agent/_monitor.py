@@ -29,18 +29,28 @@ from typing import Any
 import numpy as np
 
 from edgepack.agent._capture import SampleStore
-from edgepack.agent._config import MonitorConfig
+from edgepack.agent._config import MonitorConfig, QualityConfig
 from edgepack.agent._drift import DriftDetector
+from edgepack.agent._prometheus import Family, gauge
+from edgepack.agent._quality import (
+    FeedbackError,
+    PredictionLog,
+    QualityTracker,
+    UnknownRequestError,
+    confidence_of,
+)
 from edgepack.agent._state import Store
 from edgepack.agent._telemetry import Telemetry
 from edgepack.agent.exceptions import EdgepackError
-from edgepack.formats.bundle import MANIFEST_FILE, REFERENCE_FILE
+from edgepack.formats.bundle import MANIFEST_FILE, QUALITY_FILE, REFERENCE_FILE
+from edgepack.formats.quality import parse_quality
 from edgepack.formats.reference import parse_reference
 
 __all__ = ["Monitor", "ReportRelay", "Sink"]
 
 log = logging.getLogger("edgepack.agent.monitor")
 
+_SEVERITY = ("ok", "warning", "degraded")
 VERDICTS_FILE = "drift.json"  # in the state directory: the latest verdict per model
 
 Sink = Callable[[str, dict[str, Any]], None]
@@ -84,9 +94,18 @@ class Monitor:
         config: MonitorConfig | None = None,
         sink: Sink | None = None,
         capture: SampleStore | None = None,
+        quality: QualityConfig | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.store = store
         self.config = config or MonitorConfig()
+        self.quality_config = quality or QualityConfig()
+        self.clock = clock
+        self.predictions = PredictionLog(self.quality_config.max_predictions)
+        self._trackers: dict[str, tuple[int, QualityTracker]] = {}
+        self._tracker_lock = threading.Lock()
+        self.latest_quality: dict[str, dict[str, Any]] = {}
+        self.feedback_counts: collections.Counter[str] = collections.Counter()
         self._sink = sink
         self.capture = capture
         self.telemetry = Telemetry()
@@ -125,6 +144,111 @@ class Monitor:
             # before this batch is counted (a copy of one row costs less than a microsecond)
             kept = {name: value.copy() for name, value in inputs.items()}
             self._queue.append((model, version, kept, outputs))
+
+    def remember(
+        self, model: str, version: int, request_id: str, outputs: Mapping[str, Any]
+    ) -> None:
+        """Keep a served request's predictions for feedback, and count its confidences for
+        the estimated accuracy (a dictionary insert and a max over the probabilities)."""
+        if not self.quality_config.enabled or not outputs:
+            return
+        first = next(iter(outputs))
+        tracker = self.tracker(model, version)
+        predicted = np.asarray(outputs[first])
+        if predicted.ndim == 2 and predicted.shape[1] == 1:
+            predicted = predicted.reshape(-1)
+        if predicted.ndim != 1:
+            return  # not a label or a value per row: nothing feedback could be joined with
+        self.predictions.add(model, version, request_id, predicted.copy())
+        if tracker is not None and tracker.task == "classification":
+            confidence = confidence_of(outputs, first)
+            if confidence is not None:
+                tracker.predicted(confidence)
+
+    def feedback(
+        self,
+        model: str,
+        request_id: str,
+        labels: Any = None,
+        targets: Any = None,
+    ) -> dict[str, Any]:
+        """Join the ground truth of an earlier request with its predictions.
+
+        Returns ``{"id", "rows", "accepted"}``; ``accepted`` is false for a second feedback on
+        the same id (ignored, counted as ``duplicate``).
+
+        Raises:
+            UnknownRequestError: no predictions kept for that id (never served, or expired).
+            FeedbackError: neither or both of labels and targets, or a row count that differs.
+        """
+        if (labels is None) == (targets is None):
+            self.feedback_counts["bad"] += 1
+            raise FeedbackError("feedback needs exactly one of 'labels' or 'targets'")
+        truth = labels if labels is not None else targets
+        if not isinstance(truth, (list, tuple)):
+            truth = [truth]
+        if targets is not None and not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in truth
+        ):
+            self.feedback_counts["bad"] += 1
+            raise FeedbackError("'targets' must be numbers")
+        entry = self.predictions.claim(model, request_id, len(truth))
+        if entry is None:
+            self.feedback_counts["unknown"] += 1
+            raise UnknownRequestError(
+                f"{model}: no predictions kept for request id {request_id!r} (never served with "
+                f"that id, or older than the last {self.predictions.max_rows} rows)"
+            )
+        if entry.answered:
+            self.feedback_counts["duplicate"] += 1
+            return {"id": request_id, "rows": len(entry.predicted), "accepted": False}
+        if len(truth) != len(entry.predicted):
+            self.feedback_counts["bad"] += 1
+            raise FeedbackError(
+                f"request {request_id!r} had {len(entry.predicted)} rows, the feedback gives "
+                f"{len(truth)}"
+            )
+        task = "classification" if labels is not None else "regression"
+        tracker = self.tracker(model, entry.version, task)
+        if tracker is not None:
+            tracker.labeled(list(truth), entry.predicted.tolist())
+        self.feedback_counts["joined"] += 1
+        return {"id": request_id, "rows": len(truth), "accepted": True}
+
+    def tracker(self, model: str, version: int, task: str | None = None) -> QualityTracker | None:
+        """The quality tracker of ``model`` at ``version`` (built from ``quality.json`` when the
+        bundle has one, else from the manifest's task)."""
+        current = self._trackers.get(model)
+        if current is not None and current[0] == version:
+            return current[1]
+        with self._tracker_lock:
+            current = self._trackers.get(model)
+            if current is not None and current[0] == version:
+                return current[1]
+            reference = None
+            directory = self.store.version_dir(model, version)
+            try:
+                reference = parse_quality((directory / QUALITY_FILE).read_bytes())
+            except FileNotFoundError:
+                pass
+            except (OSError, EdgepackError) as e:
+                log.warning("quality of %s v%d not judged: %s", model, version, e)
+            if reference is None and task is None:
+                try:
+                    manifest = json.loads((directory / MANIFEST_FILE).read_bytes())
+                    task = str(manifest.get("task", ""))
+                except (OSError, ValueError):
+                    task = ""
+            config = self.quality_config
+            tracker = QualityTracker(
+                task or "classification",
+                reference,
+                window=config.window,
+                estimate_window=config.estimate_window,
+                clock=self.clock,
+            )
+            self._trackers[model] = (version, tracker)
+            return tracker
 
     def failed(self, model: str, version: int, kind: str) -> None:
         """Record a failed request (bad input, unknown model...)."""
@@ -166,6 +290,9 @@ class Monitor:
         for model, (version, monitor) in list(self._monitors.items()):
             if monitor is not None and monitor.due():
                 self._report_drift(model, version, monitor)
+        for model, (version, tracker) in list(self._trackers.items()):
+            for report in tracker.close_due():
+                self._report_quality(model, version, report)
         if force_report or time.monotonic() - self._last_report >= self.config.interval:
             self._last_report = time.monotonic()
             report = self.telemetry.report()
@@ -267,6 +394,72 @@ class Monitor:
             f" (drifting: {', '.join(drifting)})" if drifting else "",
         )
         self._emit("drift", report)
+
+    def _report_quality(self, model: str, version: int, report: dict[str, Any]) -> None:
+        state = self.store.load().models.get(model)
+        body = {
+            "model": model,
+            "version": version,
+            "bundle_sha256": state.bundle_sha256 if state else None,
+            **report,
+        }
+        previous = self.quality_verdict(model, version)
+        kind = "labeled" if body["metrics"] is not None else "estimated"
+        latest = self.latest_quality.get(model)
+        if latest is None or latest.get("version") != version:
+            latest = self.latest_quality[model] = {"version": version}
+        latest[kind] = body
+        level = (
+            logging.WARNING
+            if body["status"] != "ok" and body["status"] != previous
+            else (logging.DEBUG)
+        )
+        log.log(level, "quality window %s v%d: %s", model, version, body["status"])
+        self._emit("quality", body)
+
+    def quality_verdict(self, model: str, version: int | None) -> str | None:
+        """The worse of the latest labeled and estimated windows' status (``None``: none yet)."""
+        latest = self.latest_quality.get(model)
+        if latest is None or latest.get("version") != version:
+            return None
+        statuses = [latest[k]["status"] for k in ("labeled", "estimated") if k in latest]
+        return max(statuses, key=_SEVERITY.index) if statuses else None
+
+    def quality_families(self) -> list[Family]:
+        """``/metrics`` gauges: verdict, latest labeled metrics, estimated accuracy, feedback."""
+        status, measured, estimated = [], [], []
+        for name, latest in sorted(self.latest_quality.items()):
+            key = {"model": name, "version": str(latest["version"])}
+            verdict = self.quality_verdict(name, latest["version"])
+            if verdict is not None:
+                status.append((key, float(_SEVERITY.index(verdict))))
+            for metric, value in sorted((latest.get("labeled", {}).get("metrics") or {}).items()):
+                measured.append(({**key, "metric": metric}, value))
+            guess = latest.get("estimated", {}).get("estimated")
+            if guess:
+                estimated.append((key, guess["accuracy"]))
+        return [
+            gauge(
+                "edgepack_quality_status",
+                "Verdict of the latest quality windows: 0 ok, 1 warning, 2 degraded.",
+                status,
+            ),
+            gauge(
+                "edgepack_quality_metric",
+                "Metric of the latest window of labeled rows (accuracy, f1 or mae).",
+                measured,
+            ),
+            gauge(
+                "edgepack_quality_estimated_accuracy",
+                "Accuracy estimated without labels (CBPE) over the latest window of predictions.",
+                estimated,
+            ),
+            gauge(
+                "edgepack_quality_feedback",
+                "Feedback items received, by result (joined, duplicate, unknown, bad).",
+                (({"result": r}, float(n)) for r, n in sorted(self.feedback_counts.items())),
+            ),
+        ]
 
     def verdict(self, model: str, version: int | None) -> str | None:
         """The latest drift verdict of ``model`` at ``version``: this process's own, else the

@@ -468,6 +468,17 @@ class Runtime:
             monitor.observe(served.name, served.version, feeds, observed, elapsed, _rows(feeds))
         return computed if run is wanted else {key: computed[key] for key in wanted}
 
+    @property
+    def monitor(self) -> Monitor | None:
+        return self._monitor
+
+    def remember(
+        self, served: ServedModel, request_id: str | None, outputs: Mapping[str, Any]
+    ) -> None:
+        """Keep the predictions of a request by its id, for feedback (``[quality]``)."""
+        if self._monitor is not None and request_id is not None:
+            self._monitor.remember(served.name, served.version, request_id, outputs)
+
     def _failed(self, served: ServedModel, kind: str) -> None:
         if self._monitor is not None:
             self._monitor.failed(served.name, served.version, kind)
