@@ -52,6 +52,7 @@ log = logging.getLogger("edgepack.agent.monitor")
 
 _SEVERITY = ("ok", "warning", "degraded")
 VERDICTS_FILE = "drift.json"  # in the state directory: the latest verdict per model
+QUALITY_STATUS_FILE = "quality-status.json"  # in the state directory: quality verdicts
 
 Sink = Callable[[str, dict[str, Any]], None]
 """Takes a report: its kind (``"telemetry"`` or ``"drift"``) and its JSON-ready body."""
@@ -409,6 +410,7 @@ class Monitor:
         if latest is None or latest.get("version") != version:
             latest = self.latest_quality[model] = {"version": version}
         latest[kind] = body
+        self._save_quality()
         level = (
             logging.WARNING
             if body["status"] != "ok" and body["status"] != previous
@@ -418,12 +420,37 @@ class Monitor:
         self._emit("quality", body)
 
     def quality_verdict(self, model: str, version: int | None) -> str | None:
-        """The worse of the latest labeled and estimated windows' status (``None``: none yet)."""
+        """The worse of the latest labeled and estimated windows' status (``None``: none yet):
+        this process's own, else the one the serving daemon wrote to ``quality-status.json``."""
         latest = self.latest_quality.get(model)
-        if latest is None or latest.get("version") != version:
+        if latest is None:
+            try:
+                saved = json.loads((self.store.root / QUALITY_STATUS_FILE).read_text()).get(model)
+            except (OSError, ValueError, AttributeError):
+                return None
+            if not isinstance(saved, dict) or saved.get("version") != version:
+                return None
+            status = saved.get("status")
+            return status if status in _SEVERITY else None
+        if latest.get("version") != version:
             return None
         statuses = [latest[k]["status"] for k in ("labeled", "estimated") if k in latest]
         return max(statuses, key=_SEVERITY.index) if statuses else None
+
+    def _save_quality(self) -> None:
+        """The latest quality verdict per model, for ``edgepack-agent status`` in another
+        process (not durable, like ``drift.json``)."""
+        verdicts = {
+            name: {"version": latest["version"], "status": self.quality_verdict(name, v)}
+            for name, latest in self.latest_quality.items()
+            for v in (latest["version"],)
+        }
+        path = self.store.root / QUALITY_STATUS_FILE
+        try:
+            path.with_suffix(".tmp").write_text(json.dumps(verdicts))
+            path.with_suffix(".tmp").replace(path)
+        except OSError as e:
+            log.warning("cannot write %s: %s", path, e)
 
     def quality_families(self) -> list[Family]:
         """``/metrics`` gauges: verdict, latest labeled metrics, estimated accuracy, feedback."""

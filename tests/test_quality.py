@@ -25,6 +25,7 @@ from conftest import KeyPair, write_agent_config
 
 from edgepack.agent._config import load_config
 from edgepack.agent._daemon import Agent
+from edgepack.agent._monitor import Monitor
 from edgepack.agent._quality import PredictionLog, QualityTracker, metrics
 from edgepack.agent.exceptions import RequestError
 from edgepack.formats.bundle import QUALITY_FILE, read_archive
@@ -307,6 +308,10 @@ def test_clean_stream_raises_no_alarm_and_corrupted_labels_degrade(agent: Agent)
     assert [r["alarm"] for r in corrupted] == [True, True, True]
     assert [r["status"] for r in corrupted] == ["warning", "degraded", "degraded"]
     assert agent.status()["models"]["q"]["quality"] == "degraded"
+    # `edgepack-agent status` runs in a process of its own: it reads the daemon's verdicts
+    other = Monitor(agent.lifecycle.store)
+    assert other.quality_verdict("q", 1) == "degraded"
+    assert other.quality_verdict("q", 2) is None  # a verdict of another version says nothing
     text = agent.metrics()
     assert 'edgepack_quality_status{model="q",version="1"} 2' in text
     assert 'edgepack_quality_metric{model="q",version="1",metric="accuracy"}' in text
@@ -392,3 +397,37 @@ def test_regression_quality_json_and_an_mae_alarm(tmp_path: Path, keys: KeyPair)
     assert (clean["alarm"], clean["status"]) == (False, "ok")
     assert (moved["alarm"], moved["status"]) == (True, "warning")
     assert moved["metrics"]["mae"] > tracker.thresholds["mae"]
+
+
+def test_a_stationary_stream_alarms_at_about_alpha() -> None:
+    """The bootstrap thresholds keep their promise: about 1% of windows alarm (accuracy or F1)
+    on fresh rows from the build's distribution, and none is ``degraded``."""
+    from sklearn.linear_model import LogisticRegression
+
+    from edgepack.packager._converters import Prediction
+    from edgepack.packager._quality import quality_reference
+
+    rng = np.random.default_rng(1)
+    columns = [f"f{i}" for i in range(4)]
+    x, y = draw(rng, 4000)
+    model = LogisticRegression().fit(pd.DataFrame(x, columns=columns), y)
+    held_x, held_y = draw(rng, 4000)
+    held = pd.DataFrame(held_x, columns=columns)
+    prediction = Prediction(labels=model.predict(held), probabilities=model.predict_proba(held))
+    reference = quality_reference("classification", pd.Series(held_y), prediction, [0, 1])
+    windows, size = 400, WINDOW
+    tracker = QualityTracker("classification", reference, size, size, clock=lambda: 0.0)
+    sx, sy = draw(rng, windows * size)
+    frame = pd.DataFrame(sx, columns=columns)
+    predicted, confidence = model.predict(frame), model.predict_proba(frame).max(axis=1)
+    for i in range(windows):
+        part = slice(i * size, (i + 1) * size)
+        tracker.labeled(sy[part].tolist(), predicted[part].tolist())
+        tracker.predicted(confidence[part])
+    reports = tracker.close_due()
+    labeled = [r for r in reports if r["metrics"] is not None]
+    estimated = [r["estimated"] for r in reports if r["estimated"] is not None]
+    assert len(labeled) == len(estimated) == windows
+    assert np.mean([r["alarm"] for r in labeled]) <= 0.03  # measured 0.010
+    assert np.mean([e["alarm"] for e in estimated]) <= 0.03  # measured 0.005
+    assert not any(r["status"] == "degraded" for r in labeled)
