@@ -16,8 +16,15 @@ from typing import Any
 
 import numpy as np
 
-from edgepack.formats.drift import FeatureBins, binned_ks, psi
-from edgepack.formats.reference import Reference, Thresholds
+from edgepack.formats.drift import (
+    FeatureBins,
+    binned_ks,
+    hotelling,
+    psi,
+    reconstruction_errors,
+    standardized,
+)
+from edgepack.formats.reference import Multivariate, MultivariateThresholds, Reference, Thresholds
 
 __all__ = ["DriftDetector"]
 
@@ -32,6 +39,102 @@ class _Column:
 
 
 _UNJUDGED = Thresholds(float("inf"), float("inf"))
+
+
+def _drifting(alarms: list[bool], strong: bool) -> bool:
+    """The verdict: a window beyond a strong threshold drifts at once; an alarm drifts when one
+    of the two windows before it alarmed too. Under no drift both are about as rare as the old
+    2-of-3 rule (the strong level is a tenth of the alarm level squared), but a clear shift is
+    flagged in its first window and any other within two."""
+    return strong or (alarms[-1] and any(alarms[-3:-1]))
+
+
+class _Joint:
+    """The multivariate test over every numeric feature: sums only, O(features) memory."""
+
+    def __init__(self, reference: Multivariate, features: dict[str, tuple[str, int]]) -> None:
+        self.reference = reference
+        self.where = [features[name] for name in reference.features]  # (input, column index)
+        self.mean = np.array(reference.mean)
+        self.scale = np.array(reference.scale)
+        self.components = np.array(reference.components)
+        self.precision = np.array(reference.precision)
+        self.sum_z = np.zeros(len(self.where))
+        self.sum_error = 0.0
+        self.rows = 0
+        self.alarms: list[bool] = []
+
+    def observe(self, inputs: dict[str, np.ndarray]) -> None:
+        columns = []
+        for name, index in self.where:
+            values = inputs.get(name)
+            if values is None:
+                return
+            array = np.asarray(values)
+            columns.append(array[:, index] if array.ndim == 2 else array.reshape(-1))
+        if len({len(c) for c in columns}) != 1:
+            return
+        try:
+            rows = np.column_stack(columns).astype(np.float64)
+        except (TypeError, ValueError):
+            return
+        z = standardized(rows, self.mean, self.scale)
+        self.sum_z += z.sum(axis=0)
+        self.sum_error += float(reconstruction_errors(z, self.components).sum())
+        self.rows += len(z)
+
+    def close(self) -> dict[str, Any]:
+        rows = self.rows
+        sizes = [s for s in sorted(self.reference.thresholds) if s <= rows]
+        limits: MultivariateThresholds | None = (
+            self.reference.thresholds[sizes[-1]] if sizes else None
+        )
+        error = self.sum_error / rows if rows else 0.0
+        t2 = hotelling(self.sum_z / rows, rows, self.precision) if rows else 0.0
+        alarm = strong = False
+        if limits is not None:
+            alarm = error > limits.reconstruction or t2 > limits.t2
+            strong = error > limits.reconstruction_strong or t2 > limits.t2_strong
+        self.alarms = [*self.alarms, alarm][-3:]
+        drifting = _drifting(self.alarms, strong)
+        # which features moved: each one's window mean in standard errors of a window mean
+        moved = self.sum_z / np.sqrt(rows) if rows else self.sum_z
+        self.sum_z = np.zeros(len(self.where))
+        self.sum_error, self.rows = 0.0, 0
+
+        def entry(name: str, value: float, at: float | None, strong_at: float | None) -> Any:
+            return {
+                "name": name,
+                "value": round(value, 6),
+                "threshold": None if at is None else round(at, 6),
+                "strong_threshold": None if strong_at is None else round(strong_at, 6),
+                "alarm": bool(at is not None and value > at),
+            }
+
+        return {
+            "features": list(self.reference.features),
+            "statistics": [
+                entry(
+                    "reconstruction_error",
+                    error,
+                    limits.reconstruction if limits else None,
+                    limits.reconstruction_strong if limits else None,
+                ),
+                entry(
+                    "hotelling_t2",
+                    t2,
+                    limits.t2 if limits else None,
+                    limits.t2_strong if limits else None,
+                ),
+            ],
+            "shift_z": {
+                n: round(float(v), 3) for n, v in zip(self.reference.features, moved, strict=True)
+            },
+            "threshold_window": sizes[-1] if sizes else 0,
+            "alarm": alarm,
+            "strong": strong,
+            "drifting": drifting,
+        }
 
 
 class DriftDetector:
@@ -63,8 +166,6 @@ class DriftDetector:
         self.window = window
         self.min_rows = min_rows
         self.max_age = max_age
-        self.needed = reference.persistence.alarms
-        self.over = reference.persistence.of_windows
         self.columns = [
             _Column(
                 FeatureBins.from_reference(column),
@@ -77,6 +178,13 @@ class DriftDetector:
             )
             for column in reference.columns
         ]
+        places = {c.name: (c.input or "", c.index) for c in reference.features}
+        self.joint = (
+            _Joint(reference.multivariate, places)
+            if reference.multivariate is not None
+            and all(name in places for name in reference.multivariate.features)
+            else None
+        )
         self.rows = 0
         self.opened = self._clock()
         self.opened_wall = self._wall()
@@ -107,6 +215,8 @@ class DriftDetector:
                 array = array[:, column.bins.index]
             column.counts += column.bins.count(array)
             rows = max(rows, len(array))
+        if self.joint is not None:
+            self.joint.observe(inputs)
         self.rows += rows
 
     def due(self) -> bool:
@@ -126,8 +236,14 @@ class DriftDetector:
             # either statistic; each was calibrated at alpha / (2 * columns): KS sees location
             # shifts best, PSI changes in spread and in the tails
             alarm = bool(self.rows > 0 and (ks > threshold.ks or value_psi > threshold.psi))
-            column.alarms = ([*column.alarms, alarm])[-self.over :]
-            drifting = sum(column.alarms) >= self.needed
+            strong = bool(
+                alarm
+                and threshold.ks_strong is not None
+                and threshold.psi_strong is not None
+                and (ks > threshold.ks_strong or value_psi > threshold.psi_strong)
+            )
+            column.alarms = ([*column.alarms, alarm])[-3:]
+            drifting = _drifting(column.alarms, strong)
             live = column.counts / max(1, column.counts.sum())
             features.append(
                 {
@@ -140,6 +256,7 @@ class DriftDetector:
                     "psi_threshold": round(threshold.psi, 6) if size else None,
                     "threshold_window": size,
                     "alarm": alarm,
+                    "strong": strong,
                     "drifting": drifting,
                     "live": [round(float(x), 6) for x in live],
                     "reference": [round(float(x), 6) for x in column.bins.reference],
@@ -154,15 +271,17 @@ class DriftDetector:
             )
             column.counts[:] = 0
         drifting_features = [f for f in features if f["drifting"]]
+        joint = self.joint.close() if self.joint is not None else None
+        drifting = bool(drifting_features) or bool(joint and joint["drifting"])
+        alarmed = any(f["alarm"] for f in features) or bool(joint and joint["alarm"])
         report = {
             "window_start": self.opened_wall,
             "window_end": self._wall(),
             "n": self.rows,
             "features": features,
+            "multivariate": joint,
             "drifted_share": round(len(drifting_features) / max(1, len(features)), 4),
-            "status": "drift"
-            if drifting_features
-            else ("warning" if any(f["alarm"] for f in features) else "ok"),
+            "status": "drift" if drifting else ("warning" if alarmed else "ok"),
         }
         self.rows = 0
         self.opened = self._clock()

@@ -10,17 +10,23 @@ statistics compare the window with the reference:
 * the **population stability index** (PSI), ``Σ (live - ref) · ln(live / ref)`` with a small
   floor on empty bins.
 
-Fixed cut-offs (PSI ≥ 0.1 …) are really a function of window size, so each feature gets a
-threshold calibrated at build time by bootstrap (:func:`calibrate`): windows of the device's size
-drawn from held-out reference rows, the ``1 - alpha / features`` quantile of the statistic
-(Bonferroni, over the columns and the two statistics). The device's detector
-(``edgepack.agent``) alarms on a column whose binned KS *or* PSI exceeds its threshold, and calls
-it drifting when that happens in 2 of the last 3 windows. The bins come from a parsed
-``reference.json`` (:mod:`edgepack.formats.reference`, which owns the file's format).
+Fixed cut-offs (PSI ≥ 0.1 …) are really a function of window size, so each column gets
+thresholds calibrated at build time by bootstrap (:func:`calibrate_windows`): windows of the
+device's sizes drawn from held-out reference rows, binned KS and PSI calibrated together as the
+one alarm the device raises (:func:`union_thresholds`), at the column's share of ``alpha``
+(Bonferroni), plus strong thresholds far rarer still (:func:`strong_threshold`). Every numeric
+feature together gets a multivariate test: the mean PCA reconstruction error of a window's
+standardized rows (:func:`reconstruction_errors`, as NannyML computes it) and Hotelling's T² of
+its mean row (:func:`hotelling`). The device's detector (``edgepack.agent._drift``) alarms on a
+column or on the multivariate test when a statistic exceeds its threshold, and calls it drifting
+at once beyond a strong threshold, or when one of the two windows before an alarm alarmed too.
+The bins come from a parsed ``reference.json`` (:mod:`edgepack.formats.reference`, which owns
+the file's format).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -31,14 +37,20 @@ from edgepack.formats.reference import ColumnKind, ColumnReference
 __all__ = [
     "FeatureBins",
     "binned_ks",
-    "calibrate",
     "calibrate_windows",
     "count_categorical",
     "count_numeric",
+    "hotelling",
     "psi",
+    "STRONG",
+    "reconstruction_errors",
+    "standardized",
+    "strong_threshold",
+    "union_thresholds",
 ]
 
 PSI_FLOOR = 1e-4
+STRONG = 0.1  # a strong threshold is this many times rarer than the level squared
 
 
 @dataclass(frozen=True)
@@ -122,65 +134,93 @@ def psi(reference: np.ndarray, counts: np.ndarray) -> np.ndarray:
     return ((live - ref) * np.log(live / ref)).sum(axis=-1)
 
 
-def calibrate(
-    reference: np.ndarray,
-    holdout_counts: np.ndarray,
-    window: int,
-    quantile: float,
-    draws: int,
-    *,
-    ordered: bool = True,
-    seed: int = 0,
-) -> dict[str, float]:
-    """Thresholds for one feature at one window size, by bootstrap from held-out rows.
+def union_thresholds(statistics: np.ndarray, level: float) -> np.ndarray:
+    """Thresholds for several statistics over the same draws, calibrated as one alarm.
 
-    The one-window form of :func:`calibrate_windows` (same draws for the same seed).
+    The device alarms when *any* of a column's statistics exceeds its threshold, so the union is
+    what is calibrated: every statistic's threshold is its ``j``-th largest draw, for the largest
+    ``j`` whose union of exceedances (strictly above, as the device compares) is at most
+    ``level`` of the draws. Exceedances are counted, not interpolated, so a statistic that takes
+    few distinct values (a small window) cannot push the rate above ``level``.
+
+    Args:
+        statistics: ``(draws, statistics)`` values under the null.
+        level: the share of draws allowed to alarm.
 
     Returns:
-        ``{"ks": threshold, "psi": threshold}``.
+        ``(statistics,)`` thresholds.
     """
-    found = calibrate_windows(
-        reference,
-        holdout_counts,
-        (window,),
-        quantile,
-        draws,
-        ordered=ordered,
-        rng=np.random.default_rng(seed),
-    )
-    return {"ks": float(found[0, 0]), "psi": float(found[0, 1])}
+    values = np.asarray(statistics, dtype=np.float64)
+    draws = len(values)
+    allowed = math.floor(level * draws)
+    ranked = -np.sort(-values, axis=0)  # each statistic, largest first
+
+    def union(j: int) -> int:
+        return int(np.any(values > ranked[j], axis=1).sum())
+
+    low, high = 0, min(allowed, draws - 1)
+    while low < high:  # the largest j with union(j) <= allowed (union grows with j)
+        middle = (low + high + 1) // 2
+        if union(middle) <= allowed:
+            low = middle
+        else:
+            high = middle - 1
+    return np.asarray(ranked[low], dtype=np.float64)
+
+
+def strong_threshold(values: np.ndarray, threshold: float, ratio: float) -> float:
+    """A threshold ``ratio`` times rarer than ``threshold``, by an exponential tail.
+
+    The draws beyond ``threshold`` are too few to read a far rarer quantile directly, so the tail
+    is extended as exponential with the mean excess over ``threshold``:
+    ``threshold + mean_excess · ln(1 / ratio)``. KS and PSI (and the multivariate statistics)
+    have tails lighter than exponential (Gaussian- and chi-square-like), whose mean excess falls
+    further out, so this errs on the side of fewer alarms.
+    """
+    values = np.asarray(values, dtype=np.float64)
+    beyond = values[values > threshold]
+    if len(beyond) >= 3:
+        excess = float((beyond - threshold).mean())
+    else:  # (almost) nothing beyond: the spread of the upper tail stands in
+        excess = float(np.quantile(values, 0.999) - np.quantile(values, 0.99)) or float(
+            values.std()
+        )
+    return float(threshold + max(excess, 1e-12) * math.log(1 / ratio))
 
 
 def calibrate_windows(
     reference: np.ndarray,
     holdout_counts: np.ndarray,
     windows: Sequence[int],
-    quantile: float,
+    level: float,
     draws: int,
     *,
     ordered: bool = True,
     rng: np.random.Generator,
 ) -> np.ndarray:
-    """Thresholds for one feature at every window size at once, by bootstrap from held-out rows.
+    """One column's thresholds at every window size, by bootstrap from held-out rows.
 
     Resampling ``window`` held-out rows with replacement puts Multinomial(window, p_holdout)
     counts in the bins, so the windows are drawn directly as counts: one
     ``(draws, windows, bins)`` array from ``rng``, then both statistics over it at once. PSI's
     per-bin term depends only on a bin's integer count, so it is looked up in a table of every
     possible count (the same values :func:`psi` computes, without a logarithm per window).
+    Binned KS and PSI are calibrated together (:func:`union_thresholds`): the column alarms in
+    at most ``level`` of stationary windows. The strong thresholds are ``STRONG * level`` times
+    rarer again (:func:`strong_threshold`): a window beyond one is rarer under no drift than
+    two alarms in a row.
 
     Args:
         reference: the reference proportions the device will compare against.
         holdout_counts: bin counts of held-out reference rows (not used to make ``reference``).
         windows: the device's window sizes (rows).
-        quantile: e.g. ``1 - alpha / features``.
-        draws: bootstrap windows per size (at least ``10 * features / alpha`` for a stable
-            quantile).
+        level: the column's false alarms per window (``alpha / tests``).
+        draws: bootstrap windows per size (at least ``10 / level`` for a stable threshold).
         ordered: numeric bins (cumulative KS) or categories (largest bin gap).
-        rng: the feature's own random stream (the caller seeds it, so builds are reproducible).
+        rng: the column's own random stream (the caller seeds it, so builds are reproducible).
 
     Returns:
-        ``(len(windows), 2)`` thresholds: binned KS in column 0, PSI in column 1.
+        ``(len(windows), 4)`` thresholds: binned KS, PSI, strong binned KS, strong PSI.
     """
     reference = np.asarray(reference, dtype=np.float64)
     holdout_counts = np.asarray(holdout_counts, dtype=np.float64)
@@ -196,6 +236,31 @@ def calibrate_windows(
     ref = np.maximum(reference, PSI_FLOOR)[None, :, None]
     table = (live[:, None, :] - ref) * np.log(live[:, None, :] / ref)  # (windows, bins, c)
     flat = (np.arange(len(sizes))[:, None] * bins + np.arange(bins)[None, :]) * len(c)
-    terms = table.ravel()[flat[None, :, :] + counts]  # (draws, windows, bins)
-    found = np.quantile(np.stack([ks, terms.sum(axis=-1)], axis=-1), quantile, axis=0)
-    return np.asarray(found, dtype=np.float64)
+    value_psi = table.ravel()[flat[None, :, :] + counts].sum(axis=-1)  # (draws, windows)
+    found = np.empty((len(sizes), 4))
+    for i in range(len(sizes)):
+        found[i, :2] = union_thresholds(np.stack([ks[:, i], value_psi[:, i]], axis=1), level)
+        found[i, 2] = strong_threshold(ks[:, i], found[i, 0], STRONG * level)
+        found[i, 3] = strong_threshold(value_psi[:, i], found[i, 1], STRONG * level)
+    return found
+
+
+# -- multivariate: every numeric feature together ---------------------------------------------
+
+
+def standardized(values: np.ndarray, mean: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """Rows ``(n, features)`` in reference units; a missing value is the reference mean (0)."""
+    z = (np.asarray(values, dtype=np.float64) - mean) / scale
+    return np.where(np.isfinite(z), z, 0.0)
+
+
+def reconstruction_errors(z: np.ndarray, components: np.ndarray) -> np.ndarray:
+    """Each standardized row's distance from its reconstruction by the principal ``components``
+    (``(k, features)``, orthonormal), as NannyML's data-reconstruction drift computes it."""
+    return np.asarray(np.linalg.norm(z - (z @ components.T) @ components, axis=1))
+
+
+def hotelling(mean_z: np.ndarray, rows: int, precision: np.ndarray) -> float:
+    """Hotelling's T² of a window's mean standardized row against the reference mean (0):
+    ``rows · z̄ᵀ Σ⁻¹ z̄``; about chi-square with ``features`` degrees of freedom under no drift."""
+    return float(rows * mean_z @ precision @ mean_z)

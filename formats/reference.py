@@ -28,6 +28,8 @@ __all__ = [
     "Calibration",
     "ColumnKind",
     "ColumnReference",
+    "Multivariate",
+    "MultivariateThresholds",
     "Persistence",
     "Reference",
     "Thresholds",
@@ -47,10 +49,44 @@ class ColumnKind(TextEnum):
 
 @dataclass(frozen=True)
 class Thresholds:
-    """The alarm thresholds of one column at one window size."""
+    """The alarm thresholds of one column at one window size.
+
+    ``ks`` and ``psi`` are calibrated together: the column alarms when either is exceeded. The
+    strong ones (``None`` in bundles from before them) mark a window so far out that it counts
+    as drifting on its own.
+    """
 
     ks: float
     psi: float
+    ks_strong: float | None = None
+    psi_strong: float | None = None
+
+
+@dataclass(frozen=True)
+class MultivariateThresholds:
+    """The multivariate statistics' thresholds at one window size (:class:`Multivariate`)."""
+
+    reconstruction: float
+    reconstruction_strong: float
+    t2: float
+    t2_strong: float
+
+
+@dataclass(frozen=True)
+class Multivariate:
+    """Every numeric feature together: how the device standardizes a row, the principal
+    components that reconstruct it, and the inverse covariance for Hotelling's T².
+
+    The window's statistics are the mean reconstruction error of its rows (a change in how
+    the features relate) and T² of its mean row (a joint shift in location).
+    """
+
+    features: tuple[str, ...]  # names of numeric features, in :attr:`Reference.features`
+    mean: tuple[float, ...]
+    scale: tuple[float, ...]
+    components: tuple[tuple[float, ...], ...]  # (k, features), orthonormal rows
+    precision: tuple[tuple[float, ...], ...]  # (features, features)
+    thresholds: Mapping[int, MultivariateThresholds] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -103,6 +139,7 @@ class Reference:
     holdout_rows: int = 0
     calibration: Calibration | None = None  # None: format 1, no thresholds
     format_version: int = REFERENCE_FORMAT_VERSION
+    multivariate: Multivariate | None = None  # None: fewer than two numeric features, or older
 
     @property
     def persistence(self) -> Persistence:
@@ -134,9 +171,35 @@ def _column_json(column: ColumnReference, thresholds: bool) -> dict[str, Any]:
         entry.update(input=column.input, index=column.index)
     if thresholds:
         entry["thresholds"] = {
-            str(w): {"ks": t.ks, "psi": t.psi} for w, t in sorted(column.thresholds.items())
+            str(w): _thresholds_json(t) for w, t in sorted(column.thresholds.items())
         }
     return entry
+
+
+def _thresholds_json(t: Thresholds) -> dict[str, float]:
+    out = {"ks": t.ks, "psi": t.psi}
+    if t.ks_strong is not None and t.psi_strong is not None:
+        out.update(ks_strong=t.ks_strong, psi_strong=t.psi_strong)
+    return out
+
+
+def _multivariate_json(m: Multivariate) -> dict[str, Any]:
+    return {
+        "features": list(m.features),
+        "mean": list(m.mean),
+        "scale": list(m.scale),
+        "components": [list(row) for row in m.components],
+        "precision": [list(row) for row in m.precision],
+        "thresholds": {
+            str(w): {
+                "reconstruction": t.reconstruction,
+                "reconstruction_strong": t.reconstruction_strong,
+                "t2": t.t2,
+                "t2_strong": t.t2_strong,
+            }
+            for w, t in sorted(m.thresholds.items())
+        },
+    }
 
 
 def reference_json(reference: Reference) -> bytes:
@@ -166,6 +229,8 @@ def reference_json(reference: Reference) -> bytes:
             "windows": list(c.windows),
             "persistence": {"alarms": c.persistence.alarms, "of_windows": c.persistence.of_windows},
         }
+        if reference.multivariate is not None:
+            document["multivariate"] = _multivariate_json(reference.multivariate)
     return (json.dumps(document, indent=2, sort_keys=True) + "\n").encode()
 
 
@@ -234,8 +299,59 @@ def _thresholds(raw: Any, where: str) -> Mapping[int, Thresholds]:
         values = _object(entry, f"{where}.{window}")
         ks = _number(_get(values, "ks", f"{where}.{window}."), f"{where}.{window}.ks")
         value_psi = _number(_get(values, "psi", f"{where}.{window}."), f"{where}.{window}.psi")
-        out[int(window)] = Thresholds(ks, value_psi)
+        strong = [
+            _optional_number(values, key, f"{where}.{window}.")
+            for key in ("ks_strong", "psi_strong")
+        ]
+        out[int(window)] = Thresholds(ks, value_psi, strong[0], strong[1])
     return out
+
+
+def _matrix(
+    data: Mapping[str, Any], key: str, where: str, columns: int
+) -> tuple[tuple[float, ...], ...]:
+    rows = _list(data, key, where)
+    out = []
+    for i, row in enumerate(rows):
+        if not isinstance(row, list) or len(row) != columns:
+            raise _bad(f"{where}{key}[{i}]", f"a list of {columns} numbers", row)
+        out.append(tuple(_number(x, f"{where}{key}[{i}][]", finite=True) for x in row))
+    return tuple(out)
+
+
+def _multivariate(raw: Any, features: tuple[ColumnReference, ...]) -> Multivariate:
+    where = "multivariate."
+    data = _object(raw, "multivariate")
+    names = _list(data, "features", where)
+    numeric = {f.name for f in features if f.kind is ColumnKind.NUMERIC}
+    if len(names) < 2 or not all(isinstance(n, str) and n in numeric for n in names):
+        raise _bad(where + "features", "two or more names of numeric features", names)
+    d = len(names)
+    vectors = []
+    for key in ("mean", "scale"):
+        values = _list(data, key, where)
+        if len(values) != d:
+            raise _bad(where + key, f"{d} numbers, one per feature", values)
+        vectors.append(tuple(_number(x, f"{where}{key}[]", finite=True) for x in values))
+    if any(x <= 0 for x in vectors[1]):
+        raise _bad(where + "scale", "positive numbers", vectors[1])
+    components = _matrix(data, "components", where, d)
+    precision = _matrix(data, "precision", where, d)
+    if not 1 <= len(components) <= d or len(precision) != d:
+        raise _bad(where + "components", f"1 to {d} rows (and precision {d} rows)", components)
+    thresholds = {}
+    for window, entry in _object(_get(data, "thresholds", where), where + "thresholds").items():
+        at = f"{where}thresholds.{window}."
+        if not window.isdigit() or int(window) <= 0:
+            raise _bad(at.rstrip("."), "keyed by a window size in rows", window)
+        limits = _object(entry, at.rstrip("."))
+        thresholds[int(window)] = MultivariateThresholds(
+            *(
+                _number(_get(limits, key, at), at + key)
+                for key in ("reconstruction", "reconstruction_strong", "t2", "t2_strong")
+            )
+        )
+    return Multivariate(tuple(names), vectors[0], vectors[1], components, precision, thresholds)
 
 
 def _column(raw: Any, where: str, *, output: bool, version: int) -> ColumnReference:
@@ -328,14 +444,18 @@ def parse_reference(raw: bytes) -> Reference:
         )
     features = _list(data, "features", "")
     output = data.get("output")
+    parsed = tuple(
+        _column(f, f"features[{i}].", output=False, version=version) for i, f in enumerate(features)
+    )
+    multivariate = data.get("multivariate")
     return Reference(
         rows=_int(data, "rows", ""),
-        features=tuple(
-            _column(f, f"features[{i}].", output=False, version=version)
-            for i, f in enumerate(features)
-        ),
+        features=parsed,
         output=None if output is None else _column(output, "output.", output=True, version=version),
         holdout_rows=_int(data, "holdout_rows", "") if version >= 2 else 0,
         calibration=_calibration(_get(data, "calibration", "")) if version >= 2 else None,
         format_version=version,
+        multivariate=None
+        if multivariate is None or version < 2
+        else _multivariate(multivariate, parsed),
     )

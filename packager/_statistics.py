@@ -33,12 +33,22 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from edgepack.formats.drift import FeatureBins, calibrate_windows
+from edgepack.formats.drift import (
+    STRONG,
+    FeatureBins,
+    calibrate_windows,
+    reconstruction_errors,
+    standardized,
+    strong_threshold,
+    union_thresholds,
+)
 from edgepack.formats.reference import (
     REFERENCE_FORMAT_VERSION,
     Calibration,
     ColumnKind,
     ColumnReference,
+    Multivariate,
+    MultivariateThresholds,
     Persistence,
     Reference,
     Thresholds,
@@ -59,21 +69,43 @@ MAX_BINS = 10
 MIN_PER_BIN = 25
 TOP_K = 20
 WINDOW_SIZES = (100, 250, 500, 1000)
-ALPHA = 0.01  # false alarms per window over all columns, before the 2-of-3 persistence rule
-MAX_DRAWS = 20_000
+ALPHA = 0.01  # false alarms per window over all tests (columns and multivariate statistics)
+DRAWS = 20_000  # bootstrap windows per column and size, at least
+MIN_EXCEEDANCES = 10  # per test: more draws when there are many tests
+MAX_DRAWS = 40_000  # beyond: the family's rate still rests on ALPHA / 2 * 40,000 exceedances
 PERSISTENCE = Persistence(alarms=2, of_windows=3)
 CALIBRATION_SEED = 10  # with the column's index: one bootstrap stream per column
+MULTIVARIATE_SEED = 11
+EXPLAINED_VARIANCE = 0.65  # principal components kept for the reconstruction (NannyML's default)
 
 
 def _bins_for(n: int) -> int:
     return int(min(MAX_BINS, max(2, n // MIN_PER_BIN)))
 
 
+def _edges(values: np.ndarray) -> list[float]:
+    """Inner bin edges: one bin per level when there are at most :data:`TOP_K` distinct values
+    (integer-coded categories, ratings, counts), else quantile edges, none on a value that
+    occurs (a value on an edge goes right, so an edge on the smallest level would leave the
+    bottom bin empty and merge two levels)."""
+    levels = np.unique(values)
+    if len(levels) <= TOP_K:
+        return [float(x) for x in (levels[1:] + levels[:-1]) / 2]
+    bins = _bins_for(len(values))
+    edges = set()
+    for quantile in np.quantile(values, np.linspace(0, 1, bins + 1)[1:-1]):
+        at = int(np.searchsorted(levels, quantile))
+        if at < len(levels) and levels[at] == quantile:  # on a level: just below it instead
+            if at > 0:
+                edges.add(float((levels[at - 1] + quantile) / 2))
+        else:
+            edges.add(float(quantile))
+    return sorted(edges)
+
+
 def _numeric(values: np.ndarray, name: str) -> ColumnReference:
     values = values[np.isfinite(values)]
-    bins = _bins_for(len(values))
-    quantiles = np.quantile(values, np.linspace(0, 1, bins + 1)[1:-1]) if len(values) else []
-    edges = sorted({float(q) for q in quantiles})
+    edges = _edges(values) if len(values) else []
     counts = np.bincount(np.searchsorted(edges, values, side="right"), minlength=len(edges) + 1)
     some = len(values) > 0
     return ColumnReference(
@@ -108,32 +140,118 @@ def _column(values: Any, name: str) -> ColumnReference:
     return _numeric(series.to_numpy(np.float64), name) if numeric else _categorical(series, name)
 
 
+def _draws(tests: float) -> int:
+    """Bootstrap windows per test: :data:`DRAWS`, more when there are so many tests that one
+    would see fewer than :data:`MIN_EXCEEDANCES` beyond its threshold."""
+    return min(MAX_DRAWS, max(DRAWS, math.ceil(MIN_EXCEEDANCES * tests / ALPHA)))
+
+
 def _thresholds(
-    column: ColumnReference, holdout: Any, columns: int, windows: Sequence[int], index: int
+    column: ColumnReference, holdout: Any, tests: float, windows: Sequence[int], index: int
 ) -> ColumnReference:
     bins = FeatureBins.from_reference(column)
     counts = bins.count(np.asarray(holdout))
-    quantile = 1 - ALPHA / (2 * columns)  # two statistics per column (binned KS or PSI)
-    draws = min(MAX_DRAWS, max(2000, math.ceil(10 * columns / ALPHA)))
     found = calibrate_windows(
         bins.reference,
         counts,
         windows,
-        quantile,
-        draws,
+        ALPHA / tests,  # Bonferroni over the tests; binned KS and PSI are calibrated together
+        _draws(tests),
         ordered=bins.kind == "numeric",
         rng=np.random.default_rng((CALIBRATION_SEED, index)),
     )
     thresholds = {
-        int(window): Thresholds(float(ks), float(psi))
-        for window, (ks, psi) in zip(windows, found, strict=True)
+        int(window): Thresholds(*(float(x) for x in row))
+        for window, row in zip(windows, found, strict=True)
     }
     return dataclasses.replace(column, thresholds=thresholds)
 
 
+def _multivariate_base(frame: pd.DataFrame, names: Sequence[str]) -> Multivariate | None:
+    """Standardization, principal components and precision from the reference rows (no
+    thresholds yet); ``None`` with fewer than two numeric features that vary."""
+    values = frame[list(names)].to_numpy(np.float64)
+    values = np.where(np.isfinite(values), values, np.nan)
+    with np.errstate(all="ignore"):
+        mean, scale = np.nanmean(values, axis=0), np.nanstd(values, axis=0)
+    keep = np.isfinite(mean) & np.isfinite(scale) & (scale > 1e-12)
+    if keep.sum() < 2 or len(values) < 10:
+        return None
+    names = [n for n, k in zip(names, keep, strict=True) if k]
+    mean, scale = mean[keep], scale[keep]
+    z = standardized(values[:, keep], mean, scale)
+    covariance = z.T @ z / len(z)
+    eigenvalues, vectors = np.linalg.eigh(covariance)  # ascending
+    eigenvalues, vectors = eigenvalues[::-1], vectors[:, ::-1]
+    explained = np.cumsum(eigenvalues) / eigenvalues.sum()
+    k = min(len(names) - 1, int(np.searchsorted(explained, EXPLAINED_VARIANCE)) + 1)
+    usable = eigenvalues > eigenvalues[0] * 1e-9
+    precision = (vectors[:, usable] / eigenvalues[usable]) @ vectors[:, usable].T
+    return Multivariate(
+        features=tuple(names),
+        mean=tuple(float(x) for x in mean),
+        scale=tuple(float(x) for x in scale),
+        components=tuple(tuple(float(x) for x in row) for row in vectors[:, :k].T),
+        precision=tuple(tuple(float(x) for x in row) for row in precision),
+    )
+
+
+def _multivariate_thresholds(
+    base: Multivariate, rows: pd.DataFrame, level: float, windows: Sequence[int]
+) -> Multivariate:
+    """Thresholds of the mean reconstruction error and of T² per window size, calibrated
+    together (the window alarms on either) by bootstrap of held-out rows, on their own stream.
+
+    A bootstrap window is a sparse (draws × rows) matrix of how often each row was drawn; one
+    sparse product gives every window's sum of rows and of reconstruction errors. These are
+    means, so the error of the held-out rows' own mean would move every threshold together:
+    each window's mean also gets the uncertainty of that mean (Gaussian, variance / rows), so
+    the thresholds are those of a new window's predictive distribution, not of this sample's.
+    (Held-out rows only: the build rows' reconstruction errors are too small, the components
+    being fitted to them.)
+    """
+    from scipy import sparse  # the packager's scikit-learn brings it
+
+    z = standardized(
+        rows[list(base.features)].to_numpy(np.float64), np.array(base.mean), np.array(base.scale)
+    )
+    columns = np.column_stack([z, reconstruction_errors(z, np.array(base.components))])
+    precision = np.array(base.precision)
+    draws = max(2000, math.ceil(MIN_EXCEEDANCES * 4 / level))
+    rng = np.random.default_rng(MULTIVARIATE_SEED)
+    centre = rng.multivariate_normal(
+        np.zeros(columns.shape[1]), np.cov(columns, rowvar=False) / len(columns), size=draws
+    )
+    thresholds = {}
+    for window in windows:
+        chunk = max(1, 1_000_000 // window)
+        sums = []
+        for start in range(0, draws, chunk):
+            n = min(chunk, draws - start)
+            picked = sparse.csr_matrix(
+                (
+                    np.ones(n * window),
+                    rng.integers(0, len(z), n * window),
+                    np.arange(n + 1) * window,
+                ),
+                shape=(n, len(z)),
+            )
+            sums.append(picked @ columns)
+        means = np.concatenate(sums) / window + centre
+        t2 = window * np.einsum("ij,jk,ik->i", means[:, :-1], precision, means[:, :-1])
+        error, value_t2 = union_thresholds(np.column_stack([means[:, -1], t2]), level)
+        thresholds[int(window)] = MultivariateThresholds(
+            float(error),
+            strong_threshold(means[:, -1], float(error), STRONG * level),
+            float(value_t2),
+            strong_threshold(t2, float(value_t2), STRONG * level),
+        )
+    return dataclasses.replace(base, thresholds=thresholds)
+
+
 def _calibrate_all(
     jobs: Sequence[tuple[ColumnReference, Any]],
-    columns: int,
+    tests: float,
     windows: Sequence[int],
     workers: int | None,
 ) -> list[ColumnReference]:
@@ -149,7 +267,7 @@ def _calibrate_all(
     with ThreadPoolExecutor(max_workers=workers) as pool:
         return list(
             pool.map(
-                lambda job: _thresholds(job[1][0], job[1][1], columns, windows, job[0]),
+                lambda job: _thresholds(job[1][0], job[1][1], tests, windows, job[0]),
                 enumerate(jobs),
             )
         )
@@ -186,7 +304,6 @@ def reference_statistics(
         outputs = np.asarray(prediction.labels).ravel()
     elif task in ("regression", "anomaly") and prediction.values is not None:  # anomaly: score
         outputs = np.asarray(prediction.values, dtype=np.float64).ravel()
-    columns = len(layout.columns) + (1 if outputs is not None else 0)
     jobs: list[tuple[ColumnReference, Any]] = []  # each monitored column and its held-out values
     for column in layout.columns:
         series = frame[column].reset_index(drop=True)
@@ -205,7 +322,22 @@ def reference_statistics(
             else _numeric(outputs[build], "score" if task == "anomaly" else "prediction")
         )
         jobs.append((monitored, outputs[holdout]))
-    calibrated = _calibrate_all(jobs, columns, windows, workers)
+    numeric = [
+        entry.name for entry, _ in jobs[: len(layout.columns)] if entry.kind is ColumnKind.NUMERIC
+    ]
+    multivariate = (
+        _multivariate_base(frame.iloc[build].reset_index(drop=True), numeric)
+        if len(numeric) >= 2
+        else None
+    )
+    # ALPHA is shared by the tests (Bonferroni): one per column (binned KS or PSI), and the
+    # multivariate one (reconstruction error or T²), which sees joint shifts, takes half of it
+    shares = (ALPHA / 2, ALPHA / 2) if multivariate is not None else (ALPHA, 0.0)
+    calibrated = _calibrate_all(jobs, len(jobs) / shares[0] * ALPHA, windows, workers)
+    if multivariate is not None:
+        held = frame.iloc[holdout].reset_index(drop=True)
+        multivariate = _multivariate_thresholds(multivariate, held, shares[1], windows)
+    tests = len(jobs) + (1 if multivariate is not None else 0)
     features = calibrated[: len(layout.columns)]
     output = calibrated[len(layout.columns)] if outputs is not None else None
     return Reference(
@@ -214,14 +346,15 @@ def reference_statistics(
         output=output,
         holdout_rows=len(holdout),
         calibration=Calibration(
-            statistic="binned_ks or psi",
+            statistic="binned_ks or psi; reconstruction error, hotelling t2",
             alpha=ALPHA,
             correction="bonferroni",
-            columns=columns,
+            columns=tests,
             windows=tuple(windows),
             persistence=PERSISTENCE,
         ),
         format_version=REFERENCE_FORMAT_VERSION,
+        multivariate=multivariate,
     )
 
 

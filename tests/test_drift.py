@@ -8,9 +8,9 @@ same generator, counted by :class:`DriftDetector` exactly as the agent's monitor
 
 What is promised (and asserted here):
 
-* **Stationary data**: with the calibrated thresholds (alpha 0.01 over all columns, Bonferroni),
-  at most 2 % of windows alarm, for windows of 500 and of 100 rows, and the 2-of-3 persistence
-  rule turns none of those stray alarms into a ``"drift"`` status.
+* **Stationary data**: with the calibrated thresholds (alpha 0.01 over all columns and the
+  multivariate test, Bonferroni), at most 2 % of windows alarm, for windows of 500 and of 100
+  rows, and the verdict turns at most one of those stray alarms into a ``"drift"`` status.
 * **Detection**, windows of 500 rows, the change starting at a window boundary: a 0.25σ mean
   shift, a ×1.5 standard deviation, a categorical shift that moves 0.1 of probability from the
   most to the least frequent category, and a label shift (the output distribution) each reach
@@ -45,11 +45,11 @@ from edgepack.agent.exceptions import ConfigError
 from edgepack.formats.drift import (
     FeatureBins,
     binned_ks,
-    calibrate,
     calibrate_windows,
     count_categorical,
     count_numeric,
     psi,
+    union_thresholds,
 )
 from edgepack.formats.exceptions import ReferenceFormatError
 from edgepack.formats.reference import (
@@ -141,7 +141,8 @@ def test_reference_document_describes_the_data(reference: Reference) -> None:
     assert calibration is not None
     assert calibration.windows == WINDOW_SIZES == (100, 250, 500, 1000)
     assert (calibration.alpha, calibration.correction) == (0.01, "bonferroni")
-    assert calibration.columns == len(NUMERIC) + 2  # six numbers, the category, the label
+    # the tests: six numbers, the category, the label, and the multivariate one
+    assert calibration.columns == len(NUMERIC) + 3
     features = {f.name: f for f in reference.features}
     assert list(features) == [*NUMERIC, "cat"]
     for name in NUMERIC:
@@ -265,53 +266,64 @@ def test_a_reference_that_is_not_a_json_object_is_refused(raw: bytes) -> None:
         parse_reference(raw)
 
 
-def test_calibrate_directly_decreases_with_window_size() -> None:
+def test_calibrate_decreases_with_window_size() -> None:
     reference = np.array([0.1, 0.2, 0.3, 0.4])
     holdout = np.array([1_000, 2_000, 3_000, 4_000])
-    found = [calibrate(reference, holdout, w, 0.99, 4_000, seed=1) for w in WINDOW_SIZES]
-    for statistic in ("ks", "psi"):
-        values = [f[statistic] for f in found]
+
+    def found() -> np.ndarray:
+        return calibrate_windows(
+            reference, holdout, WINDOW_SIZES, 0.01, 4_000, rng=np.random.default_rng(1)
+        )
+
+    for statistic in range(4):  # KS, PSI and their strong thresholds
+        values = list(found()[:, statistic])
         assert values == sorted(values, reverse=True), (statistic, values)
-    assert calibrate(reference, holdout, 500, 0.99, 4_000, seed=1) == found[2]  # seeded
+    assert np.array_equal(found(), found())  # seeded
+    assert np.all(found()[:, 2:] > found()[:, :2])  # strong is beyond
 
 
 @pytest.mark.parametrize(("bins", "ordered"), [(3, True), (10, True), (21, False)])
-def test_calibrate_windows_is_the_per_window_bootstrap_on_the_same_draws(
+def test_calibrate_windows_bounds_the_union_of_both_statistics_on_its_draws(
     bins: int, ordered: bool
 ) -> None:
-    # formats/drift.py: all window sizes in one (draws, windows, bins) draw; PSI by table lookup.
+    # formats/drift.py: all window sizes in one (draws, windows, bins) draw; PSI by table lookup;
+    # both statistics calibrated together: at most level * draws windows exceed either one, and
+    # the thresholds are the tightest that keep it so.
     rng = np.random.default_rng(bins)
     reference = rng.dirichlet(np.ones(bins))
     holdout = rng.multinomial(800, rng.dirichlet(np.ones(bins)))
     holdout[0] = 0  # an empty held-out bin: PSI's floor
+    level, n = 0.01, 3_000
     found = calibrate_windows(
-        reference,
-        holdout,
-        WINDOW_SIZES,
-        0.999,
-        3_000,
-        ordered=ordered,
-        rng=np.random.default_rng(3),
+        reference, holdout, WINDOW_SIZES, level, n, ordered=ordered, rng=np.random.default_rng(3)
     )
     draws = np.random.default_rng(3).multinomial(
-        np.array(WINDOW_SIZES), holdout / holdout.sum(), size=(3_000, len(WINDOW_SIZES))
+        np.array(WINDOW_SIZES), holdout / holdout.sum(), size=(n, len(WINDOW_SIZES))
     )
     for i in range(len(WINDOW_SIZES)):
-        ks = np.quantile(binned_ks(reference, draws[:, i], ordered), 0.999)
-        assert found[i, 0] == ks
-        assert found[i, 1] == np.quantile(psi(reference, draws[:, i]), 0.999)
-    # the one-window form draws as the scalar calibration always did
-    one = np.random.default_rng(7).multinomial(250, holdout / holdout.sum(), size=3_000)
-    assert calibrate(reference, holdout, 250, 0.999, 3_000, ordered=ordered, seed=7) == {
-        "ks": float(np.quantile(binned_ks(reference, one, ordered), 0.999)),
-        "psi": float(np.quantile(psi(reference, one), 0.999)),
-    }
+        ks, value_psi = binned_ks(reference, draws[:, i], ordered), psi(reference, draws[:, i])
+        both = np.stack([ks, value_psi], axis=1)
+        assert np.allclose(found[i, :2], union_thresholds(both, level))
+        exceed = (ks > found[i, 0]) | (value_psi > found[i, 1])
+        assert exceed.sum() <= level * n
+        # and they are the tightest pair of order statistics that keeps it so
+        ranked = -np.sort(-both, axis=0)
+        unions = [int(np.any(both > ranked[j], axis=1).sum()) for j in range(int(level * n) + 1)]
+        tightest = max(j for j, u in enumerate(unions) if u <= level * n)
+        assert np.array_equal(found[i, :2], ranked[tightest])
 
 
-def test_a_30_column_calibration_matches_the_scalar_bootstrap() -> None:
-    # The per-column, per-window loop (seed = window, as before the vectorized calibration) and
-    # the vectorized one (one stream per column) estimate the same quantiles: each threshold
-    # within the bootstrap's noise at this tail (20,000 draws at 1 - 0.01/62), none biased.
+def test_union_thresholds_count_ties_so_a_lattice_statistic_keeps_its_level() -> None:
+    # a statistic with few values (a small window): interpolating a quantile between two atoms
+    # would let the whole upper atom alarm; counting keeps the rate at or below the level
+    values = np.repeat([0.1, 0.2, 0.3], [9_900, 70, 30])[:, None]
+    threshold = union_thresholds(values, 0.005)[0]
+    assert threshold == 0.2
+    assert (values > threshold).mean() <= 0.005
+    assert union_thresholds(values, 0.01)[0] == 0.1  # 1 % allows the 0.2 and 0.3 atoms
+
+
+def test_a_30_column_calibration_is_reproducible_and_independent_per_column() -> None:
     rng = np.random.default_rng(30)
     names = [f"f{i}" for i in range(30)]
     frame = pd.DataFrame(rng.normal(size=(2_000, 30)) * np.arange(1, 31), columns=names)
@@ -322,43 +334,14 @@ def test_a_30_column_calibration_matches_the_scalar_bootstrap() -> None:
     stats = reference_statistics(frame, layout, "classification", Prediction(labels=labels))
     again = reference_statistics(frame, layout, "classification", Prediction(labels=labels))
     assert reference_json(stats) == reference_json(again)  # reproducible: seeded per column
-
-    holdout = np.random.default_rng(1).permutation(2_000)[1_000:]
-    assert stats.output is not None
-    ratios = []
-    for column, values in [
-        *((f, frame[f.name].to_numpy()[holdout]) for f in stats.features),
-        (stats.output, labels[holdout]),
-    ]:
-        bins = FeatureBins.from_reference(column)
-        counts = bins.count(values)
-        for window in WINDOW_SIZES:
-            scalar = calibrate(
-                bins.reference,
-                counts,
-                window,
-                1 - 0.01 / 62,
-                20_000,
-                ordered=bins.kind == "numeric",
-                seed=window,
-            )
-            found = column.thresholds[window]
-            ratios += [found.ks / scalar["ks"], found.psi / scalar["psi"]]
-    logs = np.log(ratios)
-    assert len(logs) == 31 * 4 * 2
-    # (categories with few bins are lattice statistics: at this tail a threshold can jump 2x)
-    assert np.all(np.abs(logs) < math.log(2.5)), np.exp(logs[np.abs(logs) >= math.log(2.5)])
-    assert np.mean(np.abs(logs) < math.log(1.25)) > 0.95
-    assert abs(logs.mean()) < 0.02, logs.mean()  # no bias (the mean's standard error is ~0.004)
-    # columns draw independently now: two columns with the same data get different thresholds
+    assert stats.multivariate is not None
+    assert len(stats.multivariate.features) == 29
+    # columns draw independently: two columns with the same data get different thresholds
     twin = frame.assign(f29=frame["f28"] / 29 * 30)
     stats = reference_statistics(twin, layout, "classification", Prediction(labels=labels))
     assert stats.features[28].edges != stats.features[29].edges  # scaled copy: same bins by rank
     assert stats.features[28].counts == stats.features[29].counts
     assert stats.features[28].thresholds != stats.features[29].thresholds
-
-
-# --- the statistics on small arrays, by hand ------------------------------------------------------
 
 
 def test_binned_ks_equals_hand_computation() -> None:
@@ -454,7 +437,9 @@ def test_stationary_stream_raises_no_drift(reference: Reference, window: int, wi
     statuses = [judge(monitor, *draw(rng, window))["status"] for _ in range(windows)]
     alarmed = sum(s != "ok" for s in statuses)
     assert alarmed / windows <= ALARM_RATE, f"{alarmed} of {windows} windows alarmed"
-    assert statuses.count("drift") == 0  # persistence: no stray alarm becomes "drift"
+    # the verdict: a stray alarm becomes "drift" only beside another within three windows, or
+    # beyond a strong threshold: a few in 10,000 windows (test_drift_calibration.py measures it)
+    assert statuses.count("drift") <= 1
 
 
 def test_windows_smaller_than_calibrated_sizes_are_reported_not_judged(
@@ -501,6 +486,13 @@ def windows_to_drift(
     for after in range(1, GIVE_UP + 1):
         report = judge(monitor, *change(rng, window))
         if report["status"] == "drift":
+            joint = report["multivariate"]
+            if drifting(report) == set() and joint["drifting"]:
+                # all numeric features together saw it first; a shift in location names the
+                # feature that moved most
+                if column == "x2":
+                    assert max(joint["shift_z"], key=lambda n: abs(joint["shift_z"][n])) == column
+                return after
             assert drifting(report) == {column}, report
             changed = next(f for f in report["features"] if f["name"] == column)
             assert changed["output"] is (column == "label")

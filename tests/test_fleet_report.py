@@ -44,7 +44,9 @@ WINDOWS, INTERVALS, ROWS = 6, 8, 250
 IMG = re.compile(r'<img [^>]*src="data:image/png;base64,([A-Za-z0-9+/=]+)"')
 
 
-def _rows(rng: np.random.Generator, n: int, shift: str | None = None) -> pd.DataFrame:
+def _rows(
+    rng: np.random.Generator, n: int, shift: str | None = None, size: float = 1.0
+) -> pd.DataFrame:
     frame = pd.DataFrame(
         {
             "tenure": rng.gamma(2.0, 12.0, n),
@@ -53,7 +55,7 @@ def _rows(rng: np.random.Generator, n: int, shift: str | None = None) -> pd.Data
         }
     )
     if shift is not None:
-        frame[shift] += frame[shift].std()
+        frame[shift] += frame[shift].std() * size
     return frame
 
 
@@ -87,7 +89,8 @@ def fleet_store(tmp_path_factory: pytest.TempPathFactory) -> Fleet:
             shift = {"dev-b": "monthly_charges" if w >= 3 else None, "dev-c": "tenure"}.get(device)
             if device == "dev-c" and w < WINDOWS - 1:
                 shift = None
-            window = _rows(rng, ROWS, shift)
+            # dev-c: a moderate shift, over its threshold but not its strong one
+            window = _rows(rng, ROWS, shift, 0.22 if device == "dev-c" else 1.0)
             inputs = {c: window[c].to_numpy().reshape(-1, 1) for c in window.columns}
             monitor.observe(inputs, {"label": rng.choice(["no", "yes"], ROWS, p=[0.8, 0.2])})
             end = NOW - timedelta(minutes=10 * (WINDOWS - w))
@@ -206,7 +209,8 @@ def test_drift_table_shows_status_and_features(
     assert (a["status"], a["drifting"]) == ("ok", "-")
     assert len(a["trend"]) == WINDOWS  # a false alarm can happen, drift (2 of 3) should not
     assert "✗" not in a["trend"]
-    assert (b["status"], b["drifting"], b["trend"]) == ("drift", "monthly_charges", "···!✗✗")
+    # a clear shift: beyond its strong threshold, drift from its first window
+    assert (b["status"], b["drifting"], b["trend"]) == ("drift", "monthly_charges", "···✗✗✗")
     # dev-c: one window over its threshold is a warning, not (yet) drift
     assert (c["status"], c["drifting"], c["trend"]) == ("warning", "-", "·····!")
     assert c["worst"].startswith("tenure ")

@@ -253,30 +253,11 @@ def zoo() -> list[tuple[str, Any, pd.DataFrame]]:
     ]
 
 
-def _scalar_calibration(frame: pd.DataFrame, stats: Any, labels: np.ndarray) -> None:
-    """The calibration as it was: one bootstrap per column and window (seed = window)."""
-    from edgepack.formats.drift import FeatureBins, calibrate
-    from edgepack.packager._statistics import ALPHA, MAX_DRAWS, WINDOW_SIZES
-
-    columns = len(stats.features) + 1
-    holdout = np.random.default_rng(1).permutation(len(frame))[len(frame) // 2 :]
-    draws = min(MAX_DRAWS, max(2000, int(np.ceil(10 * columns / ALPHA))))
-    for column in [*stats.features, stats.output]:
-        values = labels if column is stats.output else frame[column.name].to_numpy()
-        bins = FeatureBins.from_reference(column)
-        counts = bins.count(values[holdout])
-        for window in WINDOW_SIZES:
-            calibrate(
-                bins.reference, counts, window, 1 - ALPHA / (2 * columns), draws,
-                ordered=bins.kind == "numeric", seed=window,
-            )  # fmt: skip
-
-
 def calibration() -> None:
     """Time the drift calibration of 30 and 64 columns (2,000 rows, 3-class labels)."""
     from edgepack.packager._converters import Prediction
     from edgepack.packager._reference import columns_layout
-    from edgepack.packager._statistics import reference_statistics
+    from edgepack.packager._statistics import _draws, reference_statistics
 
     rows = []
     for width in (30, 64):
@@ -293,26 +274,24 @@ def calibration() -> None:
                 frame, layout, "classification", Prediction(labels=labels), workers=workers
             )
             seconds[workers] = time.perf_counter() - start
-        start = time.perf_counter()
-        _scalar_calibration(frame, stats, labels)
-        scalar = time.perf_counter() - start
+        joint = stats.multivariate
         rows.append(
-            f"| {width} + label | {scalar:.2f} | {seconds[1]:.2f} | {seconds[None]:.2f} | "
-            f"{scalar / seconds[None]:.1f}x |"
+            f"| {width} + label | {len(joint.features) if joint else 0} | {_draws(width + 1):,} | "
+            f"{seconds[1]:.2f} | {seconds[None]:.2f} |"
         )
     table = "\n".join(
         [
             f"Machine: {platform.machine()}, {os.cpu_count()} cores (load average "
             f"{os.getloadavg()[0]:.2f}), numpy {np.__version__}. 2,000 reference rows (1,000 "
-            "held out), 4 window sizes, 20,000 bootstrap windows per column and size. *loop*: "
-            "the calibration before (one multinomial draw and one KS/PSI pass per column and "
-            "window); *vectorized*: `formats.drift.calibrate_windows` (all sizes of a column in "
-            "one draw, PSI by table lookup), one thread or one per CPU (numpy's sampler drops "
-            "the GIL; each column has its own seeded stream, so the bytes are the same). The "
-            "multinomial draws themselves are most of what is left. Numbers from "
-            "`scripts/bench/bench_packager.py --calibration`.",
+            "held out), 4 window sizes. Per column `formats.drift.calibrate_windows` (all sizes "
+            "of a column in one multinomial draw, binned KS and PSI calibrated together), "
+            "enough bootstrap windows for at least 10 beyond each column's threshold up to "
+            "40,000; the multivariate test (reconstruction error and T² over every numeric "
+            "feature) by a sparse bootstrap. One thread, or one per CPU (numpy's sampler drops "
+            "the GIL; each column has its own seeded stream, so the bytes are the same). "
+            "Numbers from `scripts/bench/bench_packager.py --calibration`.",
             "",
-            "| columns | loop s | vectorized, 1 thread s | vectorized, threads s | speed-up |",
+            "| columns | multivariate features | draws per column | 1 thread s | threads s |",
             "| --- | ---: | ---: | ---: | ---: |",
             *rows,
         ]
