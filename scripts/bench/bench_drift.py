@@ -367,7 +367,8 @@ class NannyMLDefaults:
                 calc, f"{kind}_methods", None
             )
             if names:
-                parts.append(f"{', '.join(map(str, methods or ['?']))} for {', '.join(names)}")
+                methods = ", ".join(map(str, methods or ["?"]))
+                parts.append(f"{kind} ({methods}): {', '.join(names)}")
         return "; ".join(parts)
 
     def detector(self) -> Detector:
@@ -659,7 +660,10 @@ def main() -> None:
         seconds: list[float] = []
         outcomes = judge(edgepack_detector(document, window, seconds), streams)
         table += rows_for("edgepack", window, outcomes, f"{1000 * np.median(seconds):.2f}", kinds)
-        print(f"edgepack, windows of {window}: done", file=sys.stderr)
+        print(
+            f"edgepack, windows of {window}: done ({time.perf_counter() - began:.0f} s)",
+            file=sys.stderr,
+        )
         if evidently is not None:
             evidently.tests_seconds.clear()
             evidently.preset_seconds.clear()
@@ -669,18 +673,24 @@ def main() -> None:
                 f"(preset {1000 * np.median(evidently.preset_seconds):,.0f})"
             )
             table += rows_for(f"Evidently {ev.version}", window, outcomes, ms, kinds)
-            print(f"Evidently, windows of {window}: done", file=sys.stderr)
+            print(
+                f"Evidently, windows of {window}: done ({time.perf_counter() - began:.0f} s)",
+                file=sys.stderr,
+            )
         if nml is not None:
             nanny = NannyMLDefaults(nml, reference, window)
             nannyml_methods = nanny.methods()
             outcomes = judge(nanny.detector(), streams)
             ms = f"{1000 * np.median(nanny.seconds):.1f}"
             table += rows_for(f"NannyML {package_version('nannyml')}", window, outcomes, ms, kinds)
-            print(f"NannyML, windows of {window}: done", file=sys.stderr)
+            print(
+                f"NannyML, windows of {window}: done ({time.perf_counter() - began:.0f} s)",
+                file=sys.stderr,
+            )
     quality: list[str] = []
     if not args.no_quality:
         quality = quality_section(nml, max(windows), args.replicates)
-        print("quality: done", file=sys.stderr)
+        print(f"quality: done ({time.perf_counter() - began:.0f} s)", file=sys.stderr)
     total_s = time.perf_counter() - began
 
     calibration = document.calibration
