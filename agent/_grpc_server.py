@@ -27,6 +27,7 @@ once its whole message has arrived, so slow or idle clients hold no worker.
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import Callable
 from concurrent import futures
 from typing import Any
@@ -126,7 +127,12 @@ class _Service:
             else:
                 # run on the model we hold: a hot swap right now must not fail this request
                 outputs = self._runtime.run(served, decoded.inputs, decoded.outputs or None)
-                return encode_infer_response(served.name, served.version, decoded.id, outputs)
+                request_id = decoded.id
+                monitor = self._runtime.monitor
+                if monitor is not None and monitor.quality_config.enabled:
+                    request_id = request_id or uuid.uuid4().hex  # returned: feedback names it
+                    self._runtime.remember(served, request_id, outputs)
+                return encode_infer_response(served.name, served.version, request_id, outputs)
         except ModelNotFoundError as e:
             code, message = codes.NOT_FOUND, str(e)
         except RequestError as e:

@@ -431,3 +431,30 @@ def test_a_stationary_stream_alarms_at_about_alpha() -> None:
     assert np.mean([r["alarm"] for r in labeled]) <= 0.03  # measured 0.010
     assert np.mean([e["alarm"] for e in estimated]) <= 0.03  # measured 0.005
     assert not any(r["status"] == "degraded" for r in labeled)
+
+
+def test_grpc_requests_are_kept_for_feedback(tmp_path: Path, keys: KeyPair, bundle: Path) -> None:
+    pytest.importorskip("grpc")
+    import tritonclient.grpc as triton_grpc
+
+    extra = "[grpc]\nenabled = true\nport = 0\n"
+    agent = Agent(load_config(write_agent_config(tmp_path, keys, extra=extra)))
+    agent.start(serve_http=True)
+    try:
+        assert agent.install(str(bundle)).ok
+        assert agent.grpc_server is not None
+        name = agent.runtime.get("q").manifest.inputs[0].name
+        client = triton_grpc.InferenceServerClient(url=agent.grpc_server.address)
+        try:
+            tensor = triton_grpc.InferInput(name, [2, 4], "FP32")
+            tensor.set_data_from_numpy(np.array([[1, 0, 0, 0], [-1, 0, 0, 0]], np.float32))
+            named = client.infer("q", [tensor], request_id="g-1").get_response()
+            anonymous = client.infer("q", [tensor]).get_response()
+        finally:
+            client.close()
+        assert named.id == "g-1"
+        assert len(anonymous.id) == 32  # generated, returned
+        assert agent.feedback("q", "g-1", labels=[1, 0])["accepted"]
+        assert agent.feedback("q", anonymous.id, labels=[1, 0])["accepted"]
+    finally:
+        agent.stop()
