@@ -275,8 +275,9 @@ def calibration() -> None:
             )
             seconds[workers] = time.perf_counter() - start
         joint = stats.multivariate
+        tests = (width + 1) * (2 if joint else 1)  # the columns share half of alpha with it
         rows.append(
-            f"| {width} + label | {len(joint.features) if joint else 0} | {_draws(width + 1):,} | "
+            f"| {width} + label | {len(joint.features) if joint else 0} | {_draws(tests):,} | "
             f"{seconds[1]:.2f} | {seconds[None]:.2f} |"
         )
     table = "\n".join(
