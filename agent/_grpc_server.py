@@ -27,7 +27,7 @@ once its whole message has arrived, so slow or idle clients hold no worker.
 from __future__ import annotations
 
 import logging
-import uuid
+import os
 from collections.abc import Callable
 from concurrent import futures
 from typing import Any
@@ -130,7 +130,7 @@ class _Service:
                 request_id = decoded.id
                 monitor = self._runtime.monitor
                 if monitor is not None and monitor.quality_config.enabled:
-                    request_id = request_id or uuid.uuid4().hex  # returned: feedback names it
+                    request_id = request_id or os.urandom(16).hex()  # returned: feedback names it
                     self._runtime.remember(served, request_id, outputs)
                 return encode_infer_response(served.name, served.version, request_id, outputs)
         except ModelNotFoundError as e:

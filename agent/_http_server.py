@@ -38,12 +38,12 @@ import contextlib
 import dataclasses
 import json
 import logging
+import os
 import re
 import selectors
 import socket
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from http import HTTPStatus
 from typing import Any
@@ -227,7 +227,7 @@ class _Server:
             monitor = self.runtime.monitor
             if monitor is not None and monitor.quality_config.enabled:
                 if decoded.id is None:  # an id of its own, returned, so feedback can name it
-                    decoded = dataclasses.replace(decoded, id=uuid.uuid4().hex)
+                    decoded = dataclasses.replace(decoded, id=os.urandom(16).hex())
                 runtime = self.runtime
 
                 def done(outputs: dict[str, Any] | None, error: BaseException | None) -> None:

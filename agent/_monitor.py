@@ -37,7 +37,7 @@ from edgepack.agent._quality import (
     PredictionLog,
     QualityTracker,
     UnknownRequestError,
-    confidence_of,
+    probabilities_of,
 )
 from edgepack.agent._state import Store
 from edgepack.agent._telemetry import Telemetry
@@ -162,9 +162,9 @@ class Monitor:
             return  # not a label or a value per row: nothing feedback could be joined with
         self.predictions.add(model, version, request_id, predicted.copy())
         if tracker is not None and tracker.task == "classification":
-            confidence = confidence_of(outputs, first)
-            if confidence is not None:
-                tracker.predicted(confidence)
+            probabilities = probabilities_of(outputs, first)
+            if probabilities is not None:
+                tracker.predicted(probabilities.copy())
 
     def feedback(
         self,

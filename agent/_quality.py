@@ -39,6 +39,7 @@ __all__ = [
     "UnknownRequestError",
     "macro_f1",
     "metrics",
+    "probabilities_of",
 ]
 
 BOOTSTRAP_DRAWS = 2000
@@ -232,13 +233,15 @@ class QualityTracker:
 
     # -- fed from the request path and from feedback -------------------------------------------
 
-    def predicted(self, confidence: np.ndarray) -> None:
-        """Count a request's top class probabilities into the CBPE window."""
+    def predicted(self, probabilities: np.ndarray) -> None:
+        """Count a request's class probabilities (``[rows, classes]``, or the top probability
+        per row) into the CBPE window; the maximum is taken when the window closes, off the
+        request path."""
         with self._lock:
             if self._estimate_start is None:
                 self._estimate_start = self.clock()
-            self._confidence.append(confidence)
-            self._confidence_rows += len(confidence)
+            self._confidence.append(probabilities)
+            self._confidence_rows += len(probabilities)
 
     def labeled(self, truth: Sequence[Any], predicted: Sequence[Any]) -> None:
         with self._lock:
@@ -269,7 +272,9 @@ class QualityTracker:
         windows = []
         with self._lock:
             if self._confidence_rows >= self.estimate_window:
-                values = np.concatenate(self._confidence)
+                values = np.concatenate(
+                    [p.max(axis=1) if p.ndim == 2 else p for p in self._confidence]
+                ).astype(np.float64)
                 start, end = self._estimate_start, self.clock()
                 size = self.estimate_window
                 full = len(values) // size * size
@@ -336,12 +341,11 @@ class QualityTracker:
         return report
 
 
-def confidence_of(outputs: Mapping[str, Any], first: str) -> np.ndarray | None:
-    """The top class probability per row, from the first 2-D float output after ``first``."""
+def probabilities_of(outputs: Mapping[str, Any], first: str) -> np.ndarray | None:
+    """The class probabilities ``[rows, classes]``: the first 2-D float output after ``first``."""
     for name, value in outputs.items():
         if name == first:
             continue
-        array = np.asarray(value)
-        if array.ndim == 2 and array.shape[1] >= 2 and array.dtype.kind == "f":
-            return array.max(axis=1).astype(np.float64)
+        if isinstance(value, np.ndarray) and value.ndim == 2 and value.dtype.kind == "f":
+            return value if value.shape[1] >= 2 else None
     return None
