@@ -103,7 +103,8 @@ class Monitor:
         self.quality_config = quality or QualityConfig()
         self.clock = clock
         self.predictions = PredictionLog(self.quality_config.max_predictions)
-        self._trackers: dict[str, tuple[int, QualityTracker]] = {}
+        # per model version: late feedback for the version before an upgrade still counts there
+        self._trackers: dict[tuple[str, int], QualityTracker] = {}
         self._tracker_lock = threading.Lock()
         self.latest_quality: dict[str, dict[str, Any]] = {}
         self.feedback_counts: collections.Counter[str] = collections.Counter()
@@ -219,13 +220,13 @@ class Monitor:
     def tracker(self, model: str, version: int, task: str | None = None) -> QualityTracker | None:
         """The quality tracker of ``model`` at ``version`` (built from ``quality.json`` when the
         bundle has one, else from the manifest's task)."""
-        current = self._trackers.get(model)
-        if current is not None and current[0] == version:
-            return current[1]
+        current = self._trackers.get((model, version))
+        if current is not None:
+            return current
         with self._tracker_lock:
-            current = self._trackers.get(model)
-            if current is not None and current[0] == version:
-                return current[1]
+            current = self._trackers.get((model, version))
+            if current is not None:
+                return current
             reference = None
             directory = self.store.version_dir(model, version)
             try:
@@ -248,7 +249,12 @@ class Monitor:
                 estimate_window=config.estimate_window,
                 clock=self.clock,
             )
-            self._trackers[model] = (version, tracker)
+            # keep this version and the newest other one of the model (bounded memory)
+            others = sorted(v for m, v in self._trackers if m == model)
+            trackers = {k: t for k, t in self._trackers.items() if k[0] != model}
+            trackers.update({(model, v): self._trackers[(model, v)] for v in others[-1:]})
+            trackers[(model, version)] = tracker
+            self._trackers = trackers  # one assignment: readers never see a half-built dict
             return tracker
 
     def failed(self, model: str, version: int, kind: str) -> None:
@@ -291,7 +297,7 @@ class Monitor:
         for model, (version, monitor) in list(self._monitors.items()):
             if monitor is not None and monitor.due():
                 self._report_drift(model, version, monitor)
-        for model, (version, tracker) in list(self._trackers.items()):
+        for (model, version), tracker in list(self._trackers.items()):
             for report in tracker.close_due():
                 self._report_quality(model, version, report)
         if force_report or time.monotonic() - self._last_report >= self.config.interval:

@@ -458,3 +458,23 @@ def test_grpc_requests_are_kept_for_feedback(tmp_path: Path, keys: KeyPair, bund
         assert agent.feedback("q", anonymous.id, labels=[1, 0])["accepted"]
     finally:
         agent.stop()
+
+
+def test_late_feedback_for_the_previous_version_counts_there(tmp_path: Path) -> None:
+    from edgepack.agent._config import QualityConfig
+    from edgepack.agent._state import Store
+
+    got: list[dict[str, Any]] = []
+    monitor = Monitor(
+        Store(tmp_path),
+        sink=lambda kind, report: got.append(report),
+        quality=QualityConfig(window=2),
+        clock=Clock(),
+    )
+    monitor.remember("m", 1, "a", {"label": np.array([1, 0])})
+    monitor.remember("m", 2, "b", {"label": np.array([1, 1])})  # upgraded meanwhile
+    assert monitor.feedback("m", "b", labels=[1, 1])["accepted"]
+    assert monitor.feedback("m", "a", labels=[1, 1])["accepted"]  # late, for v1
+    monitor.tick()
+    by_version = {r["version"]: r["metrics"]["accuracy"] for r in got}
+    assert by_version == {1: 0.5, 2: 1.0}
