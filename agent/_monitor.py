@@ -413,10 +413,11 @@ class Monitor:
         previous = self.quality_verdict(model, version)
         kind = "labeled" if body["metrics"] is not None else "estimated"
         latest = self.latest_quality.get(model)
-        if latest is None or latest.get("version") != version:
+        if latest is None or latest["version"] < version:
             latest = self.latest_quality[model] = {"version": version}
-        latest[kind] = body
-        self._save_quality()
+        if latest["version"] == version:  # a late window of an older version is only sent
+            latest[kind] = body
+            self._save_quality()
         level = (
             logging.WARNING
             if body["status"] != "ok" and body["status"] != previous

@@ -478,3 +478,4 @@ def test_late_feedback_for_the_previous_version_counts_there(tmp_path: Path) -> 
     monitor.tick()
     by_version = {r["version"]: r["metrics"]["accuracy"] for r in got}
     assert by_version == {1: 0.5, 2: 1.0}
+    assert monitor.quality_verdict("m", 2) == "ok"  # the late v1 window does not hide v2's
