@@ -59,6 +59,7 @@ class _Joint:
         self.scale = np.array(reference.scale)
         self.components = np.array(reference.components)
         self.precision = np.array(reference.precision)
+        self.whitening = np.array(reference.whitening)
         self.sum_z = np.zeros(len(self.where))
         self.sum_error = 0.0
         self.rows = 0
@@ -91,10 +92,19 @@ class _Joint:
         )
         error = self.sum_error / rows if rows else 0.0
         t2 = hotelling(self.sum_z / rows, rows, self.precision) if rows else 0.0
+        shift = (
+            float(np.abs(self.whitening @ self.sum_z).max()) / np.sqrt(rows)
+            if rows and len(self.whitening)
+            else 0.0
+        )
         alarm = strong = False
         if limits is not None:
-            alarm = error > limits.reconstruction or t2 > limits.t2
-            strong = error > limits.reconstruction_strong or t2 > limits.t2_strong
+            alarm = error > limits.reconstruction or t2 > limits.t2 or shift > limits.shift
+            strong = (
+                error > limits.reconstruction_strong
+                or t2 > limits.t2_strong
+                or shift > limits.shift_strong
+            )
         self.alarms = [*self.alarms, alarm][-3:]
         drifting = _drifting(self.alarms, strong)
         # which features moved: each one's window mean in standard errors of a window mean
@@ -125,6 +135,12 @@ class _Joint:
                     t2,
                     limits.t2 if limits else None,
                     limits.t2_strong if limits else None,
+                ),
+                entry(
+                    "axis_shift",
+                    shift,
+                    limits.shift if limits else None,
+                    limits.shift_strong if limits else None,
                 ),
             ],
             "shift_z": {

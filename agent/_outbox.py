@@ -6,9 +6,9 @@ writes), drained strictly in order by the MQTT link once the broker acknowledged
 It survives agent restarts and broker outages.
 
 Bounded: beyond ``max_messages`` the oldest *telemetry* is dropped first, then the oldest drift
-report, then the oldest quality report, and the drop is counted (reported with the next telemetry). Job updates are never
-dropped; an outbox full of job updates alone keeps growing, since losing one would leave the
-operator blind to what the device did.
+report, then the oldest quality report, and the drop is counted (reported with the next
+telemetry). Job updates are never dropped; an outbox full of job updates alone keeps growing,
+since losing one would leave the operator blind to what the device did.
 """
 
 from __future__ import annotations

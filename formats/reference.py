@@ -70,6 +70,8 @@ class MultivariateThresholds:
     reconstruction_strong: float
     t2: float
     t2_strong: float
+    shift: float = math.inf  # the largest |mean| along a principal axis, in standard errors
+    shift_strong: float = math.inf
 
 
 @dataclass(frozen=True)
@@ -78,7 +80,9 @@ class Multivariate:
     components that reconstruct it, and the inverse covariance for Hotelling's T².
 
     The window's statistics are the mean reconstruction error of its rows (a change in how
-    the features relate) and T² of its mean row (a joint shift in location).
+    the features relate), T² of its mean row (a joint shift in location), and the largest
+    shift of its mean along one principal axis (features moving together, which T² spreads
+    over every axis).
     """
 
     features: tuple[str, ...]  # names of numeric features, in :attr:`Reference.features`
@@ -86,6 +90,9 @@ class Multivariate:
     scale: tuple[float, ...]
     components: tuple[tuple[float, ...], ...]  # (k, features), orthonormal rows
     precision: tuple[tuple[float, ...], ...]  # (features, features)
+    whitening: tuple[
+        tuple[float, ...], ...
+    ] = ()  # (axes, features): eigenvectors / sqrt(eigenvalue)
     thresholds: Mapping[int, MultivariateThresholds] = field(default_factory=dict)
 
 
@@ -190,12 +197,15 @@ def _multivariate_json(m: Multivariate) -> dict[str, Any]:
         "scale": list(m.scale),
         "components": [list(row) for row in m.components],
         "precision": [list(row) for row in m.precision],
+        "whitening": [list(row) for row in m.whitening],
         "thresholds": {
             str(w): {
                 "reconstruction": t.reconstruction,
                 "reconstruction_strong": t.reconstruction_strong,
                 "t2": t.t2,
                 "t2_strong": t.t2_strong,
+                "shift": t.shift,
+                "shift_strong": t.shift_strong,
             }
             for w, t in sorted(m.thresholds.items())
         },
@@ -337,6 +347,9 @@ def _multivariate(raw: Any, features: tuple[ColumnReference, ...]) -> Multivaria
         raise _bad(where + "scale", "positive numbers", vectors[1])
     components = _matrix(data, "components", where, d)
     precision = _matrix(data, "precision", where, d)
+    whitening = _matrix(data, "whitening", where, d)
+    if not 1 <= len(whitening) <= d:
+        raise _bad(where + "whitening", f"1 to {d} rows", whitening)
     if not 1 <= len(components) <= d or len(precision) != d:
         raise _bad(where + "components", f"1 to {d} rows (and precision {d} rows)", components)
     thresholds = {}
@@ -348,10 +361,19 @@ def _multivariate(raw: Any, features: tuple[ColumnReference, ...]) -> Multivaria
         thresholds[int(window)] = MultivariateThresholds(
             *(
                 _number(_get(limits, key, at), at + key)
-                for key in ("reconstruction", "reconstruction_strong", "t2", "t2_strong")
+                for key in (
+                    "reconstruction",
+                    "reconstruction_strong",
+                    "t2",
+                    "t2_strong",
+                    "shift",
+                    "shift_strong",
+                )
             )
         )
-    return Multivariate(tuple(names), vectors[0], vectors[1], components, precision, thresholds)
+    return Multivariate(
+        tuple(names), vectors[0], vectors[1], components, precision, whitening, thresholds
+    )
 
 
 def _column(raw: Any, where: str, *, output: bool, version: int) -> ColumnReference:

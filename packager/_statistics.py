@@ -193,6 +193,11 @@ def _multivariate_base(frame: pd.DataFrame, names: Sequence[str]) -> Multivariat
         scale=tuple(float(x) for x in scale),
         components=tuple(tuple(float(x) for x in row) for row in vectors[:, :k].T),
         precision=tuple(tuple(float(x) for x in row) for row in precision),
+        whitening=tuple(
+            tuple(float(x) for x in row)
+            # the principal axes kept for the reconstruction: where features move together
+            for row in (vectors[:, :k] / np.sqrt(np.maximum(eigenvalues[:k], 1e-12))).T
+        ),
     )
 
 
@@ -217,6 +222,7 @@ def _multivariate_thresholds(
     )
     columns = np.column_stack([z, reconstruction_errors(z, np.array(base.components))])
     precision = np.array(base.precision)
+    whitening = np.array(base.whitening)
     draws = max(2000, math.ceil(MIN_EXCEEDANCES * 4 / level))
     rng = np.random.default_rng(MULTIVARIATE_SEED)
     centre = rng.multivariate_normal(
@@ -239,12 +245,17 @@ def _multivariate_thresholds(
             sums.append(picked @ columns)
         means = np.concatenate(sums) / window + centre
         t2 = window * np.einsum("ij,jk,ik->i", means[:, :-1], precision, means[:, :-1])
-        error, value_t2 = union_thresholds(np.column_stack([means[:, -1], t2]), level)
+        shift = math.sqrt(window) * np.abs(means[:, :-1] @ whitening.T).max(axis=1)
+        error, value_t2, value_shift = union_thresholds(
+            np.column_stack([means[:, -1], t2, shift]), level
+        )
         thresholds[int(window)] = MultivariateThresholds(
             float(error),
             strong_threshold(means[:, -1], float(error), STRONG * level),
             float(value_t2),
             strong_threshold(t2, float(value_t2), STRONG * level),
+            float(value_shift),
+            strong_threshold(shift, float(value_shift), STRONG * level),
         )
     return dataclasses.replace(base, thresholds=thresholds)
 
@@ -346,7 +357,7 @@ def reference_statistics(
         output=output,
         holdout_rows=len(holdout),
         calibration=Calibration(
-            statistic="binned_ks or psi; reconstruction error, hotelling t2",
+            statistic="binned_ks or psi; reconstruction error, hotelling t2, axis shift",
             alpha=ALPHA,
             correction="bonferroni",
             columns=tests,

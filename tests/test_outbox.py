@@ -86,7 +86,8 @@ def test_order_survives_a_restart(tmp_path: Path) -> None:
         box.put(KINDS[i % len(KINDS)], f"t/{i}", str(i).encode())
     rest = drain(box)
     assert [payload for _, _, payload in rest] == [str(i).encode() for i in range(10, 35)]
-    assert [topic_kind for _, topic_kind, _ in rest] == [KINDS[i % len(KINDS)] for i in range(10, 35)]
+    kinds = [KINDS[i % len(KINDS)] for i in range(10, 35)]
+    assert [topic_kind for _, topic_kind, _ in rest] == kinds
     assert box.next_seq("drift") == 4  # report numbers continue, never restart
     assert box.next_seq("telemetry") == 1
     last_id = rest[-1][0]
