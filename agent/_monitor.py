@@ -385,6 +385,13 @@ class Monitor:
         self.latest[model] = report
         self._save_verdicts()
         drifting = [f["name"] for f in report["features"] if f["drifting"]]
+        joint = report.get("multivariate")
+        if joint and joint["drifting"]:  # every numeric feature together
+            drifting.append(
+                "all features together ("
+                + ", ".join(s["name"] for s in joint["statistics"] if s["alarm"])
+                + ")"
+            )
         previous = self._status.get(model)
         self._status[model] = report["status"]
         # log changes, not every window: steady traffic closes a window every few seconds
