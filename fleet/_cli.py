@@ -16,6 +16,7 @@ ago") and report times come from the clock in click's context object (``obj={"cl
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
 import os
 import signal
@@ -268,6 +269,27 @@ _simple_command("retire", "Uninstall MODEL from a device or a group.")
     type=click.Path(dir_okay=False, path_type=Path),
     help="Offline root public key(s): record (and hand on) only trust documents they signed.",
 )
+@click.option(
+    "--alert-webhook",
+    "alert_webhooks",
+    multiple=True,
+    metavar="URL",
+    help="POST alerts (Alertmanager webhook JSON) to URL; repeatable. See docs/alerts.md.",
+)
+@click.option(
+    "--alert-state",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=Path("edgepack-alerts.sqlite3"),
+    show_default=True,
+    help="SQLite file keeping alert state across restarts (de-duplication).",
+)
+@click.option(
+    "--alert-repeat",
+    type=click.FloatRange(min=0.01),
+    default=4.0,
+    show_default=True,
+    help="Hours before a still-firing alert is sent again.",
+)
 @click.pass_context
 def collector(
     ctx: click.Context,
@@ -275,9 +297,19 @@ def collector(
     client_id: str | None,
     command_keys: tuple[Path, ...],
     root_keys: tuple[Path, ...],
+    alert_webhooks: tuple[str, ...],
+    alert_state: Path,
+    alert_repeat: float,
 ) -> None:
     """Run the collector: keep device state and job progress in the store."""
+    from edgepack.fleet._alerts import Alerter, WebhookSender
     from edgepack.fleet._collector import Collector
+
+    alerter = Alerter(
+        alert_state,
+        [WebhookSender(url) for url in alert_webhooks],
+        repeat_interval=dt.timedelta(hours=alert_repeat),
+    )
 
     keys = [load_public_key(p.read_bytes(), source=str(p)) for p in command_keys] or None
     roots = [load_public_key(p.read_bytes(), source=str(p)) for p in root_keys] or None
@@ -288,14 +320,51 @@ def collector(
         command_keys=keys,
         root_keys=roots,
         client_id=client_id,
+        alerter=alerter,
     ).start()
     console.print(f"collector running: broker {ctx.obj['broker']}, store {ctx.obj['store']}")
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    stop.wait()
+    while not stop.wait(60):
+        alerter.repeat_due()
     running.stop()
+    alerter.close()
     console.print(f"collector stopped: {running.stats}")
+
+
+@cli.command()
+@click.option(
+    "--alert-state",
+    type=click.Path(dir_okay=False, path_type=Path, exists=True),
+    default=Path("edgepack-alerts.sqlite3"),
+    show_default=True,
+    help="The collector's alert state file.",
+)
+@click.option("--firing", is_flag=True, help="Only alerts still firing.")
+@click.option("--json", "as_json", is_flag=True, help="JSON (Alertmanager alert objects).")
+def alerts(alert_state: Path, firing: bool, as_json: bool) -> None:
+    """Alerts the collector has fired (drift, quality, health check, failed jobs)."""
+    from edgepack.fleet._alerts import Alerter
+
+    alerter = Alerter(alert_state)
+    try:
+        found = alerter.alerts("firing" if firing else None)
+    finally:
+        alerter.close()
+    if as_json:
+        click.echo(json.dumps([a.to_json() for a in found], indent=2))
+        return
+    table = Table("status", "alert", "device", "model", "version", "severity", "since", "ended")
+    for a in found:
+        version = a.labels.get("version") or a.annotations.get("version", "")
+        table.add_row(
+            a.status, a.labels.get("alertname", ""), a.labels.get("device", ""),
+            a.labels.get("model", ""), version, a.labels.get("severity", ""),
+            a.starts_at.strftime("%Y-%m-%d %H:%M:%S"),
+            "" if a.ends_at is None else a.ends_at.strftime("%Y-%m-%d %H:%M:%S"),
+        )  # fmt: skip
+    console.print(table if found else "no alerts")
 
 
 _STYLE = {

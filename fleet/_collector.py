@@ -48,6 +48,7 @@ import paho.mqtt.client as mqtt
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from edgepack._clock import Clock, utc_now
+from edgepack.fleet._alerts import Alerter
 from edgepack.fleet._broker import BrokerOptions, connect
 from edgepack.fleet._database import FleetStore, JobRow, StoreError
 from edgepack.fleet._trust import peek_trust, verify_trust
@@ -91,6 +92,7 @@ class _Outcome:
 
     new: bool | None = None  # True: written, False: a duplicate, None: nothing to count
     publish: tuple[str, bytes] | None = None
+    alert: tuple[str, str, dict[str, Any]] | None = None  # (kind, device, payload) to observe
 
 
 @dataclass(frozen=True)
@@ -105,7 +107,7 @@ class _Record:
 # The order in which a batch takes its locks: by table, then by the row's key.
 _RANK = {TopicKind.DEVICE_JOBS: 0, TopicKind.GROUP_JOBS: 0, TopicKind.STATE: 1,
          TopicKind.JOB_STATUS: 2, TopicKind.TELEMETRY: 3, TopicKind.DRIFT: 3,
-         TopicKind.TRUST: 4, TopicKind.PENDING_GET: 5}  # fmt: skip
+         TopicKind.QUALITY: 3, TopicKind.TRUST: 4, TopicKind.PENDING_GET: 5}  # fmt: skip
 
 
 class Collector:
@@ -120,6 +122,7 @@ class Collector:
         client_id: the MQTT client id (default ``edgepack-collector-HOST[-SHARE]``).
         session_expiry: seconds the broker keeps this collector's session while it is away.
         clock: the time received messages are stamped with.
+        alerter: told of every committed report and job update, to fire and resolve alerts.
     """
 
     def __init__(
@@ -133,8 +136,10 @@ class Collector:
         client_id: str | None = None,
         session_expiry: int = 86_400,
         clock: Clock = utc_now,
+        alerter: Alerter | None = None,
     ) -> None:
         self.options = options
+        self.alerter = alerter
         self.store = store
         self.share = share
         self.keys = list(command_keys) if command_keys else None
@@ -161,6 +166,7 @@ class Collector:
             t.pending_get("+"),
             t.telemetry("+"),
             t.drift("+"),
+            t.quality("+"),
         ]
         if self.share:
             shared = [f"$share/{self.share}/{topic}" for topic in shared]
@@ -345,6 +351,12 @@ class Collector:
             self.stats.written += 1
         elif outcome.new is False:
             self.stats.duplicates += 1
+        if outcome.new is True and outcome.alert is not None and self.alerter is not None:
+            try:
+                self.alerter.observe(*outcome.alert)
+            except Exception:  # alerting must never take message handling down
+                self.stats.errors += 1
+                log.exception("collector: alert evaluation failed")
         if outcome.publish is not None and self._client is not None:
             topic, answer = outcome.publish
             self._client.publish(topic, answer, qos=1)
@@ -383,14 +395,27 @@ class Collector:
                     f"status of job {update.job_id!r} on the topic of {where.job_id}"
                 )
             key = (rank, update.job_id, device, update.seq)
-            return _Record(key, topic, lambda: _Outcome(store.record_execution(update, now)))
-        if kind in (TopicKind.TELEMETRY, TopicKind.DRIFT):
+            job_alert = ("job", device, {
+                "job_id": update.job_id, "status": str(update.status), "model": update.model,
+                "step": None if update.step is None else str(update.step),
+                "reason": update.reason, "version_before": update.version_before,
+                "version_after": update.version_after,
+            })  # fmt: skip
+            return _Record(
+                key,
+                topic,
+                lambda: _Outcome(store.record_execution(update, now), alert=job_alert),
+            )
+        if kind in (TopicKind.TELEMETRY, TopicKind.DRIFT, TopicKind.QUALITY):
             r = parse_report(payload, ReportKind(kind.value), device=device)
             key = (rank, f"{r.kind}/{device}", "", r.seq)
             return _Record(
                 key,
                 topic,
-                lambda: _Outcome(store.record_event(r.kind, device, r.payload, r.seq, now)),
+                lambda: _Outcome(
+                    store.record_event(r.kind, device, r.payload, r.seq, now),
+                    alert=(str(r.kind), device, dict(r.payload)),
+                ),
             )
         if kind is TopicKind.TRUST:
             version = (
