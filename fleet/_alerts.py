@@ -107,7 +107,8 @@ def alertmanager_payload(
     common_labels = _common([a.labels for a in alerts])
     return {
         "version": "4",
-        "groupKey": "{}:" + json.dumps(group, sort_keys=True, separators=(",", ":")),
+        # Alertmanager's form: the route's matchers, then the group labels as matchers
+        "groupKey": "{}:{" + ", ".join(f'{k}="{v}"' for k, v in sorted(group.items())) + "}",
         "truncatedAlerts": 0,
         "status": "firing" if any(a.status == "firing" for a in alerts) else "resolved",
         "receiver": receiver,

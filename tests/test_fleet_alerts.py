@@ -170,6 +170,7 @@ def test_payload_is_alertmanager_webhook_json(tmp_path: Path) -> None:
     assert body["status"] == "firing"
     assert body["receiver"] == "ops"
     assert body["groupLabels"] == {"alertname": "EdgepackDriftDetected"}
+    assert body["groupKey"] == '{}:{alertname="EdgepackDriftDetected"}'
     assert body["commonLabels"] == alert.labels
     (a,) = body["alerts"]
     assert set(a) == {
