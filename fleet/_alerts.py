@@ -35,6 +35,7 @@ import sqlite3
 import threading
 import urllib.error
 import urllib.request
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -326,6 +327,17 @@ class Alerter:
         self.external_url = external_url
         self._clock = clock
         self.stats = AlertStats()
+        self.reports: Counter[str] = Counter()  # new reports seen, by kind (for /metrics)
+        self.job_outcomes: Counter[str] = Counter()  # final job statuses seen
+
+    @property
+    def delivery(self) -> AlertStats:
+        """Delivery counters summed over the webhooks."""
+        total = AlertStats()
+        for hook in self.webhooks:
+            for name in ("sent", "failed", "retries", "dropped"):
+                setattr(total, name, getattr(total, name) + getattr(hook.stats, name))
+        return total
 
     def close(self) -> None:
         for hook in self.webhooks:
@@ -344,6 +356,11 @@ class Alerter:
 
     def observe(self, kind: str, device: str, payload: Mapping[str, Any]) -> list[Alert]:
         """Update the state for one committed message; returns the alerts it notified."""
+        if kind == "job":
+            if payload.get("status") in ("SUCCEEDED", "FAILED", "REJECTED"):
+                self.job_outcomes[str(payload["status"])] += 1
+        else:
+            self.reports[kind] += 1
         sent = []
         for d in decide(kind, device, payload):
             alert = self._transition(d)

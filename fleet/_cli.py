@@ -290,6 +290,14 @@ _simple_command("retire", "Uninstall MODEL from a device or a group.")
     show_default=True,
     help="Hours before a still-firing alert is sent again.",
 )
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(0, 65535),
+    help="Serve fleet-level Prometheus /metrics on this port (off by default).",
+)
+@click.option(
+    "--metrics-host", default="127.0.0.1", show_default=True, help="Address for /metrics."
+)
 @click.pass_context
 def collector(
     ctx: click.Context,
@@ -300,6 +308,8 @@ def collector(
     alert_webhooks: tuple[str, ...],
     alert_state: Path,
     alert_repeat: float,
+    metrics_port: int | None,
+    metrics_host: str,
 ) -> None:
     """Run the collector: keep device state and job progress in the store."""
     from edgepack.fleet._alerts import Alerter, WebhookSender
@@ -323,12 +333,23 @@ def collector(
         alerter=alerter,
     ).start()
     console.print(f"collector running: broker {ctx.obj['broker']}, store {ctx.obj['store']}")
+    metrics = None
+    if metrics_port is not None:
+        from edgepack.fleet._metrics import MetricsServer, render
+
+        store = running.store
+        metrics = MetricsServer(
+            lambda: render(store, running.stats, alerter), metrics_host, metrics_port
+        ).start()
+        console.print(f"fleet metrics on {metrics.url}")
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     while not stop.wait(60):
         alerter.repeat_due()
     running.stop()
+    if metrics is not None:
+        metrics.stop()
     alerter.close()
     console.print(f"collector stopped: {running.stats}")
 

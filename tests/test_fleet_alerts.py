@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -23,6 +24,7 @@ from edgepack.fleet._broker import BrokerOptions, connect, publish_and_wait
 from edgepack.fleet._cli import cli
 from edgepack.fleet._collector import Collector
 from edgepack.fleet._database import open_store
+from edgepack.fleet._metrics import MetricsServer, render
 from edgepack.formats.messages import JobStatus, JobStep, build_job_status
 from edgepack.formats.topics import Topics
 
@@ -368,6 +370,53 @@ def test_collector_fires_through_broker(tmp_path: Path, broker: Broker, receiver
             "EdgepackQualityDegraded": "firing",
             "EdgepackHealthCheckFailed": "firing",
         }
+        store.record_state(
+            "dev-a",
+            {
+                "ts": T0.isoformat(),
+                "groups": [],
+                "online": True,
+                "models": {"churn": {"active": 2, "previous": 1}},
+            },
+            T0,
+        )
+        server = MetricsServer(lambda: render(store, collector.stats, alerter)).start()
+        try:
+            with urllib.request.urlopen(server.url, timeout=WAIT) as response:
+                assert response.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+                text = response.read().decode()
+        finally:
+            server.stop()
+        lines = text.splitlines()
+        for family in (
+            "devices",
+            "drift_status",
+            "quality_metric",
+            "job_outcomes_total",
+            "alerts_firing",
+            "reports_received_total",
+            "model_installed_devices",
+        ):
+            assert (
+                f"# TYPE edgepack_fleet_{family} "
+                + ("counter" if family.endswith("_total") else "gauge")
+                in lines
+            )
+            assert any(line.startswith(f"# HELP edgepack_fleet_{family} ") for line in lines)
+        assert 'edgepack_fleet_devices{state="online"} 1' in lines
+        assert 'edgepack_fleet_model_installed_devices{model="churn",version="2"} 1' in lines
+        assert 'edgepack_fleet_drift_status{device="dev-a",model="churn",version="2"} 0' in lines
+        assert (
+            'edgepack_fleet_quality_metric{device="dev-a",model="churn",version="2",'
+            'metric="accuracy"} 0.7'
+        ) in lines
+        assert 'edgepack_fleet_quality_status{device="dev-a",model="churn",version="2"} 2' in lines
+        # counters count since this collector started (Prometheus handles the reset): the job
+        # failed before the restart, the two drift reports came after it
+        assert not any(line.startswith("edgepack_fleet_job_outcomes_total{") for line in lines)
+        assert 'edgepack_fleet_alerts_firing{alertname="EdgepackQualityDegraded"} 1' in lines
+        assert 'edgepack_fleet_reports_received_total{kind="drift"} 2' in lines
+
         table = CliRunner().invoke(cli, ["alerts", "--alert-state", str(state), "--firing"])
         assert table.exit_code == 0
         assert "EdgepackQualityDegraded" in table.output
