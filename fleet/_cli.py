@@ -506,11 +506,22 @@ def telemetry(
 @click.pass_context
 def drift(ctx: click.Context, group: str | None, model: str | None, version: int | None) -> None:
     """Latest drift window per device and model: status, drifting features, trend."""
-    from edgepack.fleet._views import STATUS_GLYPHS, ago, drift_rows
+    from edgepack.fleet._views import (
+        STATUS_GLYPHS,
+        ago,
+        drift_rows,
+        latest_quality,
+        multivariate_text,
+        quality_text,
+    )
 
-    rows = drift_rows(_store(ctx), group=group, model=model, version=version)
+    store = _store(ctx)
+    rows = drift_rows(store, group=group, model=model, version=version)
+    quality = latest_quality(store, group)
     now = _now(ctx)
     table = Table("device", "model", "version", "status", "window", "drifting", "worst / thr")
+    table.add_column("joint")
+    table.add_column("quality")
     table.add_column("trend")
     for r in rows:
         style = _DRIFT_STYLE.get(r.status, "")
@@ -528,6 +539,8 @@ def drift(ctx: click.Context, group: str | None, model: str | None, version: int
             f"{r.n:,} rows, {ago(r.window_end, now)}",
             escape(", ".join(r.drifting)) or "-",
             worst,
+            escape(multivariate_text(r.payload) or "-"),
+            escape(quality_text(quality.get((r.device, r.model))) or "-"),
             trend,
         )
     console.print(table if rows else "no drift reports yet (is the collector running?)")

@@ -295,6 +295,59 @@ def drift_row(device: str, at: datetime, payload: dict[str, Any], history: list[
     )
 
 
+def multivariate_text(payload: Mapping[str, Any]) -> str | None:
+    """The multivariate (all features together) part of a drift report, in a few words:
+    ``"alarm NAME V/THR"`` (the statistic furthest over its threshold), ``"drifting ..."`` or
+    ``"ok NAME V/THR"``; None when the report has none (older agents)."""
+    mv = payload.get("multivariate")
+    if not isinstance(mv, dict):
+        return None
+    stats = [x for x in dicts(mv.get("statistics")) if isinstance(x.get("name"), str)]
+    scored = [
+        (v / t if t else 0.0, x)
+        for x in stats
+        if (v := number(x.get("value"))) is not None and (t := number(x.get("threshold")))
+    ]
+    top = max(scored, key=lambda rx: rx[0])[1] if scored else (stats[0] if stats else None)
+    word = "drifting" if mv.get("drifting") is True else "alarm" if mv.get("alarm") else "ok"
+    if top is None:
+        return word
+    value, threshold = number(top.get("value")), number(top.get("threshold"))
+    figure = "" if value is None else f" {value:.3g}"
+    if value is not None and threshold is not None:
+        figure += f"/{threshold:.3g}"
+    return f"{word} {top['name']}{figure}"
+
+
+def quality_text(payload: Mapping[str, Any] | None) -> str | None:
+    """A quality report in a few words: its status and metrics (``"degraded accuracy 0.71
+    (ref 0.90)"``, estimates marked ``~``); None without a report."""
+    if not payload:
+        return None
+    status = payload.get("status")
+    metrics = as_dict(payload.get("metrics"))
+    reference = as_dict(payload.get("reference"))
+    parts = [status if isinstance(status, str) else "?"]
+    for name, value in sorted(metrics.items()):
+        v = number(value)
+        if v is None:
+            continue
+        mark = "~" if payload.get("estimated") is True and not payload.get("labeled") else ""
+        ref = number(reference.get(name))
+        parts.append(f"{name} {mark}{v:.3g}" + ("" if ref is None else f" (ref {ref:.3g})"))
+    return " ".join(parts)
+
+
+def latest_quality(store: FleetStore, group: str | None = None) -> dict[tuple[str, str], Any]:
+    """The latest quality report of each ``(device, model)`` in scope."""
+    found: dict[tuple[str, str], Any] = {}
+    for device, reports in latest_reports(store, "quality", group, per_device=2).items():
+        for _at, payload in reports:  # oldest first: the latest wins
+            if isinstance(payload.get("model"), str):
+                found[(device, payload["model"])] = payload
+    return found
+
+
 def drift_series(
     store: FleetStore,
     group: str | None,

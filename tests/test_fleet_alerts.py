@@ -424,3 +424,36 @@ def test_collector_fires_through_broker(tmp_path: Path, broker: Broker, receiver
         collector.stop()
         alerter.close()
         store.close()
+
+
+# -- quality and multivariate drift in the drift table ------------------------------------------
+
+
+def test_drift_table_shows_quality_and_multivariate(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from edgepack.fleet import _cli as fleet_cli
+
+    store = open_store(tmp_path / "fleet.db")
+    joint = {"statistics": [{"name": "pca_error", "value": 0.31, "threshold": 0.12,
+                             "alarm": True}], "alarm": True, "drifting": True}  # fmt: skip
+    for device, extra in (("dev-a", {"multivariate": joint}), ("dev-b", {})):
+        store.record_event("drift", device, _drift("drift", 1, device) | extra, 1, T0)
+    quality = {"schema": 1, "device": "dev-a", "seq": 1, "model": "churn", "version": 2,
+               "status": "degraded", "metrics": {"accuracy": 0.71},
+               "reference": {"accuracy": 0.9}, "estimated": False, "labeled": 400}  # fmt: skip
+    store.record_event("quality", "dev-a", quality, 1, T0)
+    store.close()
+    monkeypatch.setattr(fleet_cli.console, "width", 250)
+    result = CliRunner().invoke(
+        cli, ["--store", str(tmp_path / "fleet.db"), "drift"], obj={"clock": lambda: T0}
+    )
+    assert result.exit_code == 0, result.output
+    rows = {
+        cells[0]: cells
+        for line in result.output.splitlines()
+        if len(cells := [c.strip() for c in line.split("│")[1:-1]]) == 10
+    }
+    assert rows["dev-a"][7] == "drifting pca_error 0.31/0.12"
+    assert rows["dev-a"][8] == "degraded accuracy 0.71 (ref 0.9)"
+    assert rows["dev-b"][7:9] == ["-", "-"]  # an older agent's report: no multivariate part

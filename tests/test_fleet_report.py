@@ -154,7 +154,8 @@ def devices_in(output: str) -> set[str]:
 
 TELEMETRY = ["device", "model", "version", "requests", "errors", "p50", "p95", "p99", "rss"]
 TELEMETRY += ["trend", "seen"]
-DRIFT = ["device", "model", "version", "status", "window", "drifting", "worst", "trend"]
+DRIFT = ["device", "model", "version", "status", "window", "drifting", "worst", "joint", "quality",
+         "trend"]  # fmt: skip
 
 
 def test_telemetry_table_shows_the_latest_interval(
