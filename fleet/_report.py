@@ -40,8 +40,11 @@ from edgepack.fleet._views import (
     drift_row,
     drift_series,
     feature_ratio,
+    latest_quality,
     latest_reports,
+    multivariate_text,
     number,
+    quality_text,
     unix_moment,
 )
 
@@ -71,6 +74,8 @@ class DeviceLine:
     window_end: str
     drifting: str
     worst: str
+    joint: str  # the multivariate statistic, when the drift report has one
+    quality: str  # the latest quality report, in a few words
     p95: str
 
 
@@ -154,8 +159,13 @@ def _features(rows: list[DriftRow], colors: dict[str, str]) -> Features | None:
 
 
 def _device_lines(
-    names: list[str], installed: dict[str, Any], statuses: dict[str, DriftRow], p95: Series
+    names: list[str],
+    installed: dict[str, Any],
+    statuses: dict[str, DriftRow],
+    p95: Series,
+    quality: dict[str, Any] | None = None,
 ) -> list[DeviceLine]:
+    quality = quality or {}
     lines = []
     for name in names:
         r, latest = statuses.get(name), p95.get(name)
@@ -172,6 +182,8 @@ def _device_lines(
                 window_end=_when(r.window_end if r else None),
                 drifting=(", ".join(r.drifting) or "-") if r else "-",
                 worst=f"{r.worst} ({ratio:.2f}×)" if r and ratio else "-",
+                joint=(multivariate_text(r.payload) if r else None) or "-",
+                quality=quality_text(quality.get(name)) or "-",
                 p95=f"{latest[-1][1]:.2f}" if latest else "-",
             )
         )
@@ -292,7 +304,13 @@ def build_report(
         scope=f"group {group}" if group else "all devices",
         generated=_when(now or utc_now()),
         cards=[("devices", len(names)), *counts.items()],
-        devices=_device_lines(names, installed, statuses, latency["p95"]),
+        devices=_device_lines(
+            names,
+            installed,
+            statuses,
+            latency["p95"],
+            {d: q for (d, m), q in latest_quality(store, group).items() if m == model},
+        ),
         versions=versions,
         versions_chart=versions_chart({v.label: v.count for v in versions}) if versions else None,
         without_model=len(devices) - len(installed),

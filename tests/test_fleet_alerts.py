@@ -457,3 +457,22 @@ def test_drift_table_shows_quality_and_multivariate(
     assert rows["dev-a"][7] == "drifting pca_error 0.31/0.12"
     assert rows["dev-a"][8] == "degraded accuracy 0.71 (ref 0.9)"
     assert rows["dev-b"][7:9] == ["-", "-"]  # an older agent's report: no multivariate part
+
+
+def test_html_report_shows_quality_and_multivariate(tmp_path: Path) -> None:
+    from edgepack.fleet._report import build_report
+
+    store = open_store(tmp_path / "fleet.db")
+    joint = {"statistics": [{"name": "pca_error", "value": 0.05, "threshold": 0.12,
+                             "alarm": False}], "alarm": False, "drifting": False}  # fmt: skip
+    store.record_event("drift", "dev-a", _drift("ok", 1) | {"multivariate": joint}, 1, T0)
+    store.record_event("drift", "dev-b", _drift("ok", 1, "dev-b"), 1, T0)  # no multivariate
+    quality = {"schema": 1, "device": "dev-a", "seq": 1, "model": "churn", "version": 2,
+               "status": "ok", "metrics": {"accuracy": 0.88}, "estimated": True,
+               "labeled": 0}  # fmt: skip
+    store.record_event("quality", "dev-a", quality, 1, T0)
+    page = build_report(store, "churn", now=T0)
+    store.close()
+    assert "<th>multivariate</th><th>quality</th>" in page
+    assert "<td>ok pca_error 0.05/0.12</td><td>ok accuracy ~0.88</td>" in page
+    assert "<td>-</td><td>-</td>" in page  # dev-b: an older agent's report, no quality report
