@@ -93,14 +93,14 @@ class _Joint:
         error = self.sum_error / rows if rows else 0.0
         t2 = hotelling(self.sum_z / rows, rows, self.precision) if rows else 0.0
         shift = (
-            float(np.abs(self.whitening @ self.sum_z).max()) / np.sqrt(rows)
+            float(np.abs(self.whitening @ self.sum_z).max() / np.sqrt(rows))
             if rows and len(self.whitening)
             else 0.0
         )
         alarm = strong = False
         if limits is not None:
-            alarm = error > limits.reconstruction or t2 > limits.t2 or shift > limits.shift
-            strong = (
+            alarm = bool(error > limits.reconstruction or t2 > limits.t2 or shift > limits.shift)
+            strong = bool(
                 error > limits.reconstruction_strong
                 or t2 > limits.t2_strong
                 or shift > limits.shift_strong
