@@ -724,8 +724,10 @@ def main() -> None:
         "*edgepack*: `reference.json` from `edgepack.packager._statistics.reference_statistics` "
         f"({document.rows:,} rows define the bins, {document.holdout_rows:,} calibrate; built in "
         f"{build_s:.1f} s), judged by `edgepack.agent._drift.DriftDetector`, one fresh monitor "
-        "per stream. Binned KS and PSI per column, each against a bootstrap threshold at "
-        f"1 − {calibration.alpha}/(2·{calibration.columns}) (KS thresholds for windows of "
+        "per stream. Binned KS or PSI per column and, over the numeric features together, "
+        "reconstruction error, T² or the largest axis shift, each test calibrated by bootstrap "
+        f"at its Bonferroni share of alpha {calibration.alpha} over {calibration.columns} tests "
+        "(KS thresholds for windows of "
         + "; ".join(f"{w}: {min(t):.3f}–{max(t):.3f}" for w, t in thresholds.items() if t)
         + "). *alarm (warning)*: any column (or the multivariate statistic, where the detector "
         "has one) over a threshold in this window; *drift (verdict)*: the persistent status "
