@@ -20,7 +20,6 @@ probabilities (``"calibrated": false``). numpy only: the agent stays light.
 from __future__ import annotations
 
 import collections
-import math
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -30,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from edgepack.agent.exceptions import ModelNotFoundError, RequestError
-from edgepack.formats.quality import QualityReference
+from edgepack.formats.quality import QualityReference, label_key, macro_f1
 
 __all__ = [
     "FeedbackError",
@@ -54,38 +53,11 @@ class UnknownRequestError(ModelNotFoundError):
     """Feedback for a request id the agent does not remember (never seen, or expired)."""
 
 
-def _key(value: Any) -> str:
-    """A class label as text: 1, 1.0, "1" and numpy's int64(1) are the same class."""
-    if isinstance(value, (bytes, np.bytes_)):
-        value = bytes(value).decode(errors="replace")
-    if isinstance(value, (bool, np.bool_)):
-        return str(int(value))
-    if isinstance(value, (int, float, np.integer, np.floating)):
-        number = float(value)
-        if math.isfinite(number) and number == int(number):
-            return str(int(number))
-        return repr(number)
-    return str(value)
-
-
-def macro_f1(truth: Sequence[str], predicted: Sequence[str]) -> float:
-    """Macro F1 over the classes in either list (a class never seen nor predicted: not counted)."""
-    t = np.asarray(truth)
-    p = np.asarray(predicted)
-    scores = []
-    for c in np.union1d(t, p):
-        tp = float(np.sum((t == c) & (p == c)))
-        fp = float(np.sum((t != c) & (p == c)))
-        fn = float(np.sum((t == c) & (p != c)))
-        scores.append(0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn))
-    return float(np.mean(scores)) if scores else 0.0
-
-
 def metrics(task: str, truth: Sequence[Any], predicted: Sequence[Any]) -> dict[str, float]:
     """``{"accuracy", "f1"}`` (classification, macro F1) or ``{"mae"}`` (regression)."""
     if task == "classification":
-        t = [_key(v) for v in truth]
-        p = [_key(v) for v in predicted]
+        t = [label_key(v) for v in truth]
+        p = [label_key(v) for v in predicted]
         accuracy = float(np.mean(np.asarray(t) == np.asarray(p))) if t else 0.0
         return {"accuracy": accuracy, "f1": macro_f1(t, p)}
     errors = np.abs(np.asarray(truth, dtype=np.float64) - np.asarray(predicted, dtype=np.float64))

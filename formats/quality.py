@@ -16,8 +16,11 @@ from __future__ import annotations
 import itertools
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 from edgepack.formats.bundle import QUALITY_FILE
 from edgepack.formats.exceptions import BundleError
@@ -28,6 +31,8 @@ __all__ = [
     "QUALITY_FORMAT_VERSION",
     "QualityFormatError",
     "QualityReference",
+    "label_key",
+    "macro_f1",
     "parse_quality",
     "quality_json",
 ]
@@ -61,6 +66,37 @@ class QualityReference:
     confidence: tuple[float, ...] = ()
     calibration: tuple[tuple[float, ...], tuple[float, ...]] | None = None
     seed: int = 0
+
+
+# -- the metrics both sides compute (the packager's reference, the device's windows) --------
+
+
+def label_key(value: Any) -> str:
+    """A class label as text, as the packager and the device both compare them: 1, 1.0, "1"
+    and numpy's int64(1) are the same class."""
+    if isinstance(value, (bytes, np.bytes_)):
+        value = bytes(value).decode(errors="replace")
+    if isinstance(value, (bool, np.bool_)):
+        return str(int(value))
+    if isinstance(value, (int, float, np.integer, np.floating)):
+        number = float(value)
+        if math.isfinite(number) and number == int(number):
+            return str(int(number))
+        return repr(number)
+    return str(value)
+
+
+def macro_f1(truth: Sequence[Any] | np.ndarray, predicted: Sequence[Any] | np.ndarray) -> float:
+    """Macro F1 over the classes in either list (a class never seen nor predicted: not counted)."""
+    t = np.asarray(truth)
+    p = np.asarray(predicted)
+    scores = []
+    for c in np.union1d(t, p):
+        tp = float(np.sum((t == c) & (p == c)))
+        fp = float(np.sum((t != c) & (p == c)))
+        fn = float(np.sum((t == c) & (p != c)))
+        scores.append(0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn))
+    return float(np.mean(scores)) if scores else 0.0
 
 
 def quality_json(quality: QualityReference) -> bytes:

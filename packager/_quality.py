@@ -13,13 +13,12 @@ its own window size (edgepack.agent._quality).
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from edgepack.formats.quality import MAX_ROWS, QualityReference
+from edgepack.formats.quality import MAX_ROWS, QualityReference, label_key, macro_f1
 from edgepack.packager._converters import Prediction
 from edgepack.packager.exceptions import ReferenceDataError
 
@@ -49,28 +48,6 @@ def pop_target(frame: pd.DataFrame, target: str) -> tuple[pd.DataFrame, pd.Serie
     features = frame.drop(columns=[target])
     features.attrs = dict(frame.attrs)
     return features, truth.reset_index(drop=True)
-
-
-def _key(value: Any) -> str:
-    """A class label as text, the way the agent compares them (1, 1.0 and "1" are one class)."""
-    if isinstance(value, (bool, np.bool_)):
-        return str(int(value))
-    if isinstance(value, (int, float, np.integer, np.floating)):
-        number = float(value)
-        if math.isfinite(number) and number == int(number):
-            return str(int(number))
-        return repr(number)
-    return str(value)
-
-
-def _macro_f1(truth: np.ndarray, predicted: np.ndarray) -> float:
-    scores = []
-    for c in np.union1d(truth, predicted):
-        tp = float(np.sum((truth == c) & (predicted == c)))
-        fp = float(np.sum((truth != c) & (predicted == c)))
-        fn = float(np.sum((truth == c) & (predicted != c)))
-        scores.append(0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn))
-    return float(np.mean(scores))
 
 
 def quality_reference(
@@ -106,8 +83,8 @@ def quality_reference(
         )
     if prediction.labels is None:
         raise ReferenceDataError("the source model gave no labels to compare --target with")
-    index = {_key(label): i for i, label in enumerate(labels)}
-    true_keys = [_key(v) for v in truth.to_numpy()[order]]
+    index = {label_key(label): i for i, label in enumerate(labels)}
+    true_keys = [label_key(v) for v in truth.to_numpy()[order]]
     unknown = sorted({k for k in true_keys if k not in index})
     if unknown:
         raise ReferenceDataError(
@@ -115,7 +92,9 @@ def quality_reference(
             f"model's classes ({', '.join(map(repr, list(index)[:10]))})"
         )
     t = np.array([index[k] for k in true_keys], dtype=np.int64)
-    p = np.array([index[_key(v)] for v in np.asarray(prediction.labels)[order]], dtype=np.int64)
+    p = np.array(
+        [index[label_key(v)] for v in np.asarray(prediction.labels)[order]], dtype=np.int64
+    )
     correct = (t == p).astype(np.float64)
     confidence: tuple[float, ...] = ()
     calibration = None
@@ -133,7 +112,7 @@ def quality_reference(
         )
     return QualityReference(
         task,
-        {"accuracy": float(correct.mean()), "f1": _macro_f1(t, p)},
+        {"accuracy": float(correct.mean()), "f1": macro_f1(t, p)},
         tuple(float(v) for v in t),
         tuple(float(v) for v in p),
         labels=tuple(_json_label(v) for v in labels),
