@@ -225,12 +225,7 @@ def _decode(body: bytes, header_length: int | None) -> InferRequest:
         header, binary = body[:header_length], body[header_length:]
     else:
         header, binary = body, b""
-    data = _fast_loads(header)
-    if data is _SLOW:  # no orjson, or a body it refuses (NaN, lone surrogates): as before
-        try:
-            data = json.loads(header)
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-            raise RequestError(f"request body is not valid JSON: {e}") from e
+    data = _parse_json(header, "request body")
     if not isinstance(data, dict) or not isinstance(data.get("inputs"), list):
         raise RequestError("request must be a JSON object with an 'inputs' list")
     inputs: dict[str, np.ndarray] = {}
@@ -281,10 +276,7 @@ def decode_feedback(body: bytes) -> list[tuple[str, Any, Any]]:
     Raises:
         RequestError: not JSON, no id, neither or both of labels and targets, too many items.
     """
-    try:
-        data = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise RequestError(f"feedback body is not valid JSON: {e}") from e
+    data = _parse_json(body, "feedback body")
     if not isinstance(data, dict):
         raise RequestError("feedback must be a JSON object")
     items = data.get("feedback", [data])
@@ -329,6 +321,18 @@ _SLOW = object()
 _ORJSON_DTYPES = frozenset(
     {"<f4", "<f8", "<i8", "<i4", "<i2", "|i1", "<u8", "<u4", "<u2", "|u1", "|b1"}
 )
+
+
+def _parse_json(text: bytes, what: str) -> Any:
+    """Every body the server parses: orjson when it can, else the standard library (NaN, lone
+    surrogates); anything unreadable, nested too deep included, is a :class:`RequestError`."""
+    data = _fast_loads(text)
+    if data is _SLOW:
+        try:
+            data = json.loads(text)
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+            raise RequestError(f"{what} is not valid JSON: {e}") from e
+    return data
 
 
 def _fast_loads(text: bytes) -> Any:

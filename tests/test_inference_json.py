@@ -96,3 +96,13 @@ def test_a_body_orjson_cannot_write_is_written_by_the_standard_library(codec: st
     assert json.loads(protocol._dumps(out)) == {
         "model_name": "m", "outputs": [{"name": "y", "data": [0, 1, 2]}], "n": 2**70
     }  # fmt: skip
+
+
+@pytest.mark.parametrize("body", [b"[" * 100_000, b'{"id": "a", "labels": [1', b"\xff\xfe", b"[]"])
+def test_a_hostile_feedback_body_is_a_request_error(body: bytes) -> None:
+    # the feedback endpoint parses with the same guarded reader as inference requests: deep
+    # nesting (RecursionError in the standard library) is a 400, not a crashed handler
+    from edgepack.agent._inference_protocol import decode_feedback
+
+    with pytest.raises(RequestError):
+        decode_feedback(body)
