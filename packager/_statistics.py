@@ -140,14 +140,14 @@ def _column(values: Any, name: str) -> ColumnReference:
     return _numeric(series.to_numpy(np.float64), name) if numeric else _categorical(series, name)
 
 
-def _draws(tests: float) -> int:
-    """Bootstrap windows per test: :data:`DRAWS`, more when there are so many tests that one
+def _draws(level: float) -> int:
+    """Bootstrap windows per test at ``level``: :data:`DRAWS`, more when the level is so low that
     would see fewer than :data:`MIN_EXCEEDANCES` beyond its threshold."""
-    return min(MAX_DRAWS, max(DRAWS, math.ceil(MIN_EXCEEDANCES * tests / ALPHA)))
+    return min(MAX_DRAWS, max(DRAWS, math.ceil(MIN_EXCEEDANCES / level)))
 
 
 def _thresholds(
-    column: ColumnReference, holdout: Any, tests: float, windows: Sequence[int], index: int
+    column: ColumnReference, holdout: Any, level: float, windows: Sequence[int], index: int
 ) -> ColumnReference:
     bins = FeatureBins.from_reference(column)
     counts = bins.count(np.asarray(holdout))
@@ -155,8 +155,8 @@ def _thresholds(
         bins.reference,
         counts,
         windows,
-        ALPHA / tests,  # Bonferroni over the tests; binned KS and PSI are calibrated together
-        _draws(tests),
+        level,  # the column's Bonferroni share; binned KS and PSI are calibrated together
+        _draws(level),
         ordered=bins.kind == "numeric",
         rng=np.random.default_rng((CALIBRATION_SEED, index)),
     )
@@ -262,7 +262,7 @@ def _multivariate_thresholds(
 
 def _calibrate_all(
     jobs: Sequence[tuple[ColumnReference, Any]],
-    tests: float,
+    level: float,
     windows: Sequence[int],
     workers: int | None,
 ) -> list[ColumnReference]:
@@ -278,7 +278,7 @@ def _calibrate_all(
     with ThreadPoolExecutor(max_workers=workers) as pool:
         return list(
             pool.map(
-                lambda job: _thresholds(job[1][0], job[1][1], tests, windows, job[0]),
+                lambda job: _thresholds(job[1][0], job[1][1], level, windows, job[0]),
                 enumerate(jobs),
             )
         )
@@ -344,7 +344,7 @@ def reference_statistics(
     # ALPHA is shared by the tests (Bonferroni): one per column (binned KS or PSI), and the
     # multivariate one (reconstruction error or T²), which sees joint shifts, takes half of it
     shares = (ALPHA / 2, ALPHA / 2) if multivariate is not None else (ALPHA, 0.0)
-    calibrated = _calibrate_all(jobs, len(jobs) / shares[0] * ALPHA, windows, workers)
+    calibrated = _calibrate_all(jobs, shares[0] / len(jobs), windows, workers)
     if multivariate is not None:
         held = frame.iloc[holdout].reset_index(drop=True)
         multivariate = _multivariate_thresholds(multivariate, held, shares[1], windows)

@@ -257,7 +257,7 @@ def calibration() -> None:
     """Time the drift calibration of 30 and 64 columns (2,000 rows, 3-class labels)."""
     from edgepack.packager._converters import Prediction
     from edgepack.packager._reference import columns_layout
-    from edgepack.packager._statistics import _draws, reference_statistics
+    from edgepack.packager._statistics import ALPHA, _draws, reference_statistics
 
     rows = []
     for width in (30, 64):
@@ -275,9 +275,10 @@ def calibration() -> None:
             )
             seconds[workers] = time.perf_counter() - start
         joint = stats.multivariate
-        tests = (width + 1) * (2 if joint else 1)  # the columns share half of alpha with it
+        share = ALPHA / (2 if joint else 1)  # the columns share half of alpha with it
         rows.append(
-            f"| {width} + label | {len(joint.features) if joint else 0} | {_draws(tests):,} | "
+            f"| {width} + label | {len(joint.features) if joint else 0} | "
+            f"{_draws(share / (width + 1)):,} | "
             f"{seconds[1]:.2f} | {seconds[None]:.2f} |"
         )
     table = "\n".join(
