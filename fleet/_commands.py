@@ -22,6 +22,7 @@ import json
 import re
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -37,7 +38,13 @@ from edgepack.formats.exceptions import ArchiveError, ManifestError
 from edgepack.formats.manifest import Manifest, parse_manifest
 from edgepack.formats.topics import Topics
 
-__all__ = ["BundleFetchLimits", "Published", "find_bundles", "publish_command"]
+__all__ = [
+    "BundleFetchLimits",
+    "Published",
+    "find_bundles",
+    "publish_command",
+    "publish_device_commands",
+]
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _CHUNK = 1 << 20
@@ -282,3 +289,58 @@ def publish_command(
         client.disconnect()
         client.loop_stop()
     return Published(job_id, topic, kind, model, dict(target), dict(bundles or {}))
+
+
+def publish_device_commands(
+    options: BrokerOptions,
+    kind: CommandKind | str,
+    model: str,
+    jobs: Sequence[tuple[str, str]],
+    key: ec.EllipticCurvePrivateKey,
+    *,
+    version: int | None = None,
+    bundles: dict[str, dict[str, Any]] | None = None,
+    ttl: dt.timedelta = dt.timedelta(days=7),
+) -> list[Published]:
+    """Sign one command per device, each with the job id given, and publish them retained on
+    the devices' own job topics over one connection (a staged rollout's stage).
+
+    Args:
+        options: the broker.
+        kind: deploy, rollback or retire.
+        model: the model's name.
+        jobs: ``(device, job_id)`` pairs; a job id chosen beforehand lets the caller record it
+            before anything is sent (publishing the same job id again is harmless: a device
+            runs a job id once).
+        key: the operator's signing key.
+        version, bundles: a deploy's version and bundles (:func:`find_bundles`).
+        ttl: how long the commands stay valid.
+
+    Returns:
+        What was sent, in the order of ``jobs``.
+
+    Raises:
+        BrokerError: the broker is unreachable or did not acknowledge one; the commands before
+            it were sent.
+        ValueError: an unknown kind, a bad device name or job id, or a deploy without bundles.
+    """
+    kind = CommandKind(kind)
+    topics, sent = Topics(options.prefix), []
+    envelopes = [
+        (device, *make_command(kind, model, {"device": device}, key, job_id=job_id,
+                               version=version, bundles=bundles, ttl=ttl))
+        for device, job_id in jobs
+    ]  # fmt: skip
+    if not envelopes:
+        return []
+    client = connect(options)
+    try:
+        for device, job_id, envelope in envelopes:
+            topic = topics.device_jobs(device, model)
+            publish_and_wait(client, topic, envelope, retain=True)
+            target = {"device": device}
+            sent.append(Published(job_id, topic, kind, model, target, dict(bundles or {})))
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    return sent

@@ -56,7 +56,7 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from edgepack.fleet import _schema as sql
-from edgepack.fleet._schema import DeviceRow, ExecutionRow, JobRow, TrustRow
+from edgepack.fleet._schema import DeviceRow, ExecutionRow, JobControlRow, JobRow, TrustRow
 from edgepack.fleet.exceptions import StoreError
 from edgepack.formats.messages import (
     TERMINAL,
@@ -71,6 +71,7 @@ __all__ = [
     "DeviceRow",
     "ExecutionRow",
     "FleetStore",
+    "JobControlRow",
     "JobRow",
     "StoreError",
     "TrustRow",
@@ -102,7 +103,15 @@ class FleetStore(Protocol):
     def latest_trust(self) -> TrustRow | None: ...
     def devices(self, group: str | None = None) -> list[DeviceRow]: ...
     def job(self, job_id: str) -> JobRow | None: ...
-    def jobs(self, model: str | None = None, limit: int = 50) -> list[JobRow]: ...
+    def jobs(
+        self, model: str | None = None, limit: int = 50, since: datetime | None = None
+    ) -> list[JobRow]: ...
+    def record_timeout(self, job_id: str, seconds: int) -> bool: ...
+    def record_cancel(
+        self, job_id: str, at: datetime, by: str, cancel_job_id: str, unstarted: Sequence[str]
+    ) -> bool: ...
+    def job_controls(self, job_ids: Sequence[str]) -> dict[str, JobControlRow]: ...
+    def time_out_silent(self, now: datetime, grace: float) -> list[tuple[str, str]]: ...
     def executions(self, job_id: str) -> list[ExecutionRow]: ...
     def history(self, job_id: str, device: str) -> list[ExecutionRow]: ...
     def pending_for(self, device: str, now: datetime) -> list[JobRow]: ...
@@ -355,8 +364,13 @@ class _Store:
         rows = self._rows(f"SELECT {sql.JOB_COLUMNS} FROM jobs WHERE job_id = ?", (job_id,))
         return sql.job_row(rows[0]) if rows else None
 
-    def jobs(self, model: str | None = None, limit: int = 50) -> list[JobRow]:
-        """The newest jobs first, optionally for one model."""
+    def jobs(
+        self, model: str | None = None, limit: int = 50, since: datetime | None = None
+    ) -> list[JobRow]:
+        """The newest jobs first, optionally for one model and issued from ``since`` on."""
+        if since is not None:
+            found = self.jobs(model, limit * 4 + 100)  # issued_at compares as text in SQLite
+            return [j for j in found if j.issued_at >= sql.utc(since)][:limit]
         where, params = ("", ()) if model is None else (" WHERE model = ?", (model,))
         text = f"SELECT {sql.JOB_COLUMNS} FROM jobs{where} ORDER BY issued_at DESC, job_id DESC"
         return [sql.job_row(row) for row in self._rows(text + " LIMIT ?", (*params, limit))]
@@ -372,20 +386,104 @@ class _Store:
         rows = self._rows(text + " ORDER BY seq", (job_id, device))
         return [sql.execution_row(row) for row in rows]
 
+    def record_timeout(self, job_id: str, seconds: int) -> bool:
+        """Keep a job's in-progress timeout (seconds, from its signed command). Set once."""
+        return self._write("recording a job timeout", sql.UPSERT_TIMEOUT, (job_id, seconds))
+
+    def record_cancel(
+        self, job_id: str, at: datetime, by: str, cancel_job_id: str, unstarted: Sequence[str]
+    ) -> bool:
+        """Record that ``job_id`` was canceled, and mark its executions that never started.
+
+        Args:
+            job_id: the canceled job.
+            at: when (the cancel command's issue time).
+            by: the key id that signed the cancel ("" when not verified here).
+            cancel_job_id: the cancel command's own job id.
+            unstarted: devices the job addresses; those without an execution get a
+                ``CANCELED`` one (seq 0), and every execution still ``QUEUED`` becomes
+                ``CANCELED``. A device's own later update (a higher seq) still wins.
+
+        Returns:
+            True if the job was not canceled before (a second cancel changes nothing).
+
+        Raises:
+            StoreError: the database failed.
+        """
+        reason = f"canceled by the operator ({cancel_job_id}) before this device started it"
+        moment = sql.ts(at)
+
+        def body(cur: Any) -> bool:
+            cur.execute(self._q(sql.UPSERT_CANCEL), (job_id, moment, by, cancel_job_id))
+            if cur.rowcount != 1:
+                return False
+            for device in sorted(set(unstarted)):
+                cur.execute(self._q(sql.CANCEL_UNSTARTED), (job_id, device, reason, moment))
+            cur.execute(self._q(sql.CANCEL_QUEUED), (reason, moment, job_id))
+            return True
+
+        return self._run("recording a cancellation", body, write=True)
+
+    def job_controls(self, job_ids: Sequence[str]) -> dict[str, JobControlRow]:
+        """Timeouts and cancellations of these jobs (those that have any), by job id."""
+        found: dict[str, JobControlRow] = {}
+        ids = sorted(set(job_ids))
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            text = (
+                f"SELECT {sql.JOB_CONTROL_COLUMNS} FROM job_controls"
+                f" WHERE job_id IN ({', '.join('?' * len(chunk))})"
+            )
+            for row in self._rows(text, chunk):
+                control = sql.job_control_row(row)
+                found[control.job_id] = control
+        return found
+
+    def time_out_silent(self, now: datetime, grace: float) -> list[tuple[str, str]]:
+        """Mark ``TIMED_OUT`` the executions still ``IN_PROGRESS`` whose device has said
+        nothing for longer than the job's in-progress timeout plus ``grace`` seconds.
+
+        Returns:
+            The ``(job_id, device)`` pairs marked now.
+        """
+
+        def body(cur: Any) -> list[tuple[str, str]]:
+            cur.execute(self._q(sql.RUNNING_WITH_TIMEOUT))
+            marked = []
+            for job_id, device, seq, updated, timeout in cur.fetchall():
+                silent = (sql.utc(now) - sql.from_ts(updated)).total_seconds()
+                if silent <= float(timeout) + grace:
+                    continue
+                reason = (
+                    f"no update for {silent:.0f} s while in progress, past the job's timeout of"
+                    f" {int(timeout)} s and {grace:.0f} s of grace (marked by the collector)"
+                )
+                cur.execute(self._q(sql.MARK_TIMED_OUT), (reason, job_id, device, seq))
+                if cur.rowcount == 1:
+                    marked.append((job_id, device))
+            return marked
+
+        return self._run("timing out silent executions", body, write=True)
+
     def pending_for(self, device: str, now: datetime) -> list[JobRow]:
         """The jobs a device still has to run, by model name.
 
         Per model only the newest unexpired job addressed to the device, or to a group the
         operator assigned it to (never one it merely claims), counts; once the device has
-        finished it (a terminal status) nothing is pending for that model: an older job is
-        superseded, never re-served.
+        finished it (a terminal status), or the operator canceled it, nothing is pending for that
+        model: an older job is superseded, never re-served.
         """
         terminal = sorted(status.value for status in TERMINAL)
         newest: dict[str, tuple[Any, ...]] = {}
         params = [device, *terminal, sql.ts(now), device, device]
         for row in self._rows(sql.pending_sql(terminal), params):
             newest.setdefault(row[2], row)
-        return [sql.job_row(row) for row in newest.values() if not row[-1]]
+        controls = self.job_controls([row[0] for row in newest.values()])
+        return [
+            sql.job_row(row)
+            for row in newest.values()
+            if not row[-1] and (row[0] not in controls or controls[row[0]].canceled_at is None)
+        ]
 
     def events(
         self, kind: str, device: str | None = None, since: datetime | None = None, limit: int = 1000

@@ -18,6 +18,13 @@ table                  unique key                    a write of an existing key
 ``executions``         ``(job_id, device)``          applied only with a higher ``seq``
 ``events``             ``(kind, device, seq)``       ignored
 ``trust_documents``    ``version``                   ignored
+``rollouts``           ``rollout_id``                a staged rollout (edgepack.fleet._rollout):
+                                                     moved on only by the controller whose
+                                                     ``revision`` it read
+``rollout_devices``    ``(rollout_id, device)``      its plan: each device's stage and job ids
+``rollout_decisions``  ``(rollout_id, seq)``         every decision, with its figures
+``rollout_leases``     ``rollout_id``                who drives it, until when (taken only when
+                                                     free, expired or already ours)
 =====================  ============================  =========================================
 
 One DDL serves both backends: SQLite gives these PostgreSQL type names NUMERIC affinity, which
@@ -39,9 +46,18 @@ from urllib.parse import urlsplit, urlunsplit
 
 from edgepack.formats.messages import JobStatus
 
-__all__ = ["DeviceRow", "ExecutionRow", "JobRow", "TrustRow"]
+__all__ = [
+    "DecisionRow",
+    "DeviceRow",
+    "ExecutionRow",
+    "JobRow",
+    "LeaseRow",
+    "RolloutDeviceRow",
+    "RolloutRow",
+    "TrustRow",
+]
 
-SCHEMA_VERSION = 2  # 2: memberships and trust_documents
+SCHEMA_VERSION = 3  # 2: memberships and trust_documents; 3: job_controls and rollouts
 _UTC = timezone.utc
 
 
@@ -124,7 +140,22 @@ CREATE TABLE IF NOT EXISTS events (
 CREATE INDEX IF NOT EXISTS events_by_device ON events (kind, device, received_at);
 CREATE INDEX IF NOT EXISTS events_by_time ON events (kind, received_at);
 CREATE TABLE IF NOT EXISTS trust_documents (
-    version BIGINT PRIMARY KEY, document BYTEA NOT NULL, recorded_at TIMESTAMPTZ NOT NULL)
+    version BIGINT PRIMARY KEY, document BYTEA NOT NULL, recorded_at TIMESTAMPTZ NOT NULL);
+CREATE TABLE IF NOT EXISTS rollouts (
+    rollout_id TEXT PRIMARY KEY, model TEXT NOT NULL, version BIGINT NOT NULL, grp TEXT NOT NULL,
+    state TEXT NOT NULL, stage INTEGER NOT NULL, spec JSONB NOT NULL, data JSONB NOT NULL,
+    request TEXT, revision BIGINT NOT NULL, created_at TIMESTAMPTZ NOT NULL,
+    updated_at TIMESTAMPTZ NOT NULL);
+CREATE TABLE IF NOT EXISTS rollout_devices (
+    rollout_id TEXT NOT NULL, device TEXT NOT NULL, profile TEXT NOT NULL, stage INTEGER,
+    old_version BIGINT, deploy_job TEXT NOT NULL, rollback_job TEXT NOT NULL,
+    PRIMARY KEY (rollout_id, device));
+CREATE TABLE IF NOT EXISTS rollout_decisions (
+    rollout_id TEXT NOT NULL, seq BIGINT NOT NULL, at TIMESTAMPTZ NOT NULL, stage INTEGER NOT NULL,
+    action TEXT NOT NULL, reason TEXT NOT NULL, figures JSONB NOT NULL,
+    PRIMARY KEY (rollout_id, seq));
+CREATE TABLE IF NOT EXISTS rollout_leases (
+    rollout_id TEXT PRIMARY KEY, holder TEXT NOT NULL, expires_at TIMESTAMPTZ NOT NULL)
 """
 INSERT_SCHEMA_VERSION = (
     "INSERT INTO schema_version (id, version) VALUES (1, ?) ON CONFLICT DO NOTHING"
@@ -186,6 +217,114 @@ INSERT_TRUST = (
 LATEST_TRUST = (
     "SELECT version, document, recorded_at FROM trust_documents ORDER BY version DESC LIMIT 1"
 )
+
+
+ROLLOUT_COLUMNS = (
+    "rollout_id, model, version, grp, state, stage, spec, data, request, revision, created_at,"
+    " updated_at"
+)
+INSERT_ROLLOUT = (
+    f"INSERT INTO rollouts ({ROLLOUT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+ROLLOUT_DEVICE_COLUMNS = "rollout_id, device, profile, stage, old_version, deploy_job, rollback_job"
+INSERT_ROLLOUT_DEVICE = (
+    f"INSERT INTO rollout_devices ({ROLLOUT_DEVICE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)"
+)
+# Only the controller that read ``revision`` moves a rollout on; an operator's request (pause,
+# resume, abort) it consumed is cleared unless a newer one replaced it meanwhile.
+UPDATE_ROLLOUT = """
+UPDATE rollouts SET state = ?, stage = ?, data = ?, revision = revision + 1, updated_at = ?,
+    request = CASE WHEN request = ? THEN NULL ELSE request END
+WHERE rollout_id = ? AND revision = ?
+"""
+REQUEST_ROLLOUT = "UPDATE rollouts SET request = ? WHERE rollout_id = ?"
+DECISION_COLUMNS = "rollout_id, seq, at, stage, action, reason, figures"
+INSERT_DECISION = (
+    f"INSERT INTO rollout_decisions ({DECISION_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)"
+    " ON CONFLICT DO NOTHING"
+)
+# Taken when free, expired, or already ours (a renewal); otherwise the row is left alone.
+ACQUIRE_LEASE = """
+INSERT INTO rollout_leases (rollout_id, holder, expires_at) VALUES (?, ?, ?)
+ON CONFLICT (rollout_id) DO UPDATE SET holder = excluded.holder, expires_at = excluded.expires_at
+WHERE rollout_leases.holder = excluded.holder OR rollout_leases.expires_at <= ?
+"""
+RELEASE_LEASE = "DELETE FROM rollout_leases WHERE rollout_id = ? AND holder = ?"
+
+
+@dataclass(frozen=True)
+class RolloutRow:
+    """A staged rollout as stored; ``spec`` is what the operator asked for, ``data`` where the
+    controller is (both JSON objects owned by edgepack.fleet._rollout)."""
+
+    rollout_id: str
+    model: str
+    version: int
+    group: str
+    state: str
+    stage: int  # the stage index being deployed or soaked (-1 before the first)
+    spec: dict[str, Any]
+    data: dict[str, Any]
+    request: str | None  # pause, resume or abort, asked by an operator, not yet applied
+    revision: int
+    created_at: datetime
+    updated_at: datetime
+
+
+@dataclass(frozen=True)
+class RolloutDeviceRow:
+    """One device of a rollout's plan: its stage (None: in no stage) and its two job ids."""
+
+    rollout_id: str
+    device: str
+    profile: str
+    stage: int | None
+    old_version: int | None
+    deploy_job: str
+    rollback_job: str
+
+
+@dataclass(frozen=True)
+class DecisionRow:
+    """One recorded decision of a rollout's controller, with the figures behind it."""
+
+    rollout_id: str
+    seq: int
+    at: datetime
+    stage: int
+    action: str
+    reason: str
+    figures: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class LeaseRow:
+    """Who drives a rollout, and until when (renewed at every step)."""
+
+    rollout_id: str
+    holder: str
+    expires_at: datetime
+
+
+def rollout_row(row: Sequence[Any]) -> RolloutRow:
+    rid, model, version, grp, state, stage, spec, data, request, revision, made, upd = row
+    return RolloutRow(
+        rid, model, int(version), grp, state, int(stage), from_json(spec), from_json(data),
+        request, int(revision), from_ts(made), from_ts(upd),
+    )  # fmt: skip
+
+
+def rollout_device_row(row: Sequence[Any]) -> RolloutDeviceRow:
+    rid, device, profile, stage, old, deploy, rollback = row
+    return RolloutDeviceRow(
+        rid, device, profile, None if stage is None else int(stage),
+        None if old is None else int(old), deploy, rollback,
+    )  # fmt: skip
+
+
+def decision_row(row: Sequence[Any]) -> DecisionRow:
+    rid, seq, at, stage, action, reason, figures = row
+    return DecisionRow(rid, int(seq), from_ts(at), int(stage), action, reason, from_json(figures))
 
 
 def pending_sql(terminal: Sequence[str]) -> str:

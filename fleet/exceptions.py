@@ -4,7 +4,9 @@
     └── FleetError             the operator's side could not do what was asked
         ├── BrokerError        the MQTT broker is unreachable or refused us
         ├── BundleLookupError  the bundles for a deploy cannot be found or read
-        └── StoreError         the collector's store cannot be opened, read or written
+        ├── StoreError         the collector's store cannot be opened, read or written
+        └── RolloutError       a staged rollout cannot be started or driven as asked
+            └── LeaseHeldError another controller drives that rollout (who, until when)
 
 Command signing errors are the agent's (:mod:`edgepack.formats.messages`,
 :mod:`edgepack.formats.modelsig`), since the device checks the same format.
@@ -14,7 +16,14 @@ from __future__ import annotations
 
 from edgepack.formats.exceptions import EdgepackError
 
-__all__ = ["BrokerError", "BundleLookupError", "FleetError", "StoreError"]
+__all__ = [
+    "BrokerError",
+    "BundleLookupError",
+    "FleetError",
+    "LeaseHeldError",
+    "RolloutError",
+    "StoreError",
+]
 
 
 class FleetError(EdgepackError):
@@ -31,3 +40,12 @@ class BundleLookupError(FleetError):
 
 class StoreError(FleetError):
     """The collector's store (SQLite or PostgreSQL) cannot be opened, read or written."""
+
+
+class RolloutError(FleetError):
+    """A staged rollout cannot be started or driven: a bad stage or condition, no devices, an
+    unknown rollout id, or a rollout another controller moved on meanwhile."""
+
+
+class LeaseHeldError(RolloutError):
+    """Another controller holds the rollout's lease; the message names it and its expiry."""
