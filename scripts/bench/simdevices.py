@@ -11,6 +11,12 @@ new retained state. Every payload is built and parsed by :mod:`edgepack.formats.
 agent's are. Nothing is downloaded and no model is loaded: the simulator exercises the
 fan-out path (broker → devices → broker → collector → store), not the install itself.
 
+For staged rollouts (tests/test_fleet_rollout_e2e.py) a device can also start with models
+installed (``models``), fail the health check of chosen versions (``fail_versions``: reported
+``FAILED`` after ``rolling-back``, as the agent does), run rollback commands (back to the previous
+version), and send telemetry and drift reports for what it serves (:meth:`SimFleet.report`),
+with figures the caller picks per device and version (:class:`SimFigures`).
+
 Why one thread: a paho ``loop_start()`` thread per client uses ``select()``, which cannot watch
 descriptors above 1024 (FD_SETSIZE); past about 339 clients (three sockets each) those threads
 die silently. :class:`SimFleet` instead drives every client from one thread through paho's
@@ -31,7 +37,8 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -44,15 +51,17 @@ from edgepack.formats.messages import (
     JobStatus,
     JobStep,
     ModelState,
+    ReportKind,
     build_device_offline,
     build_device_state,
     build_job_status,
     build_pending_get,
+    build_report,
     parse_pending_answer,
 )
 from edgepack.formats.topics import Topics
 
-__all__ = ["SimDevice", "SimFleet"]
+__all__ = ["SimDevice", "SimFigures", "SimFleet"]
 
 # The updates the agent reports for an install (edgepack.agent._jobs: lifecycle state -> step).
 STEPS = (
@@ -63,6 +72,25 @@ STEPS = (
 )
 
 
+FAILED_STEPS = (
+    (JobStatus.QUEUED, None),
+    (JobStatus.IN_PROGRESS, JobStep.DOWNLOADING),
+    (JobStatus.IN_PROGRESS, JobStep.HEALTH_CHECK),
+    (JobStatus.IN_PROGRESS, JobStep.ROLLING_BACK),
+    (JobStatus.FAILED, None),
+)
+
+
+@dataclass(frozen=True)
+class SimFigures:
+    """What a simulated device reports for one model version in one round of reports."""
+
+    requests: int = 100
+    errors: int = 0
+    p95_ms: float = 2.0
+    drift: str = "ok"  # the drift window's status: ok, warning or drift
+
+
 class SimDevice:
     """One simulated device: its client, what it installed, and when things happened."""
 
@@ -70,7 +98,8 @@ class SimDevice:
         self.fleet, self.name = fleet, name
         self.groups = list(fleet.groups)
         self.session = uuid.uuid4().hex[:12]
-        self.models: dict[str, ModelState] = {}
+        self.models: dict[str, ModelState] = dict(fleet.initial_models)
+        self.seq = {ReportKind.TELEMETRY: 0, ReportKind.DRIFT: 0}
         self.finished: dict[str, int | None] = {}  # job id -> version installed
         self.attempts = 0
         self.command_at: float | None = None  # first command received (monotonic)
@@ -183,6 +212,20 @@ class SimDevice:
             return
         current = self.models.get(command.model)
         before = current.active if current else None
+        if command.kind == "rollback":
+            self._rollback(command.job_id, command.model, current, topic)
+            return
+        if command.version in self.fleet.fail_versions:
+            for seq, (status, step) in enumerate(FAILED_STEPS, start=1):
+                done = status is JobStatus.FAILED
+                update = build_job_status(
+                    command.job_id, self.name, status, model=command.model, step=step,
+                    version_before=before, version_after=before if done else None, seq=seq,
+                    reason="health check failed: outputs differ from golden.npz" if done else None,
+                )  # fmt: skip
+                self._publish(topic, update)
+            self.finished[command.job_id] = before
+            return
         for seq, (status, step) in enumerate(STEPS, start=1):
             done = status is JobStatus.SUCCEEDED
             update = build_job_status(
@@ -201,6 +244,56 @@ class SimDevice:
         self.finished[command.job_id] = command.version
         self.models[command.model] = ModelState(command.version, before, command.version)
         self.publish_state()
+
+    def _rollback(self, job_id: str, model: str, current: ModelState | None, topic: str) -> None:
+        """Back to the previous version, or REJECTED when there is none (as the agent does)."""
+        if current is None or current.previous is None:
+            update = build_job_status(job_id, self.name, JobStatus.REJECTED, model=model, seq=1,
+                                      reason=f"{model} has no previous version")  # fmt: skip
+            self._publish(topic, update)
+            return
+        before, after = current.active, current.previous
+        steps = ((JobStatus.QUEUED, None), (JobStatus.IN_PROGRESS, JobStep.HEALTH_CHECK),
+                 (JobStatus.SUCCEEDED, None))  # fmt: skip
+        for seq, (status, step) in enumerate(steps, start=1):
+            done = status is JobStatus.SUCCEEDED
+            update = build_job_status(
+                job_id, self.name, status, model=model, step=step, version_before=before,
+                version_after=after if done else None, seq=seq,
+            )  # fmt: skip
+            self._publish(topic, update)
+        self.finished[job_id] = after
+        self.models[model] = ModelState(after, None, after)
+        self.publish_state()
+
+    def report(self, figures: Callable[[str, str, int], SimFigures | None]) -> int:
+        """One telemetry report (every model it serves) and one drift report per model, with
+        ``figures(device, model, version)``; returns how many reports it sent."""
+        entries, sent = [], 0
+        for model, state in sorted(self.models.items()):
+            found = figures(self.name, model, state.active) if state.active is not None else None
+            if found is None:
+                continue
+            entries.append({
+                "model": model, "version": state.active, "requests": found.requests,
+                "errors": {"runtime": found.errors} if found.errors else {},
+                "latency_ms": {"p50": found.p95_ms / 2, "p95": found.p95_ms,
+                               "p99": found.p95_ms * 1.2},
+            })  # fmt: skip
+            share = 1.0 if found.drift == "drift" else 0.0
+            drift = {"model": model, "version": state.active, "status": found.drift, "n": 250,
+                     "features": [], "drifted_share": share}  # fmt: skip
+            sent += self._send_report(ReportKind.DRIFT, drift)
+        if entries:
+            sent += self._send_report(ReportKind.TELEMETRY, {"models": entries})
+        return sent
+
+    def _send_report(self, kind: ReportKind, body: Mapping[str, Any]) -> int:
+        self.seq[kind] += 1
+        topic = (self.fleet.topics.telemetry(self.name) if kind is ReportKind.TELEMETRY
+                 else self.fleet.topics.drift(self.name))  # fmt: skip
+        self._publish(topic, build_report(kind, self.name, self.seq[kind], body))
+        return 1
 
 
 class SimFleet:
@@ -227,8 +320,11 @@ class SimFleet:
         name_prefix: str = "sim",
         window: int = 200,
         keepalive: int = 30,
+        models: Mapping[str, ModelState] | None = None,
+        fail_versions: Collection[int] = (),
     ) -> None:
         self.host, self.port, self.keys = host, port, list(keys)
+        self.initial_models, self.fail_versions = dict(models or {}), set(fail_versions)
         self.topics, self.groups, self.profile = Topics(prefix), tuple(groups), profile
         self.window, self.keepalive = window, keepalive
         self.ready = self.connecting = self.succeeded = 0
@@ -276,6 +372,14 @@ class SimFleet:
         self._call(lambda: self._to_connect.extend(self.devices))
         count = len(self.devices)
         return self.wait(lambda: self.ready >= count, timeout, f"{count} devices connecting")
+
+    def report(self, figures: Callable[[str, str, int], SimFigures | None]) -> int:
+        """Every device sends one round of telemetry and drift reports (on the network thread);
+        returns how many reports that is, once they are handed to the clients."""
+        done: list[int] = []
+        self._call(lambda: done.append(sum(d.report(figures) for d in self.devices)))
+        self.wait(lambda: bool(done), 10.0, "a round of reports")
+        return done[0]
 
     def stop(self, timeout: float = 10.0) -> None:
         """Disconnect every device cleanly (no Last Will), stop the thread, close sockets."""
