@@ -56,7 +56,17 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from edgepack.fleet import _schema as sql
-from edgepack.fleet._schema import DeviceRow, ExecutionRow, JobControlRow, JobRow, TrustRow
+from edgepack.fleet._schema import (
+    DecisionRow,
+    DeviceRow,
+    ExecutionRow,
+    JobControlRow,
+    JobRow,
+    LeaseRow,
+    RolloutDeviceRow,
+    RolloutRow,
+    TrustRow,
+)
 from edgepack.fleet.exceptions import StoreError
 from edgepack.formats.messages import (
     TERMINAL,
@@ -68,11 +78,15 @@ from edgepack.formats.messages import (
 )
 
 __all__ = [
+    "DecisionRow",
     "DeviceRow",
     "ExecutionRow",
     "FleetStore",
     "JobControlRow",
     "JobRow",
+    "LeaseRow",
+    "RolloutDeviceRow",
+    "RolloutRow",
     "StoreError",
     "TrustRow",
     "open_store",
@@ -118,6 +132,22 @@ class FleetStore(Protocol):
     def events(
         self, kind: str, device: str | None = None, since: datetime | None = None, limit: int = 1000
     ) -> list[tuple[str, datetime, dict[str, Any]]]: ...
+    def create_rollout(
+        self, rollout: RolloutRow, devices: Sequence[RolloutDeviceRow], decision: DecisionRow
+    ) -> None: ...
+    def rollout(self, rollout_id: str) -> RolloutRow | None: ...
+    def rollouts(self, limit: int = 50) -> list[RolloutRow]: ...
+    def rollout_devices(self, rollout_id: str) -> list[RolloutDeviceRow]: ...
+    def update_rollout(
+        self, old: RolloutRow, state: str, stage: int, data: Payload,
+        decisions: Sequence[DecisionRow], at: datetime,
+    ) -> bool: ...  # fmt: skip
+    def request_rollout(self, rollout_id: str, request: str) -> bool: ...
+    def decisions(self, rollout_id: str) -> list[DecisionRow]: ...
+    def acquire_lease(
+        self, rollout_id: str, holder: str, until: datetime, now: datetime
+    ) -> LeaseRow: ...
+    def release_lease(self, rollout_id: str, holder: str) -> bool: ...
     def close(self) -> None: ...
 
 
@@ -325,6 +355,104 @@ class _Store:
         """The recorded trust document with the highest version, if any."""
         rows = self._rows(sql.LATEST_TRUST)
         return sql.trust_row(rows[0]) if rows else None
+
+    # -- staged rollouts (edgepack.fleet._rollout) ------------------------------------------
+
+    def create_rollout(
+        self, rollout: RolloutRow, devices: Sequence[RolloutDeviceRow], decision: DecisionRow
+    ) -> None:
+        """Record a new rollout, its plan and its first decision in one transaction.
+
+        Raises:
+            StoreError: the database failed, or a rollout with that id exists.
+        """
+        r = rollout
+        head = (r.rollout_id, r.model, r.version, r.group, r.state, r.stage)
+        params = (*head, sql.to_json(r.spec), sql.to_json(r.data), r.request, r.revision,
+                  sql.ts(r.created_at), sql.ts(r.updated_at))  # fmt: skip
+
+        def body(cur: Any) -> None:
+            cur.execute(self._q(sql.INSERT_ROLLOUT), params)
+            for d in devices:
+                row = (d.rollout_id, d.device, d.profile, d.stage, d.old_version, d.deploy_job)
+                cur.execute(self._q(sql.INSERT_ROLLOUT_DEVICE), (*row, d.rollback_job))
+            self._decision(cur, decision)
+
+        self._run(f"recording rollout {r.rollout_id}", body, write=True)
+
+    def _decision(self, cur: Any, d: DecisionRow) -> None:
+        params = (d.rollout_id, d.seq, sql.ts(d.at), d.stage, d.action, d.reason)
+        cur.execute(self._q(sql.INSERT_DECISION), (*params, sql.to_json(d.figures)))
+
+    def rollout(self, rollout_id: str) -> RolloutRow | None:
+        text = f"SELECT {sql.ROLLOUT_COLUMNS} FROM rollouts WHERE rollout_id = ?"
+        rows = self._rows(text, (rollout_id,))
+        return sql.rollout_row(rows[0]) if rows else None
+
+    def rollouts(self, limit: int = 50) -> list[RolloutRow]:
+        """The newest rollouts first."""
+        text = f"SELECT {sql.ROLLOUT_COLUMNS} FROM rollouts ORDER BY created_at DESC, rollout_id"
+        return [sql.rollout_row(row) for row in self._rows(text + " LIMIT ?", (limit,))]
+
+    def rollout_devices(self, rollout_id: str) -> list[RolloutDeviceRow]:
+        text = f"SELECT {sql.ROLLOUT_DEVICE_COLUMNS} FROM rollout_devices WHERE rollout_id = ?"
+        rows = self._rows(text + " ORDER BY device", (rollout_id,))
+        return [sql.rollout_device_row(row) for row in rows]
+
+    def update_rollout(
+        self, old: RolloutRow, state: str, stage: int, data: Payload,
+        decisions: Sequence[DecisionRow], at: datetime,
+    ) -> bool:  # fmt: skip
+        """Move a rollout on from ``old`` and record ``decisions``, in one transaction.
+
+        Returns:
+            False (and nothing written) when the rollout's revision is no longer ``old``'s:
+            another controller moved it meanwhile. The request ``old`` carried is cleared.
+        """
+        params = (state, stage, sql.to_json(dict(data)), sql.ts(at), old.request or "")
+
+        def body(cur: Any) -> bool:
+            cur.execute(self._q(sql.UPDATE_ROLLOUT), (*params, old.rollout_id, old.revision))
+            if cur.rowcount != 1:
+                return False
+            for decision in decisions:
+                self._decision(cur, decision)
+            return True
+
+        return self._run(f"updating rollout {old.rollout_id}", body, write=True)
+
+    def request_rollout(self, rollout_id: str, request: str) -> bool:
+        """Ask a rollout's controller to pause, resume or abort; False for an unknown id."""
+        return self._write(
+            "recording a rollout request", sql.REQUEST_ROLLOUT, (request, rollout_id)
+        )
+
+    def decisions(self, rollout_id: str) -> list[DecisionRow]:
+        """Every decision recorded for a rollout, oldest first."""
+        text = f"SELECT {sql.DECISION_COLUMNS} FROM rollout_decisions WHERE rollout_id = ?"
+        return [sql.decision_row(row) for row in self._rows(text + " ORDER BY seq", (rollout_id,))]
+
+    def acquire_lease(
+        self, rollout_id: str, holder: str, until: datetime, now: datetime
+    ) -> LeaseRow:
+        """Take or renew the lease on a rollout (atomically: only when it is free, expired or
+        already ``holder``'s). Returns the lease as it stands afterwards: ours, or the holder's
+        who kept it."""
+
+        def body(cur: Any) -> LeaseRow:
+            cur.execute(
+                self._q(sql.ACQUIRE_LEASE), (rollout_id, holder, sql.ts(until), sql.ts(now))
+            )
+            text = "SELECT holder, expires_at FROM rollout_leases WHERE rollout_id = ?"
+            cur.execute(self._q(text), (rollout_id,))
+            who, expires = cur.fetchone()
+            return LeaseRow(rollout_id, who, sql.from_ts(expires))
+
+        return self._run(f"taking the lease on rollout {rollout_id}", body, write=True)
+
+    def release_lease(self, rollout_id: str, holder: str) -> bool:
+        """Give the lease back if ``holder`` has it; True if it did."""
+        return self._write("releasing a rollout lease", sql.RELEASE_LEASE, (rollout_id, holder))
 
     # -- reading ---------------------------------------------------------------------------
 

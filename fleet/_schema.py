@@ -18,6 +18,8 @@ table                  unique key                    a write of an existing key
 ``executions``         ``(job_id, device)``          applied only with a higher ``seq``
 ``events``             ``(kind, device, seq)``       ignored
 ``trust_documents``    ``version``                   ignored
+``job_controls``       ``job_id``                    a job's timeout and cancellation: each
+                                                     set once, never moved
 ``rollouts``           ``rollout_id``                a staged rollout (edgepack.fleet._rollout):
                                                      moved on only by the controller whose
                                                      ``revision`` it read
@@ -50,6 +52,7 @@ __all__ = [
     "DecisionRow",
     "DeviceRow",
     "ExecutionRow",
+    "JobControlRow",
     "JobRow",
     "LeaseRow",
     "RolloutDeviceRow",
@@ -101,6 +104,17 @@ class ExecutionRow:
 
 
 @dataclass(frozen=True)
+class JobControlRow:
+    """What bounds a job besides its command: its in-progress timeout and its cancellation."""
+
+    job_id: str
+    in_progress_timeout: int | None  # seconds (from the signed command)
+    canceled_at: datetime | None
+    canceled_by: str | None  # the key id that signed the cancel ("" when not known)
+    cancel_job_id: str | None  # the cancel command's own job id
+
+
+@dataclass(frozen=True)
 class TrustRow:
     """A published trust document (``edgepack.formats.trust``), as recorded."""
 
@@ -141,6 +155,9 @@ CREATE INDEX IF NOT EXISTS events_by_device ON events (kind, device, received_at
 CREATE INDEX IF NOT EXISTS events_by_time ON events (kind, received_at);
 CREATE TABLE IF NOT EXISTS trust_documents (
     version BIGINT PRIMARY KEY, document BYTEA NOT NULL, recorded_at TIMESTAMPTZ NOT NULL);
+CREATE TABLE IF NOT EXISTS job_controls (
+    job_id TEXT PRIMARY KEY, in_progress_timeout BIGINT, canceled_at TIMESTAMPTZ,
+    canceled_by TEXT, cancel_job_id TEXT);
 CREATE TABLE IF NOT EXISTS rollouts (
     rollout_id TEXT PRIMARY KEY, model TEXT NOT NULL, version BIGINT NOT NULL, grp TEXT NOT NULL,
     state TEXT NOT NULL, stage INTEGER NOT NULL, spec JSONB NOT NULL, data JSONB NOT NULL,
@@ -213,6 +230,38 @@ INSERT_EVENT = (
 INSERT_TRUST = (
     "INSERT INTO trust_documents (version, document, recorded_at) VALUES (?, ?, ?)"
     " ON CONFLICT DO NOTHING"
+)
+JOB_CONTROL_COLUMNS = "job_id, in_progress_timeout, canceled_at, canceled_by, cancel_job_id"
+UPSERT_TIMEOUT = """
+INSERT INTO job_controls (job_id, in_progress_timeout) VALUES (?, ?)
+ON CONFLICT (job_id) DO UPDATE SET in_progress_timeout = excluded.in_progress_timeout
+WHERE job_controls.in_progress_timeout IS NULL
+"""
+UPSERT_CANCEL = """
+INSERT INTO job_controls (job_id, canceled_at, canceled_by, cancel_job_id) VALUES (?, ?, ?, ?)
+ON CONFLICT (job_id) DO UPDATE SET canceled_at = excluded.canceled_at,
+    canceled_by = excluded.canceled_by, cancel_job_id = excluded.cancel_job_id
+WHERE job_controls.canceled_at IS NULL
+"""
+# The collector's verdicts (CANCELED before a device started, TIMED_OUT after it went silent)
+# change only the current row, keeping its seq: the device's own next update (a higher seq)
+# still wins, and the history stays what devices said.
+CANCEL_UNSTARTED = (
+    f"INSERT INTO executions ({EXEC_COLUMNS}) VALUES (?, ?, 'CANCELED', NULL, ?, NULL, NULL, 0, ?)"
+    " ON CONFLICT DO NOTHING"
+)
+CANCEL_QUEUED = (
+    "UPDATE executions SET status = 'CANCELED', reason = ?, updated_at = ?"
+    " WHERE job_id = ? AND status = 'QUEUED'"
+)
+RUNNING_WITH_TIMEOUT = (
+    "SELECT e.job_id, e.device, e.seq, e.updated_at, c.in_progress_timeout FROM executions e"
+    " JOIN job_controls c ON c.job_id = e.job_id"
+    " WHERE e.status = 'IN_PROGRESS' AND c.in_progress_timeout IS NOT NULL"
+)
+MARK_TIMED_OUT = (
+    "UPDATE executions SET status = 'TIMED_OUT', step = NULL, reason = ?"
+    " WHERE job_id = ? AND device = ? AND seq = ? AND status = 'IN_PROGRESS'"
 )
 LATEST_TRUST = (
     "SELECT version, document, recorded_at FROM trust_documents ORDER BY version DESC LIMIT 1"
@@ -388,6 +437,12 @@ def execution_row(row: Sequence[Any]) -> ExecutionRow:
     return ExecutionRow(
         job_id, device, JobStatus(status), step, reason, before, after, seq, from_ts(updated)
     )
+
+
+def job_control_row(row: Sequence[Any]) -> JobControlRow:
+    job_id, timeout, canceled, by, cancel = row
+    at = None if canceled is None else from_ts(canceled)
+    return JobControlRow(job_id, None if timeout is None else int(timeout), at, by, cancel)
 
 
 def trust_row(row: Sequence[Any]) -> TrustRow:
