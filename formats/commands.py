@@ -39,11 +39,15 @@ __all__ = [
     "Command",
     "CommandKind",
     "CommandPeek",
+    "ExperimentAction",
+    "ExperimentMode",
+    "ExperimentSpec",
     "make_command",
     "new_job_id",
     "open_command",
     "peek_command",
     "read_command",
+    "read_experiment",
 ]
 
 COMMAND_PAYLOAD_TYPE = "application/vnd.edgepack.command+json"
@@ -57,6 +61,71 @@ class CommandKind(TextEnum):
     DEPLOY = "deploy"
     ROLLBACK = "rollback"
     RETIRE = "retire"
+    EXPERIMENT = "experiment"  # older agents refuse it: its kind is unknown to them
+
+
+class ExperimentAction(TextEnum):
+    """What an experiment command does to a model's candidate (docs/protocol.md §5.2)."""
+
+    START = "start"  # install the candidate beside the active version and run the experiment
+    PROMOTE = "promote"  # the candidate becomes the active version (the previous one retained)
+    STOP = "stop"  # remove the candidate; the active version serves alone
+
+
+class ExperimentMode(TextEnum):
+    """How a candidate takes part: in the shadow of the active version, or answering a share."""
+
+    SHADOW = "shadow"
+    SPLIT = "split"
+
+
+@dataclass(frozen=True)
+class ExperimentSpec:
+    """An experiment command's ``experiment`` field.
+
+    ``share`` (split) is the share of requests the candidate answers; ``sample`` (shadow) the
+    share of requests it also runs on, off the request path. Both are in (0, 1].
+    """
+
+    action: ExperimentAction
+    mode: ExperimentMode | None = None  # start only
+    share: float | None = None  # split
+    sample: float | None = None  # shadow
+
+    def to_json(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"action": self.action.value}
+        if self.mode is not None:
+            body["mode"] = self.mode.value
+        if self.share is not None:
+            body["share"] = self.share
+        if self.sample is not None:
+            body["sample"] = self.sample
+        return body
+
+
+def _fraction(value: Any, key: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        raise CommandError(f"experiment field {key!r} must be a number in (0, 1], not {value!r}")
+    return float(value)
+
+
+def read_experiment(raw: Any) -> ExperimentSpec:
+    """Validate an ``experiment`` field (also what :func:`make_command` signs).
+
+    Raises:
+        CommandError: not an object, an unknown action or mode, a start without its mode, a
+            split without ``share`` or a shadow without ``sample`` in (0, 1].
+    """
+    if not isinstance(raw, Mapping):
+        raise CommandError("experiment command has no 'experiment' object (action, mode, ...)")
+    f = Fields(raw, "experiment", CommandError)
+    action = f.choice("action", ExperimentAction)
+    if action is not ExperimentAction.START:
+        return ExperimentSpec(action)
+    mode = f.choice("mode", ExperimentMode)
+    if mode is ExperimentMode.SPLIT:
+        return ExperimentSpec(action, mode, share=_fraction(raw.get("share"), "share"))
+    return ExperimentSpec(action, mode, sample=_fraction(raw.get("sample"), "sample"))
 
 
 @dataclass(frozen=True)
@@ -80,6 +149,7 @@ class Command:
     expires_at: dt.datetime
     version: int | None = None  # deploy: the version to install
     bundles: Mapping[str, BundleRef] = field(default_factory=dict)  # profile -> bundle
+    experiment: ExperimentSpec | None = None  # an experiment command's action and plan
     key_id: str = ""  # the key that signed it ("" when read without verifying)
     raw: bytes = b""  # the envelope as received (the collector re-serves it)
 
@@ -123,6 +193,7 @@ def make_command(
     bundles: Mapping[str, Mapping[str, Any]] | None = None,
     ttl: dt.timedelta = dt.timedelta(days=7),
     issued_at: dt.datetime | None = None,
+    experiment: ExperimentSpec | None = None,
 ) -> tuple[str, bytes]:
     """Build and sign a command.
 
@@ -135,6 +206,8 @@ def make_command(
         version, bundles: a deploy's version and ``{profile: {url, sha256, size}}``.
         ttl: how long the command stays valid.
         issued_at: default: now.
+        experiment: an experiment command's action and plan (a start also needs the
+            candidate's version and bundles, a promote its version).
 
     Returns:
         ``(job_id, envelope bytes)``.
@@ -148,6 +221,18 @@ def make_command(
     check_model_name(model)
     if kind is CommandKind.DEPLOY and (version is None or not bundles):
         raise ValueError("a deploy needs a version and at least one bundle")
+    if kind is CommandKind.EXPERIMENT:
+        if experiment is None:
+            raise ValueError("an experiment command needs its experiment (action, mode, ...)")
+        try:
+            experiment = read_experiment(experiment.to_json())
+        except CommandError as e:
+            raise ValueError(str(e)) from e
+        starting = experiment.action is ExperimentAction.START
+        if (starting or experiment.action is ExperimentAction.PROMOTE) and version is None:
+            raise ValueError(f"an experiment {experiment.action} needs the candidate's version")
+        if starting and not bundles:
+            raise ValueError("an experiment start needs the candidate's bundles")
     issued = issued_at or utc_now()
     job = job_id or new_job_id(kind, issued)
     payload: dict[str, Any] = {
@@ -162,6 +247,12 @@ def make_command(
     if kind is CommandKind.DEPLOY:
         payload["version"] = version
         payload["bundles"] = {p: dict(b) for p, b in (bundles or {}).items()}
+    if kind is CommandKind.EXPERIMENT and experiment is not None:
+        payload["experiment"] = experiment.to_json()
+        if version is not None:
+            payload["version"] = version
+        if experiment.action is ExperimentAction.START:
+            payload["bundles"] = {p: dict(b) for p, b in (bundles or {}).items()}
     body = json.dumps(payload, separators=(",", ":"), sort_keys=True).encode()
     envelope = dsse_sign(COMMAND_PAYLOAD_TYPE, body, key)
     return job, json.dumps(envelope, separators=(",", ":")).encode()
@@ -263,6 +354,15 @@ def read_command(raw: bytes, trusted_keys: Sequence[ec.EllipticCurvePublicKey] |
         if version is None:
             raise f.fail("version", "an integer >= 0 (a deploy names the version to install)")
         bundles = _bundles(f.data.get("bundles"))
+    experiment = None
+    if kind is CommandKind.EXPERIMENT:
+        experiment = read_experiment(f.data.get("experiment"))
+        if experiment.action is not ExperimentAction.STOP:
+            version = f.maybe_integer("version")
+            if version is None:
+                raise f.fail("version", f"an integer >= 0 (the candidate to {experiment.action})")
+        if experiment.action is ExperimentAction.START:
+            bundles = _bundles(f.data.get("bundles"))
     issued_at, expires_at = _time(f, "issued_at"), _time(f, "expires_at")
     if expires_at <= issued_at:
         raise CommandError(f"command {job_id} expires before it is issued")
@@ -275,6 +375,7 @@ def read_command(raw: bytes, trusted_keys: Sequence[ec.EllipticCurvePublicKey] |
         expires_at=expires_at,
         version=version,
         bundles=bundles,
+        experiment=experiment,
         key_id=signer,
         raw=raw,
     )
