@@ -8,7 +8,7 @@ its retained state (a Last Will marks it offline), and asks the collector for pe
 rather than trusting the broker's queue alone.
 
 Callbacks never block: they put messages in a queue; one worker thread verifies and runs them
-through :class:`edgepack.agent._jobs.JobRunner`, oldest command first.
+through :class:`edgepack.agent._jobs.JobRunner`, cancels first, then oldest command first.
 
 Every message is hostile until proven otherwise. The callback on paho's network thread catches
 everything (a topic that is not UTF-8, a payload over the size cap, a malformed presence) and
@@ -35,6 +35,7 @@ import queue
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -82,15 +83,20 @@ class DeviceLink:
     Args:
         agent: the device's agent; its monitor's reports are routed to this link's outbox.
         config: the ``[mqtt]`` table (``agent.config.mqtt``).
+        clock: monotonic seconds, for jobs' in-progress timeouts (tests inject one).
     """
 
-    def __init__(self, agent: Agent, config: MqttConfig) -> None:
+    def __init__(
+        self, agent: Agent, config: MqttConfig, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.agent = agent
         self.config = config
         self.device = agent.config.device_id
         self.groups = agent.config.groups
         self.topics = Topics(config.prefix)
-        self.runner = JobRunner(agent, agent.trust.command_keys, self._publish_status, self.groups)
+        self.runner = JobRunner(
+            agent, agent.trust.command_keys, self._publish_status, self.groups, clock=clock
+        )
         self.connected = threading.Event()
         self._connection = 0  # counts accepted connections (see _send_loop)
         # Ties state messages to this agent run, so a late Last Will of an earlier run cannot
@@ -398,7 +404,7 @@ class DeviceLink:
             for topic, payload in batch:
                 commands.extend(self._guarded(self._messages_in, topic, payload) or [])
             with beats.busy(HEARTBEAT, JOB_BUDGET):
-                for raw in sorted(commands, key=_issued_at):
+                for raw in sorted(commands, key=_order):
                     self._guarded(self.runner.handle, raw)
             if commands:
                 self._guarded(self.publish_state)
@@ -449,8 +455,8 @@ _WORKER_KINDS = frozenset(
 )
 
 
-def _issued_at(raw: bytes) -> str:
+def _order(raw: bytes) -> tuple[int, str]:
     try:
-        return JobRunner.issued_at(raw)
+        return JobRunner.order(raw)
     except Exception:  # noqa: BLE001 - an unreadable command sorts first and is rejected
-        return ""
+        return (1, "")

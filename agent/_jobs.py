@@ -12,12 +12,25 @@ atomically) remembers finished jobs, so a retained command delivered again after
 not run twice (its final status is re-sent instead, which the collector ignores as a duplicate),
 and remembers the newest command applied per model: an older command for the same model, even
 validly signed, is a replay and is rejected.
+
+Two controls bound a job. A signed **cancel** (``kind: cancel``, ``cancels: JOB``) marks that job
+``CANCELED`` in the ledger unless this device already finished it (a job that ``SUCCEEDED``
+stays so); the job is then never run, whenever and however it arrives (retained, queued in the
+session, in a pending answer), and a copy re-reports ``CANCELED``. A cancel runs nothing and
+reports nothing under its own job id, and it does not count as the newest command applied to
+the model. A job's **in-progress timeout** (``in_progress_timeout`` seconds, on the runner's
+monotonic clock from the moment the job starts) is checked each time the lifecycle enters a
+step before the commit: past it, the step raises, the lifecycle undoes what was staged (the
+installed version keeps serving), and the job ends ``TIMED_OUT``. A step under way is bounded by
+its own limits (the download's deadline and minimum rate, the health check's deadline), so a job
+ends at most that much after its timeout; once committed, a job is never aborted.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,13 +43,7 @@ from edgepack.agent._daemon import Agent
 from edgepack.agent._journal import JournalEntry
 from edgepack.agent._lifecycle import OnState, Outcome, Result, State
 from edgepack.agent.exceptions import CommandError, EdgepackError
-from edgepack.formats.commands import (
-    Command,
-    CommandKind,
-    ExperimentAction,
-    open_command,
-    peek_command,
-)
+from edgepack.formats.commands import Command, CommandKind, open_command, peek_command
 from edgepack.formats.messages import JobStatus, JobStep
 
 __all__ = ["JobLedger", "JobRunner", "StatusUpdate"]
@@ -54,15 +61,16 @@ _STEPS: dict[State, JobStep] = {
     State.CLEANUP: JobStep.COMMITTING,
     State.ROLLING_BACK: JobStep.ROLLING_BACK,
 }
+# steps a timed-out job may still be stopped in (entering them): everything before the commit
+_ABORTABLE = frozenset(
+    {State.FETCHING, State.VERIFYING, State.STAGING, State.HEALTH_CHECK, State.COMMITTING}
+)
 # lifecycle outcome -> job execution status
 _STATUS: dict[Result, JobStatus] = {
     Result.INSTALLED: JobStatus.SUCCEEDED,
     Result.ALREADY_ACTIVE: JobStatus.SUCCEEDED,
     Result.ROLLED_BACK_TO: JobStatus.SUCCEEDED,
     Result.RETIRED: JobStatus.SUCCEEDED,
-    Result.CANDIDATE: JobStatus.SUCCEEDED,
-    Result.PROMOTED: JobStatus.SUCCEEDED,
-    Result.STOPPED: JobStatus.SUCCEEDED,
     Result.ROLLED_BACK: JobStatus.FAILED,
     Result.REJECTED: JobStatus.REJECTED,
     Result.FAILED: JobStatus.FAILED,
@@ -76,8 +84,19 @@ def _step(state: str) -> JobStep | None:
         return None
 
 
+def _abortable(state: str) -> bool:
+    try:
+        return State(state) in _ABORTABLE
+    except ValueError:
+        return False
+
+
 def _status(result: Result) -> JobStatus:
     return _STATUS[result]
+
+
+class _TimedOutError(EdgepackError):
+    """A job ran past its in-progress timeout; raised into the lifecycle, which undoes it."""
 
 
 @dataclass(frozen=True)
@@ -126,6 +145,38 @@ class JobLedger:
             }
         self.save()
 
+    def cancel(self, job_id: str, cancel: Command) -> StatusUpdate | None:
+        """Record ``job_id`` as canceled by ``cancel`` unless it finished before.
+
+        Returns:
+            The ``CANCELED`` update to report (again, for a job canceled before), or None when
+            the job had already ended otherwise (it keeps its own status).
+        """
+        done = self.finished.get(job_id)
+        if done is not None:
+            if done.get("status") != JobStatus.CANCELED.value:
+                return None
+            return StatusUpdate(job_id, JobStatus.CANCELED, done["seq"], model=done.get("model"),
+                                reason=done.get("reason"))  # fmt: skip
+        update = StatusUpdate(
+            job_id,
+            JobStatus.CANCELED,
+            1,
+            model=cancel.model,
+            reason=f"canceled by {cancel.job_id} before this device started it",
+        )
+        self.finished[job_id] = {
+            "status": update.status.value,
+            "seq": update.seq,
+            "reason": update.reason,
+            "model": update.model,
+            "version_before": None,
+            "version_after": None,
+            "issued_at": cancel.issued_at.isoformat(),
+        }
+        self.save()
+        return update
+
     def stale(self, command: Command) -> str | None:
         """Why ``command`` is a replay (older than what was applied for its model), or None."""
         newest = self.newest.get(command.model)
@@ -146,6 +197,7 @@ class JobRunner:
             trust store: key rotation takes effect at the next command).
         report: called with each :class:`StatusUpdate` (the MQTT link publishes it).
         groups: the device's groups (commands may target them).
+        clock: monotonic seconds, for jobs' in-progress timeouts (tests inject one).
     """
 
     def __init__(
@@ -154,6 +206,7 @@ class JobRunner:
         keys: Callable[[], Sequence[ec.EllipticCurvePublicKey]],
         report: Callable[[StatusUpdate], None],
         groups: Sequence[str] = (),
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.agent = agent
         self.keys = keys
@@ -162,12 +215,21 @@ class JobRunner:
         self.device = agent.config.device_id
         self.profile = agent.config.profile
         self.ledger = JobLedger(agent.config.state_dir / "jobs.json")
+        self.clock = clock
 
     @staticmethod
     def issued_at(raw: bytes) -> str:
         """Sort key for a batch of raw commands (unverified; only orders them). A malformed
         command sorts first and is rejected."""
         return peek_command(raw).issued_at
+
+    @staticmethod
+    def order(raw: bytes) -> tuple[int, str]:
+        """Sort key for a batch of raw commands (unverified): cancels first, so a job and its
+        cancel arriving together (a session's queue after a time away) never run the job; then
+        oldest ``issued_at`` first. A malformed command sorts early and is rejected."""
+        peek = peek_command(raw)
+        return (0 if peek.kind == CommandKind.CANCEL.value else 1, peek.issued_at)
 
     def handle(self, raw: bytes) -> None:
         """Verify and run one command (or re-report a finished one). Never raises."""
@@ -181,6 +243,13 @@ class JobRunner:
             # Reported, not recorded: an unverified job id must not block the real job later.
             log.warning("rejecting command %s: %s", job_id, e)
             self.report(StatusUpdate(job_id, JobStatus.REJECTED, 1, reason=str(e)))
+            return
+        if command.kind is CommandKind.CANCEL:
+            assert command.cancels is not None  # read_command requires it
+            update = self.ledger.cancel(command.cancels, command)
+            if update is not None:
+                log.info("job %s canceled by %s", command.cancels, command.job_id)
+                self.report(update)
             return
         done = self.ledger.finished.get(command.job_id)
         if done is not None:  # delivered again (retained message, reconnect, pending answer)
@@ -215,6 +284,8 @@ class JobRunner:
     def _run(self, command: Command) -> None:
         seq = 1
         active = self._active(command.model)
+        limit = command.in_progress_timeout
+        deadline = None if limit is None else self.clock() + limit
         self.report(
             StatusUpdate(
                 command.job_id, JobStatus.QUEUED, seq, model=command.model, version_before=active
@@ -224,6 +295,11 @@ class JobRunner:
         def on_state(entry: JournalEntry) -> None:
             nonlocal seq
             step = _step(entry.state)
+            if deadline is not None and self.clock() >= deadline and _abortable(entry.state):
+                raise _TimedOutError(
+                    f"job {command.job_id} ran past its in-progress timeout of {limit} s "
+                    f"(before {step.value if step else entry.state}); aborted and undone"
+                )
             if step is not None:
                 seq += 1
                 self.report(
@@ -251,12 +327,13 @@ class JobRunner:
                 error=EdgepackError(reason),
             )  # fmt: skip
         seq += 1
+        timed_out = isinstance(outcome.error, _TimedOutError)
         self._finish(
             command,
             command.job_id,
             StatusUpdate(
                 command.job_id,
-                _status(outcome.result),
+                JobStatus.TIMED_OUT if timed_out else _status(outcome.result),
                 seq,
                 model=command.model,
                 reason=outcome.reason if not outcome.ok else None,
@@ -278,35 +355,9 @@ class JobRunner:
                 job_id=command.job_id,
                 on_state=on_state,
             )
-        if command.kind is CommandKind.EXPERIMENT:
-            return self._experiment(command, on_state)
         if command.kind is CommandKind.ROLLBACK:
             return self.agent.rollback(command.model, job_id=command.job_id, on_state=on_state)
         return self.agent.retire(command.model, job_id=command.job_id, on_state=on_state)
-
-    def _experiment(self, command: Command, on_state: OnState) -> Outcome:
-        """Start, promote or stop an experiment (edgepack.agent._experiment)."""
-        spec = command.experiment
-        assert spec is not None  # read_command makes one for every experiment command
-        if spec.action is ExperimentAction.START:
-            bundle = command.bundle_for(self.profile)
-            plan = spec.to_json()
-            del plan["action"]
-            return self.agent.start_experiment(
-                bundle.url,
-                plan=plan,
-                expected_sha256=bundle.sha256,
-                expected_size=bundle.size,
-                model=command.model,
-                version=command.version,
-                job_id=command.job_id,
-                on_state=on_state,
-            )
-        if spec.action is ExperimentAction.PROMOTE:
-            return self.agent.promote(
-                command.model, command.version, job_id=command.job_id, on_state=on_state
-            )
-        return self.agent.stop_experiment(command.model, job_id=command.job_id, on_state=on_state)
 
     def finish_recovered(self, outcome: Outcome) -> None:
         """Report the end of a job whose install a crash interrupted (recovered on start)."""

@@ -4,7 +4,11 @@ A command is a DSSE envelope (:func:`edgepack.formats.dsse.dsse_sign`, payload t
 :data:`COMMAND_PAYLOAD_TYPE`) signed by an operator key the device trusts. Its payload names the
 :class:`CommandKind` (deploy, rollback, retire), the job id, the target (one device or one
 group), the model, the issue and expiry times, and for a deploy the version and one bundle per
-device profile. ``edgepack-fleet`` makes one with :func:`make_command`; the collector records it
+device profile. A job may carry an ``in_progress_timeout`` (seconds: the device aborts it past
+that, ``TIMED_OUT``); a ``cancel`` names the job it withdraws in ``cancels``. Both came after the
+first agents: an older agent ignores the timeout (readers ignore fields they do not know) and
+refuses a cancel cleanly, as a command of an unknown kind (``REJECTED``), so neither raises the
+schema. ``edgepack-fleet`` makes one with :func:`make_command`; the collector records it
 with :func:`read_command`; a device runs it only after :func:`open_command`, which also checks
 the target and the validity period and raises
 :class:`~edgepack.formats.exceptions.CommandError` with the reason the device reports as
@@ -39,15 +43,11 @@ __all__ = [
     "Command",
     "CommandKind",
     "CommandPeek",
-    "ExperimentAction",
-    "ExperimentMode",
-    "ExperimentSpec",
     "make_command",
     "new_job_id",
     "open_command",
     "peek_command",
     "read_command",
-    "read_experiment",
 ]
 
 COMMAND_PAYLOAD_TYPE = "application/vnd.edgepack.command+json"
@@ -61,71 +61,7 @@ class CommandKind(TextEnum):
     DEPLOY = "deploy"
     ROLLBACK = "rollback"
     RETIRE = "retire"
-    EXPERIMENT = "experiment"  # older agents refuse it: its kind is unknown to them
-
-
-class ExperimentAction(TextEnum):
-    """What an experiment command does to a model's candidate (docs/protocol.md §5.2)."""
-
-    START = "start"  # install the candidate beside the active version and run the experiment
-    PROMOTE = "promote"  # the candidate becomes the active version (the previous one retained)
-    STOP = "stop"  # remove the candidate; the active version serves alone
-
-
-class ExperimentMode(TextEnum):
-    """How a candidate takes part: in the shadow of the active version, or answering a share."""
-
-    SHADOW = "shadow"
-    SPLIT = "split"
-
-
-@dataclass(frozen=True)
-class ExperimentSpec:
-    """An experiment command's ``experiment`` field.
-
-    ``share`` (split) is the share of requests the candidate answers; ``sample`` (shadow) the
-    share of requests it also runs on, off the request path. Both are in (0, 1].
-    """
-
-    action: ExperimentAction
-    mode: ExperimentMode | None = None  # start only
-    share: float | None = None  # split
-    sample: float | None = None  # shadow
-
-    def to_json(self) -> dict[str, Any]:
-        body: dict[str, Any] = {"action": self.action.value}
-        if self.mode is not None:
-            body["mode"] = self.mode.value
-        if self.share is not None:
-            body["share"] = self.share
-        if self.sample is not None:
-            body["sample"] = self.sample
-        return body
-
-
-def _fraction(value: Any, key: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
-        raise CommandError(f"experiment field {key!r} must be a number in (0, 1], not {value!r}")
-    return float(value)
-
-
-def read_experiment(raw: Any) -> ExperimentSpec:
-    """Validate an ``experiment`` field (also what :func:`make_command` signs).
-
-    Raises:
-        CommandError: not an object, an unknown action or mode, a start without its mode, a
-            split without ``share`` or a shadow without ``sample`` in (0, 1].
-    """
-    if not isinstance(raw, Mapping):
-        raise CommandError("experiment command has no 'experiment' object (action, mode, ...)")
-    f = Fields(raw, "experiment", CommandError)
-    action = f.choice("action", ExperimentAction)
-    if action is not ExperimentAction.START:
-        return ExperimentSpec(action)
-    mode = f.choice("mode", ExperimentMode)
-    if mode is ExperimentMode.SPLIT:
-        return ExperimentSpec(action, mode, share=_fraction(raw.get("share"), "share"))
-    return ExperimentSpec(action, mode, sample=_fraction(raw.get("sample"), "sample"))
+    CANCEL = "cancel"  # withdraw job ``cancels`` where it has not started; older agents refuse it
 
 
 @dataclass(frozen=True)
@@ -149,7 +85,8 @@ class Command:
     expires_at: dt.datetime
     version: int | None = None  # deploy: the version to install
     bundles: Mapping[str, BundleRef] = field(default_factory=dict)  # profile -> bundle
-    experiment: ExperimentSpec | None = None  # an experiment command's action and plan
+    in_progress_timeout: int | None = None  # seconds a device may run it (None: unbounded)
+    cancels: str | None = None  # a cancel: the job id it withdraws
     key_id: str = ""  # the key that signed it ("" when read without verifying)
     raw: bytes = b""  # the envelope as received (the collector re-serves it)
 
@@ -174,6 +111,7 @@ class CommandPeek:
 
     job_id: str | None  # None unless it is a name safe in a topic
     issued_at: str  # "" when unreadable: sorts first
+    kind: str = ""  # what it claims to be ("" when unreadable): cancels run first in a batch
 
 
 def new_job_id(kind: CommandKind | str, now: dt.datetime | None = None) -> str:
@@ -193,7 +131,8 @@ def make_command(
     bundles: Mapping[str, Mapping[str, Any]] | None = None,
     ttl: dt.timedelta = dt.timedelta(days=7),
     issued_at: dt.datetime | None = None,
-    experiment: ExperimentSpec | None = None,
+    in_progress_timeout: int | None = None,
+    cancels: str | None = None,
 ) -> tuple[str, bytes]:
     """Build and sign a command.
 
@@ -206,14 +145,17 @@ def make_command(
         version, bundles: a deploy's version and ``{profile: {url, sha256, size}}``.
         ttl: how long the command stays valid.
         issued_at: default: now.
-        experiment: an experiment command's action and plan (a start also needs the
-            candidate's version and bundles, a promote its version).
+        in_progress_timeout: seconds a device may spend running the job before it aborts it
+            (``TIMED_OUT``); not on a cancel.
+        cancels: a cancel's job id to withdraw (required for a cancel, refused otherwise).
 
     Returns:
         ``(job_id, envelope bytes)``.
 
     Raises:
-        ValueError: an unknown kind, a bad target, or a deploy without version/bundles.
+        ValueError: a timeout that is not a whole number of seconds >= 1, a cancel without the
+            job it cancels (or another kind with one), an unknown kind, a bad target, a deploy
+            without version/bundles.
     """
     kind = CommandKind(kind)
     if set(target) not in ({"device"}, {"group"}) or not NAME.match(next(iter(target.values()))):
@@ -221,18 +163,15 @@ def make_command(
     check_model_name(model)
     if kind is CommandKind.DEPLOY and (version is None or not bundles):
         raise ValueError("a deploy needs a version and at least one bundle")
-    if kind is CommandKind.EXPERIMENT:
-        if experiment is None:
-            raise ValueError("an experiment command needs its experiment (action, mode, ...)")
-        try:
-            experiment = read_experiment(experiment.to_json())
-        except CommandError as e:
-            raise ValueError(str(e)) from e
-        starting = experiment.action is ExperimentAction.START
-        if (starting or experiment.action is ExperimentAction.PROMOTE) and version is None:
-            raise ValueError(f"an experiment {experiment.action} needs the candidate's version")
-        if starting and not bundles:
-            raise ValueError("an experiment start needs the candidate's bundles")
+    if (kind is CommandKind.CANCEL) != (cancels is not None):
+        raise ValueError("a cancel (and only a cancel) names the job it cancels")
+    if cancels is not None and not NAME.match(cancels):
+        raise ValueError(f"cannot cancel {cancels!r}: not a job id")
+    if in_progress_timeout is not None and (
+        kind is CommandKind.CANCEL or isinstance(in_progress_timeout, bool)
+        or not isinstance(in_progress_timeout, int) or in_progress_timeout < 1
+    ):  # fmt: skip
+        raise ValueError("in_progress_timeout is a whole number of seconds >= 1, not on a cancel")
     issued = issued_at or utc_now()
     job = job_id or new_job_id(kind, issued)
     payload: dict[str, Any] = {
@@ -247,12 +186,10 @@ def make_command(
     if kind is CommandKind.DEPLOY:
         payload["version"] = version
         payload["bundles"] = {p: dict(b) for p, b in (bundles or {}).items()}
-    if kind is CommandKind.EXPERIMENT and experiment is not None:
-        payload["experiment"] = experiment.to_json()
-        if version is not None:
-            payload["version"] = version
-        if experiment.action is ExperimentAction.START:
-            payload["bundles"] = {p: dict(b) for p, b in (bundles or {}).items()}
+    if in_progress_timeout is not None:
+        payload["in_progress_timeout"] = in_progress_timeout
+    if cancels is not None:
+        payload["cancels"] = cancels
     body = json.dumps(payload, separators=(",", ":"), sort_keys=True).encode()
     envelope = dsse_sign(COMMAND_PAYLOAD_TYPE, body, key)
     return job, json.dumps(envelope, separators=(",", ":")).encode()
@@ -354,15 +291,10 @@ def read_command(raw: bytes, trusted_keys: Sequence[ec.EllipticCurvePublicKey] |
         if version is None:
             raise f.fail("version", "an integer >= 0 (a deploy names the version to install)")
         bundles = _bundles(f.data.get("bundles"))
-    experiment = None
-    if kind is CommandKind.EXPERIMENT:
-        experiment = read_experiment(f.data.get("experiment"))
-        if experiment.action is not ExperimentAction.STOP:
-            version = f.maybe_integer("version")
-            if version is None:
-                raise f.fail("version", f"an integer >= 0 (the candidate to {experiment.action})")
-        if experiment.action is ExperimentAction.START:
-            bundles = _bundles(f.data.get("bundles"))
+    cancels = f.text("cancels", NAME) if kind is CommandKind.CANCEL else None
+    timeout = f.maybe_integer("in_progress_timeout", 1)
+    if timeout is not None and kind is CommandKind.CANCEL:
+        raise f.fail("in_progress_timeout", "absent (a cancel has no timeout)")
     issued_at, expires_at = _time(f, "issued_at"), _time(f, "expires_at")
     if expires_at <= issued_at:
         raise CommandError(f"command {job_id} expires before it is issued")
@@ -375,7 +307,8 @@ def read_command(raw: bytes, trusted_keys: Sequence[ec.EllipticCurvePublicKey] |
         expires_at=expires_at,
         version=version,
         bundles=bundles,
-        experiment=experiment,
+        in_progress_timeout=timeout,
+        cancels=cancels,
         key_id=signer,
         raw=raw,
     )
@@ -440,8 +373,13 @@ def peek_command(raw: bytes) -> CommandPeek:
         payload = decode_json(body, "command payload", schema=False, error=CommandError)
     except (CommandError, ValueError, binascii.Error):
         return CommandPeek(None, "")
+    kind = payload.get("kind")
     job_id, issued = payload.get("job_id"), payload.get("issued_at")
     schema = payload.get("schema")
     readable = isinstance(schema, int) and not isinstance(schema, bool) and schema >= 1
     safe = readable and isinstance(job_id, str) and NAME.match(job_id) is not None
-    return CommandPeek(job_id if safe else None, issued if isinstance(issued, str) else "")
+    return CommandPeek(
+        job_id if safe else None,
+        issued if isinstance(issued, str) else "",
+        kind if isinstance(kind, str) else "",
+    )

@@ -102,9 +102,19 @@ class JobStatus(TextEnum):
     SUCCEEDED = "SUCCEEDED"
     FAILED = "FAILED"
     REJECTED = "REJECTED"
+    CANCELED = "CANCELED"  # the operator canceled the job before this device started it
+    TIMED_OUT = "TIMED_OUT"  # ran past the job's in-progress timeout: aborted, or went silent
 
 
-TERMINAL = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.REJECTED})
+TERMINAL = frozenset(
+    {
+        JobStatus.SUCCEEDED,
+        JobStatus.FAILED,
+        JobStatus.REJECTED,
+        JobStatus.CANCELED,
+        JobStatus.TIMED_OUT,
+    }
+)
 
 
 class JobStep(TextEnum):

@@ -159,7 +159,7 @@ COMMANDS: dict[str, tuple[Callable[[], bytes], str]] = {
     ),
     "unknown kind": (
         lambda: signed(kind="reboot"),
-        "field 'kind' must be one of deploy, rollback, retire, not 'reboot'",
+        "field 'kind' must be one of deploy, rollback, retire, cancel, .*not 'reboot'",
     ),
     "kind not a string": (lambda: signed(kind=1), "field 'kind' must be one of"),
     "no job id": (lambda: signed(job_id=None), "field 'job_id' must be a valid name, not None"),
