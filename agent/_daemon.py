@@ -31,6 +31,7 @@ import numpy as np
 from edgepack._files import read_json
 from edgepack.agent._capture import SampleStore
 from edgepack.agent._config import AgentConfig
+from edgepack.agent._experiment import ExperimentConfig, Experiments, Plan
 from edgepack.agent._http_server import InferenceServer
 from edgepack.agent._lifecycle import Fetcher, Lifecycle, OnState, Outcome
 from edgepack.agent._monitor import Monitor, ReportRelay
@@ -55,6 +56,7 @@ class Agent:
         config: the agent configuration.
         fetcher: how bundles are fetched (local paths by default).
         poll_interval: how often to look for installs made by another process, in seconds.
+        experiments: bounds of experiments' shadow work (queue, CPU share).
     """
 
     def __init__(
@@ -62,6 +64,7 @@ class Agent:
         config: AgentConfig,
         fetcher: Fetcher | None = None,
         poll_interval: float = 1.0,
+        experiments: ExperimentConfig | None = None,
     ) -> None:
         self.config = config
         self.trust = TrustStore(config)
@@ -71,14 +74,24 @@ class Agent:
             SampleStore(config.state_dir / "samples.db", capture) if capture.enabled else None
         )
         self.reports = ReportRelay()  # telemetry and drift reports; the MQTT link connects it
+        # candidates beside active versions (edgepack.agent._experiment): routed by the
+        # runtime, reported by the monitor
+        self.experiments = Experiments(experiments)
         self.monitor = Monitor(
             self.lifecycle.store,
             config.monitor,
             sink=self.reports,
             capture=self.samples,
             quality=config.quality,
+            experiments=self.experiments,
         )
-        self.runtime = Runtime(config.runtime, config.server.max_batch_rows, monitor=self.monitor)
+        self.runtime = Runtime(
+            config.runtime,
+            config.server.max_batch_rows,
+            monitor=self.monitor,
+            experiments=self.experiments,
+            on_crash=self.thread_crashed,
+        )
         self.server: InferenceServer | None = None
         self.grpc_server: GrpcInferenceServer | None = None
         # proof of life from the parts that must stay responsive (systemd's watchdog reads it)
@@ -142,6 +155,7 @@ class Agent:
             self.grpc_server = None
         if self._watcher is not None:
             self._watcher.stop(timeout=5)
+        self.experiments.stop_all()
         self.monitor.stop()
 
     def _serve_grpc(self) -> None:
@@ -208,10 +222,25 @@ class Agent:
         return self.monitor.telemetry.prometheus([drift, *self.monitor.quality_families()])
 
     def _hand_over(self, outcome: Outcome) -> None:
-        """Serve the session the operation's health check ran on: the model is loaded once."""
+        """Serve the session the operation's health check ran on: the model is loaded once
+        (a candidate's goes into its experiment)."""
         if outcome.session is not None and outcome.manifest is not None:
-            self.runtime.activate(ServedModel(outcome.manifest, outcome.session))
+            served = ServedModel(outcome.manifest, outcome.session)
+            if outcome.op == "candidate":
+                self._run_candidate(served)
+            else:
+                self.runtime.activate(served)
         outcome.session = None  # the runtime holds it now; an outcome kept must not
+
+    def _run_candidate(self, served: ServedModel) -> None:
+        model = self.lifecycle.store.load().models.get(served.name)
+        active = self.runtime.models_by_name().get(served.name)
+        if model is None or model.candidate is None or active is None:
+            return  # sync() loads what state.json says
+        if model.candidate_version == served.version:
+            self.runtime.start_experiment(
+                served, Plan.from_json(model.candidate["plan"]), active.version
+            )
 
     def _apply(self, outcome: Outcome) -> Outcome:
         self.monitor.telemetry.event(f"{outcome.op}:{outcome.result}")
@@ -264,6 +293,56 @@ class Agent:
         """Uninstall ``name`` and stop serving it."""
         return self._operate(lambda: self.lifecycle.retire(name, job_id=job_id, on_state=on_state))
 
+    def start_experiment(
+        self,
+        source: str,
+        *,
+        plan: dict[str, Any],
+        expected_sha256: str | None = None,
+        expected_size: int | None = None,
+        model: str | None = None,
+        version: int | None = None,
+        job_id: str | None = None,
+        on_state: OnState | None = None,
+    ) -> Outcome:
+        """Install a bundle as the candidate of an experiment (``plan``: ``{"mode": "shadow",
+        "sample": 0.2}`` or ``{"mode": "split", "share": 0.1}``) beside the active version and
+        run it (see :meth:`edgepack.agent._lifecycle.Lifecycle.install_candidate`)."""
+        return self._operate(
+            lambda: self.lifecycle.install_candidate(
+                source,
+                plan=plan,
+                expected_sha256=expected_sha256,
+                expected_size=expected_size,
+                model=model,
+                version=version,
+                job_id=job_id,
+                on_state=on_state,
+            )
+        )
+
+    def promote(
+        self,
+        name: str,
+        version: int | None = None,
+        *,
+        job_id: str | None = None,
+        on_state: OnState | None = None,
+    ) -> Outcome:
+        """Make the candidate of ``name`` its active version (health-checked, journaled; the
+        active version is retained for a rollback) and serve it."""
+        return self._operate(
+            lambda: self.lifecycle.promote(name, version, job_id=job_id, on_state=on_state)
+        )
+
+    def stop_experiment(
+        self, name: str, *, job_id: str | None = None, on_state: OnState | None = None
+    ) -> Outcome:
+        """End the experiment of ``name``: its candidate is removed."""
+        return self._operate(
+            lambda: self.lifecycle.stop_experiment(name, job_id=job_id, on_state=on_state)
+        )
+
     # -- inference and status -------------------------------------------------------------------
 
     def infer(
@@ -273,19 +352,21 @@ class Agent:
         version: int | None = None,
         outputs: Sequence[str] | None = None,
         request_id: str | None = None,
+        caller: str | None = None,
     ) -> dict[str, np.ndarray]:
         """Run inference in-process (same validation as the HTTP endpoint).
 
         With a ``request_id`` the predictions are kept for :meth:`feedback` (``[quality]``).
+        ``caller`` keeps a caller on one variant of a split experiment.
 
         Raises:
             ModelNotFoundError: no such model or version is served.
             RequestError: bad inputs or unknown outputs.
             InferenceError: the model failed on valid inputs.
         """
-        if request_id is None:
+        if request_id is None and caller is None:
             return self.runtime.infer(name, inputs, version, outputs)
-        served = self.runtime.get(name, version)
+        served = self.runtime.route(name, version, caller)
         result = self.runtime.run(served, inputs, outputs)
         self.runtime.remember(served, request_id, result)
         return result
@@ -322,6 +403,13 @@ class Agent:
                     "drift": self.monitor.verdict(name, m.active),
                     "quality": self.monitor.quality_verdict(name, m.active),
                     "installed_at": m.installed_at,
+                    "candidate": None
+                    if m.candidate is None
+                    else {
+                        "version": m.candidate_version,
+                        **m.candidate["plan"],
+                        "running": self.experiments.get(name) is not None,
+                    },
                 }
                 for name, m in sorted(state.models.items())
             },

@@ -16,7 +16,10 @@ itself with ``workers = 0``. Routes::
     POST /v2/models/{name}[/versions/{v}]/infer  inference (JSON or binary tensor extension)
     POST /v2/models/{name}/feedback              ground truth for earlier requests, by id
 
-Every request goes through :meth:`edgepack.agent._runtime.Runtime.run`. Bad requests get a 4xx
+Every request goes through :meth:`edgepack.agent._runtime.Runtime.run`; while a model has a split
+experiment, :meth:`~edgepack.agent._runtime.Runtime.route` picks the version that answers, sticky
+per caller (the ``X-Edgepack-Caller`` header, or ``parameters.caller``), and the response's
+``model_version`` names it. Bad requests get a 4xx
 with ``{"error": "..."}`` saying what was wrong; a valid request on which the model itself fails
 (:class:`~edgepack.agent.exceptions.InferenceError`: onnxruntime raised) gets a 500 with the same
 JSON body. Nothing a client sends can stop the server, and no client can hold it:
@@ -49,6 +52,7 @@ from http import HTTPStatus
 from typing import Any
 
 import edgepack
+from edgepack.agent._experiment import CALLER_HEADER
 from edgepack.agent._inference_protocol import (
     decode_feedback,
     decode_infer_request,
@@ -223,7 +227,11 @@ class _Server:
             wanted = _header_length(request.header(HEADER_LENGTH.lower()))
             decoded = decode_infer_request(request.body, wanted)
             version = int(match["version"]) if match["version"] else None
-            served = self.runtime.get(match["name"], version)
+            if self.runtime.experiments.running:  # a split picks the version that answers
+                caller = request.header(CALLER_HEADER) or decoded.caller
+                served = self.runtime.route(match["name"], version, caller)
+            else:
+                served = self.runtime.get(match["name"], version)
             monitor = self.runtime.monitor
             if monitor is not None and monitor.quality_config.enabled:
                 if decoded.id is None:  # an id of its own, returned, so feedback can name it

@@ -80,6 +80,7 @@ class InferRequest:
     outputs: tuple[str, ...]  # empty: all
     binary_outputs: frozenset[str]
     binary_default: bool
+    caller: str | None = None  # parameters.caller: keeps a caller on one variant of a split
 
 
 def bytes_elements(blob: bytes, name: str) -> list[str]:
@@ -256,12 +257,16 @@ def _decode(body: bytes, header_length: int | None) -> InferRequest:
     request_id = data.get("id")
     if request_id is not None and not isinstance(request_id, str):
         raise RequestError("'id' must be a string")
+    caller = parameters.get("caller")
+    if caller is not None and (not isinstance(caller, str) or len(caller) > 256):
+        raise RequestError("parameters 'caller' must be a string of at most 256 characters")
     return InferRequest(
         id=request_id[:256] if request_id is not None else None,
         inputs=inputs,
         outputs=tuple(outputs),
         binary_outputs=frozenset(binary_outputs),
         binary_default=bool(parameters.get("binary_data_output")),
+        caller=caller,
     )
 
 

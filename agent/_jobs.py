@@ -43,7 +43,13 @@ from edgepack.agent._daemon import Agent
 from edgepack.agent._journal import JournalEntry
 from edgepack.agent._lifecycle import OnState, Outcome, Result, State
 from edgepack.agent.exceptions import CommandError, EdgepackError
-from edgepack.formats.commands import Command, CommandKind, open_command, peek_command
+from edgepack.formats.commands import (
+    Command,
+    CommandKind,
+    ExperimentAction,
+    open_command,
+    peek_command,
+)
 from edgepack.formats.messages import JobStatus, JobStep
 
 __all__ = ["JobLedger", "JobRunner", "StatusUpdate"]
@@ -71,6 +77,9 @@ _STATUS: dict[Result, JobStatus] = {
     Result.ALREADY_ACTIVE: JobStatus.SUCCEEDED,
     Result.ROLLED_BACK_TO: JobStatus.SUCCEEDED,
     Result.RETIRED: JobStatus.SUCCEEDED,
+    Result.CANDIDATE: JobStatus.SUCCEEDED,
+    Result.PROMOTED: JobStatus.SUCCEEDED,
+    Result.STOPPED: JobStatus.SUCCEEDED,
     Result.ROLLED_BACK: JobStatus.FAILED,
     Result.REJECTED: JobStatus.REJECTED,
     Result.FAILED: JobStatus.FAILED,
@@ -355,9 +364,35 @@ class JobRunner:
                 job_id=command.job_id,
                 on_state=on_state,
             )
+        if command.kind is CommandKind.EXPERIMENT:
+            return self._experiment(command, on_state)
         if command.kind is CommandKind.ROLLBACK:
             return self.agent.rollback(command.model, job_id=command.job_id, on_state=on_state)
         return self.agent.retire(command.model, job_id=command.job_id, on_state=on_state)
+
+    def _experiment(self, command: Command, on_state: OnState) -> Outcome:
+        """Start, promote or stop an experiment (edgepack.agent._experiment)."""
+        spec = command.experiment
+        assert spec is not None  # read_command makes one for every experiment command
+        if spec.action is ExperimentAction.START:
+            bundle = command.bundle_for(self.profile)
+            plan = spec.to_json()
+            del plan["action"]
+            return self.agent.start_experiment(
+                bundle.url,
+                plan=plan,
+                expected_sha256=bundle.sha256,
+                expected_size=bundle.size,
+                model=command.model,
+                version=command.version,
+                job_id=command.job_id,
+                on_state=on_state,
+            )
+        if spec.action is ExperimentAction.PROMOTE:
+            return self.agent.promote(
+                command.model, command.version, job_id=command.job_id, on_state=on_state
+            )
+        return self.agent.stop_experiment(command.model, job_id=command.job_id, on_state=on_state)
 
     def finish_recovered(self, outcome: Outcome) -> None:
         """Report the end of a job whose install a crash interrupted (recovered on start)."""

@@ -25,7 +25,7 @@ __all__ = ["Journal", "JournalEntry"]
 class JournalEntry:
     """One operation in flight."""
 
-    op: str  # "install" | "rollback" | "retire"
+    op: str  # "install" | "rollback" | "retire" | "candidate" | "promote" | "stop"
     state: str
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:16])  # ties history events to it
     source: str | None = None  # where the bundle comes from (path or URL)
@@ -41,6 +41,7 @@ class JournalEntry:
     job_id: str | None = None
     attempts: int = 1
     reason: str | None = None
+    plan: dict[str, Any] | None = None  # a candidate's experiment plan (mode, share, sample)
     started: str = field(default_factory=utc_text)
 
     def moved(self, state: str, **changes: Any) -> JournalEntry:

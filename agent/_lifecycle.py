@@ -12,6 +12,14 @@ removes what was staged and the previous version keeps serving. A rollback re-ch
 previous version and commits it; a retire commits the removal. The graph is the ``TRANSITIONS``
 table (edgepack.agent._states); each state is one small handler here.
 
+Experiments (edgepack.agent._experiment) go through the same machine. A *candidate* install walks
+the install's states with the candidate's own checks in VERIFYING (a model already active here, a
+version above anything installed) and commits the candidate and its plan beside the active
+version, which it never touches; a candidate that fails to verify, load or pass its health check
+is refused and removed like a failed install. *Promote* re-checks the candidate's files and
+commits it as the active version (the old one retained: a rollback returns to it); *stop*
+commits the candidate's removal.
+
 Save before acting: entering a state first writes it to the journal (edgepack.agent._journal), then
 acts. On start, :meth:`Lifecycle.recover` resumes where ``RESUME`` says, so a SIGKILL at any
 instant ends as an uninterrupted run would, or with a clean rollback once the same operation has
@@ -174,6 +182,93 @@ class Lifecycle:
             expected_size=expected_size,
             expected_model=model,
             expected_version=version,
+            job_id=job_id,
+        )
+        return self._start(entry, on_state)
+
+    def install_candidate(
+        self,
+        source: str,
+        *,
+        plan: dict[str, Any],
+        expected_sha256: str | None = None,
+        expected_size: int | None = None,
+        model: str | None = None,
+        version: int | None = None,
+        job_id: str | None = None,
+        on_state: OnState | None = None,
+    ) -> Outcome:
+        """Install the bundle at ``source`` as ``model``'s experiment candidate with ``plan``
+        (``{"mode", "share", "sample"}``), beside the active version; checked like an install.
+
+        Raises:
+            InstallError: another operation is pending, or another process holds the lock.
+            StorageError: the state directory cannot be read or locked.
+        """
+        entry = JournalEntry(
+            op="candidate",
+            state=S.FETCHING.value,
+            source=source,
+            expected_sha256=expected_sha256,
+            expected_size=expected_size,
+            expected_model=model,
+            expected_version=version,
+            job_id=job_id,
+            plan=dict(plan),
+        )
+        return self._start(entry, on_state)
+
+    def promote(
+        self,
+        name: str,
+        version: int | None = None,
+        *,
+        job_id: str | None = None,
+        on_state: OnState | None = None,
+    ) -> Outcome:
+        """Make ``name``'s candidate (``version``, when given, must be it) the active version,
+        health-checked first; the active version becomes the retained previous one.
+
+        Raises:
+            NotInstalledError: ``name`` has no candidate, or another version is the candidate.
+            InstallError: another operation is pending, or another process holds the lock.
+        """
+        current = self._installed(name)
+        candidate = current.candidate_version
+        if candidate is None or (version is not None and version != candidate):
+            has = "no candidate" if candidate is None else f"candidate v{candidate}"
+            wanted = "" if version is None else f" v{version}"
+            raise NotInstalledError(
+                f"cannot promote {name}{wanted}: it has {has} here (start an experiment first)"
+            )
+        entry = JournalEntry(
+            op="promote",
+            state=S.HEALTH_CHECK.value,
+            model=name,
+            version=candidate,
+            from_version=current.active,
+            job_id=job_id,
+        )
+        return self._start(entry, on_state)
+
+    def stop_experiment(
+        self, name: str, *, job_id: str | None = None, on_state: OnState | None = None
+    ) -> Outcome:
+        """Remove ``name``'s candidate; the active version serves alone.
+
+        Raises:
+            NotInstalledError: ``name`` is not installed or has no candidate.
+            InstallError: another operation is pending, or another process holds the lock.
+        """
+        current = self._installed(name)
+        if current.candidate is None:
+            raise NotInstalledError(f"{name} has no experiment running here; nothing to stop")
+        entry = JournalEntry(
+            op="stop",
+            state=S.COMMITTING.value,
+            model=name,
+            version=current.candidate_version,
+            from_version=current.active,
             job_id=job_id,
         )
         return self._start(entry, on_state)
@@ -357,6 +452,9 @@ class Lifecycle:
                 "install": Result.ALREADY_ACTIVE if run.skipped else Result.INSTALLED,
                 "rollback": Result.ROLLED_BACK_TO,
                 "retire": Result.RETIRED,
+                "candidate": Result.CANDIDATE,
+                "promote": Result.PROMOTED,
+                "stop": Result.STOPPED,
             }[e.op]
         elif S.ROLLING_BACK.value in run.trace:
             result = Result.ROLLED_BACK
@@ -413,6 +511,8 @@ class Lifecycle:
         check_deploy(manifest, e.expected_model, e.expected_version)
         check_compatible(manifest, self.facts)
         current = self.store.load().models.get(manifest.name, ModelState())
+        if e.op == "candidate":
+            return self._candidate_checks(run, manifest, current, unpacked.bundle_sha256)
         run.entry = e.moved(
             e.state,
             model=manifest.name,
@@ -431,6 +531,36 @@ class Lifecycle:
                 "or roll back to the retained previous one)"
             )
         if manifest.version not in current.retained():  # never committed: a leftover
+            self.store.remove_version(manifest.name, manifest.version)
+        return None
+
+    def _candidate_checks(
+        self, run: _Run, manifest: Manifest, current: ModelState, bundle_sha256: str
+    ) -> object:
+        """VERIFYING for a candidate: beside an active version, above anything installed."""
+        e = run.entry
+        run.entry = e.moved(
+            e.state,
+            model=manifest.name,
+            version=manifest.version,
+            from_version=current.active,
+            bundle_sha256=bundle_sha256,
+        )
+        run.manifest = manifest
+        if current.active is None:
+            raise InstallError(
+                f"{manifest.name} is not installed here: an experiment's candidate runs beside "
+                "an active version (deploy one first)"
+            )
+        if current.candidate_version == manifest.version:
+            run.skipped = True  # there already: only the plan may change
+            return SKIP
+        if manifest.version <= current.highest:
+            raise VersionError(
+                f"candidate {manifest.name} v{manifest.version} is not newer than "
+                f"v{current.highest}, the highest version installed here; build a new version"
+            )
+        if manifest.version not in current.retained():
             self.store.remove_version(manifest.name, manifest.version)
         return None
 
@@ -482,6 +612,20 @@ class Lifecycle:
             changed = state.commit_rollback(
                 e.model, e.version, op=e.id, job=e.job_id, replacing=e.from_version, reason=e.reason
             )
+        elif e.op == "candidate":
+            assert e.version is not None
+            changed = state.commit_candidate(
+                e.model, e.version, op=e.id, job=e.job_id, plan=e.plan or {},
+                bundle_sha256=e.bundle_sha256,
+            )  # fmt: skip
+        elif e.op == "promote":
+            assert e.version is not None
+            changed = state.commit_promote(
+                e.model, e.version, op=e.id, job=e.job_id,
+                probation=self.config.limits.probation_period > 0,
+            )  # fmt: skip
+        elif e.op == "stop":
+            changed = state.commit_stop(e.model, op=e.id, job=e.job_id)
         else:
             changed = state.commit_retire(e.model, op=e.id, job=e.job_id, version=e.from_version)
         if changed:  # unchanged: committed before a crash

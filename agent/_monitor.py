@@ -31,6 +31,7 @@ import numpy as np
 from edgepack.agent._capture import SampleStore
 from edgepack.agent._config import MonitorConfig, QualityConfig
 from edgepack.agent._drift import DriftDetector
+from edgepack.agent._experiment import Experiments
 from edgepack.agent._prometheus import Family, gauge
 from edgepack.agent._quality import (
     FeedbackError,
@@ -97,8 +98,11 @@ class Monitor:
         capture: SampleStore | None = None,
         quality: QualityConfig | None = None,
         clock: Callable[[], float] = time.time,
+        experiments: Experiments | None = None,
     ) -> None:
         self.store = store
+        # which variant of an experiment a version is: reports say it (docs/protocol.md §10.3)
+        self.experiments = experiments or Experiments()
         self.config = config or MonitorConfig()
         self.quality_config = quality or QualityConfig()
         self.clock = clock
@@ -116,7 +120,8 @@ class Monitor:
         self._queue: collections.deque[tuple[str, int, Mapping[str, Any], Mapping[str, Any]]] = (
             collections.deque()
         )
-        self._monitors: dict[str, tuple[int, DriftDetector | None]] = {}
+        # per model version, the latest two of a model (a split serves two at once)
+        self._monitors: dict[tuple[str, int], DriftDetector | None] = {}
         self._columns: dict[tuple[str, int], dict[str, list[str]]] = {}
         self._status: dict[str, str] = {}
         self._queued_rows = 0
@@ -294,7 +299,7 @@ class Monitor:
             monitor = self._monitor(model, version) if self.config.drift else None
             if monitor is not None:
                 self._count(model, version, monitor, batches)
-        for model, (version, monitor) in list(self._monitors.items()):
+        for (model, version), monitor in list(self._monitors.items()):
             if monitor is not None and monitor.due():
                 self._report_drift(model, version, monitor)
         for (model, version), tracker in list(self._trackers.items()):
@@ -304,6 +309,12 @@ class Monitor:
             self._last_report = time.monotonic()
             report = self.telemetry.report()
             report["skipped_drift_batches"] = self.skipped_batches
+            if self.experiments.running:
+                for entry in report["models"]:
+                    variant = self.experiments.variant(entry["model"], entry["version"])
+                    if variant is not None:
+                        entry["variant"] = variant
+                report["experiments"] = self.experiments.report()
             self._emit("telemetry", report)
 
     def _count(
@@ -359,9 +370,8 @@ class Monitor:
             log.error("sample capture failed: %s", e)
 
     def _monitor(self, model: str, version: int) -> DriftDetector | None:
-        current = self._monitors.get(model)
-        if current is not None and current[0] == version:
-            return current[1]
+        if (model, version) in self._monitors:
+            return self._monitors[(model, version)]
         monitor = None
         try:
             raw = self.store.version_dir(model, version) / REFERENCE_FILE
@@ -373,7 +383,10 @@ class Monitor:
             )
         except (OSError, EdgepackError) as e:  # unreadable, or a ReferenceFormatError
             log.warning("no drift detection for %s v%d: %s", model, version, e)
-        self._monitors[model] = (version, monitor)
+        # this version and the newest other one of the model (bounded memory)
+        for older in sorted(v for m, v in self._monitors if m == model)[:-1]:
+            del self._monitors[(model, older)]
+        self._monitors[(model, version)] = monitor
         return monitor
 
     def _report_drift(self, model: str, version: int, monitor: DriftDetector) -> None:
@@ -382,6 +395,12 @@ class Monitor:
         report.update(
             model=model, version=version, bundle_sha256=state.bundle_sha256 if state else None
         )
+        variant = self.experiments.variant(model, version)
+        if variant is not None:
+            report["variant"] = variant
+        if variant == "candidate":  # reported; the model's verdict stays the active version's
+            self._emit("drift", report)
+            return
         self.latest[model] = report
         self._save_verdicts()
         drifting = [f["name"] for f in report["features"] if f["drifting"]]
@@ -417,6 +436,12 @@ class Monitor:
             "bundle_sha256": state.bundle_sha256 if state else None,
             **report,
         }
+        variant = self.experiments.variant(model, version)
+        if variant is not None:
+            body["variant"] = variant
+        if variant == "candidate":  # reported; the model's verdict stays the active version's
+            self._emit("quality", body)
+            return
         previous = self.quality_verdict(model, version)
         kind = "labeled" if body["metrics"] is not None else "estimated"
         latest = self.latest_quality.get(model)

@@ -8,6 +8,12 @@ both go through it, and it validates inputs against the manifest before onnxrunt
 A request that is valid but on which the model itself fails (onnxruntime raises while computing)
 is an :class:`~edgepack.agent.exceptions.InferenceError` (edgepack.agent._session.run_session).
 Every request is reported to the monitor given to the constructor (telemetry and drift).
+
+A model with an experiment (edgepack.agent._experiment) also has a candidate version: :meth:`route`
+picks the version that answers a request (the candidate for a split's share), and a served
+request is offered to a shadow candidate in :meth:`_finish`. :meth:`sync` loads and ends
+experiments as ``state.json`` says, like active versions. With no experiment both cost one check
+of an empty dict.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import onnxruntime as ort
 
 from edgepack.agent._batching import Batcher, Pending
 from edgepack.agent._config import RuntimeConfig
+from edgepack.agent._experiment import Experiment, Experiments, Plan
 from edgepack.agent._monitor import Monitor
 from edgepack.agent._session import open_installed, run_session
 from edgepack.agent._state import DeviceState, Store
@@ -165,14 +172,24 @@ class Runtime:
         runtime: the agent's ``[runtime]`` settings (providers, threads).
         max_rows: the most rows one request may carry.
         monitor: told of every request (telemetry and drift); none: nothing is recorded.
+        experiments: the registry of running experiments (shared with the monitor); none: a
+            registry of this runtime's own.
+        on_crash: told when a shadow thread crashed (the agent counts it).
     """
 
     def __init__(
-        self, runtime: RuntimeConfig, max_rows: int = 4096, monitor: Monitor | None = None
+        self,
+        runtime: RuntimeConfig,
+        max_rows: int = 4096,
+        monitor: Monitor | None = None,
+        experiments: Experiments | None = None,
+        on_crash: Callable[[str, str, str], None] | None = None,
     ) -> None:
         self._config = runtime
         self._max_rows = max_rows
         self._monitor = monitor
+        self.experiments = experiments or Experiments()
+        self._on_crash = on_crash
         self._models: dict[str, ServedModel] = {}
         self._sync_lock = threading.Lock()
         self._batchers: dict[tuple[str, int], Batcher] = {}
@@ -191,6 +208,31 @@ class Runtime:
                 f"{name} v{version} is not served; the active version is v{served.version}"
             )
         return served
+
+    def route(
+        self, name: str, version: int | None = None, caller: str | None = None
+    ) -> ServedModel:
+        """The version that answers a request: the active one, or while a split runs the
+        candidate for its share (sticky per ``caller`` when given); asking for the candidate's
+        version by number gets the candidate.
+
+        Raises:
+            ModelNotFoundError: no such model or version.
+        """
+        running = self.experiments.running
+        if running:
+            experiment = running.get(name)
+            if experiment is not None:
+                candidate = experiment.candidate
+                if version == candidate.version:
+                    return candidate
+                if version is None and experiment.split and experiment.answers(caller):
+                    return candidate
+        return self.get(name, version)
+
+    def models_by_name(self) -> dict[str, ServedModel]:
+        """The active versions served, by model (a snapshot)."""
+        return self._models
 
     def models(self) -> list[ServedModel]:
         return sorted(self._models.values(), key=lambda m: m.name)
@@ -237,10 +279,64 @@ class Runtime:
             for name in [n for n in self._models if n not in state.models]:
                 self.remove(name)
                 changes.append(f"{name}: removed")
+            changes += self._sync_experiments(store, state, keys)
             self.generation = state.generation
         for line in changes:
             log.info("runtime: %s", line)
         return changes
+
+    def _sync_experiments(self, store: Store, state: DeviceState, keys: Sequence[Any]) -> list[str]:
+        """Run the experiments ``state`` records (candidates loaded and verified like active
+        versions), end the others; a candidate that cannot be loaded is not run (logged)."""
+        changes = []
+        for name, model in state.models.items():
+            running = self.experiments.get(name)
+            candidate = model.candidate
+            active = self._models.get(name)
+            if candidate is None or active is None:
+                if running is not None:
+                    self.experiments.end(name)
+                    changes.append(f"{name}: experiment ended")
+                continue
+            version, plan = int(candidate["version"]), Plan.from_json(candidate["plan"])
+            if (
+                running is not None
+                and running.candidate.version == version
+                and running.plan == plan
+                and running.active == active.version
+            ):
+                continue
+            try:
+                served = (
+                    running.candidate
+                    if running is not None and running.candidate.version == version
+                    else self._load(store, name, version, keys)
+                )
+            except EdgepackError as e:
+                log.error("runtime: not running the candidate %s v%d: %s", name, version, e)
+                if running is not None:
+                    self.experiments.end(name)
+                continue
+            self.start_experiment(served, plan, active.version)
+            changes.append(f"{name}: experiment {plan.mode} with candidate v{version}")
+        for name in [n for n in self.experiments.running if n not in state.models]:
+            self.experiments.end(name)
+            changes.append(f"{name}: experiment ended")
+        return changes
+
+    def start_experiment(self, candidate: ServedModel, plan: Plan, active: int) -> None:
+        """Run ``candidate`` (loaded and checked) in an experiment beside ``active``."""
+        names = candidate.output_names
+        self.experiments.start(
+            Experiment(
+                candidate,
+                active,
+                plan,
+                lambda served, feeds: self._session_run(served, names, feeds),
+                self.experiments.config,
+                on_crash=self._on_crash,
+            )
+        )
 
     def _load(self, store: Store, name: str, version: int, keys: Sequence[Any]) -> ServedModel:
         installed = open_installed(store, name, version, keys, self._config)
@@ -334,7 +430,7 @@ class Runtime:
             InferenceError: the inputs were valid but the model failed on them (onnxruntime
                 raised; it is the ``__cause__``).
         """
-        return self.run(self.get(name, version), inputs, outputs)
+        return self.run(self.route(name, version), inputs, outputs)
 
     def run(
         self, served: ServedModel, inputs: Mapping[str, Any], outputs: Sequence[str] | None = None
@@ -466,6 +562,11 @@ class Runtime:
             first = served.output_names[0]
             observed = {first: computed[first]}
             monitor.observe(served.name, served.version, feeds, observed, elapsed, _rows(feeds))
+        running = self.experiments.running
+        if running:
+            experiment = running.get(served.name)
+            if experiment is not None and experiment.shadow and served is not experiment.candidate:
+                experiment.offer(feeds, computed)
         return computed if run is wanted else {key: computed[key] for key in wanted}
 
     @property
@@ -509,6 +610,7 @@ class Runtime:
     def _retire_batchers(self) -> None:
         """Stop the batchers of versions no longer served (their waiting requests answered)."""
         live = {(m.name, m.version) for m in self._models.values()}
+        live |= {(e.model, e.candidate.version) for e in self.experiments.running.values()}
         with self._batch_lock:
             gone = [b for key, b in self._batchers.items() if key not in live]
             self._batchers = {k: b for k, b in self._batchers.items() if k in live}

@@ -18,6 +18,12 @@ directories are created by renaming a fully written, fsynced and verified stagin
 into place (:meth:`Store.promote`), so a version directory is complete or absent. At most the
 active and the previous version of a model are kept.
 
+A model may also have a *candidate* (``candidate``): a version installed beside the active one
+for an experiment (edgepack.agent._experiment), with its plan (mode, share, sample). It is
+committed in the same one rename, kept in ``models/`` like the retained versions, and either
+promoted (:meth:`DeviceState.commit_promote`: it becomes active, the active one previous) or
+stopped (:meth:`DeviceState.commit_stop`). A deploy of a version at or above it ends it.
+
 A newly installed version is *on probation* (``probation``) until the daemon has served it for
 ``[limits] probation_period`` seconds; ``probation_starts`` durably counts the daemon's starts
 meanwhile (edgepack.agent._probation), and too many of them roll it back.
@@ -57,9 +63,16 @@ class ModelState:
     installed_at: str | None = None
     probation: bool = False  # the active version has not yet served its probation period
     probation_starts: int = 0  # daemon starts since it was committed, while on probation
+    # an experiment's candidate: {"version", "plan": {mode, share, sample}, "bundle_sha256",
+    # "job", "since"}; None when no experiment runs
+    candidate: dict[str, Any] | None = None
+
+    @property
+    def candidate_version(self) -> int | None:
+        return None if self.candidate is None else int(self.candidate["version"])
 
     def retained(self) -> set[int]:
-        return {v for v in (self.active, self.previous) if v is not None}
+        return {v for v in (self.active, self.previous, self.candidate_version) if v is not None}
 
 
 @dataclass
@@ -95,6 +108,8 @@ class DeviceState:
             return False
         current.previous, current.active = current.active, version
         current.highest = max(current.highest, version)
+        if current.candidate_version is not None and current.candidate_version <= version:
+            current.candidate = None  # the deploy supersedes the experiment
         current.bundle_sha256 = bundle_sha256
         current.installed_at = utc_text()
         current.probation, current.probation_starts = probation, 0
@@ -189,9 +204,67 @@ class DeviceState:
         if current.active is None:
             return False
         current.active = current.previous = None
+        current.candidate = None
         current.installed_at = None
         current.probation, current.probation_starts = False, 0
         self.record(op=op, model=model, action="retire", version=version, result="retired", job=job)
+        return True
+
+    def commit_candidate(
+        self,
+        model: str,
+        version: int,
+        *,
+        op: str,
+        job: str | None,
+        plan: dict[str, Any],
+        bundle_sha256: str | None,
+    ) -> bool:
+        """``version`` becomes ``model``'s candidate with ``plan`` (replacing any other one);
+        False when exactly that is committed already."""
+        current = self.models.setdefault(model, ModelState())
+        if current.candidate_version == version and (current.candidate or {}).get("plan") == plan:
+            return False
+        current.candidate = {
+            "version": version,
+            "plan": dict(plan),
+            "bundle_sha256": bundle_sha256,
+            "job": job,
+            "since": utc_text(),
+        }
+        self.record(
+            op=op, model=model, action="candidate", version=version, previous=current.active,
+            result="candidate", job=job, plan=dict(plan),
+        )  # fmt: skip
+        return True
+
+    def commit_promote(
+        self, model: str, version: int, *, op: str, job: str | None, probation: bool = False
+    ) -> bool:
+        """The candidate ``version`` becomes active, the active one previous (a rollback goes
+        back to it); False when it was promoted already.
+
+        Raises:
+            NotInstalledError: ``version`` is not ``model``'s candidate.
+        """
+        current = self.models.setdefault(model, ModelState())
+        if current.active == version and current.candidate is None:
+            return False
+        if current.candidate_version != version:
+            raise NotInstalledError(f"{model} v{version} is not the candidate here")
+        sha = (current.candidate or {}).get("bundle_sha256")
+        current.candidate = None
+        return self.commit_install(
+            model, version, op=op, job=job, bundle_sha256=sha, probation=probation
+        )
+
+    def commit_stop(self, model: str, *, op: str, job: str | None) -> bool:
+        """``model`` has no candidate any more; False when it had none."""
+        current = self.models.get(model)
+        if current is None or current.candidate is None:
+            return False
+        version, current.candidate = current.candidate_version, None
+        self.record(op=op, model=model, action="stop", version=version, result="stopped", job=job)
         return True
 
     def to_json(self) -> dict[str, Any]:

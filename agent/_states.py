@@ -81,6 +81,32 @@ TRANSITIONS: dict[tuple[str, State, str], State] = {
     ("retire",   S.COMMITTING,    FAIL): S.FAILED,
     ("retire",   S.CLEANUP,       OK):   S.DONE,
     ("retire",   S.CLEANUP,       FAIL): S.DONE,
+    # an experiment's candidate, installed beside the active version (which never changes)
+    ("candidate", S.FETCHING,     OK):   S.VERIFYING,
+    ("candidate", S.FETCHING,     FAIL): S.FAILED,
+    ("candidate", S.VERIFYING,    OK):   S.STAGING,
+    ("candidate", S.VERIFYING,    SKIP): S.COMMITTING,     # that candidate is there: new plan
+    ("candidate", S.VERIFYING,    FAIL): S.FAILED,         # rejected: models/ was not touched
+    ("candidate", S.STAGING,      OK):   S.HEALTH_CHECK,
+    ("candidate", S.STAGING,      FAIL): S.ROLLING_BACK,
+    ("candidate", S.HEALTH_CHECK, OK):   S.COMMITTING,
+    ("candidate", S.HEALTH_CHECK, FAIL): S.ROLLING_BACK,   # refused: the active one serves on
+    ("candidate", S.COMMITTING,   OK):   S.CLEANUP,
+    ("candidate", S.COMMITTING,   FAIL): S.ROLLING_BACK,
+    ("candidate", S.CLEANUP,      OK):   S.DONE,
+    ("candidate", S.CLEANUP,      FAIL): S.DONE,
+    ("candidate", S.ROLLING_BACK, OK):   S.FAILED,
+    ("candidate", S.ROLLING_BACK, FAIL): S.FAILED,
+    ("promote",  S.HEALTH_CHECK,  OK):   S.COMMITTING,     # the candidate's files re-checked
+    ("promote",  S.HEALTH_CHECK,  FAIL): S.FAILED,         # active and candidate stay
+    ("promote",  S.COMMITTING,    OK):   S.CLEANUP,
+    ("promote",  S.COMMITTING,    FAIL): S.FAILED,
+    ("promote",  S.CLEANUP,       OK):   S.DONE,
+    ("promote",  S.CLEANUP,       FAIL): S.DONE,
+    ("stop",     S.COMMITTING,    OK):   S.CLEANUP,
+    ("stop",     S.COMMITTING,    FAIL): S.FAILED,
+    ("stop",     S.CLEANUP,       OK):   S.DONE,
+    ("stop",     S.CLEANUP,       FAIL): S.DONE,
 }
 # fmt: on
 
@@ -112,7 +138,7 @@ def resume_point(entry: JournalEntry, max_attempts: int) -> tuple[State | None, 
     resume = RESUME.get(state, S.ROLLING_BACK)
     if entry.attempts + 1 <= max_attempts:
         return resume, None
-    if entry.op == "install" and state not in _COMMITTED:
+    if entry.op in ("install", "candidate") and state not in _COMMITTED:
         return S.ROLLING_BACK, f"interrupted {entry.attempts} times in state {state.value}"
     if state is S.HEALTH_CHECK:
         return (
@@ -129,6 +155,9 @@ class Result(str, enum.Enum):
     ALREADY_ACTIVE = "already-active"  # an install of the version that is active already
     ROLLED_BACK_TO = "rolled-back-to"  # an explicit rollback that switched versions
     RETIRED = "retired"
+    CANDIDATE = "candidate"  # an experiment's candidate installed (or its plan changed)
+    PROMOTED = "promoted"  # the candidate became the active version
+    STOPPED = "stopped"  # the experiment ended, its candidate removed
     ROLLED_BACK = "rolled-back"  # an install that failed after staging: the old version serves
     REJECTED = "rejected"  # refused before anything changed
     FAILED = "failed"  # could not run at all (an agent fault)

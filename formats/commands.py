@@ -43,11 +43,15 @@ __all__ = [
     "Command",
     "CommandKind",
     "CommandPeek",
+    "ExperimentAction",
+    "ExperimentMode",
+    "ExperimentSpec",
     "make_command",
     "new_job_id",
     "open_command",
     "peek_command",
     "read_command",
+    "read_experiment",
 ]
 
 COMMAND_PAYLOAD_TYPE = "application/vnd.edgepack.command+json"
@@ -62,6 +66,71 @@ class CommandKind(TextEnum):
     ROLLBACK = "rollback"
     RETIRE = "retire"
     CANCEL = "cancel"  # withdraw job ``cancels`` where it has not started; older agents refuse it
+    EXPERIMENT = "experiment"  # older agents refuse it: its kind is unknown to them
+
+
+class ExperimentAction(TextEnum):
+    """What an experiment command does to a model's candidate (docs/protocol.md §5.2)."""
+
+    START = "start"  # install the candidate beside the active version and run the experiment
+    PROMOTE = "promote"  # the candidate becomes the active version (the previous one retained)
+    STOP = "stop"  # remove the candidate; the active version serves alone
+
+
+class ExperimentMode(TextEnum):
+    """How a candidate takes part: in the shadow of the active version, or answering a share."""
+
+    SHADOW = "shadow"
+    SPLIT = "split"
+
+
+@dataclass(frozen=True)
+class ExperimentSpec:
+    """An experiment command's ``experiment`` field.
+
+    ``share`` (split) is the share of requests the candidate answers; ``sample`` (shadow) the
+    share of requests it also runs on, off the request path. Both are in (0, 1].
+    """
+
+    action: ExperimentAction
+    mode: ExperimentMode | None = None  # start only
+    share: float | None = None  # split
+    sample: float | None = None  # shadow
+
+    def to_json(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"action": self.action.value}
+        if self.mode is not None:
+            body["mode"] = self.mode.value
+        if self.share is not None:
+            body["share"] = self.share
+        if self.sample is not None:
+            body["sample"] = self.sample
+        return body
+
+
+def _fraction(value: Any, key: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        raise CommandError(f"experiment field {key!r} must be a number in (0, 1], not {value!r}")
+    return float(value)
+
+
+def read_experiment(raw: Any) -> ExperimentSpec:
+    """Validate an ``experiment`` field (also what :func:`make_command` signs).
+
+    Raises:
+        CommandError: not an object, an unknown action or mode, a start without its mode, a
+            split without ``share`` or a shadow without ``sample`` in (0, 1].
+    """
+    if not isinstance(raw, Mapping):
+        raise CommandError("experiment command has no 'experiment' object (action, mode, ...)")
+    f = Fields(raw, "experiment", CommandError)
+    action = f.choice("action", ExperimentAction)
+    if action is not ExperimentAction.START:
+        return ExperimentSpec(action)
+    mode = f.choice("mode", ExperimentMode)
+    if mode is ExperimentMode.SPLIT:
+        return ExperimentSpec(action, mode, share=_fraction(raw.get("share"), "share"))
+    return ExperimentSpec(action, mode, sample=_fraction(raw.get("sample"), "sample"))
 
 
 @dataclass(frozen=True)
@@ -85,6 +154,7 @@ class Command:
     expires_at: dt.datetime
     version: int | None = None  # deploy: the version to install
     bundles: Mapping[str, BundleRef] = field(default_factory=dict)  # profile -> bundle
+    experiment: ExperimentSpec | None = None  # an experiment command's action and plan
     in_progress_timeout: int | None = None  # seconds a device may run it (None: unbounded)
     cancels: str | None = None  # a cancel: the job id it withdraws
     key_id: str = ""  # the key that signed it ("" when read without verifying)
@@ -133,6 +203,7 @@ def make_command(
     issued_at: dt.datetime | None = None,
     in_progress_timeout: int | None = None,
     cancels: str | None = None,
+    experiment: ExperimentSpec | None = None,
 ) -> tuple[str, bytes]:
     """Build and sign a command.
 
@@ -148,6 +219,8 @@ def make_command(
         in_progress_timeout: seconds a device may spend running the job before it aborts it
             (``TIMED_OUT``); not on a cancel.
         cancels: a cancel's job id to withdraw (required for a cancel, refused otherwise).
+        experiment: an experiment command's action and plan (a start also needs the
+            candidate's version and bundles, a promote its version).
 
     Returns:
         ``(job_id, envelope bytes)``.
@@ -155,7 +228,8 @@ def make_command(
     Raises:
         ValueError: a timeout that is not a whole number of seconds >= 1, a cancel without the
             job it cancels (or another kind with one), an unknown kind, a bad target, a deploy
-            without version/bundles.
+            without version/bundles, or an
+            experiment without a valid ``experiment`` (or without what its action needs).
     """
     kind = CommandKind(kind)
     if set(target) not in ({"device"}, {"group"}) or not NAME.match(next(iter(target.values()))):
@@ -172,6 +246,18 @@ def make_command(
         or not isinstance(in_progress_timeout, int) or in_progress_timeout < 1
     ):  # fmt: skip
         raise ValueError("in_progress_timeout is a whole number of seconds >= 1, not on a cancel")
+    if kind is CommandKind.EXPERIMENT:
+        if experiment is None:
+            raise ValueError("an experiment command needs its experiment (action, mode, ...)")
+        try:
+            experiment = read_experiment(experiment.to_json())
+        except CommandError as e:
+            raise ValueError(str(e)) from e
+        starting = experiment.action is ExperimentAction.START
+        if (starting or experiment.action is ExperimentAction.PROMOTE) and version is None:
+            raise ValueError(f"an experiment {experiment.action} needs the candidate's version")
+        if starting and not bundles:
+            raise ValueError("an experiment start needs the candidate's bundles")
     issued = issued_at or utc_now()
     job = job_id or new_job_id(kind, issued)
     payload: dict[str, Any] = {
@@ -190,6 +276,12 @@ def make_command(
         payload["in_progress_timeout"] = in_progress_timeout
     if cancels is not None:
         payload["cancels"] = cancels
+    if kind is CommandKind.EXPERIMENT and experiment is not None:
+        payload["experiment"] = experiment.to_json()
+        if version is not None:
+            payload["version"] = version
+        if experiment.action is ExperimentAction.START:
+            payload["bundles"] = {p: dict(b) for p, b in (bundles or {}).items()}
     body = json.dumps(payload, separators=(",", ":"), sort_keys=True).encode()
     envelope = dsse_sign(COMMAND_PAYLOAD_TYPE, body, key)
     return job, json.dumps(envelope, separators=(",", ":")).encode()
@@ -291,6 +383,15 @@ def read_command(raw: bytes, trusted_keys: Sequence[ec.EllipticCurvePublicKey] |
         if version is None:
             raise f.fail("version", "an integer >= 0 (a deploy names the version to install)")
         bundles = _bundles(f.data.get("bundles"))
+    experiment = None
+    if kind is CommandKind.EXPERIMENT:
+        experiment = read_experiment(f.data.get("experiment"))
+        if experiment.action is not ExperimentAction.STOP:
+            version = f.maybe_integer("version")
+            if version is None:
+                raise f.fail("version", f"an integer >= 0 (the candidate to {experiment.action})")
+        if experiment.action is ExperimentAction.START:
+            bundles = _bundles(f.data.get("bundles"))
     cancels = f.text("cancels", NAME) if kind is CommandKind.CANCEL else None
     timeout = f.maybe_integer("in_progress_timeout", 1)
     if timeout is not None and kind is CommandKind.CANCEL:
@@ -307,6 +408,7 @@ def read_command(raw: bytes, trusted_keys: Sequence[ec.EllipticCurvePublicKey] |
         expires_at=expires_at,
         version=version,
         bundles=bundles,
+        experiment=experiment,
         in_progress_timeout=timeout,
         cancels=cancels,
         key_id=signer,
