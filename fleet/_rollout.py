@@ -422,6 +422,10 @@ def evaluate(
             continue
         observed = float(new)
         note = f"{observed * 100:.3g}%" if c.unit == "%" else f"{observed:.4g}"
+        if c.metric == "drift_share":
+            note += f" of {as_dict(figures.get('new')).get('drift_devices')} upgraded device(s)"
+        elif c.metric == _FAILED:
+            note += f" of {figures.get('staged')} device(s) staged"
         if c.unit == "x":
             if old is None:
                 verdicts.append(Verdict(str(c), None, False, "no old-version figure to compare"))

@@ -3,7 +3,8 @@
 #   train a model → build signed bundles for every profile → serve them over HTTP → start a
 #   broker (mosquitto, or an embedded one when mosquitto is missing), a collector and three
 #   device agents → deploy v1 to the group → ask a device for predictions → build and deploy v2
-#   → roll one device back → print the fleet.
+#   → roll one device back → print the fleet → drift, telemetry, the fleet report → a staged
+#   rollout of a bad v3 that stops and rolls itself back.
 # Everything it writes goes to ./demo (remove it to start over). Exits non-zero if any step
 # fails, and stops every process it started.
 set -euo pipefail
@@ -128,6 +129,48 @@ $fleet telemetry --model churn
 
 echo "== 12. the fleet report"
 $fleet report --model churn --out "$out/report-churn.html"
+echo "== 13. a staged rollout that stops by itself: v3 was built against last year's customers"
+# Its reference data (the drift baseline) is last year's: more support calls, higher spend. The
+# canary serves today's customers, its drift windows say so, and the rollout aborts and rolls
+# the canary back before the rest of the group ever sees v3.
+python - "$out" <<'PY'
+import sys, pandas as pd
+frame = pd.read_csv(f"{sys.argv[1]}/reference.csv")
+frame["support_calls"] += 4
+frame["monthly_spend"] *= 1.6
+frame.to_csv(f"{sys.argv[1]}/reference-last-year.csv", index=False)
+PY
+edgepack build "$out/churn.joblib" --trust-pickle --name churn --version 3 --profile "$profile" \
+    --reference "$out/reference-last-year.csv" --key "$out/keys/signing.key" --out "$out/dist" > /dev/null
+$fleet rollout start churn --version 3 --group store-42 --stages 33%,100% --soak 30s \
+    --abort-on 'failed>0%' --abort-on 'error_rate>1%' --abort-on 'drift_share>0.3' \
+    --bundles "http://127.0.0.1:$http_port/" --key "$out/keys/ops.key" --poll 0.5 \
+    > "$out/logs/rollout.log" 2>&1 &
+rollout_pid=$!
+pids+=($rollout_pid)
+# today's customers on every device while the rollout runs (at most 40 s)
+python - "$rollout_pid" "${api_ports[@]}" > /dev/null <<'PY'
+import os, sys, time
+sys.path.insert(0, "scripts")
+from demo_client import traffic
+pid, ports = int(sys.argv[1]), sys.argv[2:]
+deadline = time.monotonic() + 40
+while time.monotonic() < deadline:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        break
+    for port in ports:
+        try:
+            traffic(f"http://127.0.0.1:{port}", shifted=False, rows=100)
+        except Exception:  # a device swapping versions may refuse a request: keep going
+            pass
+PY
+if wait "$rollout_pid"; then echo "error: the rollout of the bad v3 did not abort" >&2; exit 1; fi
+cat "$out/logs/rollout.log"
+rollout_id=$($fleet rollout list --json | python -c 'import json, sys; print(json.load(sys.stdin)[0]["rollout_id"])')
+$fleet rollout status "$rollout_id"
+
 echo
 echo "demo finished: bundles in $out/dist/, device states in $out/devices/, logs in $out/logs/,"
-echo "report in $out/report-churn.html"
+echo "report in $out/report-churn.html, the rollout's decisions: edgepack-fleet rollout status $rollout_id"
