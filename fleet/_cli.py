@@ -576,8 +576,7 @@ def report(
 
 # devices (assign, unassign), acl and trust register themselves on `cli` (they use the helpers
 # above, so they are imported once this module is complete).
-from edgepack.fleet import _cli_access  # noqa: E402, F401
-from edgepack.fleet import _cli_rollout  # noqa: E402, F401
+from edgepack.fleet import _cli_access, _cli_experiment, _cli_rollout  # noqa: E402, F401
 
 
 def main() -> None:

@@ -7,6 +7,7 @@ three steps, each in its own module:
    store, the same rows the CLI tables show;
 2. the figures: edgepack.fleet._plots draws the versions, the reference vs live histograms of the
    drifting features, the drift statistic and latency over time, each a PNG data URI;
+   edgepack.fleet._experiments sums the experiments' reports per variant (active vs candidate);
 3. the page: this module ranks the devices (drifting first), picks what to plot, and fills the
    Jinja2 template ``templates/report.html.j2`` (autoescaped: device and feature names are text,
    never markup). CSS is inline and images are data URIs, so the file needs nothing else at all.
@@ -237,6 +238,59 @@ def _worst_ratios(series: dict[tuple[str, str], Reports], plotted: set[str]) -> 
     }
 
 
+@dataclass(frozen=True)
+class ExperimentLine:
+    """One variant of one device's (or the fleet's) experiment, as the page shows it."""
+
+    device: str
+    plan: str
+    variant: str
+    version: str
+    requests: str
+    errors: str
+    p50: str
+    p95: str
+    agreement: str
+    error: str
+    drift: str
+    quality: str
+
+
+def _experiment_lines(store: FleetStore, model: str, group: str | None) -> list[ExperimentLine]:
+    from edgepack.fleet._experiments import experiment_rows
+
+    def ms(value: float | None) -> str:
+        return "-" if value is None else f"{value:.3f}"
+
+    lines = []
+    for row in experiment_rows(store, model, group):
+        share = row.share if row.mode == "split" else row.sample
+        plan = f"{row.mode} {100 * (share or 0):g}%" + ("" if row.running else " (ended)")
+        device = row.device if row.devices == 1 else f"{row.device} ({row.devices} devices)"
+        for variant, figures in (("active", row.active), ("candidate", row.candidate)):
+            shadow = row.shadow if variant == "candidate" else None
+            requests = f"{shadow.compared:,} shadowed" if shadow else f"{figures.requests:,}"
+            lines.append(
+                ExperimentLine(
+                    device if variant == "active" else "",
+                    plan if variant == "active" else "",
+                    variant,
+                    str(figures.version),
+                    requests,
+                    str(shadow.errors if shadow else figures.errors),
+                    ms(shadow.p50_ms if shadow else figures.p50_ms),
+                    ms(shadow.p95_ms if shadow else figures.p95_ms),
+                    "-" if not shadow or shadow.agreement is None else f"{shadow.agreement:.1%}",
+                    "-"
+                    if not shadow or shadow.mean_abs_error is None
+                    else f"{shadow.mean_abs_error:.4g}",
+                    figures.drift or "-",
+                    figures.quality or "-",
+                )
+            )
+    return lines
+
+
 def build_report(
     store: FleetStore,
     model: str,
@@ -313,6 +367,7 @@ def build_report(
         ),
         versions=versions,
         versions_chart=versions_chart({v.label: v.count for v in versions}) if versions else None,
+        experiments=_experiment_lines(store, model, group),
         without_model=len(devices) - len(installed),
         has_drift=bool(drift),
         features=_features(drift, colors) if drift else None,

@@ -84,7 +84,8 @@ def stump(tmp_path_factory: pytest.TempPathFactory, keys: KeyPair) -> Path:
     (result,) = build_file(
         model, x, tmp_path_factory.mktemp("stump"), keys.private, name="iris", version=2
     )
-    assert result.ok and result.bundle is not None, result.error
+    assert result.ok, result.error
+    assert result.bundle is not None
     return result.bundle
 
 
@@ -95,9 +96,7 @@ def start_agent(root: Path, keys: KeyPair, config: ExperimentConfig | None = Non
 
 
 @pytest.fixture
-def agent(
-    tmp_path: Path, keys: KeyPair, iris_bundles: dict[str, Path]
-) -> Iterator[Agent]:
+def agent(tmp_path: Path, keys: KeyPair, iris_bundles: dict[str, Path]) -> Iterator[Agent]:
     running = start_agent(tmp_path / "device", keys, ExperimentConfig(queue=10_000, cpu_share=1))
     assert running.install(str(iris_bundles["v1"])).ok
     yield running
@@ -145,7 +144,8 @@ def test_shadow_of_an_identical_candidate_agrees_on_every_row(
     assert [r.status_code for r in answers] == [200] * 200
     assert {r.json()["model_version"] for r in answers} == {"1"}  # the shadow never answers
     totals = shadow_totals(agent, 200)
-    assert totals["dropped"] == 0 and totals["errors"] == 0
+    assert totals["dropped"] == 0
+    assert totals["errors"] == 0
     assert totals["compared"] == 200
     assert totals["rows"] == sum(len(b) for b in batches)
     assert totals["agreed_rows"] == totals["rows"]  # 100 %
@@ -165,7 +165,8 @@ def test_shadow_of_a_different_model_agrees_as_often_as_the_models_do(
     truth = labels_of(iris_bundles["v1"], everything) == labels_of(stump, everything)
     assert 0.3 < truth.mean() < 0.95  # the models do differ, and not everywhere
     totals = shadow_totals(agent, 150)
-    assert totals["dropped"] == 0 and totals["rows"] == len(everything)
+    assert totals["dropped"] == 0
+    assert totals["rows"] == len(everything)
     assert totals["agreed_rows"] == int(truth.sum())
     assert totals["abs_error"] > 0
 
@@ -264,7 +265,8 @@ def test_split_serves_its_share_and_keeps_each_caller_on_one_variant(
         agent.monitor.tick(force_report=True)
         telemetry = [r for k, r in reports if k == "telemetry"][-1]
         by_version = {m["version"]: m for m in telemetry["models"]}
-        assert by_version[1]["variant"] == "active" and by_version[2]["variant"] == "candidate"
+        assert by_version[1]["variant"] == "active"
+        assert by_version[2]["variant"] == "candidate"
         served_2 = versions.count("2") + 3 * len(on_candidate) + 1
         assert by_version[2]["requests"] == served_2
         assert by_version[1]["requests"] == 1000 + 1200 + 1 - served_2
@@ -293,7 +295,9 @@ def test_promote_survives_a_restart_and_keeps_rollback(
     agent = start_agent(root, keys)  # the experiment comes back with the agent
     try:
         running = agent.experiments.get("iris")
-        assert running is not None and running.candidate.version == 2 and running.split
+        assert running is not None
+        assert running.candidate.version == 2
+        assert running.split
         outcome = agent.promote("iris")
         assert outcome.result is Result.PROMOTED, outcome.reason
         assert agent.experiments.get("iris") is None
@@ -361,13 +365,16 @@ def test_a_candidate_failing_its_health_check_is_refused_and_the_active_one_serv
             assert (model["active"], model["serving"], model["candidate"]) == (1, 1, None)
             assert not (tmp_path / "d" / "state" / "models" / "iris" / "2").exists()
             (answer,) = drive(agent.server.url, [rows(2)])
-            assert answer.status_code == 200 and answer.json()["model_version"] == "1"
+            assert answer.status_code == 200
+            assert answer.json()["model_version"] == "1"
     finally:
         agent.stop()
     empty = start_agent(tmp_path / "empty", keys)  # nothing to run a candidate beside
     try:
-        outcome = empty.start_experiment(str(iris_bundles["v2"]), plan={"mode": "split", "share": 1})
-        assert outcome.result is Result.REJECTED and "deploy one first" in str(outcome.reason)
+        plan = {"mode": "split", "share": 1}
+        outcome = empty.start_experiment(str(iris_bundles["v2"]), plan=plan)
+        assert outcome.result is Result.REJECTED
+        assert "deploy one first" in str(outcome.reason)
         assert empty.status()["models"] == {}
     finally:
         empty.stop()
@@ -403,9 +410,14 @@ def test_a_kill_during_a_candidate_install_leaves_the_active_version_untouched(
         if candidate is None:
             assert not on_disk  # absent...
         else:  # ...or fully there, and running
-            assert candidate["version"] == 2 and on_disk and candidate["running"]
-        assert agent.recovered is not None and agent.recovered.result in (
-            Result.CANDIDATE, Result.ROLLED_BACK, Result.REJECTED,
-        )  # fmt: skip
+            assert candidate["version"] == 2
+            assert on_disk
+            assert candidate["running"]
+        assert agent.recovered is not None
+        assert agent.recovered.result in (
+            Result.CANDIDATE,
+            Result.ROLLED_BACK,
+            Result.REJECTED,
+        )
     finally:
         agent.stop()
