@@ -122,6 +122,14 @@ class Monitor:
         )
         # per model version, the latest two of a model (a split serves two at once)
         self._monitors: dict[tuple[str, int], DriftDetector | None] = {}
+        self._bundles: dict[tuple[str, int], str | None] = {}  # a version's bundle never changes
+        self._saved_verdicts: dict[str, tuple[Any, Any]] = {}
+        self._saved_quality: dict[str, Any] = {}
+        self._remembered: collections.deque[tuple[str, int, str, dict[str, np.ndarray]]] = (
+            collections.deque()
+        )
+        self._remember_lock = threading.Lock()
+        self._remembered_rows = 0
         self._columns: dict[tuple[str, int], dict[str, list[str]]] = {}
         self._status: dict[str, str] = {}
         self._queued_rows = 0
@@ -156,21 +164,38 @@ class Monitor:
         self, model: str, version: int, request_id: str, outputs: Mapping[str, Any]
     ) -> None:
         """Keep a served request's predictions for feedback, and count its confidences for
-        the estimated accuracy (a dictionary insert and a max over the probabilities)."""
+        the estimated accuracy. The request path only queues copies of the outputs (an append);
+        the monitor's thread files them (:meth:`_file_remembered`), and so does
+        :meth:`feedback` before it looks an id up, so feedback sent right after the answer
+        finds its request. When ``max_predictions`` rows wait, this request files them."""
         if not self.quality_config.enabled or not outputs:
             return
-        first = next(iter(outputs))
-        tracker = self.tracker(model, version)
-        predicted = np.asarray(outputs[first])
-        if predicted.ndim == 2 and predicted.shape[1] == 1:
-            predicted = predicted.reshape(-1)
-        if predicted.ndim != 1:
-            return  # not a label or a value per row: nothing feedback could be joined with
-        self.predictions.add(model, version, request_id, predicted.copy())
-        if tracker is not None and tracker.task == "classification":
-            probabilities = probabilities_of(outputs, first)
-            if probabilities is not None:
-                tracker.predicted(probabilities.copy())
+        if self._remembered_rows >= self.quality_config.max_predictions:
+            self._file_remembered()  # the monitor fell behind: file them here (bounded memory)
+        # copies: an in-process caller may reuse the arrays it got before they are filed
+        kept = {name: np.array(value) for name, value in outputs.items()}
+        self._remembered_rows += len(next(iter(kept.values())))  # a bound, not an exact count
+        self._remembered.append((model, version, request_id, kept))
+
+    def _file_remembered(self) -> None:
+        """Move queued predictions into the log and their confidences into the CBPE window."""
+        with self._remember_lock:
+            queue = self._remembered
+            self._remembered_rows = 0  # (what is appended while this drains is filed too)
+            while queue:
+                model, version, request_id, outputs = queue.popleft()
+                first = next(iter(outputs))
+                predicted = outputs[first]
+                if predicted.ndim == 2 and predicted.shape[1] == 1:
+                    predicted = predicted.reshape(-1)
+                if predicted.ndim != 1:
+                    continue  # not a label or a value per row: nothing feedback could join
+                self.predictions.add(model, version, request_id, predicted)
+                tracker = self.tracker(model, version)
+                if tracker is not None and tracker.task == "classification":
+                    probabilities = probabilities_of(outputs, first)
+                    if probabilities is not None:
+                        tracker.predicted(probabilities)
 
     def feedback(
         self,
@@ -199,6 +224,7 @@ class Monitor:
         ):
             self.feedback_counts["bad"] += 1
             raise FeedbackError("'targets' must be numbers")
+        self._file_remembered()
         entry = self.predictions.claim(model, request_id, len(truth))
         if entry is None:
             self.feedback_counts["unknown"] += 1
@@ -302,6 +328,7 @@ class Monitor:
         for (model, version), monitor in list(self._monitors.items()):
             if monitor is not None and monitor.due():
                 self._report_drift(model, version, monitor)
+        self._file_remembered()
         for (model, version), tracker in list(self._trackers.items()):
             for report in tracker.close_due():
                 self._report_quality(model, version, report)
@@ -391,10 +418,7 @@ class Monitor:
 
     def _report_drift(self, model: str, version: int, monitor: DriftDetector) -> None:
         report = monitor.close()
-        state = self.store.load().models.get(model)
-        report.update(
-            model=model, version=version, bundle_sha256=state.bundle_sha256 if state else None
-        )
+        report.update(model=model, version=version, bundle_sha256=self._bundle(model, version))
         variant = self.experiments.variant(model, version)
         if variant is not None:
             report["variant"] = variant
@@ -402,7 +426,8 @@ class Monitor:
             self._emit("drift", report)
             return
         self.latest[model] = report
-        self._save_verdicts()
+        if self._saved_verdicts.get(model) != (version, report["status"]):
+            self._save_verdicts()  # on a change only: steady traffic closes many windows a second
         drifting = [f["name"] for f in report["features"] if f["drifting"]]
         joint = report.get("multivariate")
         if joint and joint["drifting"]:  # every numeric feature together
@@ -428,12 +453,25 @@ class Monitor:
         )
         self._emit("drift", report)
 
+    def _bundle(self, model: str, version: int) -> str | None:
+        """The sha256 of the bundle ``model`` v``version`` came in (read once per version)."""
+        key = (model, version)
+        if key not in self._bundles:
+            state = self.store.load().models.get(model)
+            if state is not None and state.active == version:
+                sha = state.bundle_sha256
+            elif state is not None and state.candidate and state.candidate["version"] == version:
+                sha = state.candidate.get("bundle_sha256")  # an experiment's candidate
+            else:
+                return None  # neither (a late window of an older version): not cached
+            self._bundles = {**self._bundles, key: sha}
+        return self._bundles[key]
+
     def _report_quality(self, model: str, version: int, report: dict[str, Any]) -> None:
-        state = self.store.load().models.get(model)
         body = {
             "model": model,
             "version": version,
-            "bundle_sha256": state.bundle_sha256 if state else None,
+            "bundle_sha256": self._bundle(model, version),
             **report,
         }
         variant = self.experiments.variant(model, version)
@@ -484,12 +522,16 @@ class Monitor:
             for name, latest in self.latest_quality.items()
             for v in (latest["version"],)
         }
+        if verdicts == self._saved_quality:
+            return  # unchanged: steady traffic closes windows many times a minute
         path = self.store.root / QUALITY_STATUS_FILE
         try:
             path.with_suffix(".tmp").write_text(json.dumps(verdicts))
             path.with_suffix(".tmp").replace(path)
         except OSError as e:
             log.warning("cannot write %s: %s", path, e)
+            return
+        self._saved_quality = verdicts
 
     def quality_families(self) -> list[Family]:
         """``/metrics`` gauges: verdict, latest labeled metrics, estimated accuracy, feedback."""
@@ -555,6 +597,8 @@ class Monitor:
             path.with_suffix(".tmp").replace(path)
         except OSError as e:
             log.warning("cannot write %s: %s", path, e)
+            return
+        self._saved_verdicts = {m: (v["version"], v["status"]) for m, v in verdicts.items()}
 
     def _emit(self, kind: str, payload: dict[str, Any]) -> None:
         if self._sink is None:

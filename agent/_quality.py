@@ -244,9 +244,7 @@ class QualityTracker:
         windows = []
         with self._lock:
             if self._confidence_rows >= self.estimate_window:
-                values = np.concatenate(
-                    [p.max(axis=1) if p.ndim == 2 else p for p in self._confidence]
-                ).astype(np.float64)
+                values = _top(self._confidence)
                 start, end = self._estimate_start, self.clock()
                 size = self.estimate_window
                 full = len(values) // size * size
@@ -311,6 +309,18 @@ class QualityTracker:
         }
         report["status"] = "warning" if alarm else "ok"  # an estimate warns, labels decide
         return report
+
+
+def _top(confidence: list[np.ndarray]) -> np.ndarray:
+    """The top probability per row of the requests' ``[rows, classes]`` (or ``[rows]``) arrays,
+    in order: one concatenation and one max for a model's same-shaped arrays (thousands of
+    single-row requests), not a max per request."""
+    widths = {p.shape[1] if p.ndim == 2 else 0 for p in confidence}
+    if len(widths) == 1 and 0 not in widths:
+        return np.concatenate(confidence).max(axis=1).astype(np.float64)
+    return np.concatenate([p.max(axis=1) if p.ndim == 2 else p for p in confidence]).astype(
+        np.float64
+    )
 
 
 def probabilities_of(outputs: Mapping[str, Any], first: str) -> np.ndarray | None:

@@ -520,3 +520,38 @@ def test_variance_x1_5_is_detected_within_three_windows(reference: Reference) ->
     found = [windows_to_drift(reference, change, "x3", seed) for seed in range(EPISODES)]
     quick = sum(after is not None and after <= DETECT_BY for after in found)
     assert quick >= DETECT_SHARE * EPISODES, found
+
+
+def test_columns_of_one_input_counted_together_match_one_by_one(reference: Reference) -> None:
+    """The detector counts and judges the numeric columns of one 2-D input together (one
+    comparison, one bincount, one KS and PSI for all): the same counts and statistics as the
+    per-column functions, for values on edges, beyond them, infinite and missing."""
+    import dataclasses
+
+    numeric = [c for c in reference.features if c.kind == "numeric"]
+    packed = [dataclasses.replace(c, input="input", index=i) for i, c in enumerate(numeric)]
+    together = dataclasses.replace(
+        reference, features=tuple(packed), output=None, multivariate=None
+    )
+    monitor = DriftDetector(together, window=1_000, min_rows=1)
+    assert len(monitor.blocks) == 1
+    assert len(monitor.blocks[0].columns) == len(numeric)
+    rng = np.random.default_rng(3)
+    values = rng.normal(0.0, 1.3, (997, len(numeric)))
+    for j, column in enumerate(numeric):  # exact edges, infinities and NaN in every column
+        values[:5, j] = column.edges[: min(5, len(column.edges))][0]
+        values[5:9, j] = [np.inf, -np.inf, np.nan, column.edges[-1]]
+    monitor.observe({"input": values.astype(np.float32)}, {})
+    report = monitor.close()
+    for j, column in enumerate(numeric):
+        bins = FeatureBins.from_reference(column)
+        assert bins.edges is not None
+        counts = count_numeric(values[:, j].astype(np.float32), bins.edges)
+        feature = report["features"][j]
+        assert feature["name"] == column.name
+        assert sum(counts) == len(values) - 1  # NaN is not counted
+        live = counts / counts.sum()
+        assert feature["live"] == pytest.approx(live.tolist(), abs=1e-6)
+        assert feature["ks"] == pytest.approx(float(binned_ks(bins.reference, counts)), abs=1e-6)
+        assert feature["psi"] == pytest.approx(float(psi(bins.reference, counts)), abs=1e-6)
+    assert all(not c.counts.any() for c in monitor.columns)  # the next window starts empty
