@@ -20,7 +20,7 @@ candidate the lifecycle installs and commits beside the active version (edgepack
 
 With no experiment the request path pays one check of an empty dict (``Experiments.running``).
 :meth:`Experiments.report` is the ``experiments`` list of a telemetry report (docs/protocol.md
-§10.3): per experiment its plan and, for a shadow, the interval's agreement and latency.
+§16.3): per experiment its plan and, for a shadow, the interval's agreement and latency.
 """
 
 from __future__ import annotations

@@ -101,7 +101,7 @@ class Monitor:
         experiments: Experiments | None = None,
     ) -> None:
         self.store = store
-        # which variant of an experiment a version is: reports say it (docs/protocol.md §10.3)
+        # which variant of an experiment a version is: reports say it (docs/protocol.md §16.3)
         self.experiments = experiments or Experiments()
         self.config = config or MonitorConfig()
         self.quality_config = quality or QualityConfig()

@@ -3,7 +3,7 @@
 An experiment is a signed command of kind ``experiment`` (edgepack.formats.commands: ``start``
 with the candidate's version and bundles and the plan, ``promote``, ``stop``), published retained
 on the model's job topic like a deploy (:func:`publish_experiment`). Devices then report it in
-their telemetry (docs/protocol.md §10.3): each report's ``experiments`` list (the plan and, for a
+their telemetry (docs/protocol.md §16.3): each report's ``experiments`` list (the plan and, for a
 shadow, the interval's agreement and the candidate's latency) and a ``variant`` on the per-version
 figures, drift and quality reports.
 

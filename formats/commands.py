@@ -70,7 +70,7 @@ class CommandKind(TextEnum):
 
 
 class ExperimentAction(TextEnum):
-    """What an experiment command does to a model's candidate (docs/protocol.md §5.2)."""
+    """What an experiment command does to a model's candidate (docs/protocol.md §16.1)."""
 
     START = "start"  # install the candidate beside the active version and run the experiment
     PROMOTE = "promote"  # the candidate becomes the active version (the previous one retained)
