@@ -107,6 +107,19 @@ echo "== 8. build v2 and deploy it to the group"
 edgepack build "$out/churn.joblib" --trust-pickle --name churn --version 2 \
     --profile x86_64-cpu --profile x86_64-vnni-cpu --profile arm64-cpu --profile nvidia-gpu \
     --reference "$out/reference.csv" --key "$out/keys/signing.key" --out "$out/dist" > /dev/null
+# v3 (for step 13) builds in the background meanwhile; its reference data is last year's
+python - "$out" <<'PY'
+import sys, pandas as pd
+frame = pd.read_csv(f"{sys.argv[1]}/reference.csv")
+frame["support_calls"] += 4
+frame["monthly_spend"] *= 1.6
+frame.to_csv(f"{sys.argv[1]}/reference-last-year.csv", index=False)
+PY
+edgepack build "$out/churn.joblib" --trust-pickle --name churn --version 3 --profile "$profile" \
+    --reference "$out/reference-last-year.csv" --key "$out/keys/signing.key" --out "$out/dist" \
+    > "$out/logs/build-v3.log" 2>&1 &
+v3_build=$!
+pids+=($v3_build)
 job=$($fleet deploy churn --version 2 --group store-42 --bundles "http://127.0.0.1:$http_port/" \
     --key "$out/keys/ops.key" | sed -n 's/.*job \([^ ]*\)$/\1/p' | head -1)
 $fleet status "$job" --wait --timeout 120
@@ -133,15 +146,7 @@ echo "== 13. a staged rollout that stops by itself: v3 was built against last ye
 # Its reference data (the drift baseline) is last year's: more support calls, higher spend. The
 # canary serves today's customers, its drift windows say so, and the rollout aborts and rolls
 # the canary back before the rest of the group ever sees v3.
-python - "$out" <<'PY'
-import sys, pandas as pd
-frame = pd.read_csv(f"{sys.argv[1]}/reference.csv")
-frame["support_calls"] += 4
-frame["monthly_spend"] *= 1.6
-frame.to_csv(f"{sys.argv[1]}/reference-last-year.csv", index=False)
-PY
-edgepack build "$out/churn.joblib" --trust-pickle --name churn --version 3 --profile "$profile" \
-    --reference "$out/reference-last-year.csv" --key "$out/keys/signing.key" --out "$out/dist" > /dev/null
+wait "$v3_build" || { echo "error: building v3 failed (see $out/logs/build-v3.log)" >&2; exit 1; }
 $fleet rollout start churn --version 3 --group store-42 --stages 33%,100% --soak 30s \
     --abort-on 'failed>0%' --abort-on 'error_rate>1%' --abort-on 'drift_share>0.3' \
     --bundles "http://127.0.0.1:$http_port/" --key "$out/keys/ops.key" --poll 0.5 \
@@ -155,14 +160,15 @@ sys.path.insert(0, "scripts")
 from demo_client import traffic
 pid, ports = int(sys.argv[1]), sys.argv[2:]
 deadline = time.monotonic() + 40
-while time.monotonic() < deadline:
+def running(pid):  # an exited child stays a zombie ("Z") until the shell reaps it
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        break
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+while time.monotonic() < deadline and running(pid):
     for port in ports:
         try:
-            traffic(f"http://127.0.0.1:{port}", shifted=False, rows=100)
+            traffic(f"http://127.0.0.1:{port}", shifted=False, rows=250)
         except Exception:  # a device swapping versions may refuse a request: keep going
             pass
 PY
