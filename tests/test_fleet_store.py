@@ -377,7 +377,14 @@ def test_a_version_1_store_is_upgraded_in_place(tmp_path: Path) -> None:
     assert store.assign("cam-1", ["eu"], at(0)) == ["eu"]
     store.close()
     with sqlite3.connect(path) as conn:
-        assert conn.execute("SELECT version FROM schema_version").fetchone() == (2,)
+        assert conn.execute("SELECT version FROM schema_version").fetchone() == (3,)
+    assert store_tables(path) >= {"memberships", "job_controls", "rollouts", "rollout_leases"}
+
+
+def store_tables(path: Path) -> set[str]:
+    with sqlite3.connect(path) as conn:
+        rows = conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()
+    return {name for (name,) in rows}
 
 
 def test_newer_schema_is_refused(tmp_path: Path) -> None:
