@@ -1,9 +1,15 @@
 """``edgepack-fleet``: deploy, roll back and retire models on devices, and watch the fleet.
 
 Commands: ``serve`` (bundles over HTTP), ``deploy``, ``rollback``, ``retire`` (signed commands
-over MQTT; no collector needed), ``collector`` (keeps fleet state in a store), ``status`` (reads
-that store); ``devices`` (and ``devices assign|unassign``), ``acl`` and ``trust`` are in
-edgepack.fleet._cli_access. Broker and store come from ``--broker``/``--store`` or the
+over MQTT; no collector needed), ``collector`` (keeps fleet state in a store), ``telemetry``,
+``drift``, ``report`` (read that store); ``status`` and ``jobs list|show|cancel`` are in
+edgepack.fleet._cli_jobs; ``devices`` (and ``devices assign|unassign``), ``acl`` and ``trust``
+in edgepack.fleet._cli_access. A store path that does not exist is an error, except for the
+commands that create stores (``collector``, ``devices assign|unassign``, ``trust publish``).
+Every listing and status command takes ``--json`` (stable keys, times in ISO 8601 UTC, listed
+in docs/fleet-cli.md) and prints a legend for the glyphs of its table under it.
+
+Broker and store come from ``--broker``/``--store`` or the
 ``EDGEPACK_BROKER``/``EDGEPACK_STORE`` environment variables. Errors are one red ``error:`` line
 and exit code 1 (2 for bad usage).
 
@@ -19,16 +25,15 @@ import datetime as dt
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
 import click
 from rich.console import Console
-from rich.live import Live
 from rich.markup import escape
 from rich.table import Table
 
@@ -72,9 +77,20 @@ def _broker(ctx: click.Context) -> Any:
     )
 
 
-def _store(ctx: click.Context) -> Any:
+def _store(ctx: click.Context, create: bool = False) -> Any:
+    """The fleet store named by ``--store``. Only commands that must be able to start a store
+    (the collector, the operator's own records) pass ``create``: for every other command a
+    SQLite path that does not exist is a typo, not a new empty fleet."""
     from edgepack.fleet._database import StoreError, open_store
 
+    url = str(ctx.obj["store"])
+    if not create and not re.match(r"^(postgres|postgresql)://", url):
+        path = Path(url.removeprefix("sqlite://")).expanduser()
+        if not path.exists():
+            _fail(
+                f"no fleet store at {path}: check --store (or EDGEPACK_STORE); the collector "
+                "creates the store (edgepack-fleet collector --store PATH)"
+            )
     try:
         return open_store(ctx.obj["store"])
     except StoreError as e:
@@ -87,6 +103,18 @@ def _key(path: Path) -> Any:
         return load_private_key(path.read_bytes(), source=str(path))
     except OSError as e:
         raise KeyFormatError(f"cannot read signing key {path}: {e.strerror or e}") from e
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _seconds(text: str, what: str) -> int:
+    """A duration such as ``90s``, ``30m``, ``2h`` or ``3d`` (a bare number: seconds)."""
+    match = re.fullmatch(r"\s*(\d+)\s*([smhd]?)\s*", text)
+    if match is None or int(match[1]) == 0:
+        _fail(f"{what} {text!r} is not a duration such as 90s, 30m, 2h or 3d", 2)
+        raise AssertionError  # unreachable
+    return int(match[1]) * _UNITS[match[2] or "s"]
 
 
 def _target(device: str | None, group: str | None) -> dict[str, str]:
@@ -193,6 +221,13 @@ def _send(
     type=int,
     help="The command expires after this long.",
 )
+@click.option(
+    "--in-progress-timeout",
+    "in_progress_timeout",
+    metavar="DURATION",
+    help="Bound each device's run of the job (30m, 2h, 90s): past it the device aborts, "
+    "keeps what was installed and reports TIMED_OUT.",
+)
 @click.pass_context
 def deploy(
     ctx: click.Context,
@@ -204,11 +239,13 @@ def deploy(
     dist: Path | None,
     key: Path,
     ttl_hours: int,
+    in_progress_timeout: str | None,
 ) -> None:
     """Deploy MODEL --version N to a device or a group."""
     from edgepack.fleet._commands import find_bundles
 
     target = _target(device, group)
+    timeout = None if in_progress_timeout is None else _seconds(in_progress_timeout, "timeout")
     bundles = find_bundles(model, version, base_url, dist)
     _send(
         ctx,
@@ -219,6 +256,7 @@ def deploy(
         version=version,
         bundles=bundles,
         ttl=dt.timedelta(hours=ttl_hours),
+        in_progress_timeout=timeout,
     )
 
 
@@ -298,6 +336,13 @@ _simple_command("retire", "Uninstall MODEL from a device or a group.")
 @click.option(
     "--metrics-host", default="127.0.0.1", show_default=True, help="Address for /metrics."
 )
+@click.option(
+    "--job-grace",
+    type=click.FloatRange(min=0),
+    default=300.0,
+    show_default=True,
+    help="Seconds past a job's in-progress timeout before a silent device is marked TIMED_OUT.",
+)
 @click.pass_context
 def collector(
     ctx: click.Context,
@@ -310,6 +355,7 @@ def collector(
     alert_repeat: float,
     metrics_port: int | None,
     metrics_host: str,
+    job_grace: float,
 ) -> None:
     """Run the collector: keep device state and job progress in the store."""
     from edgepack.fleet._alerts import Alerter, WebhookSender
@@ -325,12 +371,13 @@ def collector(
     roots = [load_public_key(p.read_bytes(), source=str(p)) for p in root_keys] or None
     running = Collector(
         _broker(ctx),
-        _store(ctx),
+        _store(ctx, create=True),
         share=share,
         command_keys=keys,
         root_keys=roots,
         client_id=client_id,
         alerter=alerter,
+        job_grace=job_grace,
     ).start()
     console.print(f"collector running: broker {ctx.obj['broker']}, store {ctx.obj['store']}")
     metrics = None
@@ -388,92 +435,61 @@ def alerts(alert_state: Path, firing: bool, as_json: bool) -> None:
     console.print(table if found else "no alerts")
 
 
-_STYLE = {
-    "SUCCEEDED": "green",
-    "FAILED": "red",
-    "REJECTED": "red",
-    "IN_PROGRESS": "yellow",
-    "QUEUED": "cyan",
-}
-
-
-def _status_table(store: Any, job_id: str, now: dt.datetime) -> tuple[Table, bool]:
-    from edgepack.fleet._views import ago, job_progress
-
-    progress = job_progress(store, job_id)
-    table = Table(
-        "device",
-        "status",
-        "step",
-        "before",
-        "after",
-        "reason",
-        "updated",
-        title=f"job {job_id}: {progress.title}",
-    )
-    for device, e in progress.devices:
-        if e is None:
-            table.add_row(device, "[dim]waiting[/]", "", "", "", "", "")
-            continue
-        style = _STYLE.get(e.status, "")
-        table.add_row(
-            device,
-            f"[{style}]{e.status}[/]",
-            e.step or "",
-            str(e.version_before if e.version_before is not None else "-"),
-            str(e.version_after if e.version_after is not None else "-"),
-            escape(e.reason or ""),
-            ago(e.updated_at, now),
-        )
-    return table, progress.done
-
-
-@cli.command()
-@click.argument("job_id")
-@click.option("--wait", is_flag=True, help="Follow live until every device is done.")
-@click.option("--timeout", default=600.0, show_default=True, help="Seconds to wait at most.")
-@click.pass_context
-def status(ctx: click.Context, job_id: str, wait: bool, timeout: float) -> None:
-    """Per-device progress of a job (from the collector's store)."""
-    store = _store(ctx)
-    table, done = _status_table(store, job_id, _now(ctx))
-    if not wait:
-        console.print(table)
-        return
-    deadline = time.monotonic() + timeout
-    if console.is_terminal:
-        with Live(table, console=console, refresh_per_second=4, transient=False) as live:
-            while not done and time.monotonic() < deadline:
-                time.sleep(0.5)
-                table, done = _status_table(store, job_id, _now(ctx))
-                live.update(table)
-    else:  # logs and pipes get the final table only
-        while not done and time.monotonic() < deadline:
-            time.sleep(0.5)
-            table, done = _status_table(store, job_id, _now(ctx))
-        console.print(table)
-    if not done:
-        _fail(f"job {job_id} not finished on every device after {timeout:.0f} s")
-    failed = [e for e in store.executions(job_id) if e.status != "SUCCEEDED"]
-    sys.exit(1 if failed else 0)
-
-
 _DRIFT_STYLE = {"ok": "green", "warning": "yellow", "drift": "bold red"}
+TELEMETRY_LEGEND = (
+    "p95 trend: p95 latency of the last reports, oldest first, ▁ lowest … █ highest of them "
+    "(all ▄: flat); errors in red"
+)
+DRIFT_LEGEND = (
+    "trend: last windows, oldest first (· ok, ! warning, ✗ drift); worst / thr: KS over its "
+    "threshold (red: above); joint: all features together; quality: ~ an estimate"
+)
+
+
+def iso(moment: dt.datetime | None) -> str | None:
+    """A time for ``--json``: ISO 8601 in UTC, to the second; None stays null."""
+    if moment is None:
+        return None
+    return moment.astimezone(dt.timezone.utc).replace(microsecond=0).isoformat()
+
+
+def _echo_json(value: Any) -> None:
+    click.echo(json.dumps(value, indent=2, sort_keys=True))
+
+
+def _legend(text: str) -> None:
+    """The key to a table's glyphs, printed under it (dim)."""
+    console.print(f"[dim]{escape(text)}[/]", soft_wrap=True)
 
 
 @cli.command()
 @click.option("--group", help="Only devices in this group.")
 @click.option("--model", help="Only this model.")
 @click.option("--version", "version", type=int, help="Only this model version.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.pass_context
 def telemetry(
-    ctx: click.Context, group: str | None, model: str | None, version: int | None
+    ctx: click.Context, group: str | None, model: str | None, version: int | None, as_json: bool
 ) -> None:
-    """Latest telemetry per device and model version: requests, errors, latency, memory."""
+    """Latest telemetry per device and model version: requests, errors, latency, memory.
+
+    \b
+    p95 trend: the p95 latency of the last reports, oldest first, as bars
+    ▁▂▃▄▅▆▇█ scaled between their own lowest and highest (all ▄: flat).
+    """
     from edgepack.fleet._views import ago, milliseconds, sparkline, telemetry_rows
 
     rows = telemetry_rows(_store(ctx), group=group, model=model, version=version)
     now = _now(ctx)
+    if as_json:
+        _echo_json([
+            {"device": r.device, "model": r.model, "version": r.version,
+             "requests": r.requests, "errors": r.errors, "p50_ms": r.p50, "p95_ms": r.p95,
+             "p99_ms": r.p99, "rss_mib": r.rss_mib, "p95_trend_ms": r.trend,
+             "last_seen": iso(r.seen)}
+            for r in rows
+        ])  # fmt: skip
+        return
     table = Table("device", "model", "version", "requests", "errors", "p50 ms", "p95 ms")
     table.add_column("p99 ms")
     table.add_column("RSS MiB")
@@ -496,16 +512,30 @@ def telemetry(
             sparkline(r.trend),
             ago(r.seen, now),
         )
-    console.print(table if rows else "no telemetry reports yet (is the collector running?)")
+    if not rows:
+        console.print("no telemetry reports yet (is the collector running?)")
+        return
+    console.print(table)
+    _legend(TELEMETRY_LEGEND)
 
 
 @cli.command()
 @click.option("--group", help="Only devices in this group.")
 @click.option("--model", help="Only this model.")
 @click.option("--version", "version", type=int, help="Only this model version.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.pass_context
-def drift(ctx: click.Context, group: str | None, model: str | None, version: int | None) -> None:
-    """Latest drift window per device and model: status, drifting features, trend."""
+def drift(
+    ctx: click.Context, group: str | None, model: str | None, version: int | None, as_json: bool
+) -> None:
+    """Latest drift window per device and model: status, drifting features, trend.
+
+    \b
+    trend: the statuses of the last windows, oldest first: · ok, ! warning, ✗ drift.
+    worst / thr: the feature furthest over its threshold, KS/threshold (red: above).
+    joint: all features together, the statistic furthest over its threshold.
+    quality: the latest quality report; ~ marks an estimate (no labels).
+    """
     from edgepack.fleet._views import (
         STATUS_GLYPHS,
         ago,
@@ -519,6 +549,19 @@ def drift(ctx: click.Context, group: str | None, model: str | None, version: int
     rows = drift_rows(store, group=group, model=model, version=version)
     quality = latest_quality(store, group)
     now = _now(ctx)
+    if as_json:
+        _echo_json([
+            {"device": r.device, "model": r.model, "version": r.version, "status": r.status,
+             "rows": r.n, "window_end": iso(r.window_end), "drifting": r.drifting,
+             "alarms": r.alarms,
+             "worst": None if r.worst is None else {
+                 "feature": r.worst, "ks": r.worst_ks, "threshold": r.worst_threshold},
+             "joint": multivariate_text(r.payload),
+             "quality": quality_text(quality.get((r.device, r.model))),
+             "history": r.history, "received_at": iso(r.seen)}
+            for r in rows
+        ])  # fmt: skip
+        return
     table = Table("device", "model", "version", "status", "window", "drifting", "worst / thr")
     table.add_column("joint")
     table.add_column("quality")
@@ -543,7 +586,11 @@ def drift(ctx: click.Context, group: str | None, model: str | None, version: int
             escape(quality_text(quality.get((r.device, r.model))) or "-"),
             trend,
         )
-    console.print(table if rows else "no drift reports yet (is the collector running?)")
+    if not rows:
+        console.print("no drift reports yet (is the collector running?)")
+        return
+    console.print(table)
+    _legend(DRIFT_LEGEND)
 
 
 @cli.command()
@@ -574,9 +621,9 @@ def report(
     console.print(str(path), soft_wrap=True)
 
 
-# devices (assign, unassign), acl and trust register themselves on `cli` (they use the helpers
-# above, so they are imported once this module is complete).
-from edgepack.fleet import _cli_access, _cli_experiment, _cli_rollout  # noqa: E402, F401
+# devices (assign, unassign), acl, trust, status and jobs register themselves on `cli` (they use
+# the helpers above, so they are imported once this module is complete).
+from edgepack.fleet import _cli_access, _cli_jobs, _cli_rollout  # noqa: E402, F401
 
 
 def main() -> None:

@@ -19,11 +19,17 @@ from typing import Any
 import click
 from rich.table import Table
 
-from edgepack.fleet._cli import _broker, _fail, _key, _now, _store, cli, console
+from edgepack.fleet._cli import _broker, _fail, _key, _legend, _now, _store, cli, console, iso
 from edgepack.formats.keys import load_public_key
 from edgepack.formats.topics import NAME
 
 __all__: list[str] = []
+
+
+DEVICES_LEGEND = (
+    "groups: assigned by the operator (the only ones that count); declares: what the device "
+    "says, (differs) when not the same; never seen: assigned, no state received yet"
+)
 
 
 def _names(values: tuple[str, ...], what: str) -> list[str]:
@@ -45,6 +51,10 @@ def devices(ctx: click.Context, group: str | None, as_json: bool) -> None:
     """List devices: online, profile, models, health, groups (assigned vs declared), last seen.
 
     `devices assign` and `devices unassign` change the groups a device is in.
+
+    \b
+    models: NAME@ACTIVE; declares: "(differs)" when the groups the device declares
+    are not those the operator assigned (only the assigned ones count).
     """
     if ctx.invoked_subcommand is not None:
         return
@@ -62,7 +72,7 @@ def devices(ctx: click.Context, group: str | None, as_json: bool) -> None:
              "agent_version": d.agent_version, "models": d.models, "health": d.health,
              "groups": d.assigned, "declared_groups": d.groups,
              "mismatch": sorted(d.assigned) != sorted(d.groups),
-             "last_seen": d.last_seen.isoformat()}
+             "last_seen": iso(d.last_seen)}
             for d in rows
         ]  # fmt: skip
         listed += [
@@ -90,7 +100,11 @@ def devices(ctx: click.Context, group: str | None, as_json: bool) -> None:
         )
     for name in unseen:
         table.add_row(name, "[dim]never seen[/]", "-", "-", "-", ", ".join(members[name]), "-", "-")
-    console.print(table if rows or unseen else "no devices known yet (is the collector running?)")
+    if not rows and not unseen:
+        console.print("no devices known yet (is the collector running?)")
+        return
+    console.print(table)
+    _legend(DEVICES_LEGEND)
 
 
 def _change(
@@ -98,7 +112,7 @@ def _change(
 ) -> None:
     _names((device,), "device")
     wanted = _names(groups, "group")
-    store = _store(ctx)
+    store = _store(ctx, create=True)  # the operator's records may come before any collector
     changed = store.assign(device, wanted, _now(ctx)) if add else store.unassign(device, wanted)
     now_in = store.memberships().get(device, [])
     if as_json:
@@ -229,7 +243,7 @@ def publish(
     try:
         done = publish_trust(
             _broker(ctx),
-            _store(ctx),
+            _store(ctx, create=True),
             signers=[_key(p) for p in root_keys],
             bundle_keys=[_public(p) for p in bundle_keys],
             command_keys=[_public(p) for p in command_keys],

@@ -25,6 +25,16 @@ high-volume topics are then subscribed as MQTT shared subscriptions (``$share/NA
 message reaches one collector. Job commands and the trust document are retained and stay plain
 subscriptions, so every collector records every job (inserts are idempotent).
 
+**Job controls.** A command's ``in_progress_timeout`` is kept beside its job; every
+``sweep_interval`` the writer marks ``TIMED_OUT`` the executions still ``IN_PROGRESS`` whose device
+has been silent for longer than that plus ``job_grace`` (a device that is up bounds the job itself
+and reports ``TIMED_OUT``; this catches one that died or lost its link). A signed ``cancel``
+(published by ``edgepack-fleet jobs cancel``, :func:`edgepack.fleet._commands.cancel_job`) is
+recorded as the job's cancellation, when it verifies against ``command_keys`` (a collector
+without them ignores cancels it hears; ``jobs cancel`` records its own in the store): the
+executions that never started become ``CANCELED`` and the job is no longer served in pending
+answers.
+
 **Pending answers** carry the newest unfinished command per model addressed to the device or to
 a group the *operator* assigned it to (``edgepack-fleet devices assign``), never one the device
 claims, plus the latest trust document.
@@ -52,8 +62,9 @@ from edgepack.fleet._alerts import Alerter
 from edgepack.fleet._broker import BrokerOptions, connect
 from edgepack.fleet._database import FleetStore, JobRow, StoreError
 from edgepack.fleet._trust import peek_trust, verify_trust
+from edgepack.fleet._views import job_devices
 from edgepack.fleet.exceptions import BrokerError
-from edgepack.formats.commands import Command, read_command
+from edgepack.formats.commands import Command, CommandKind, read_command
 from edgepack.formats.exceptions import MessageError
 from edgepack.formats.messages import (
     ReportKind,
@@ -123,6 +134,9 @@ class Collector:
         session_expiry: seconds the broker keeps this collector's session while it is away.
         clock: the time received messages are stamped with.
         alerter: told of every committed report and job update, to fire and resolve alerts.
+        job_grace: seconds past a job's in-progress timeout before a silent device's execution
+            is marked ``TIMED_OUT``.
+        sweep_interval: seconds between two such sweeps (on ``clock``).
     """
 
     def __init__(
@@ -137,6 +151,8 @@ class Collector:
         session_expiry: int = 86_400,
         clock: Clock = utc_now,
         alerter: Alerter | None = None,
+        job_grace: float = 300.0,
+        sweep_interval: float = 30.0,
     ) -> None:
         self.options = options
         self.alerter = alerter
@@ -151,6 +167,8 @@ class Collector:
         )
         self.session_expiry = session_expiry
         self._clock = clock
+        self.job_grace, self.sweep_interval = job_grace, sweep_interval
+        self._swept = clock()
         self._queue: queue.Queue[tuple[str, bytes] | None] = queue.Queue(maxsize=100_000)
         self._writer = threading.Thread(
             target=self._write_loop, name="edgepack-collector", daemon=True
@@ -278,7 +296,11 @@ class Collector:
 
     def _write_loop(self) -> None:
         while True:
-            item = self._queue.get()
+            try:
+                item = self._queue.get(timeout=1.0)
+            except queue.Empty:
+                self._sweep_due()
+                continue
             if item is None:
                 return
             batch, stop = [item], False
@@ -296,8 +318,35 @@ class Collector:
             except Exception:  # process() catches everything; this thread must outlive a bug
                 self.stats.errors += 1
                 log.exception("collector: a batch of %d failed", len(batch))
+            self._sweep_due()
             if stop:
                 return
+
+    def _sweep_due(self) -> None:
+        now = self._clock()
+        if (now - self._swept).total_seconds() < self.sweep_interval:
+            return
+        self._swept = now
+        try:
+            self.time_out_silent(now)
+        except StoreError as e:
+            self.stats.errors += 1
+            log.error("could not time out silent job executions: %s", e)
+
+    def time_out_silent(self, now: datetime | None = None) -> list[tuple[str, str]]:
+        """Mark ``TIMED_OUT`` the executions whose device went silent past the job's
+        in-progress timeout plus ``job_grace`` (the writer does this every ``sweep_interval``).
+
+        Returns:
+            The ``(job_id, device)`` pairs marked.
+
+        Raises:
+            StoreError: the store failed.
+        """
+        marked = self.store.time_out_silent(now or self._clock(), self.job_grace)
+        for job_id, device in marked:
+            log.warning("job %s on %s: silent past its in-progress timeout", job_id, device)
+        return marked
 
     def process(self, batch: Sequence[tuple[str, bytes]]) -> None:
         """Write a batch of received ``(topic, payload)`` messages; never raises.
@@ -376,10 +425,25 @@ class Collector:
         if rank is None:  # pending answers and presence are for devices
             raise MessageError(f"the collector does not read {kind} topics")
         if kind in (TopicKind.DEVICE_JOBS, TopicKind.GROUP_JOBS):
-            job = _job_row(read_command(payload, self.keys))
-            return _Record(
-                (rank, job.job_id, "", 0), topic, lambda: _Outcome(store.record_job(job))
-            )
+            command = read_command(payload, self.keys)
+            if command.kind is CommandKind.CANCEL:
+                if self.keys is None:  # unverified, it could withdraw anyone's job here
+                    log.info("not recording cancel %s of %s: without --command-key the "
+                             "collector cannot verify it (`jobs cancel` records its own)",
+                             command.job_id, command.cancels)  # fmt: skip
+                    return None
+                return _Record(
+                    (rank, str(command.cancels), "", 1), topic, lambda: _cancel(store, command)
+                )
+            job = _job_row(command)
+
+            def write_job() -> _Outcome:
+                new = store.record_job(job)
+                if command.in_progress_timeout is not None:
+                    store.record_timeout(job.job_id, command.in_progress_timeout)
+                return _Outcome(new)
+
+            return _Record((rank, job.job_id, "", 0), topic, write_job)
         if kind is TopicKind.STATE:
             state = parse_device_state(payload, device=device)
 
@@ -441,6 +505,17 @@ class Collector:
         )
         log.debug("answering %s with %d pending command(s)", device, len(jobs))
         return _Outcome(None, (self.topics.pending(device), answer))
+
+
+def _cancel(store: FleetStore, cancel: Command) -> _Outcome:
+    """Record a cancel command: the job's cancellation, and CANCELED where it never started."""
+    assert cancel.cancels is not None  # read_command requires it of a cancel
+    job = store.job(cancel.cancels)
+    devices = [] if job is None else job_devices(store, job)
+    new = store.record_cancel(
+        cancel.cancels, cancel.issued_at, cancel.key_id, cancel.job_id, devices
+    )
+    return _Outcome(new)
 
 
 def _job_row(command: Command) -> JobRow:

@@ -12,6 +12,12 @@ the command names, is refused before anything is signed. The signed command
 job topic for that model (:class:`edgepack.formats.topics.Topics`), so devices that are offline
 or join the group later still converge; a newer command for the same model and target replaces
 it. No collector needs to run for this.
+
+:func:`cancel_job` withdraws a job: it signs a ``cancel`` naming it (devices verify it like any
+command, so a cancel cannot be forged), publishes it on the job's topic (retained, replacing the
+job's retained command, unless a newer command already replaced it there), and records the
+cancellation in the store, marking ``CANCELED`` the devices that never started the job. It is
+the one way to cancel, for the CLI (``edgepack-fleet jobs cancel``) and for staged rollouts.
 """
 
 from __future__ import annotations
@@ -30,17 +36,22 @@ from typing import IO, Any
 import httpx
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from edgepack._clock import Clock, utc_now, utc_text
 from edgepack.fleet._broker import BrokerOptions, connect, publish_and_wait
-from edgepack.fleet.exceptions import BundleLookupError
+from edgepack.fleet._database import FleetStore
+from edgepack.fleet.exceptions import BundleLookupError, JobError
 from edgepack.formats.bundle import BUNDLE_SUFFIX, MANIFEST_FILE, ArchiveLimits, iter_members
 from edgepack.formats.commands import CommandKind, make_command
 from edgepack.formats.exceptions import ArchiveError, ManifestError
+from edgepack.formats.keys import key_id
 from edgepack.formats.manifest import Manifest, parse_manifest
 from edgepack.formats.topics import Topics
 
 __all__ = [
     "BundleFetchLimits",
+    "Canceled",
     "Published",
+    "cancel_job",
     "find_bundles",
     "publish_command",
     "publish_device_commands",
@@ -243,6 +254,102 @@ def _read_manifest(handle: IO[bytes], name: str, fetch: BundleFetchLimits) -> Ma
     raise BundleLookupError(f"bundle {name} has no {MANIFEST_FILE}; refusing")
 
 
+@dataclass(frozen=True)
+class Canceled:
+    """What :func:`cancel_job` did."""
+
+    job_id: str  # the canceled job
+    cancel_job_id: str  # the signed cancel's own id
+    topic: str  # where the cancel went
+    retained: bool  # True: it replaced the job's retained command; False: a newer one is there
+    unstarted: list[str]  # devices that had not started the job (now CANCELED in the store)
+    started: list[str]  # devices already running or done: they keep their status
+
+
+def _topic(topics: Topics, target: dict[str, str], model: str) -> str:
+    if "device" in target:
+        return topics.device_jobs(target["device"], model)
+    return topics.group_jobs(target["group"], model)
+
+
+def cancel_job(
+    options: BrokerOptions,
+    store: FleetStore,
+    key: ec.EllipticCurvePrivateKey,
+    job_id: str,
+    *,
+    clock: Clock = utc_now,
+) -> Canceled:
+    """Cancel ``job_id`` on every device that has not started it.
+
+    Args:
+        options: the broker.
+        store: the fleet store that recorded the job (the collector's).
+        key: the operator's signing key (devices must trust it, as for any command).
+        job_id: the job to cancel.
+        clock: the time the cancel is issued at.
+
+    Returns:
+        What was sent and recorded.
+
+    Raises:
+        JobError: the store has no such job, or it was canceled already, expired, or is
+            finished on every device it addresses.
+        BrokerError: the broker is unreachable or did not acknowledge (nothing is recorded).
+        StoreError: the store failed.
+    """
+    # imported here: _views reads the store, and the store's module imports nothing of ours
+    from edgepack.fleet._views import job_devices, job_progress
+
+    job = store.job(job_id)
+    where = getattr(store, "name", "")
+    if job is None:
+        raise JobError(
+            f"no job {job_id} in store {where}; `edgepack-fleet jobs list` shows the jobs"
+        )
+    control = store.job_controls([job_id]).get(job_id)
+    if control is not None and control.canceled_at is not None:
+        raise JobError(f"job {job_id} was already canceled at {utc_text(control.canceled_at)}")
+    now = clock()
+    if job.expires_at <= now:
+        raise JobError(
+            f"job {job_id} expired at {utc_text(job.expires_at)}: no device starts it any more, "
+            "so there is nothing to cancel"
+        )
+    progress = job_progress(store, job_id)
+    if progress.done:
+        counts: dict[str, int] = {}
+        for _device, e in progress.devices:
+            counts[str(e.status) if e else "?"] = counts.get(str(e.status) if e else "?", 0) + 1
+        shown = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+        raise JobError(
+            f"job {job_id} is finished on every device it addresses ({shown}); nothing to "
+            "cancel (roll back or deploy to change what they run)"
+        )
+    unstarted = [d for d, e in progress.devices if e is None or e.status == "QUEUED"]
+    started = [d for d, e in progress.devices if d not in unstarted]
+    target = {job.target_type: job.target}
+    newer = [
+        j for j in store.jobs(job.model, limit=1000)
+        if (j.target_type, j.target) == (job.target_type, job.target)
+        and (j.issued_at, j.job_id) > (job.issued_at, job.job_id)
+    ]  # fmt: skip
+    cancel_id, envelope = make_command(
+        CommandKind.CANCEL, job.model, target, key, cancels=job_id, issued_at=now,
+        ttl=max(job.expires_at - now, dt.timedelta(seconds=1)),
+    )  # fmt: skip
+    topic = _topic(Topics(options.prefix), target, job.model)
+    client = connect(options)
+    try:
+        publish_and_wait(client, topic, envelope, retain=not newer)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    signer = key_id(key.public_key())
+    store.record_cancel(job_id, now, signer, cancel_id, job_devices(store, job))
+    return Canceled(job_id, cancel_id, topic, not newer, unstarted, started)
+
+
 def publish_command(
     options: BrokerOptions,
     kind: CommandKind | str,
@@ -253,6 +360,7 @@ def publish_command(
     version: int | None = None,
     bundles: dict[str, dict[str, Any]] | None = None,
     ttl: dt.timedelta = dt.timedelta(days=7),
+    in_progress_timeout: int | None = None,
 ) -> Published:
     """Sign a command and publish it retained on the target's job topic for ``model``.
 
@@ -264,6 +372,7 @@ def publish_command(
         key: the operator's signing key.
         version, bundles: a deploy's version and bundles (:func:`find_bundles`).
         ttl: how long the command stays valid.
+        in_progress_timeout: seconds a device may run the job before it aborts it.
 
     Returns:
         What was sent.
@@ -274,8 +383,9 @@ def publish_command(
     """
     kind = CommandKind(kind)
     job_id, envelope = make_command(
-        kind, model, target, key, version=version, bundles=bundles, ttl=ttl
-    )
+        kind, model, target, key, version=version, bundles=bundles, ttl=ttl,
+        in_progress_timeout=in_progress_timeout,
+    )  # fmt: skip
     topics = Topics(options.prefix)
     topic = (
         topics.device_jobs(target["device"], model)

@@ -9,6 +9,7 @@ the CLI tables (edgepack.fleet._cli) and the HTML report (edgepack.fleet._report
 * :func:`drift_rows`: one row per (device, model) from its latest drift window, with the statuses
   of the windows before it (:data:`STATUS_GLYPHS`);
 * :func:`job_progress`: every device a job should reach, with its execution if it reported one;
+  :func:`job_summaries`: one line per job for ``jobs list`` (its state, devices per status);
 * :func:`ago`, :func:`installed_models`, :func:`milliseconds`: the text of single cells.
 
 Everything here is a pure function of what the store returns: no rendering (rich markup and HTML
@@ -29,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 from edgepack.formats.messages import TERMINAL
 
 if TYPE_CHECKING:
-    from edgepack.fleet._database import ExecutionRow, FleetStore
+    from edgepack.fleet._database import ExecutionRow, FleetStore, JobControlRow, JobRow
 
 __all__ = [
     "SPARKS",
@@ -46,7 +47,11 @@ __all__ = [
     "drift_series",
     "feature_ratio",
     "installed_models",
+    "JobSummary",
+    "job_devices",
     "job_progress",
+    "job_state",
+    "job_summaries",
     "latest_reports",
     "milliseconds",
     "number",
@@ -121,6 +126,24 @@ class JobProgress:
     title: str  # e.g. "deploy churn v2 → group eu" (the job id when the job is unknown)
     devices: list[tuple[str, ExecutionRow | None]]  # by device name
     done: bool  # every device reached has a terminal status (and there is at least one)
+    job: JobRow | None = None  # None: the store has no such job
+    control: JobControlRow | None = None  # its timeout and cancellation, if it has any
+
+
+JOB_STATES = ("active", "done", "canceled", "expired")
+"""A job's state as a whole (``jobs list --state``): ``canceled`` by the operator; ``done`` when
+every device it reaches has a terminal status; ``expired`` when its command expired first;
+``active`` otherwise."""
+
+
+@dataclass(frozen=True)
+class JobSummary:
+    """One job for ``jobs list``: what it asks, its state and how many devices are where."""
+
+    job: JobRow
+    state: str  # one of JOB_STATES
+    counts: dict[str, int]  # status (or "waiting": no update yet) -> devices
+    control: JobControlRow | None
 
 
 # -- reading reports defensively ---------------------------------------------------------------
@@ -421,17 +444,58 @@ def job_progress(store: FleetStore, job_id: str) -> JobProgress:
     executions = {e.device: e for e in store.executions(job_id)}
     expected: set[str] = set(executions)
     if job is not None:
-        if job.target_type == "device":
-            expected.add(job.target)
-        else:
-            expected |= {d.device for d in store.devices(job.target)}
+        expected |= set(job_devices(store, job))
     title = job_id
+    control = store.job_controls([job_id]).get(job_id)
     if job is not None:
         version = f" v{job.version}" if job.version is not None else ""
         title = f"{job.kind} {job.model}{version} → {job.target_type} {job.target}"
+        if control is not None and control.canceled_at is not None:
+            title += " (canceled)"
     devices = [(device, executions.get(device)) for device in sorted(expected)]
     done = bool(devices) and all(e is not None and e.status in TERMINAL for _d, e in devices)
-    return JobProgress(job_id=job_id, title=title, devices=devices, done=done)
+    return JobProgress(job_id, title, devices, done, job, control)
+
+
+def job_devices(store: FleetStore, job: JobRow) -> list[str]:
+    """The devices a job addresses now: its device, or its group's (assigned or declared)."""
+    if job.target_type == "device":
+        return [job.target]
+    return [d.device for d in store.devices(job.target)]
+
+
+def job_state(job: JobRow, control: JobControlRow | None, done: bool, now: datetime) -> str:
+    """The job's state as a whole, one of :data:`JOB_STATES`."""
+    if control is not None and control.canceled_at is not None:
+        return "canceled"
+    if done:
+        return "done"
+    return "expired" if job.expires_at <= now else "active"
+
+
+def job_summaries(
+    store: FleetStore,
+    now: datetime,
+    *,
+    model: str | None = None,
+    since: datetime | None = None,
+    limit: int = 50,
+) -> list[JobSummary]:
+    """The newest jobs (of ``model``, issued from ``since`` on), each with its state and the
+    number of devices per status (``waiting``: addressed, no update yet)."""
+    jobs = store.jobs(model, limit, since)
+    controls = store.job_controls([j.job_id for j in jobs])
+    found = []
+    for job in jobs:
+        progress = job_progress(store, job.job_id)
+        counts: dict[str, int] = {}
+        for _device, e in progress.devices:
+            status = "waiting" if e is None else str(e.status)
+            counts[status] = counts.get(status, 0) + 1
+        control = controls.get(job.job_id)
+        state = job_state(job, control, progress.done, now)
+        found.append(JobSummary(job, state, counts, control))
+    return found
 
 
 # -- cells -------------------------------------------------------------------------------------

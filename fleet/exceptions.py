@@ -5,6 +5,7 @@
         ├── BrokerError        the MQTT broker is unreachable or refused us
         ├── BundleLookupError  the bundles for a deploy cannot be found or read
         ├── StoreError         the collector's store cannot be opened, read or written
+        ├── JobError           no such job, or it cannot be canceled (finished, expired, ...)
         └── RolloutError       a staged rollout cannot be started or driven as asked
             └── LeaseHeldError another controller drives that rollout (who, until when)
 
@@ -20,6 +21,7 @@ __all__ = [
     "BrokerError",
     "BundleLookupError",
     "FleetError",
+    "JobError",
     "LeaseHeldError",
     "RolloutError",
     "StoreError",
@@ -40,6 +42,11 @@ class BundleLookupError(FleetError):
 
 class StoreError(FleetError):
     """The collector's store (SQLite or PostgreSQL) cannot be opened, read or written."""
+
+
+class JobError(FleetError):
+    """A job id the store does not know, or a job that cannot be canceled (already canceled,
+    finished on every device, or expired); the message says which and what to do."""
 
 
 class RolloutError(FleetError):

@@ -83,8 +83,14 @@ class Fleet:
         self.devices: dict[str, tuple[Agent, DeviceLink]] = {}
         self.ops_key = load_private_key(ops.private.read_bytes())
 
-    def device(self, name: str, groups: tuple[str, ...] = ("store-42",)) -> Agent:
-        """Start (or restart) a device with its own state directory and MQTT session."""
+    def device(
+        self,
+        name: str,
+        groups: tuple[str, ...] = ("store-42",),
+        clock: Callable[[], float] = time.monotonic,
+    ) -> Agent:
+        """Start (or restart) a device with its own state directory and MQTT session (``clock``:
+        the monotonic clock its jobs' in-progress timeouts run on)."""
         groups_toml = json.dumps(list(groups))
         extra = (
             f'[mqtt]\nhost = "{self.broker.host}"\nport = {self.broker.port}\n'
@@ -100,7 +106,7 @@ class Fleet:
         agent = Agent(config, fetcher=HttpFetcher(DownloadConfig(retries=2, backoff_initial=0.05)))
         agent.start(serve_http=False)
         assert config.mqtt is not None
-        link = DeviceLink(agent, config.mqtt).start()
+        link = DeviceLink(agent, config.mqtt, clock=clock).start()
         assert link.connected.wait(10), f"{name} did not connect"
         self.devices[name] = (agent, link)
         return agent
