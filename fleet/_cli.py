@@ -623,7 +623,7 @@ def report(
 
 # devices (assign, unassign), acl, trust, status and jobs register themselves on `cli` (they use
 # the helpers above, so they are imported once this module is complete).
-from edgepack.fleet import _cli_access, _cli_jobs, _cli_rollout  # noqa: E402, F401
+from edgepack.fleet import _cli_access, _cli_experiment, _cli_jobs, _cli_rollout  # noqa: E402, F401
 
 
 def main() -> None:
