@@ -190,7 +190,9 @@ def drive_command(
     _drive(ctx, rollout_id, key, poll, lease)
 
 
-def _summary(store: Any, row: Any) -> dict[str, Any]:
+def _summary(store: Any, row: Any, now: dt.datetime) -> dict[str, Any]:
+    from edgepack.fleet._rollout_controller import live_figures
+
     devices = store.rollout_devices(row.rollout_id)
     current = {d.device: d for d in store.devices(row.group)}
     on_new = sum(
@@ -218,7 +220,8 @@ def _summary(store: Any, row: Any) -> dict[str, Any]:
         "created_at": row.created_at.isoformat(), "updated_at": row.updated_at.isoformat(),
         "conditions": row.spec["conditions"], "soak_s": row.spec["soak_s"],
         "devices": {"total": len(devices), "on_new_version": on_new, "per_stage": per_stage},
-        "figures": figured[-1].figures if figured else None,
+        "figures": figured[-1].figures if figured and row.state in ("completed", "aborted")
+        else live_figures(store, row, now),
         "decisions": [{"seq": d.seq, "at": d.at.isoformat(), "stage": d.stage + 1,
                        "action": d.action, "reason": d.reason, "figures": d.figures}
                       for d in decisions],
@@ -286,7 +289,7 @@ def status(ctx: click.Context, rollout_id: str, wait: bool, timeout: float, as_j
             _fail(f"rollout {rollout_id} is still {row.state} after {timeout:g} s")
         time.sleep(1.0)
         row = store.rollout(rollout_id)
-    summary = _summary(store, row)
+    summary = _summary(store, row, _now(ctx))
     if as_json:
         _echo_json(summary)
     else:

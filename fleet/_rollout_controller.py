@@ -63,6 +63,7 @@ __all__ = [
     "RolloutSpec",
     "State",
     "drive",
+    "live_figures",
     "request",
     "start_rollout",
 ]
@@ -252,6 +253,16 @@ def request(store: FleetStore, rollout_id: str, what: str) -> RolloutRow:
         )
     store.request_rollout(rollout_id, what)
     return row
+
+
+def live_figures(store: FleetStore, row: RolloutRow, now: dt.datetime) -> dict[str, Any]:
+    """The figures a step would judge now (over the current soak while one runs), with each
+    condition's verdict: what ``rollout status`` shows between decisions."""
+    ctx = _Context(row, RolloutSpec.of(row), store.rollout_devices(row.rollout_id), now, store)
+    figures = ctx.figures(window=True)
+    verdicts = evaluate(_conditions(ctx.spec), figures, row.data.get("baseline"))
+    figures["conditions"] = [v.to_json() for v in verdicts]
+    return figures
 
 
 @dataclass(frozen=True)

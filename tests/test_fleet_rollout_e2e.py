@@ -270,6 +270,9 @@ def test_a_good_version_passes_every_stage_through_pause_resume_and_a_restart(
     first = fleet.controller("ctl-1")
     assert fleet.run(first, rid, {"soaking"}) == "soaking"
 
+    live = json.loads(fleet.cli("rollout", "status", rid, "--json").output)
+    assert (live["state"], live["stage"], live["figures"]["staged"]) == ("soaking", 1, 3)
+    assert [v["condition"] for v in live["figures"]["conditions"]] == list(CONDITIONS)
     assert fleet.cli("rollout", "pause", rid).exit_code == 0
     first.step(rid)
     assert fleet.store.rollout(rid).state == "paused"  # type: ignore[union-attr]
@@ -344,6 +347,15 @@ def test_a_version_failing_its_health_check_aborts_at_the_first_stage_and_rolls_
     assert abort.figures["failed"] == pytest.approx(1 / 3)
     assert abort.figures["jobs"] == {"succeeded": 2, "failed": 1, "timed_out": 0, "pending": 0}
     fleet.poll(lambda: fleet.on_version(1) == set(fleet.names), "every device back on v1")
+    shown = fleet.cli("rollout", "status", rid)
+    assert shown.exit_code == 0
+    assert "aborted" in shown.output
+    assert "failed>2% triggered: 33.3% of 3 device(s) staged" in shown.output
+    assert fleet.cli("rollout", "status", rid, "--wait").exit_code == 1  # it aborted
+    unknown = fleet.cli("rollout", "status", "rollout-nope")
+    assert unknown.exit_code == 1
+    assert "no rollout 'rollout-nope'" in unknown.output
+    assert "already ended (aborted)" in fleet.cli("rollout", "pause", rid).output
 
 
 @pytest.mark.parametrize(
