@@ -332,3 +332,27 @@ def test_a_rollout_on_postgresql(postgres_url: str) -> None:
         assert [d.seq for d in store.decisions(rid)] == list(range(7))
     finally:
         store.close()
+
+
+class CrashAfterSending(Recorder):
+    """Sends, then dies before the step can record it (a controller killed mid-step)."""
+
+    def send(self, kind: str, model: str, jobs: Sequence[tuple[str, str]], **kw: Any) -> None:
+        super().send(kind, model, jobs, **kw)
+        raise SystemExit("killed")
+
+
+def test_a_controller_killed_between_sending_and_recording_is_taken_over(
+    store: FleetStore,
+) -> None:
+    clock = Clock()
+    rid = start_rollout(store, spec(), clock()).rollout_id
+    dying = CrashAfterSending()
+    with pytest.raises(SystemExit):
+        RolloutController(store, dying, clock=clock, holder="dead").step(rid)
+    assert [d.action for d in store.decisions(rid)] == ["start"]  # the send was not recorded
+    sender = Recorder()
+    clock.advance(61)  # the dead controller's lease expires
+    survivor = RolloutController(store, sender, clock=clock, holder="next")
+    assert [d.action for d in survivor.step(rid)] == ["deploy"]
+    assert sender.sent == dying.sent  # the same job ids again: each device runs its job once
