@@ -255,11 +255,11 @@ class Experiment:
             log.warning("shadow %s failed: %s", self.candidate.label, e)
             return
         elapsed = time.perf_counter() - start
-        self._tokens -= elapsed
         outputs = dict(zip(self.candidate.output_names, results, strict=False))
         rows, agreed, abs_error, max_error = _agreement(
             self.candidate.manifest.task, expected, outputs
         )
+        self._tokens -= time.perf_counter() - start  # the budget pays for the comparison too
         with self._lock:
             s = self._stats
             s.offered += 1

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -421,3 +422,43 @@ def test_a_kill_during_a_candidate_install_leaves_the_active_version_untouched(
         )
     finally:
         agent.stop()
+
+
+# -- the command's experiment field ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("field", "message"),
+    [
+        (None, "has no 'experiment' object"),
+        ({"action": "pause"}, "'action' must be one of start, promote, stop"),
+        ({"action": "start"}, "'mode' must be one of shadow, split"),
+        ({"action": "start", "mode": "split"}, "'share' must be a number in (0, 1]"),
+        ({"action": "start", "mode": "split", "share": 1.5}, "'share' must be a number in (0, 1]"),
+        ({"action": "start", "mode": "shadow", "sample": True}, "'sample' must be a number"),
+        ({"action": "promote"}, "'version' must be an integer"),
+    ],
+)
+def test_a_malformed_experiment_command_is_refused_naming_the_field(
+    keys: KeyPair, field: Any, message: str
+) -> None:
+    import base64
+    import json
+
+    from edgepack.formats.commands import COMMAND_PAYLOAD_TYPE, read_command
+    from edgepack.formats.dsse import dsse_sign
+    from edgepack.formats.exceptions import CommandError
+    from edgepack.formats.keys import load_private_key
+
+    payload = {
+        "schema": 1, "kind": "experiment", "job_id": "experiment-1", "model": "iris",
+        "target": {"device": "cam-1"}, "issued_at": "2026-12-02T15:00:00+00:00",
+        "expires_at": "2026-12-09T15:00:00+00:00",
+        **({} if field is None else {"experiment": field}),
+    }  # fmt: skip
+    key = load_private_key(keys.private.read_bytes())
+    envelope = dsse_sign(COMMAND_PAYLOAD_TYPE, json.dumps(payload).encode(), key)
+    raw = json.dumps(envelope).encode()
+    assert json.loads(base64.b64decode(envelope["payload"]))["kind"] == "experiment"
+    with pytest.raises(CommandError, match=re.escape(message)):
+        read_command(raw, None)
