@@ -39,9 +39,24 @@ def _echo_json(value: Any) -> None:
     click.echo(json.dumps(value, indent=2, sort_keys=True, default=str))
 
 
-@cli.group()
+class _RolloutGroup(click.Group):
+    """``rollout MODEL ...`` is ``rollout start MODEL ...`` (the issue's spelling), unless MODEL
+    is one of the subcommands' names."""
+
+    def resolve_command(
+        self, ctx: click.Context, args: list[str]
+    ) -> tuple[str | None, click.Command | None, list[str]]:
+        if args and args[0] not in self.commands and not args[0].startswith("-"):
+            args = ["start", *args]
+        return super().resolve_command(ctx, args)
+
+
+@cli.group(cls=_RolloutGroup)
 def rollout() -> None:
-    """Staged rollouts that judge the new version by its behaviour and stop by themselves."""
+    """Staged rollouts that judge the new version by its behaviour and stop by themselves.
+
+    `rollout MODEL ...` is short for `rollout start MODEL ...`.
+    """
 
 
 @contextmanager

@@ -356,3 +356,31 @@ def test_a_controller_killed_between_sending_and_recording_is_taken_over(
     survivor = RolloutController(store, sender, clock=clock, holder="next")
     assert [d.action for d in survivor.step(rid)] == ["deploy"]
     assert sender.sent == dying.sent  # the same job ids again: each device runs its job once
+
+
+def test_the_cli_records_a_detached_rollout_and_refuses_bad_words(
+    store: FleetStore, tmp_path: Path
+) -> None:
+    from click.testing import CliRunner
+
+    from edgepack.fleet._cli import cli
+    from edgepack.formats.keys import generate_private_key, private_key_pem
+
+    dist = tmp_path / "dist"
+    dist.mkdir()
+    for profile in BUNDLES:
+        (dist / f"m-2-{profile}.edgepack").write_bytes(b"a bundle")
+    key = tmp_path / "ops.key"
+    key.write_bytes(private_key_pem(generate_private_key()))
+    base = ["--store", str(tmp_path / "fleet.db"), "--broker", "127.0.0.1:9"]
+    args = ["--version", "2", "--group", "g", "--stages", "d-03,100%", "--bundles", "http://x/",
+            "--dist", str(dist), "--key", str(key), "--detach"]  # fmt: skip
+    done = CliRunner().invoke(cli, [*base, "rollout", "m", *args], obj={"clock": Clock()})
+    assert done.exit_code == 0, done.output  # `rollout MODEL` is `rollout start MODEL`
+    assert "stages d-03 (1), 100% (9)" in done.output
+    (row,) = store.rollouts()
+    assert (row.state, row.model, row.version, row.spec["soak_s"]) == ("deploying", "m", 2, 600)
+    bad = CliRunner().invoke(cli, [*base, "rollout", "start", "m", *args, "--abort-on", "p99>2"])
+    assert bad.exit_code == 2
+    assert "unknown metric 'p99'" in bad.output
+    assert len(store.rollouts()) == 1  # nothing recorded for it
