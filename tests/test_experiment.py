@@ -462,3 +462,42 @@ def test_a_malformed_experiment_command_is_refused_naming_the_field(
     assert json.loads(base64.b64decode(envelope["payload"]))["kind"] == "experiment"
     with pytest.raises(CommandError, match=re.escape(message)):
         read_command(raw, None)
+
+
+@pytest.mark.parametrize(
+    ("op", "state"),
+    [("promote", "health_check"), ("promote", "committing"), ("stop", "committing")],
+)
+def test_a_kill_during_promote_or_stop_ends_as_an_uninterrupted_run_would(
+    tmp_path: Path, keys: KeyPair, iris_bundles: dict[str, Path], op: str, state: str
+) -> None:
+    root = tmp_path / "d"
+    agent = start_agent(root, keys)
+    assert agent.install(str(iris_bundles["v1"])).ok
+    assert agent.start_experiment(str(iris_bundles["v2"]), plan={"mode": "split", "share": 0.5}).ok
+    agent.stop()
+    call = "promote('iris')" if op == "promote" else "stop_experiment('iris')"
+    script = (
+        "import sys; from pathlib import Path\n"
+        "from edgepack.agent._config import load_config\n"
+        "from edgepack.agent._lifecycle import Lifecycle\n"
+        f"Lifecycle(load_config(Path(sys.argv[1]))).{call}\n"
+    )
+    env = {**os.environ, "EDGEPACK_FAULT_KILL_AT": state}
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(root / "agent.toml")],
+        env=env, capture_output=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == -9, done.stderr.decode()[-2000:]
+    agent = start_agent(root, keys)  # resumes the interrupted operation
+    try:
+        model = agent.status()["models"]["iris"]
+        if op == "promote":
+            assert (model["active"], model["previous"], model["serving"]) == (2, 1, 2)
+        else:
+            assert (model["active"], model["serving"]) == (1, 1)
+            assert not (root / "state" / "models" / "iris" / "2").exists()
+        assert model["candidate"] is None
+        assert agent.experiments.get("iris") is None
+    finally:
+        agent.stop()
