@@ -134,7 +134,9 @@ def psi(reference: np.ndarray, counts: np.ndarray) -> np.ndarray:
     return ((live - ref) * np.log(live / ref)).sum(axis=-1)
 
 
-def union_thresholds(statistics: np.ndarray, level: float) -> np.ndarray:
+def union_thresholds(
+    statistics: np.ndarray, level: float, weights: Sequence[float] | None = None
+) -> np.ndarray:
     """Thresholds for several statistics over the same draws, calibrated as one alarm.
 
     The device alarms when *any* of a column's statistics exceeds its threshold, so the union is
@@ -143,9 +145,14 @@ def union_thresholds(statistics: np.ndarray, level: float) -> np.ndarray:
     ``level`` of the draws. Exceedances are counted, not interpolated, so a statistic that takes
     few distinct values (a small window) cannot push the rate above ``level``.
 
+    With ``weights``, statistic ``i`` takes its ``floor(j · weights[i] / max(weights))``-th
+    largest draw instead: its own share of the level in that proportion (the statistic with the
+    largest weight gets the most).
+
     Args:
         statistics: ``(draws, statistics)`` values under the null.
         level: the share of draws allowed to alarm.
+        weights: each statistic's share of the level, relative (default: all equal).
 
     Returns:
         ``(statistics,)`` thresholds.
@@ -154,9 +161,15 @@ def union_thresholds(statistics: np.ndarray, level: float) -> np.ndarray:
     draws = len(values)
     allowed = math.floor(level * draws)
     ranked = -np.sort(-values, axis=0)  # each statistic, largest first
+    share = np.ones(values.shape[1]) if weights is None else np.asarray(weights, dtype=np.float64)
+    share = share / share.max()
+    columns = np.arange(values.shape[1])
+
+    def at(j: int) -> np.ndarray:
+        return ranked[np.floor(j * share).astype(np.intp), columns]
 
     def union(j: int) -> int:
-        return int(np.any(values > ranked[j], axis=1).sum())
+        return int(np.any(values > at(j), axis=1).sum())
 
     low, high = 0, min(allowed, draws - 1)
     while low < high:  # the largest j with union(j) <= allowed (union grows with j)
@@ -165,7 +178,7 @@ def union_thresholds(statistics: np.ndarray, level: float) -> np.ndarray:
             low = middle
         else:
             high = middle - 1
-    return np.asarray(ranked[low], dtype=np.float64)
+    return np.asarray(at(low), dtype=np.float64)
 
 
 def strong_threshold(values: np.ndarray, threshold: float, ratio: float) -> float:
@@ -248,10 +261,16 @@ def calibrate_windows(
 # -- multivariate: every numeric feature together ---------------------------------------------
 
 
+CLIP = 4.0  # standardized values beyond ±CLIP count as ±CLIP in the multivariate statistics
+
+
 def standardized(values: np.ndarray, mean: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    """Rows ``(n, features)`` in reference units; a missing value is the reference mean (0)."""
+    """Rows ``(n, features)`` in reference units, clipped to ±:data:`CLIP`; a missing value is
+    the reference mean (0). Clipping bounds what one row can add to a window's sums, so a
+    heavy-tailed feature (a lognormal, a rare huge value) cannot give the window means tails
+    that a bootstrap of the held-out rows never sees (its thresholds would be too low)."""
     z = (np.asarray(values, dtype=np.float64) - mean) / scale
-    return np.where(np.isfinite(z), z, 0.0)
+    return np.clip(np.where(np.isfinite(z), z, 0.0), -CLIP, CLIP)
 
 
 def reconstruction_errors(z: np.ndarray, components: np.ndarray) -> np.ndarray:

@@ -72,10 +72,14 @@ WINDOW_SIZES = (100, 250, 500, 1000)
 ALPHA = 0.01  # false alarms per window over all tests (columns and multivariate statistics)
 DRAWS = 20_000  # bootstrap windows per column and size, at least
 MIN_EXCEEDANCES = 10  # per test: more draws when there are many tests
-MAX_DRAWS = 40_000  # beyond: the family's rate still rests on ALPHA / 2 * 40,000 exceedances
+MAX_DRAWS = 40_000  # beyond: the family's rate still rests on ALPHA / 3 * 40,000 exceedances
 PERSISTENCE = Persistence(alarms=2, of_windows=3)
 CALIBRATION_SEED = 10  # with the column's index: one bootstrap stream per column
 MULTIVARIATE_SEED = 11
+# the multivariate level's shares of reconstruction error, T² and axis shift: the axis shift,
+# the test of correlated features moving together, gets two thirds; T² (a shift in any
+# direction) and the reconstruction error (broken correlations) a sixth each
+MULTIVARIATE_WEIGHTS = (1.0, 1.0, 4.0)
 EXPLAINED_VARIANCE = 0.65  # principal components kept for the reconstruction (NannyML's default)
 
 
@@ -195,8 +199,9 @@ def _multivariate_base(frame: pd.DataFrame, names: Sequence[str]) -> Multivariat
         precision=tuple(tuple(float(x) for x in row) for row in precision),
         whitening=tuple(
             tuple(float(x) for x in row)
-            # the principal axes kept for the reconstruction: where features move together
-            for row in (vectors[:, :k] / np.sqrt(np.maximum(eigenvalues[:k], 1e-12))).T
+            # the leading principal axis: where correlated features move together. (Every kept
+            # axis, max-ed, paid a Bonferroni factor per axis for directions T² covers anyway.)
+            for row in (vectors[:, :1] / np.sqrt(np.maximum(eigenvalues[:1], 1e-12))).T
         ),
     )
 
@@ -247,7 +252,7 @@ def _multivariate_thresholds(
         t2 = window * np.einsum("ij,jk,ik->i", means[:, :-1], precision, means[:, :-1])
         shift = math.sqrt(window) * np.abs(means[:, :-1] @ whitening.T).max(axis=1)
         error, value_t2, value_shift = union_thresholds(
-            np.column_stack([means[:, -1], t2, shift]), level
+            np.column_stack([means[:, -1], t2, shift]), level, MULTIVARIATE_WEIGHTS
         )
         thresholds[int(window)] = MultivariateThresholds(
             float(error),
@@ -341,9 +346,10 @@ def reference_statistics(
         if len(numeric) >= 2
         else None
     )
-    # ALPHA is shared by the tests (Bonferroni): one per column (binned KS or PSI), and the
-    # multivariate one (reconstruction error or T²), which sees joint shifts, takes half of it
-    shares = (ALPHA / 2, ALPHA / 2) if multivariate is not None else (ALPHA, 0.0)
+    # ALPHA is shared by the tests (Bonferroni): the multivariate one (reconstruction error,
+    # T² or axis shift), which sees joint shifts, takes two thirds; the columns (binned KS or
+    # PSI each) share the third left, which is enough for their larger single-feature shifts
+    shares = (ALPHA / 3, 2 * ALPHA / 3) if multivariate is not None else (ALPHA, 0.0)
     calibrated = _calibrate_all(jobs, shares[0] / len(jobs), windows, workers)
     if multivariate is not None:
         held = frame.iloc[holdout].reset_index(drop=True)

@@ -555,3 +555,18 @@ def test_columns_of_one_input_counted_together_match_one_by_one(reference: Refer
         assert feature["ks"] == pytest.approx(float(binned_ks(bins.reference, counts)), abs=1e-6)
         assert feature["psi"] == pytest.approx(float(psi(bins.reference, counts)), abs=1e-6)
     assert all(not c.counts.any() for c in monitor.columns)  # the next window starts empty
+
+
+def test_weighted_union_thresholds_give_each_statistic_its_share() -> None:
+    """With weights 1 : 4 the second statistic alone exceeds in about four times as many draws
+    as the first, and the union stays within the level."""
+    rng = np.random.default_rng(8)
+    draws = rng.normal(size=(200_000, 2))
+    thresholds = union_thresholds(draws, 0.01, (1.0, 4.0))
+    over = draws > thresholds
+    assert over.any(axis=1).mean() <= 0.01
+    assert over.any(axis=1).mean() > 0.0095  # the level is spent, not wasted
+    ratio = over[:, 1].mean() / over[:, 0].mean()
+    assert 3.5 < ratio < 4.5
+    equal = union_thresholds(draws, 0.01)
+    assert equal[0] == pytest.approx(equal[1], abs=0.02)  # no weights: equal shares

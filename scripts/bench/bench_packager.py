@@ -275,7 +275,7 @@ def calibration() -> None:
             )
             seconds[workers] = time.perf_counter() - start
         joint = stats.multivariate
-        share = ALPHA / (2 if joint else 1)  # the columns share half of alpha with it
+        share = ALPHA / (3 if joint else 1)  # the columns share a third of alpha beside it
         rows.append(
             f"| {width} + label | {len(joint.features) if joint else 0} | "
             f"{_draws(share / (width + 1)):,} | "
