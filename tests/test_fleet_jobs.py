@@ -25,6 +25,7 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
+from conftest import KeyPair, write_agent_config
 from test_fleet_e2e import (  # noqa: F401 - fixtures used by name
     Fleet,
     active,
@@ -35,6 +36,10 @@ from test_fleet_e2e import (  # noqa: F401 - fixtures used by name
     serving,
 )
 
+from edgepack.agent._config import DownloadConfig, load_config
+from edgepack.agent._daemon import Agent
+from edgepack.agent._download import HttpFetcher
+from edgepack.agent._jobs import JobRunner
 from edgepack.fleet._broker import BrokerOptions, connect
 from edgepack.fleet._cli import cli
 from edgepack.fleet._collector import Collector
@@ -580,3 +585,49 @@ def test_cancel_and_timeout_fields_are_checked() -> None:
         envelope = dsse_sign(COMMAND_PAYLOAD_TYPE, json.dumps(body).encode(), key)
         with pytest.raises(CommandError):
             read_command(json.dumps(envelope).encode(), [key.public_key()])
+
+
+class SteppingClock:
+    """A monotonic clock that moves ``step`` seconds each time it is read."""
+
+    def __init__(self, step: float) -> None:
+        self.now, self.step = 0.0, step
+
+    def __call__(self) -> float:
+        self.now += self.step
+        return self.now
+
+
+def test_a_job_timed_out_after_staging_is_rolled_back(
+    tmp_path: Path, keys: KeyPair, bundle_server: Any, iris_bundles: dict[str, Path]
+) -> None:
+    """The timeout strikes when the job enters its health check: what was staged is undone."""
+    config = load_config(write_agent_config(tmp_path / "dev", keys))
+    agent = Agent(config, fetcher=HttpFetcher(DownloadConfig(retries=0)))
+    agent.start(serve_http=False)
+    ops_key, reports = generate_private_key(), []
+    try:
+        clock = SteppingClock(10.0)  # read at the start, then on entering each step
+        runner = JobRunner(agent, lambda: [ops_key.public_key()], reports.append, clock=clock)
+        dist = iris_bundles["v1"].parent
+        for version, timeout in ((1, None), (2, 35)):  # 2: start 10, deadline 45: health check 50
+            _, raw = make_command(
+                "deploy",
+                "iris",
+                {"device": "test-device"},
+                ops_key,
+                version=version,
+                bundles=find_bundles("iris", version, bundle_server.url, dist),
+                in_progress_timeout=timeout,
+            )
+            clock.now = 0.0
+            runner.handle(raw)
+        last = reports[-1]
+        assert last.status is JobStatus.TIMED_OUT
+        assert "before health-check" in (last.reason or "")
+        assert (last.version_before, last.version_after) == (1, 1)
+        assert JobStep.ROLLING_BACK in [r.step for r in reports if r.job_id == last.job_id]
+        assert next(m.version for m in agent.runtime.models() if m.name == "iris") == 1
+        assert agent.lifecycle.store.load().models["iris"].active == 1
+    finally:
+        agent.stop()
