@@ -175,10 +175,13 @@ def _pct(value: float | None) -> str:
 
 
 def _show(ctx: click.Context, model: str | None, group: str | None, as_json: bool) -> None:
-    from edgepack.fleet._experiments import experiment_rows, rows_json
+    from edgepack.fleet._experiments import experiment_rows, latest_start, rows_json
     from edgepack.fleet._views import ago
 
-    rows = experiment_rows(_store(ctx), model, group)
+    store = _store(ctx)
+    if model is not None and latest_start(store, model) is None:
+        _fail(f"no experiment on {model} is recorded in the store (experiment start starts one)")
+    rows = experiment_rows(store, model, group)
     if as_json:
         click.echo(json.dumps(rows_json(rows), indent=2, sort_keys=True))
         return

@@ -211,4 +211,6 @@ def test_a_device_without_the_model_refuses_an_experiment(fleet: Fleet) -> None:
     )  # fmt: skip
     assert "at most 100%" in bad
     none = cli_run(fleet, "experiment", "status", "iris", "--json")
-    assert json.loads(none) == []
+    assert json.loads(none) == []  # started, nothing reported yet
+    unknown = cli_run(fleet, "experiment", "status", "churn", code=1)
+    assert "no experiment on churn is recorded" in unknown
