@@ -98,6 +98,15 @@ def _store(ctx: click.Context, create: bool = False) -> Any:
         raise  # unreachable
 
 
+def _alert_state(ctx: click.Context) -> Path:
+    """The default alert state file: beside a SQLite store, else in the working directory."""
+    store = ctx.obj.get("store")
+    if store and "://" not in str(store):
+        path = Path(store)
+        return path.with_name(f"{path.stem}-alerts.sqlite3")
+    return Path("edgepack-alerts.sqlite3")
+
+
 def _key(path: Path) -> Any:
     try:
         return load_private_key(path.read_bytes(), source=str(path))
@@ -317,9 +326,9 @@ _simple_command("retire", "Uninstall MODEL from a device or a group.")
 @click.option(
     "--alert-state",
     type=click.Path(dir_okay=False, path_type=Path),
-    default=Path("edgepack-alerts.sqlite3"),
-    show_default=True,
-    help="SQLite file keeping alert state across restarts (de-duplication).",
+    help="SQLite file keeping alert state across restarts (de-duplication). "
+    "Default: beside a SQLite store (fleet.sqlite3 -> fleet-alerts.sqlite3), else "
+    "./edgepack-alerts.sqlite3.",
 )
 @click.option(
     "--alert-repeat",
@@ -351,7 +360,7 @@ def collector(
     command_keys: tuple[Path, ...],
     root_keys: tuple[Path, ...],
     alert_webhooks: tuple[str, ...],
-    alert_state: Path,
+    alert_state: Path | None,
     alert_repeat: float,
     metrics_port: int | None,
     metrics_host: str,
@@ -362,7 +371,7 @@ def collector(
     from edgepack.fleet._collector import Collector
 
     alerter = Alerter(
-        alert_state,
+        alert_state or _alert_state(ctx),
         [WebhookSender(url) for url in alert_webhooks],
         repeat_interval=dt.timedelta(hours=alert_repeat),
     )
@@ -405,16 +414,22 @@ def collector(
 @click.option(
     "--alert-state",
     type=click.Path(dir_okay=False, path_type=Path, exists=True),
-    default=Path("edgepack-alerts.sqlite3"),
-    show_default=True,
-    help="The collector's alert state file.",
+    help="The collector's alert state file (default: as the collector's).",
 )
 @click.option("--firing", is_flag=True, help="Only alerts still firing.")
 @click.option("--json", "as_json", is_flag=True, help="JSON (Alertmanager alert objects).")
-def alerts(alert_state: Path, firing: bool, as_json: bool) -> None:
+@click.pass_context
+def alerts(ctx: click.Context, alert_state: Path | None, firing: bool, as_json: bool) -> None:
     """Alerts the collector has fired (drift, quality, health check, failed jobs)."""
     from edgepack.fleet._alerts import Alerter
 
+    if alert_state is None:
+        alert_state = _alert_state(ctx)
+        if not alert_state.exists():
+            _fail(
+                f"no alert state at {alert_state}: the collector writes it once it runs "
+                "(or pass --alert-state FILE)"
+            )
     alerter = Alerter(alert_state)
     try:
         found = alerter.alerts("firing" if firing else None)

@@ -476,3 +476,19 @@ def test_html_report_shows_quality_and_multivariate(tmp_path: Path) -> None:
     assert "<th>multivariate</th><th>quality</th>" in page
     assert "<td>ok pca_error 0.05/0.12</td><td>ok accuracy ~0.88</td>" in page
     assert "<td>-</td><td>-</td>" in page  # dev-b: an older agent's report, no quality report
+
+
+def test_alert_state_defaults_to_beside_the_store(tmp_path: Path) -> None:
+    """Without --alert-state the state sits beside a SQLite store (not in the working
+    directory), and `alerts` reads it there; when the collector never ran there it says so."""
+    store = tmp_path / "fleet.sqlite3"
+    runner = CliRunner()
+    missing = runner.invoke(cli, ["--store", str(store), "alerts"])
+    assert missing.exit_code == 1
+    assert "fleet-alerts.sqlite3" in missing.output
+    assert "collector" in missing.output
+    alerter = Alerter(tmp_path / "fleet-alerts.sqlite3")  # what the collector makes by default
+    alerter.close()
+    listed = runner.invoke(cli, ["--store", str(store), "alerts", "--json"])
+    assert listed.exit_code == 0, listed.output
+    assert json.loads(listed.output) == []
