@@ -88,8 +88,12 @@ def _drive(ctx: click.Context, rollout_id: str, key: Path, poll: float, lease: f
 
     console.print(f"driving rollout {rollout_id} as {controller.holder} (Ctrl-C leaves it)")
     with _stop_on_signals() as stop:
-        row = drive(controller, rollout_id, wait=stop.wait, poll=poll, report=report,
-                    trouble=trouble)  # fmt: skip
+        try:
+            row = drive(controller, rollout_id, wait=stop.wait, poll=poll, report=report,
+                        trouble=trouble)  # fmt: skip
+        except RolloutError as e:  # another controller holds the lease, or moved it on
+            _fail(str(e))
+            raise  # unreachable
     _ended(row)
 
 
@@ -180,7 +184,11 @@ def start(
         raise  # unreachable
     _key(key)  # a key that cannot be read fails before anything is recorded
     spec = dataclasses.replace(spec, bundles=find_bundles(model, version, base_url, dist))
-    row = start_rollout(_store(ctx), spec, _now(ctx))
+    try:
+        row = start_rollout(_store(ctx), spec, _now(ctx))
+    except RolloutError as e:
+        _fail(str(e))
+        raise  # unreachable
     console.print(f"rollout [bold]{row.rollout_id}[/]: {model} v{version} → group {group}")
     for decision in _store(ctx).decisions(row.rollout_id):
         console.print(escape(decision.reason), soft_wrap=True)

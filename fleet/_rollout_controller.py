@@ -185,11 +185,19 @@ def start_rollout(
     in the ``start`` decision.
 
     Raises:
-        RolloutError: a bad condition, no device in scope, a profile without a bundle, or an
-            explicit stage naming a device outside the scope.
+        RolloutError: a bad condition, another rollout of the model still running, no device
+            in scope, a profile without a bundle, or an explicit stage naming a device outside
+            the scope.
         StoreError: the store failed.
     """
     conditions = [parse_condition(c) for c in spec.conditions]
+    for other in store.rollouts(limit=1000):
+        if other.model == spec.model and State(other.state) not in FINAL:
+            raise RolloutError(
+                f"rollout {other.rollout_id} of {other.model} v{other.version} to "
+                f"{other.group} is still {other.state}; wait for it to end or abort it "
+                f"(edgepack-fleet rollout abort {other.rollout_id}) before starting another"
+            )
     rid = rollout_id or f"rollout-{now:%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
     assigned = sorted(d for d, groups in store.memberships().items() if spec.group in groups)
     known = {d.device: d for d in store.devices(spec.group)}

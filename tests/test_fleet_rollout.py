@@ -380,6 +380,14 @@ def test_the_cli_records_a_detached_rollout_and_refuses_bad_words(
     assert "stages d-03 (1), 100% (9)" in done.output
     (row,) = store.rollouts()
     assert (row.state, row.model, row.version, row.spec["soak_s"]) == ("deploying", "m", 2, 600)
+    again = CliRunner().invoke(cli, [*base, "rollout", "m", *args], obj={"clock": Clock()})
+    assert again.exit_code == 1
+    assert f"rollout {row.rollout_id} of m v2 to g is still deploying" in again.output
+    store.acquire_lease(row.rollout_id, "ops-b", T0 + dt.timedelta(minutes=5), T0)
+    taken = CliRunner().invoke(cli, [*base, "rollout", "drive", row.rollout_id, "--key", str(key)],
+                               obj={"clock": Clock()})  # fmt: skip
+    assert taken.exit_code == 1
+    assert "is driven by ops-b until 2026-12-02 12:05:00 UTC" in taken.output
     bad = CliRunner().invoke(cli, [*base, "rollout", "start", "m", *args, "--abort-on", "p99>2"])
     assert bad.exit_code == 2
     assert "unknown metric 'p99'" in bad.output
