@@ -225,6 +225,31 @@ def _latency(
     return latency
 
 
+def _quality(
+    store: FleetStore, model: str, group: str | None, history: int, since: datetime | None
+) -> tuple[Series, Series, str]:
+    """Per device over time: the labeled windows' metric (accuracy, or MAE for a regressor)
+    and the estimated accuracy (CBPE) of ``model``'s active version (not an experiment's
+    candidate), and the labeled metric's name."""
+    found: dict[str, Series] = {"labeled": {}, "estimated": {}}
+    names: set[str] = set()
+    for device, reports in latest_reports(store, "quality", group, history, since).items():
+        for at, payload in reports:
+            if payload.get("model") != model or payload.get("variant") == "candidate":
+                continue
+            when = unix_moment(payload.get("window_end")) or at
+            metrics = as_dict(payload.get("metrics"))
+            for name in ("accuracy", "mae"):
+                if (value := number(metrics.get(name))) is not None:
+                    found["labeled"].setdefault(device, []).append((when, value))
+                    names.add(name)
+                    break
+            estimated = number(as_dict(payload.get("estimated")).get("accuracy"))
+            if estimated is not None:
+                found["estimated"].setdefault(device, []).append((when, estimated))
+    return found["labeled"], found["estimated"], "/".join(sorted(names)) or "accuracy"
+
+
 def _worst_ratios(series: dict[tuple[str, str], Reports], plotted: set[str]) -> Series:
     """The highest KS / threshold of each drift window, per plotted device."""
     return {
@@ -332,7 +357,10 @@ def build_report(
         rank = {"drift": 3, "warning": 2, "ok": 1}.get(row.status if row else "", 0)
         return (-rank, -((row.worst_ratio or 0) if row else 0), -(p95[-1][1] if p95 else 0))
 
-    names = sorted(set(installed) | set(statuses) | set(latency["p50"]))
+    labeled, estimated, metric = _quality(store, model, group, history, since)
+    names = sorted(
+        set(installed) | set(statuses) | set(latency["p50"]) | set(labeled) | set(estimated)
+    )
     names.sort(key=severity)  # stable: by name within a rank
     colors = {name: COLORS[i % len(COLORS)] for i, name in enumerate(names)}
     plotted = set(names[: len(COLORS)])
@@ -352,6 +380,21 @@ def build_report(
         title = "request latency per reporting interval"
         alt = "latency p50/p95/p99 over time per device"
         latency_plot = time_lines(panels, colors, title, alt)
+    quality_panels = [
+        (f"{metric} (labels)", {d: v for d, v in labeled.items() if d in plotted}),
+        ("accuracy (estimated)", {d: v for d, v in estimated.items() if d in plotted}),
+    ]
+    quality_panels = [(label, points) for label, points in quality_panels if points]
+    quality_plot = (
+        time_lines(
+            quality_panels,
+            colors,
+            "model quality per window",
+            "labeled metric and estimated accuracy over time per device",
+        )
+        if quality_panels
+        else None
+    )
     counts = {s: sum(r.status == s for r in drift) for s in _STATUSES}
     text = _template().render(
         model=model,
@@ -374,6 +417,8 @@ def build_report(
         drift_over_time=over_time,
         has_telemetry=bool(latency["p50"] or latency["p95"]),
         latency=latency_plot,
+        has_quality=bool(quality_panels),
+        quality_over_time=quality_plot,
         plotted=len(plotted) if len(names) > len(plotted) else None,
     )
     return text.rstrip("\n") + "\n"

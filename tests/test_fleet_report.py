@@ -432,3 +432,36 @@ def test_report_that_cannot_be_written_is_one_error_line(
     assert f"the folder {out.parent} does not exist: create it" in result.output
     assert len(result.output.strip().splitlines()) == 1, result.output
     assert list(tmp_path.iterdir()) == []
+
+
+def test_report_plots_quality_over_time(tmp_path: Path) -> None:
+    """Quality reports (labeled windows and CBPE estimates) get their own plot; a candidate's
+    and another model's reports are not in it."""
+    store = open_store(tmp_path / "fleet.db")
+    empty = build_report(store, "churn", now=NOW)
+    assert "No quality reports yet for churn" in empty
+    for i in range(6):
+        end = (NOW + timedelta(minutes=i)).timestamp()
+        labeled = {
+            "model": "churn",
+            "version": 1,
+            "status": "ok",
+            "window_end": end,
+            "metrics": {"accuracy": 0.9 - 0.05 * i, "f1": 0.8},
+            "estimated": None,
+        }
+        estimate = {"model": "churn", "version": 1, "status": "ok", "window_end": end,
+                    "metrics": None, "estimated": {"accuracy": 0.88}}  # fmt: skip
+        store.record_event("quality", "dev-a", labeled, 2 * i, NOW + timedelta(minutes=i))
+        store.record_event("quality", "dev-b", estimate, 2 * i + 1, NOW + timedelta(minutes=i))
+    store.record_event(
+        "quality", "dev-c", {"model": "churn", "variant": "candidate", "metrics": {"accuracy": 1}},
+        99, NOW,
+    )  # fmt: skip
+    text = build_report(store, "churn", now=NOW)
+    section = text[text.index('<section id="quality">') :]
+    assert "No quality reports yet" not in section
+    assert len(IMG.findall(section)) == 1
+    assert "CBPE" in section
+    other = build_report(store, "pricing", now=NOW)
+    assert "No quality reports yet for pricing" in other
