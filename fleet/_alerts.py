@@ -272,7 +272,7 @@ def decide(kind: str, device: str, payload: Mapping[str, Any]) -> list[_Decision
     if kind == "job":
         status, model = payload.get("status"), payload.get("model") or ""
         version = payload.get("version_after") or payload.get("version_before") or ""
-        failed = status in ("FAILED", "REJECTED")
+        failed = status in ("FAILED", "REJECTED", "TIMED_OUT")  # CANCELED: the operator's
         if not failed and status != "SUCCEEDED":
             return []
         names = ["EdgepackHealthCheckFailed", "EdgepackJobFailed"]
@@ -298,11 +298,50 @@ def decide(kind: str, device: str, payload: Mapping[str, Any]) -> list[_Decision
     return []
 
 
+class _FileState:
+    """Alert state in a SQLite file of its own (``--alert-state FILE``)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self._conn = sqlite3.connect(str(path), check_same_thread=False)
+        self._conn.executescript(_SCHEMA)
+        self._lock = threading.Lock()
+
+    def rows(self, text: str, params: Sequence[Any] = ()) -> list[Sequence[Any]]:
+        with self._lock:
+            return list(self._conn.execute(text, tuple(params)).fetchall())
+
+    def write(self, text: str, params: Sequence[Any]) -> None:
+        with self._lock, self._conn:
+            self._conn.execute(text, tuple(params))
+
+    def close(self) -> None:
+        self._conn.close()
+
+
+class _StoreState:
+    """Alert state in the fleet store's ``alerts`` table (SQLite or PostgreSQL: the same SQL,
+    which the store adapts), so it lives wherever the fleet's state does."""
+
+    def __init__(self, store: Any) -> None:
+        self._store = store
+
+    def rows(self, text: str, params: Sequence[Any] = ()) -> list[Sequence[Any]]:
+        return list(self._store._rows(text, params))
+
+    def write(self, text: str, params: Sequence[Any]) -> None:
+        self._store._write("saving an alert", text, params)
+
+    def close(self) -> None:
+        pass  # the store is the caller's
+
+
 class Alerter:
-    """Alert state (persisted in ``path``, SQLite) and delivery to ``webhooks``.
+    """Alert state and delivery to ``webhooks``.
 
     Args:
-        path: the state file; ``":memory:"`` keeps it in memory (tests only).
+        path: where the state is kept: the fleet store (an object from
+            :func:`edgepack.fleet._database.open_store`: its ``alerts`` table), or a SQLite file
+            of its own; ``":memory:"`` keeps it in memory (tests only).
         webhooks: receivers; each gets every notification.
         repeat_interval: a firing alert is sent again after this long.
         clock: now, for startsAt/endsAt and the repeat interval.
@@ -310,7 +349,7 @@ class Alerter:
 
     def __init__(
         self,
-        path: str | Path,
+        path: str | Path | Any,
         webhooks: Sequence[WebhookSender] = (),
         *,
         repeat_interval: timedelta = timedelta(hours=4),
@@ -318,9 +357,9 @@ class Alerter:
         external_url: str = "",
         clock: Clock = utc_now,
     ) -> None:
-        self._conn = sqlite3.connect(str(path), check_same_thread=False)
-        self._conn.executescript(_SCHEMA)
-        self._lock = threading.Lock()
+        self._state: _FileState | _StoreState = (
+            _FileState(path) if isinstance(path, (str, Path)) else _StoreState(path)
+        )
         self.webhooks = list(webhooks)
         self.repeat_interval = repeat_interval
         self.receiver = receiver
@@ -342,22 +381,21 @@ class Alerter:
     def close(self) -> None:
         for hook in self.webhooks:
             hook.close()
-        self._conn.close()
+        self._state.close()
 
     def alerts(self, status: str | None = None) -> list[Alert]:
         """Every alert known, firing first, newest first."""
-        with self._lock:
-            rows = self._conn.execute(
-                "SELECT labels, annotations, status, starts_at, ends_at, last_sent_at,"
-                " resolved_sent FROM alerts ORDER BY status, starts_at DESC"
-            ).fetchall()
+        rows = self._state.rows(
+            "SELECT labels, annotations, status, starts_at, ends_at, last_sent_at,"
+            " resolved_sent FROM alerts ORDER BY status, starts_at DESC"
+        )
         out = [_row(r) for r in rows]
         return [a for a in out if status is None or a.status == status]
 
     def observe(self, kind: str, device: str, payload: Mapping[str, Any]) -> list[Alert]:
         """Update the state for one committed message; returns the alerts it notified."""
         if kind == "job":
-            if payload.get("status") in ("SUCCEEDED", "FAILED", "REJECTED"):
+            if payload.get("status") in ("SUCCEEDED", "FAILED", "REJECTED", "TIMED_OUT"):
                 self.job_outcomes[str(payload["status"])] += 1
         else:
             self.reports[kind] += 1
@@ -393,12 +431,12 @@ class Alerter:
 
     def _transition(self, d: _Decision) -> Alert | None:
         now, fp = self._clock(), fingerprint(d.labels)
-        with self._lock:
-            row = self._conn.execute(
-                "SELECT labels, annotations, status, starts_at, ends_at, last_sent_at,"
-                " resolved_sent FROM alerts WHERE fingerprint = ?",
-                (fp,),
-            ).fetchone()
+        found = self._state.rows(
+            "SELECT labels, annotations, status, starts_at, ends_at, last_sent_at,"
+            " resolved_sent FROM alerts WHERE fingerprint = ?",
+            (fp,),
+        )
+        row = found[0] if found else None
         current = None if row is None else _row(row)
         if d.firing:
             if current is not None and current.status == "firing":
@@ -423,24 +461,23 @@ class Alerter:
         self._save(alert)
 
     def _save(self, a: Alert) -> None:
-        with self._lock, self._conn:
-            self._conn.execute(
-                "INSERT INTO alerts VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (fingerprint) DO"
-                " UPDATE SET labels = excluded.labels, annotations = excluded.annotations,"
-                " status = excluded.status, starts_at = excluded.starts_at,"
-                " ends_at = excluded.ends_at, last_sent_at = excluded.last_sent_at,"
-                " resolved_sent = excluded.resolved_sent",
-                (
-                    a.fingerprint,
-                    json.dumps(a.labels),
-                    json.dumps(a.annotations),
-                    a.status,
-                    _ts(a.starts_at),
-                    None if a.ends_at is None else _ts(a.ends_at),
-                    None if a.last_sent_at is None else _ts(a.last_sent_at),
-                    int(a.resolved_sent),
-                ),
-            )
+        self._state.write(
+            "INSERT INTO alerts VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (fingerprint) DO"
+            " UPDATE SET labels = excluded.labels, annotations = excluded.annotations,"
+            " status = excluded.status, starts_at = excluded.starts_at,"
+            " ends_at = excluded.ends_at, last_sent_at = excluded.last_sent_at,"
+            " resolved_sent = excluded.resolved_sent",
+            (
+                a.fingerprint,
+                json.dumps(a.labels),
+                json.dumps(a.annotations),
+                a.status,
+                _ts(a.starts_at),
+                None if a.ends_at is None else _ts(a.ends_at),
+                None if a.last_sent_at is None else _ts(a.last_sent_at),
+                int(a.resolved_sent),
+            ),
+        )
 
 
 def _row(r: Sequence[Any]) -> Alert:

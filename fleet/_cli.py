@@ -98,15 +98,6 @@ def _store(ctx: click.Context, create: bool = False) -> Any:
         raise  # unreachable
 
 
-def _alert_state(ctx: click.Context) -> Path:
-    """The default alert state file: beside a SQLite store, else in the working directory."""
-    store = ctx.obj.get("store")
-    if store and "://" not in str(store):
-        path = Path(store)
-        return path.with_name(f"{path.stem}-alerts.sqlite3")
-    return Path("edgepack-alerts.sqlite3")
-
-
 def _key(path: Path) -> Any:
     try:
         return load_private_key(path.read_bytes(), source=str(path))
@@ -326,9 +317,8 @@ _simple_command("retire", "Uninstall MODEL from a device or a group.")
 @click.option(
     "--alert-state",
     type=click.Path(dir_okay=False, path_type=Path),
-    help="SQLite file keeping alert state across restarts (de-duplication). "
-    "Default: beside a SQLite store (fleet.sqlite3 -> fleet-alerts.sqlite3), else "
-    "./edgepack-alerts.sqlite3.",
+    help="Keep alert state (de-duplication across restarts) in this SQLite file instead of "
+    "the fleet store's alerts table.",
 )
 @click.option(
     "--alert-repeat",
@@ -370,8 +360,9 @@ def collector(
     from edgepack.fleet._alerts import Alerter, WebhookSender
     from edgepack.fleet._collector import Collector
 
+    store = _store(ctx, create=True)
     alerter = Alerter(
-        alert_state or _alert_state(ctx),
+        alert_state or store,
         [WebhookSender(url) for url in alert_webhooks],
         repeat_interval=dt.timedelta(hours=alert_repeat),
     )
@@ -380,7 +371,7 @@ def collector(
     roots = [load_public_key(p.read_bytes(), source=str(p)) for p in root_keys] or None
     running = Collector(
         _broker(ctx),
-        _store(ctx, create=True),
+        store,
         share=share,
         command_keys=keys,
         root_keys=roots,
@@ -414,7 +405,8 @@ def collector(
 @click.option(
     "--alert-state",
     type=click.Path(dir_okay=False, path_type=Path, exists=True),
-    help="The collector's alert state file (default: as the collector's).",
+    help="The collector's own alert state file, if it ran with --alert-state "
+    "(default: the fleet store).",
 )
 @click.option("--firing", is_flag=True, help="Only alerts still firing.")
 @click.option("--json", "as_json", is_flag=True, help="JSON (Alertmanager alert objects).")
@@ -423,14 +415,7 @@ def alerts(ctx: click.Context, alert_state: Path | None, firing: bool, as_json: 
     """Alerts the collector has fired (drift, quality, health check, failed jobs)."""
     from edgepack.fleet._alerts import Alerter
 
-    if alert_state is None:
-        alert_state = _alert_state(ctx)
-        if not alert_state.exists():
-            _fail(
-                f"no alert state at {alert_state}: the collector writes it once it runs "
-                "(or pass --alert-state FILE)"
-            )
-    alerter = Alerter(alert_state)
+    alerter = Alerter(alert_state if alert_state is not None else _store(ctx))
     try:
         found = alerter.alerts("firing" if firing else None)
     finally:

@@ -18,6 +18,8 @@ table                  unique key                    a write of an existing key
 ``executions``         ``(job_id, device)``          applied only with a higher ``seq``
 ``events``             ``(kind, device, seq)``       ignored
 ``trust_documents``    ``version``                   ignored
+``alerts``             ``fingerprint``               the collector's alert state
+                                                     (edgepack.fleet._alerts): replaced
 ``job_controls``       ``job_id``                    a job's timeout and cancellation: each
                                                      set once, never moved
 ``rollouts``           ``rollout_id``                a staged rollout (edgepack.fleet._rollout):
@@ -27,6 +29,9 @@ table                  unique key                    a write of an existing key
 ``rollout_decisions``  ``(rollout_id, seq)``         every decision, with its figures
 ``rollout_leases``     ``rollout_id``                who drives it, until when (taken only when
                                                      free, expired or already ours)
+``policy_actions``     ``action_id``, and one per    what a policy rule did or asks approval for
+                       ``(rule, model, version)``    (edgepack.fleet._policies): inserted once;
+                                                     its state moves only from the one read
 =====================  ============================  =========================================
 
 One DDL serves both backends: SQLite gives these PostgreSQL type names NUMERIC affinity, which
@@ -55,6 +60,7 @@ __all__ = [
     "JobControlRow",
     "JobRow",
     "LeaseRow",
+    "PolicyActionRow",
     "RolloutDeviceRow",
     "RolloutRow",
     "TrustRow",
@@ -155,9 +161,18 @@ CREATE INDEX IF NOT EXISTS events_by_device ON events (kind, device, received_at
 CREATE INDEX IF NOT EXISTS events_by_time ON events (kind, received_at);
 CREATE TABLE IF NOT EXISTS trust_documents (
     version BIGINT PRIMARY KEY, document BYTEA NOT NULL, recorded_at TIMESTAMPTZ NOT NULL);
+CREATE TABLE IF NOT EXISTS alerts (
+    fingerprint TEXT PRIMARY KEY, labels TEXT NOT NULL, annotations TEXT NOT NULL,
+    status TEXT NOT NULL, starts_at TEXT NOT NULL, ends_at TEXT, last_sent_at TEXT,
+    resolved_sent INTEGER NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS job_controls (
     job_id TEXT PRIMARY KEY, in_progress_timeout BIGINT, canceled_at TIMESTAMPTZ,
     canceled_by TEXT, cancel_job_id TEXT);
+CREATE TABLE IF NOT EXISTS policy_actions (
+    action_id TEXT PRIMARY KEY, rule TEXT NOT NULL, model TEXT NOT NULL, version BIGINT NOT NULL,
+    action TEXT NOT NULL, state TEXT NOT NULL, created_at TIMESTAMPTZ NOT NULL,
+    updated_at TIMESTAMPTZ NOT NULL, decided_by TEXT, data JSONB NOT NULL,
+    UNIQUE (rule, model, version));
 CREATE TABLE IF NOT EXISTS rollouts (
     rollout_id TEXT PRIMARY KEY, model TEXT NOT NULL, version BIGINT NOT NULL, grp TEXT NOT NULL,
     state TEXT NOT NULL, stage INTEGER NOT NULL, spec JSONB NOT NULL, data JSONB NOT NULL,
@@ -299,6 +314,42 @@ ON CONFLICT (rollout_id) DO UPDATE SET holder = excluded.holder, expires_at = ex
 WHERE rollout_leases.holder = excluded.holder OR rollout_leases.expires_at <= ?
 """
 RELEASE_LEASE = "DELETE FROM rollout_leases WHERE rollout_id = ? AND holder = ?"
+POLICY_ACTION_COLUMNS = (
+    "action_id, rule, model, version, action, state, created_at, updated_at, decided_by, data"
+)
+# One action per (rule, model, version): a second collector's evaluation inserts nothing.
+INSERT_POLICY_ACTION = (
+    f"INSERT INTO policy_actions ({POLICY_ACTION_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    " ON CONFLICT DO NOTHING"
+)
+# Moved on only from the state the caller read: two operators approving at once act once.
+UPDATE_POLICY_ACTION = (
+    "UPDATE policy_actions SET state = ?, updated_at = ?, decided_by = COALESCE(?, decided_by),"
+    " data = ? WHERE action_id = ? AND state = ?"
+)
+
+
+@dataclass(frozen=True)
+class PolicyActionRow:
+    """What a policy rule did (``flagged``, ``rolled_back``) or waits for (``pending``), with
+    the figures behind it in ``data`` (edgepack.fleet._policies)."""
+
+    action_id: str
+    rule: str
+    model: str
+    version: int
+    action: str  # what the rule does: "flag" or "rollback"
+    state: str  # flagged, pending, rolling_back, rolled_back, rejected
+    created_at: datetime
+    updated_at: datetime
+    decided_by: str | None  # the operator key id that approved or rejected it
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+def policy_action_row(row: Sequence[Any]) -> PolicyActionRow:
+    aid, rule, model, version, action, state, created, updated, by, data = row
+    return PolicyActionRow(aid, rule, model, int(version), action, state, from_ts(created),
+                           from_ts(updated), by, from_json(data))  # fmt: skip
 
 
 @dataclass(frozen=True)

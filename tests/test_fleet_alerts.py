@@ -478,17 +478,26 @@ def test_html_report_shows_quality_and_multivariate(tmp_path: Path) -> None:
     assert "<td>-</td><td>-</td>" in page  # dev-b: an older agent's report, no quality report
 
 
-def test_alert_state_defaults_to_beside_the_store(tmp_path: Path) -> None:
-    """Without --alert-state the state sits beside a SQLite store (not in the working
-    directory), and `alerts` reads it there; when the collector never ran there it says so."""
-    store = tmp_path / "fleet.sqlite3"
+def test_alert_state_lives_in_the_fleet_store(tmp_path: Path) -> None:
+    """Without --alert-state the alerts are rows of the fleet store (so on PostgreSQL too):
+    state survives a new Alerter on the same store, and `alerts` reads it from --store."""
+    store_path = tmp_path / "fleet.sqlite3"
+    store = open_store(store_path)
+    now = datetime(2026, 12, 1, 12, 0, tzinfo=timezone.utc)
+    first = Alerter(store, clock=lambda: now)
+    (fired,) = first.observe("drift", "dev-a", _drift("drift", 1))
+    assert fired.status == "firing"
+    first.close()
+    again = Alerter(store, clock=lambda: now + timedelta(minutes=1))
+    assert again.observe("drift", "dev-a", _drift("drift", 2)) == []  # de-duplicated
+    store.close()
     runner = CliRunner()
-    missing = runner.invoke(cli, ["--store", str(store), "alerts"])
-    assert missing.exit_code == 1
-    assert "fleet-alerts.sqlite3" in missing.output
-    assert "collector" in missing.output
-    alerter = Alerter(tmp_path / "fleet-alerts.sqlite3")  # what the collector makes by default
-    alerter.close()
-    listed = runner.invoke(cli, ["--store", str(store), "alerts", "--json"])
+    listed = runner.invoke(cli, ["--store", str(store_path), "alerts", "--json"])
     assert listed.exit_code == 0, listed.output
-    assert json.loads(listed.output) == []
+    (alert,) = json.loads(listed.output)
+    assert alert["labels"]["alertname"] == "EdgepackDriftDetected"
+    assert alert["status"] == "firing"
+    assert not list(tmp_path.glob("*alerts*"))  # no file of its own
+    missing = runner.invoke(cli, ["--store", str(tmp_path / "typo.sqlite3"), "alerts"])
+    assert missing.exit_code == 1
+    assert "no fleet store" in missing.output

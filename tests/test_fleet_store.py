@@ -520,3 +520,20 @@ def test_a_real_deadlock_is_rolled_back_and_run_again_once(postgres_dsn: str) ->
     finally:
         for store in stores:
             store.close()
+
+
+def test_alert_state_is_kept_in_the_store(store: FleetStore) -> None:
+    """The collector's alert state is a table of the fleet store, on either backend: a firing
+    alert is remembered across Alerters (de-duplicated), and its resolution is sent once."""
+    from edgepack.fleet._alerts import Alerter
+
+    report = {"model": "churn", "version": 2, "status": "drift", "seq": 1}
+    first = Alerter(store, clock=lambda: at(0))
+    assert [a.status for a in first.observe("drift", "dev-a", report)] == ["firing"]
+    second = Alerter(store, clock=lambda: at(1))  # a restarted collector
+    assert second.observe("drift", "dev-a", report | {"seq": 2}) == []
+    ok = report | {"status": "ok", "seq": 3}
+    assert [a.status for a in second.observe("drift", "dev-a", ok)] == ["resolved"]
+    assert second.observe("drift", "dev-a", ok | {"seq": 4}) == []
+    (alert,) = second.alerts()
+    assert (alert.status, alert.starts_at, alert.ends_at) == ("resolved", at(0), at(1))
