@@ -53,10 +53,11 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from edgepack.fleet import _schema as sql
 from edgepack.fleet._schema import (
+    AuditEntry,
     DecisionRow,
     DeviceRow,
     ExecutionRow,
@@ -77,7 +78,11 @@ from edgepack.formats.messages import (
     read_device_state,
 )
 
+if TYPE_CHECKING:
+    from edgepack.fleet._audit import AuditDraft
+
 __all__ = [
+    "AuditEntry",
     "DecisionRow",
     "DeviceRow",
     "ExecutionRow",
@@ -376,13 +381,68 @@ class _Store:
             for d in devices:
                 row = (d.rollout_id, d.device, d.profile, d.stage, d.old_version, d.deploy_job)
                 cur.execute(self._q(sql.INSERT_ROLLOUT_DEVICE), (*row, d.rollback_job))
-            self._decision(cur, decision)
+            self._decision(cur, decision, r)
 
         self._run(f"recording rollout {r.rollout_id}", body, write=True)
 
-    def _decision(self, cur: Any, d: DecisionRow) -> None:
+    def _decision(self, cur: Any, d: DecisionRow, rollout: RolloutRow) -> None:
         params = (d.rollout_id, d.seq, sql.ts(d.at), d.stage, d.action, d.reason)
         cur.execute(self._q(sql.INSERT_DECISION), (*params, sql.to_json(d.figures)))
+        if cur.rowcount == 1:  # every rollout decision joins the audit trail, in its transaction
+            from edgepack.fleet._audit import decision_draft  # it imports this module
+
+            self._append_audit(cur, decision_draft(d, rollout))
+
+    # -- the audit trail (edgepack.fleet._audit) ---------------------------------------------
+
+    def _lock_audit(self, cur: Any) -> None:
+        """Serialize appends (SQLite: the IMMEDIATE transaction already holds the write lock)."""
+
+    def _append_audit(self, cur: Any, draft: AuditDraft) -> tuple[AuditEntry, bool]:
+        from edgepack.fleet._audit import GENESIS, seal  # it imports this module
+
+        self._lock_audit(cur)
+        if draft.fact is not None:
+            cur.execute(self._q(sql.AUDIT_BY_FACT), (draft.fact,))
+            found = cur.fetchone()
+            if found is not None:
+                return sql.audit_entry(tuple(found)), False
+        cur.execute(self._q(sql.AUDIT_TAIL))
+        tail = cur.fetchone()
+        entry = seal(draft, 1 if tail is None else int(tail[0]) + 1, GENESIS if tail is None
+                     else tail[1])  # fmt: skip
+        e = entry
+        row = (e.seq, sql.ts(e.at), e.kind, e.model, e.version, e.device, e.key_id, e.fact,
+               e.payload_text, e.prev_hash, e.hash)  # fmt: skip
+        cur.execute(self._q(sql.INSERT_AUDIT), row)
+        return entry, True
+
+    def append_audit(self, draft: AuditDraft) -> tuple[AuditEntry, bool]:
+        """Append one entry to the audit trail, chained to the last one, in one transaction
+        (inside :meth:`batch`, in the batch's). Appends are serialized: one chain, whoever
+        writes. A ``fact`` already recorded is not appended again.
+
+        Returns:
+            The entry (the one recorded before, for a known fact) and whether it is new.
+        """
+        return self._run("appending to the audit trail", lambda cur: self._append_audit(cur, draft),
+                         write=True)  # fmt: skip
+
+    def audit_rows(
+        self, where: Sequence[tuple[str, Any]] = (), after: int = 0, limit: int | None = None,
+        newest: bool = False,
+    ) -> list[AuditEntry]:  # fmt: skip
+        """Audit entries with ``seq > after`` matching every ``(condition, value)`` in ``where``
+        (conditions are edgepack.fleet._audit's constants), by ``seq`` (newest first with
+        ``newest``), at most ``limit``."""
+        text = f"SELECT {sql.AUDIT_COLUMNS} FROM audit_log WHERE seq > ?"
+        params: list[Any] = [after]
+        for condition, value in where:
+            text, params = f"{text} AND {condition}", [*params, value]
+        text += " ORDER BY seq DESC" if newest else " ORDER BY seq"
+        if limit is not None:
+            text, params = text + " LIMIT ?", [*params, limit]
+        return [sql.audit_entry(row) for row in self._rows(text, params)]
 
     def rollout(self, rollout_id: str) -> RolloutRow | None:
         text = f"SELECT {sql.ROLLOUT_COLUMNS} FROM rollouts WHERE rollout_id = ?"
@@ -416,7 +476,7 @@ class _Store:
             if cur.rowcount != 1:
                 return False
             for decision in decisions:
-                self._decision(cur, decision)
+                self._decision(cur, decision, old)
             return True
 
         return self._run(f"updating rollout {old.rollout_id}", body, write=True)
@@ -667,6 +727,10 @@ class _PostgresStore(_Store):
     def _create_schema(self, cur: Any) -> None:
         cur.execute("SELECT pg_advisory_xact_lock(7405150001)")  # collectors starting at once
         super()._create_schema(cur)
+
+    def _lock_audit(self, cur: Any) -> None:
+        # Held to the end of the transaction: two collectors and a CLI append one chain.
+        cur.execute("SELECT pg_advisory_xact_lock(7405150002)")
 
     def _transact(self, body: Callable[[Any], T], write: bool) -> T:
         reconnected, attempt = False, 0

@@ -29,6 +29,9 @@ table                  unique key                    a write of an existing key
 ``rollout_decisions``  ``(rollout_id, seq)``         every decision, with its figures
 ``rollout_leases``     ``rollout_id``                who drives it, until when (taken only when
                                                      free, expired or already ours)
+``audit_log``          ``seq``; ``fact`` (unique)    the hash-chained audit trail
+                                                     (edgepack.fleet._audit): appended under a
+                                                     lock, a known ``fact`` is not appended again
 ``policy_actions``     ``action_id``, and one per    what a policy rule did or asks approval for
                        ``(rule, model, version)``    (edgepack.fleet._policies): inserted once;
                                                      its state moves only from the one read
@@ -54,6 +57,7 @@ from urllib.parse import urlsplit, urlunsplit
 from edgepack.formats.messages import JobStatus
 
 __all__ = [
+    "AuditEntry",
     "DecisionRow",
     "DeviceRow",
     "ExecutionRow",
@@ -66,7 +70,7 @@ __all__ = [
     "TrustRow",
 ]
 
-SCHEMA_VERSION = 3  # 2: memberships and trust_documents; 3: job_controls and rollouts
+SCHEMA_VERSION = 4  # 4 added alerts, policy_actions, audit_log (tables are only ever added)
 _UTC = timezone.utc
 
 
@@ -187,7 +191,14 @@ CREATE TABLE IF NOT EXISTS rollout_decisions (
     action TEXT NOT NULL, reason TEXT NOT NULL, figures JSONB NOT NULL,
     PRIMARY KEY (rollout_id, seq));
 CREATE TABLE IF NOT EXISTS rollout_leases (
-    rollout_id TEXT PRIMARY KEY, holder TEXT NOT NULL, expires_at TIMESTAMPTZ NOT NULL)
+    rollout_id TEXT PRIMARY KEY, holder TEXT NOT NULL, expires_at TIMESTAMPTZ NOT NULL);
+CREATE TABLE IF NOT EXISTS audit_log (
+    seq BIGINT PRIMARY KEY, at TIMESTAMPTZ NOT NULL, kind TEXT NOT NULL, model TEXT,
+    version BIGINT, device TEXT, key_id TEXT, fact TEXT, payload TEXT NOT NULL,
+    prev_hash TEXT NOT NULL, hash TEXT NOT NULL);
+CREATE UNIQUE INDEX IF NOT EXISTS audit_by_fact ON audit_log (fact);
+CREATE INDEX IF NOT EXISTS audit_by_model ON audit_log (model, seq);
+CREATE INDEX IF NOT EXISTS audit_by_device ON audit_log (device, seq)
 """
 INSERT_SCHEMA_VERSION = (
     "INSERT INTO schema_version (id, version) VALUES (1, ?) ON CONFLICT DO NOTHING"
@@ -350,6 +361,52 @@ def policy_action_row(row: Sequence[Any]) -> PolicyActionRow:
     aid, rule, model, version, action, state, created, updated, by, data = row
     return PolicyActionRow(aid, rule, model, int(version), action, state, from_ts(created),
                            from_ts(updated), by, from_json(data))  # fmt: skip
+
+
+# The audit trail's payload is TEXT, not JSONB: the hash covers these exact bytes (JSONB would
+# reorder keys and refuse \u0000), and SQLite and PostgreSQL then hold the same text.
+AUDIT_COLUMNS = "seq, at, kind, model, version, device, key_id, fact, payload, prev_hash, hash"
+INSERT_AUDIT = f"INSERT INTO audit_log ({AUDIT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+AUDIT_TAIL = "SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1"
+AUDIT_BY_FACT = f"SELECT {AUDIT_COLUMNS} FROM audit_log WHERE fact = ?"
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    """One entry of the audit trail (edgepack.fleet._audit), as stored.
+
+    ``payload_text`` is the canonical JSON the hash covers; ``payload`` is it decoded.
+    """
+
+    seq: int
+    at: datetime
+    kind: str
+    model: str | None
+    version: int | None
+    device: str | None
+    key_id: str | None
+    fact: str | None  # what makes it unique (a job id, an outcome's seq), or None
+    payload: dict[str, Any]
+    prev_hash: str
+    hash: str
+    payload_text: str = field(default="", repr=False, compare=False)
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-ready, with ISO 8601 UTC time (``audit --json`` and the JSON Lines export)."""
+        return {
+            "seq": self.seq, "at": ts(self.at), "kind": self.kind, "model": self.model,
+            "version": self.version, "device": self.device, "key_id": self.key_id,
+            "fact": self.fact, "payload": self.payload, "prev_hash": self.prev_hash,
+            "hash": self.hash,
+        }  # fmt: skip
+
+
+def audit_entry(row: Sequence[Any]) -> AuditEntry:
+    seq, at, kind, model, version, device, key, fact, payload, prev, digest = row
+    return AuditEntry(
+        int(seq), from_ts(at), kind, model, None if version is None else int(version), device,
+        key, fact, json.loads(payload), prev, digest, payload,
+    )  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -377,8 +377,9 @@ def test_a_version_1_store_is_upgraded_in_place(tmp_path: Path) -> None:
     assert store.assign("cam-1", ["eu"], at(0)) == ["eu"]
     store.close()
     with sqlite3.connect(path) as conn:
-        assert conn.execute("SELECT version FROM schema_version").fetchone() == (3,)
-    assert store_tables(path) >= {"memberships", "job_controls", "rollouts", "rollout_leases"}
+        assert conn.execute("SELECT version FROM schema_version").fetchone() == (4,)
+    tables = {"memberships", "job_controls", "rollouts", "rollout_leases", "audit_log"}
+    assert store_tables(path) >= tables
 
 
 def store_tables(path: Path) -> set[str]:

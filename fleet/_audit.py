@@ -1,0 +1,487 @@
+"""The audit trail: an append-only, hash-chained log of what was built, commanded and done.
+
+Every fact that governs what runs where goes into one table of the fleet store (``audit_log``,
+:mod:`edgepack.fleet._schema`), one entry per fact, in one chain:
+
+==================  =====================================  ==================================
+kind                recorded by                            fact (appended once)
+==================  =====================================  ==================================
+``build``           ``deploy``/``rollout``/``experiment``  ``build:MODEL:VERSION:DIGEST`` (the
+                    (the bundles they ship), ``audit        bundles' sha256s)
+                    record-build DIR``
+``command``         the CLI that publishes it, and the     ``command:JOB_ID``: the signed
+                    collector that hears it                envelope itself
+``outcome``         the collector (terminal job statuses)  ``outcome:JOB:DEVICE:SEQ``
+``rollout``         the store, with each rollout decision  ``rollout:ROLLOUT_ID:SEQ``
+``trust``           the collector (key rotations)          ``trust:VERSION``
+==================  =====================================  ==================================
+
+Other parts (policies, the console) append their own kinds through :func:`append`.
+
+**The chain.** Entry ``seq`` stores ``hash = sha256(canonical [seq, at, kind, model, version,
+device, key_id, fact, payload, prev_hash])`` where ``prev_hash`` is entry ``seq - 1``'s hash
+(:data:`GENESIS` for the first). The store appends under a lock (SQLite: the write transaction;
+PostgreSQL: an advisory lock held to the commit), so two collectors and a CLI writing at once
+make one chain, and a fact already recorded is returned, not appended again.
+
+:func:`verify` walks the chain and names the first entry that was altered (its hash no longer
+covers its content, or the next entry chains to another hash), removed (a gap in ``seq``) or
+reordered (its content hashes right at another ``seq``), and re-verifies every recorded
+command's signature against the trusted operator keys. It does no I/O beyond reading the store.
+What this proves and what it does not: docs/governance.md.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import math
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from edgepack.fleet import _schema as sql
+from edgepack.fleet._schema import AuditEntry, DecisionRow, RolloutRow
+from edgepack.formats.commands import Command, read_command
+from edgepack.formats.exceptions import EdgepackError
+from edgepack.formats.keys import key_id, load_public_key
+from edgepack.formats.messages import TERMINAL, JobUpdate
+
+if TYPE_CHECKING:
+    from edgepack.fleet._database import FleetStore
+
+__all__ = [
+    "GENESIS",
+    "AuditDraft",
+    "AuditEntry",
+    "AuditProblem",
+    "AuditVerdict",
+    "append",
+    "entries",
+    "record_build",
+    "record_command",
+    "record_outcome",
+    "record_trust",
+    "verify",
+]
+
+GENESIS = "0" * 64  # the prev_hash of the first entry
+_FORMAT = "edgepack-audit/1"
+_KIND = re.compile(r"^[a-z][a-z0-9_.-]{0,63}$")
+MAX_PAYLOAD_BYTES = 1 << 20
+_PAGE = 1000
+
+
+@dataclass(frozen=True)
+class AuditDraft:
+    """An entry before the store gives it its place (``seq``) and its link (``prev_hash``)."""
+
+    at: datetime
+    kind: str
+    model: str | None
+    version: int | None
+    device: str | None
+    key_id: str | None
+    fact: str | None
+    payload_text: str  # canonical JSON
+
+
+def _canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=False)
+
+
+def entry_hash(
+    seq: int, at: datetime, kind: str, model: str | None, version: int | None,
+    device: str | None, key: str | None, fact: str | None, payload_text: str, prev_hash: str,
+) -> str:  # fmt: skip
+    """The hash an entry stores: its canonical content and the previous entry's hash."""
+    content = [_FORMAT, seq, sql.ts(at), kind, model, version, device, key, fact, payload_text,
+               prev_hash]  # fmt: skip
+    return hashlib.sha256(_canonical(content).encode()).hexdigest()
+
+
+def _hash_of(e: AuditEntry, seq: int | None = None) -> str:
+    return entry_hash(seq if seq is not None else e.seq, e.at, e.kind, e.model, e.version,
+                      e.device, e.key_id, e.fact, e.payload_text, e.prev_hash)  # fmt: skip
+
+
+def seal(draft: AuditDraft, seq: int, prev_hash: str) -> AuditEntry:
+    """The entry ``draft`` becomes at ``seq`` after ``prev_hash`` (the store calls this)."""
+    d = draft
+    digest = entry_hash(seq, d.at, d.kind, d.model, d.version, d.device, d.key_id, d.fact,
+                        d.payload_text, prev_hash)  # fmt: skip
+    return AuditEntry(seq, sql.utc(d.at), d.kind, d.model, d.version, d.device, d.key_id, d.fact,
+                      json.loads(d.payload_text), prev_hash, digest, d.payload_text)  # fmt: skip
+
+
+def draft(
+    kind: str, payload: Mapping[str, Any], *, at: datetime, model: str | None = None,
+    version: int | None = None, device: str | None = None, key_id: str | None = None,
+    fact: str | None = None,
+) -> AuditDraft:  # fmt: skip
+    """Check an entry's fields and make its draft.
+
+    Raises:
+        ValueError: a bad kind, a payload that is not a JSON object (or holds NaN, or is above
+            1 MiB), a naive time, or a non-integer version.
+    """
+    if not isinstance(kind, str) or not _KIND.match(kind):
+        raise ValueError(f"audit kind {kind!r} must be 1-64 of a-z, 0-9, '_', '.', '-'")
+    if not isinstance(payload, Mapping):
+        raise ValueError(f"an audit payload must be a JSON object, not {type(payload).__name__}")
+    if not isinstance(at, datetime) or at.tzinfo is None:
+        raise ValueError("an audit entry's time must be an aware datetime (UTC)")
+    if version is not None and (type(version) is not int):
+        raise ValueError(f"an audit entry's version must be an integer, not {version!r}")
+    try:
+        text = _canonical(dict(payload))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"audit payload of a {kind} entry is not plain JSON: {e}") from e
+    if len(text) > MAX_PAYLOAD_BYTES:
+        raise ValueError(f"audit payload of a {kind} entry is {len(text)} bytes, above 1 MiB")
+    return AuditDraft(sql.utc(at), kind, model, version, device, key_id, fact, text)
+
+
+def append(
+    store: FleetStore, kind: str, payload: Mapping[str, Any], *, at: datetime,
+    model: str | None = None, version: int | None = None, device: str | None = None,
+    key_id: str | None = None, fact: str | None = None,
+) -> AuditEntry:  # fmt: skip
+    """Append one entry to the audit trail (inside ``store.batch``, in the batch's transaction).
+
+    Args:
+        store: the fleet store.
+        kind: what happened (``build``, ``command``, ``outcome``, ``rollout``, ``trust``, or
+            another part's own kind, e.g. ``policy``).
+        payload: the fact's details (a JSON object, at most 1 MiB).
+        at: when it happened (aware).
+        model, version, device, key_id: what it concerns and who signed it (filterable).
+        fact: what makes it unique; an entry with the same fact is returned, not appended twice.
+
+    Returns:
+        The entry, with its ``seq`` and ``hash``.
+
+    Raises:
+        ValueError: a malformed field (see :func:`draft`).
+        StoreError: the store failed.
+    """
+    made = draft(kind, payload, at=at, model=model, version=version, device=device,
+                 key_id=key_id, fact=fact)  # fmt: skip
+    return store.append_audit(made)[0]
+
+
+def entries(
+    store: FleetStore, *, model: str | None = None, device: str | None = None,
+    key_id: str | None = None, kind: str | None = None, since: datetime | None = None,
+    until: datetime | None = None, limit: int | None = None,
+) -> list[AuditEntry]:  # fmt: skip
+    """The entries matching every filter given, oldest first (the newest ``limit`` of them).
+
+    ``since``/``until`` bound the entries' ``at`` (inclusive). Raises StoreError.
+    """
+    where: list[tuple[str, Any]] = []
+    for column, value in (("model", model), ("device", device), ("key_id", key_id),
+                          ("kind", kind)):  # fmt: skip
+        if value is not None:
+            where.append((f"{column} = ?", value))
+    if since is not None:
+        where.append(("at >= ?", sql.ts(since)))
+    if until is not None:
+        where.append(("at <= ?", sql.ts(until)))
+    if limit is not None:
+        return list(reversed(store.audit_rows(where, limit=limit, newest=True)))
+    found: list[AuditEntry] = []
+    for page in _pages(store, where):
+        found.extend(page)
+    return found
+
+
+def _pages(store: FleetStore, where: Sequence[tuple[str, Any]] = ()) -> Iterator[list[AuditEntry]]:
+    after = 0
+    while True:
+        page = store.audit_rows(where, after=after, limit=_PAGE)
+        if not page:
+            return
+        yield page
+        after = page[-1].seq
+
+
+# -- verifying -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AuditProblem:
+    """What is wrong at one place in the chain."""
+
+    seq: int
+    what: str  # "altered", "removed", "reordered" or "signature"
+    detail: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"seq": self.seq, "what": self.what, "detail": self.detail}
+
+
+@dataclass(frozen=True)
+class AuditVerdict:
+    """What :func:`verify` found: ``ok`` when every hash, link and signature holds."""
+
+    ok: bool
+    checked: int  # entries read
+    signatures: int  # command envelopes whose signature was verified
+    head_seq: int  # the last entry's seq (0: empty)
+    head_hash: str  # its hash: keep it elsewhere to detect a rewrite of the whole chain
+    keys: list[str] = field(default_factory=list)  # the key ids signatures were checked with
+    problems: list[AuditProblem] = field(default_factory=list)  # in seq order; [0] is first
+
+    @property
+    def problem(self) -> AuditProblem | None:
+        return self.problems[0] if self.problems else None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok, "checked": self.checked, "signatures_checked": self.signatures,
+            "head": {"seq": self.head_seq, "hash": self.head_hash}, "keys": self.keys,
+            "problem": None if self.problem is None else self.problem.to_json(),
+            "problems": [p.to_json() for p in self.problems],
+        }  # fmt: skip
+
+
+def _trust_command_keys(rows: Sequence[AuditEntry]) -> list[ec.EllipticCurvePublicKey]:
+    """The command keys every recorded trust document named (a key retired later still signed
+    the commands it issued while in force)."""
+    keys: dict[str, ec.EllipticCurvePublicKey] = {}
+    for e in rows:
+        if e.kind != "trust":
+            continue
+        try:
+            envelope = json.loads(str(e.payload.get("document", "")))
+            body = json.loads(base64.b64decode(envelope["payload"], validate=True))
+            for pem in body["command_keys"]:
+                key = load_public_key(pem.encode(), source="trust document")
+                keys[key_id(key)] = key
+        except (ValueError, KeyError, TypeError, binascii.Error, EdgepackError):
+            continue  # the entry's hash still covers it; a bad document names no key
+    return list(keys.values())
+
+
+def verify(
+    store: FleetStore, trusted_keys: Sequence[ec.EllipticCurvePublicKey] | None = None
+) -> AuditVerdict:
+    """Check every entry's hash and link, and every recorded command's signature.
+
+    Args:
+        store: the fleet store.
+        trusted_keys: the operator keys commands must verify against; None: the command keys
+            the recorded trust documents named (none recorded: signatures are not checked).
+
+    Returns:
+        The verdict: every problem found, in ``seq`` order, the first one first.
+
+    Raises:
+        StoreError: the store cannot be read.
+    """
+    rows = [e for page in _pages(store) for e in page]
+    keys = list(trusted_keys) if trusted_keys is not None else _trust_command_keys(rows)
+    problems = _chain_problems(rows)
+    signatures = 0
+    for e in rows:
+        if e.kind != "command" or not keys:
+            continue
+        signatures += 1
+        problem = _signature_problem(e, keys)
+        if problem is not None:
+            problems.append(problem)
+    problems.sort(key=lambda p: p.seq)
+    head = rows[-1] if rows else None
+    return AuditVerdict(
+        not problems, len(rows), signatures, head.seq if head else 0,
+        head.hash if head else GENESIS, sorted(key_id(k) for k in keys), problems,
+    )  # fmt: skip
+
+
+def _signature_problem(
+    e: AuditEntry, keys: Sequence[ec.EllipticCurvePublicKey]
+) -> AuditProblem | None:
+    raw = e.payload.get("envelope")
+    if not isinstance(raw, str):
+        return AuditProblem(e.seq, "signature", "the command entry holds no envelope")
+    try:
+        command = read_command(raw.encode(), keys)
+    except EdgepackError as e_:
+        return AuditProblem(e.seq, "signature", f"command {e.fact}: {e_}")
+    if command.job_id != e.payload.get("job_id") or (e.key_id and command.key_id != e.key_id):
+        return AuditProblem(
+            e.seq, "signature", f"the envelope is job {command.job_id} signed by "
+            f"{command.key_id}, not what the entry says ({e.payload.get('job_id')}, {e.key_id})",
+        )  # fmt: skip
+    return None
+
+
+def _chain_problems(rows: Sequence[AuditEntry]) -> list[AuditProblem]:
+    problems: list[AuditProblem] = []
+    by_hash = {e.hash: e for e in rows}
+    expected, prev = 1, GENESIS
+    for i, e in enumerate(rows):
+        if e.seq != expected:
+            gone = f"{expected}" if e.seq == expected + 1 else f"{expected}-{e.seq - 1}"
+            problems.append(AuditProblem(expected, "removed", f"entry {gone} is missing"))
+        elif _hash_of(e) != e.hash:
+            written = _written_as(e, rows)
+            if written is not None:
+                problems.append(
+                    AuditProblem(
+                        e.seq, "reordered", f"the entry at {e.seq} was written as {written}"
+                    )
+                )
+            else:
+                problems.append(
+                    AuditProblem(
+                        e.seq, "altered", f"entry {e.seq}'s content no longer matches its hash"
+                    )
+                )
+        elif e.prev_hash != prev and i > 0 and rows[i - 1].seq == e.seq - 1:
+            before = rows[i - 1]
+            if e.prev_hash in by_hash:
+                what, detail = (
+                    "reordered",
+                    (
+                        f"entry {e.seq} follows the entry now at "
+                        f"{by_hash[e.prev_hash].seq}, not {before.seq}"
+                    ),
+                )
+            elif _hash_of(before) == before.hash:
+                what, detail = (
+                    "altered",
+                    (
+                        f"entry {before.seq} was rewritten with a new hash; "
+                        f"entry {e.seq} chains to its original"
+                    ),
+                )
+            else:
+                what, detail = "", ""  # already named as altered
+            if what and not any(p.seq == before.seq for p in problems):
+                problems.append(AuditProblem(before.seq, what, detail))
+        elif i == 0 and e.prev_hash != GENESIS:
+            problems.append(
+                AuditProblem(
+                    e.seq,
+                    "altered",
+                    "the first entry does not start the "
+                    "chain (its prev_hash is not the genesis hash)",
+                )
+            )
+        expected, prev = e.seq + 1, e.hash
+    return problems
+
+
+def _written_as(e: AuditEntry, rows: Sequence[AuditEntry]) -> int | None:
+    """The seq ``e``'s content hashes right at, when not its own (bounded: one pass)."""
+    for other in rows:
+        if other.seq != e.seq and _hash_of(e, other.seq) == e.hash:
+            return other.seq
+    last = rows[-1].seq if rows else 0
+    for seq in range(last + 1, last + 65):  # entries removed and the rest renumbered
+        if _hash_of(e, seq) == e.hash:
+            return seq
+    return None
+
+
+# -- the facts the fleet records --------------------------------------------------------------
+
+
+def _claimed_key(raw: bytes) -> str | None:
+    """The key id an envelope names (unverified; verify() checks it)."""
+    try:
+        signatures = json.loads(raw)["signatures"]
+        claimed = signatures[0].get("keyid")
+        return claimed if isinstance(claimed, str) else None
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError):
+        return None
+
+
+def record_command(store: FleetStore, command: Command, *, by: str) -> AuditEntry:
+    """Append a command (the signed envelope itself) once per job id. ``by``: who saw it
+    (``collector`` or ``cli``), kept in the payload of the first record only."""
+    ((target_type, target),) = command.target.items()
+    payload = {
+        "job_id": command.job_id, "kind": command.kind.value, "target": {target_type: target},
+        "issued_at": sql.ts(command.issued_at), "expires_at": sql.ts(command.expires_at),
+        "bundles": {p: b.sha256 for p, b in sorted(command.bundles.items())},
+        "cancels": command.cancels, "recorded_by": by,
+        "envelope": command.raw.decode("utf-8", "replace"),
+    }  # fmt: skip
+    device = target if target_type == "device" else None
+    return append(store, "command", payload, at=command.issued_at, model=command.model,
+                  version=command.version, device=device,
+                  key_id=command.key_id or _claimed_key(command.raw),
+                  fact=f"command:{command.job_id}")  # fmt: skip
+
+
+def record_outcome(store: FleetStore, update: JobUpdate, at: datetime) -> AuditEntry | None:
+    """Append a device's terminal job status (once per job, device and seq); None otherwise."""
+    if update.status not in TERMINAL:
+        return None
+    payload = {
+        "job_id": update.job_id, "status": update.status.value, "seq": update.seq,
+        "step": None if update.step is None else update.step.value, "reason": update.reason,
+        "version_before": update.version_before, "version_after": update.version_after,
+    }  # fmt: skip
+    return append(store, "outcome", payload, at=update.ts or at, model=update.model,
+                  version=update.version_after, device=update.device,
+                  fact=f"outcome:{update.job_id}:{update.device}:{update.seq}")  # fmt: skip
+
+
+def record_trust(store: FleetStore, document: bytes, at: datetime) -> AuditEntry:
+    """Append a key rotation: the trust document, its version and key ids per role."""
+    from edgepack.fleet._trust import peek_trust  # it imports the store, which imports us
+
+    summary = peek_trust(document)
+    payload = {**summary.as_json(), "document": document.decode("utf-8", "replace")}
+    signer = _claimed_key(document)
+    return append(store, "trust", payload, at=at, key_id=signer,
+                  fact=f"trust:{summary.version}")  # fmt: skip
+
+
+def record_build(
+    store: FleetStore, model: str, version: int, bundles: Mapping[str, Mapping[str, Any]],
+    at: datetime,
+) -> AuditEntry:  # fmt: skip
+    """Append a build: per profile the bundle's sha256, size, precision, parity, signer and
+    source (:func:`edgepack.fleet._commands.describe_bundle`), once per set of bundles."""
+    digest = hashlib.sha256(
+        "".join(f"{p}:{b.get('sha256')};" for p, b in sorted(bundles.items())).encode()
+    ).hexdigest()[:16]
+    signers = sorted({str(b.get("signer")) for b in bundles.values() if b.get("signer")})
+    payload = {"profiles": {p: dict(b) for p, b in sorted(bundles.items())}}
+    return append(store, "build", payload, at=at, model=model, version=version,
+                  key_id=signers[0] if len(signers) == 1 else None,
+                  fact=f"build:{model}:{version}:{digest}")  # fmt: skip
+
+
+def _plain(value: Any) -> Any:
+    """``value`` as plain JSON: a NaN or infinite figure becomes null, anything else text (a
+    decision must never fail to be recorded for its figures)."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if value is None or isinstance(value, (str, int, bool)):
+        return value
+    return str(value)
+
+
+def decision_draft(d: DecisionRow, rollout: RolloutRow) -> AuditDraft:
+    """A rollout decision as an audit entry (the store appends it with the decision)."""
+    payload = {"rollout_id": d.rollout_id, "decision": d.seq, "stage": d.stage,
+               "action": d.action, "reason": d.reason, "figures": _plain(d.figures),
+               "group": rollout.group}  # fmt: skip
+    return draft("rollout", payload, at=d.at, model=rollout.model, version=rollout.version,
+                 fact=f"rollout:{d.rollout_id}:{d.seq}")  # fmt: skip
