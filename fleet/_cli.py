@@ -342,6 +342,24 @@ _simple_command("retire", "Uninstall MODEL from a device or a group.")
     show_default=True,
     help="Seconds past a job's in-progress timeout before a silent device is marked TIMED_OUT.",
 )
+@click.option(
+    "--policies",
+    "policy_file",
+    type=click.Path(dir_okay=False, path_type=Path, exists=True),
+    help="Retirement and remediation rules (TOML) to evaluate; see docs/governance.md.",
+)
+@click.option(
+    "--policy-key",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Operator signing key for rollbacks the policies send without approval.",
+)
+@click.option(
+    "--policy-interval",
+    type=click.FloatRange(min=0.1),
+    default=60.0,
+    show_default=True,
+    help="Seconds between two evaluations of the policies.",
+)
 @click.pass_context
 def collector(
     ctx: click.Context,
@@ -355,6 +373,9 @@ def collector(
     metrics_port: int | None,
     metrics_host: str,
     job_grace: float,
+    policy_file: Path | None,
+    policy_key: Path | None,
+    policy_interval: float,
 ) -> None:
     """Run the collector: keep device state and job progress in the store."""
     from edgepack.fleet._alerts import Alerter, WebhookSender
@@ -369,6 +390,13 @@ def collector(
 
     keys = [load_public_key(p.read_bytes(), source=str(p)) for p in command_keys] or None
     roots = [load_public_key(p.read_bytes(), source=str(p)) for p in root_keys] or None
+    policies = None
+    if policy_file is not None:
+        from edgepack.fleet._cli_policy import policy_engine
+
+        policies = policy_engine(ctx, store, policy_file, policy_key)
+    elif policy_key is not None:
+        _fail("--policy-key signs the rollbacks of --policies FILE: give the policy file too", 2)
     running = Collector(
         _broker(ctx),
         store,
@@ -378,6 +406,8 @@ def collector(
         client_id=client_id,
         alerter=alerter,
         job_grace=job_grace,
+        policies=policies,
+        policy_interval=policy_interval,
     ).start()
     console.print(f"collector running: broker {ctx.obj['broker']}, store {ctx.obj['store']}")
     metrics = None
@@ -624,6 +654,7 @@ def report(
 # devices (assign, unassign), acl, trust, status and jobs register themselves on `cli` (they use
 # the helpers above, so they are imported once this module is complete).
 from edgepack.fleet import _cli_access, _cli_experiment, _cli_jobs, _cli_rollout  # noqa: E402, F401
+from edgepack.fleet import _cli_policy  # noqa: E402, F401
 
 
 def main() -> None:

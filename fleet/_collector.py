@@ -35,6 +35,11 @@ without them ignores cancels it hears; ``jobs cancel`` records its own in the st
 executions that never started become ``CANCELED`` and the job is no longer served in pending
 answers.
 
+**Policies.** With a :class:`~edgepack.fleet._policies.PolicyEngine` (``--policies FILE``), a
+thread of its own evaluates the rules against the store every ``policy_interval`` seconds and
+acts (flags, asks approval, rolls back), off the writer thread, so a slow broker never holds up
+what devices report.
+
 **Pending answers** carry the newest unfinished command per model addressed to the device or to
 a group the *operator* assigned it to (``edgepack-fleet devices assign``), never one the device
 claims, plus the latest trust document.
@@ -61,6 +66,7 @@ from edgepack._clock import Clock, utc_now
 from edgepack.fleet._alerts import Alerter
 from edgepack.fleet._broker import BrokerOptions, connect
 from edgepack.fleet._database import FleetStore, JobRow, StoreError
+from edgepack.fleet._policies import PolicyEngine
 from edgepack.fleet._trust import peek_trust, verify_trust
 from edgepack.fleet._views import job_devices
 from edgepack.fleet.exceptions import BrokerError
@@ -137,6 +143,7 @@ class Collector:
         job_grace: seconds past a job's in-progress timeout before a silent device's execution
             is marked ``TIMED_OUT``.
         sweep_interval: seconds between two such sweeps (on ``clock``).
+        policies: evaluated and acted on every ``policy_interval`` seconds (wall time).
     """
 
     def __init__(
@@ -153,6 +160,8 @@ class Collector:
         alerter: Alerter | None = None,
         job_grace: float = 300.0,
         sweep_interval: float = 30.0,
+        policies: PolicyEngine | None = None,
+        policy_interval: float = 60.0,
     ) -> None:
         self.options = options
         self.alerter = alerter
@@ -175,6 +184,11 @@ class Collector:
         )
         self._client: mqtt.Client | None = None
         self.ready = threading.Event()
+        self.policies, self.policy_interval = policies, policy_interval
+        self._stopping = threading.Event()
+        self._policy_thread = threading.Thread(
+            target=self._policy_loop, name="edgepack-policies", daemon=True
+        )
 
     def _subscriptions(self) -> list[tuple[str, int]]:
         t = self.topics
@@ -217,6 +231,8 @@ class Collector:
         self._client = client
         self._announce(client)
         self.ready.set()
+        if self.policies is not None:
+            self._policy_thread.start()
         log.info(
             "collector subscribed on %s:%d%s",
             self.options.host,
@@ -252,8 +268,22 @@ class Collector:
         client.subscribe(self._subscriptions())  # again after a reconnect
         self._announce(client)  # after the SUBSCRIBE on the same connection: ordered
 
+    def _policy_loop(self) -> None:
+        assert self.policies is not None
+        while not self._stopping.wait(self.policy_interval):
+            try:
+                for action in self.policies.run():
+                    log.warning("policy %s: %s v%s %s (%s)", action.rule, action.model,
+                                action.version, action.state, action.action_id)  # fmt: skip
+            except Exception:  # a store or broker failure: logged, tried again next interval
+                self.stats.errors += 1
+                log.exception("collector: evaluating the policies failed")
+
     def stop(self, drain_timeout: float = 10.0) -> None:
         """Stop receiving, write what is queued, close."""
+        self._stopping.set()
+        if self._policy_thread.is_alive():
+            self._policy_thread.join(timeout=drain_timeout)
         if self._client is not None:
             info = self._client.publish(
                 self.topics.collector(self._client_id), self._presence(False), qos=1, retain=True

@@ -64,6 +64,7 @@ from edgepack.fleet._schema import (
     JobControlRow,
     JobRow,
     LeaseRow,
+    PolicyActionRow,
     RolloutDeviceRow,
     RolloutRow,
     TrustRow,
@@ -90,6 +91,7 @@ __all__ = [
     "JobControlRow",
     "JobRow",
     "LeaseRow",
+    "PolicyActionRow",
     "RolloutDeviceRow",
     "RolloutRow",
     "StoreError",
@@ -153,6 +155,20 @@ class FleetStore(Protocol):
         self, rollout_id: str, holder: str, until: datetime, now: datetime
     ) -> LeaseRow: ...
     def release_lease(self, rollout_id: str, holder: str) -> bool: ...
+    def append_audit(self, draft: AuditDraft) -> tuple[AuditEntry, bool]: ...
+    def audit_rows(
+        self, where: Sequence[tuple[str, Any]] = (), after: int = 0, limit: int | None = None,
+        newest: bool = False,
+    ) -> list[AuditEntry]: ...  # fmt: skip
+    def record_policy_action(self, action: PolicyActionRow) -> bool: ...
+    def policy_action(self, action_id: str) -> PolicyActionRow | None: ...
+    def policy_actions(
+        self, state: str | None = None, limit: int = 100
+    ) -> list[PolicyActionRow]: ...
+    def update_policy_action(
+        self, old: PolicyActionRow, state: str, data: Payload, at: datetime,
+        decided_by: str | None = None,
+    ) -> bool: ...  # fmt: skip
     def close(self) -> None: ...
 
 
@@ -513,6 +529,38 @@ class _Store:
     def release_lease(self, rollout_id: str, holder: str) -> bool:
         """Give the lease back if ``holder`` has it; True if it did."""
         return self._write("releasing a rollout lease", sql.RELEASE_LEASE, (rollout_id, holder))
+
+    # -- policy actions (edgepack.fleet._policies) -----------------------------------------
+
+    def record_policy_action(self, action: PolicyActionRow) -> bool:
+        """Record what a policy rule did or asks approval for; False (nothing written) when
+        that rule already acted on that model version."""
+        a = action
+        times = (sql.ts(a.created_at), sql.ts(a.updated_at))
+        params = (a.action_id, a.rule, a.model, a.version, a.action, a.state, *times,
+                  a.decided_by, sql.to_json(a.data))  # fmt: skip
+        return self._write("recording a policy action", sql.INSERT_POLICY_ACTION, params)
+
+    def policy_action(self, action_id: str) -> PolicyActionRow | None:
+        text = f"SELECT {sql.POLICY_ACTION_COLUMNS} FROM policy_actions WHERE action_id = ?"
+        rows = self._rows(text, (action_id,))
+        return sql.policy_action_row(rows[0]) if rows else None
+
+    def policy_actions(self, state: str | None = None, limit: int = 100) -> list[PolicyActionRow]:
+        """Policy actions (in ``state``), newest first."""
+        where, params = ("", []) if state is None else (" WHERE state = ?", [state])
+        text = f"SELECT {sql.POLICY_ACTION_COLUMNS} FROM policy_actions{where}"
+        rows = self._rows(text + " ORDER BY created_at DESC, action_id LIMIT ?", [*params, limit])
+        return [sql.policy_action_row(row) for row in rows]
+
+    def update_policy_action(
+        self, old: PolicyActionRow, state: str, data: Payload, at: datetime,
+        decided_by: str | None = None,
+    ) -> bool:  # fmt: skip
+        """Move a policy action on from ``old``'s state; False (nothing written) when its state
+        is no longer ``old``'s (someone else moved it meanwhile)."""
+        params = (state, sql.ts(at), decided_by, sql.to_json(dict(data)), old.action_id, old.state)
+        return self._write("updating a policy action", sql.UPDATE_POLICY_ACTION, params)
 
     # -- reading ---------------------------------------------------------------------------
 

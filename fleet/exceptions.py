@@ -6,8 +6,9 @@
         ├── BundleLookupError  the bundles for a deploy cannot be found or read
         ├── StoreError         the collector's store cannot be opened, read or written
         ├── JobError           no such job, or it cannot be canceled (finished, expired, ...)
-        └── RolloutError       a staged rollout cannot be started or driven as asked
-            └── LeaseHeldError another controller drives that rollout (who, until when)
+        ├── RolloutError       a staged rollout cannot be started or driven as asked
+        │   └── LeaseHeldError another controller drives that rollout (who, until when)
+        └── PolicyError        a policy file is not valid, or a policy action cannot be decided
 
 Command signing errors are the agent's (:mod:`edgepack.formats.messages`,
 :mod:`edgepack.formats.modelsig`), since the device checks the same format.
@@ -23,6 +24,7 @@ __all__ = [
     "FleetError",
     "JobError",
     "LeaseHeldError",
+    "PolicyError",
     "RolloutError",
     "StoreError",
 ]
@@ -56,3 +58,8 @@ class RolloutError(FleetError):
 
 class LeaseHeldError(RolloutError):
     """Another controller holds the rollout's lease; the message names it and its expiry."""
+
+
+class PolicyError(FleetError):
+    """A policy file that is not valid (the message names the line and what to write), a rule
+    that cannot act as configured, or a policy action that is unknown or already decided."""
