@@ -38,7 +38,14 @@ from edgepack.fleet._cli import (
     console,
     iso,
 )
-from edgepack.fleet._views import JOB_STATES, JobProgress, ago, job_progress, job_summaries
+from edgepack.fleet._views import (
+    JOB_STATES,
+    JobProgress,
+    ago,
+    job_progress,
+    job_state,
+    job_summaries,
+)
 
 __all__: list[str] = []
 
@@ -74,8 +81,6 @@ JOIN_GRACE = 10.0  # seconds `status --wait` allows the collector to record a jo
 
 
 def _job_json(progress: JobProgress, now: dt.datetime) -> dict[str, Any]:
-    from edgepack.fleet._views import job_state
-
     job, control = progress.job, progress.control
     assert job is not None
     return {
@@ -264,7 +269,7 @@ def list_jobs(
     as_json: bool,
 ) -> None:
     """The newest jobs: what they ask, their state, and devices per status."""
-    job_state, device_status = _state_filter(state)
+    wanted_state, device_status = _state_filter(state)
     now = _now(ctx)
     after = None if since is None else now - dt.timedelta(seconds=_seconds(since, "--since"))
     store = _store(ctx)
@@ -274,7 +279,7 @@ def list_jobs(
     found = [
         s
         for s in found
-        if (job_state is None or s.state == job_state)
+        if (wanted_state is None or s.state == wanted_state)
         and (device_status is None or s.counts.get(device_status))
     ][:limit]
     if as_json:
