@@ -51,6 +51,7 @@ from edgepack.fleet._schema import AuditEntry, DecisionRow, RolloutRow
 from edgepack.formats.commands import Command, read_command
 from edgepack.formats.exceptions import EdgepackError
 from edgepack.formats.keys import key_id, load_public_key
+from edgepack.formats.manifest import Manifest
 from edgepack.formats.messages import TERMINAL, JobUpdate
 
 if TYPE_CHECKING:
@@ -271,7 +272,10 @@ def _trust_command_keys(rows: Sequence[AuditEntry]) -> list[ec.EllipticCurvePubl
 
 
 def verify(
-    store: FleetStore, trusted_keys: Sequence[ec.EllipticCurvePublicKey] | None = None
+    store: FleetStore,
+    trusted_keys: Sequence[ec.EllipticCurvePublicKey] | None = None,
+    *,
+    head: tuple[int, str] | None = None,
 ) -> AuditVerdict:
     """Check every entry's hash and link, and every recorded command's signature.
 
@@ -279,6 +283,9 @@ def verify(
         store: the fleet store.
         trusted_keys: the operator keys commands must verify against; None: the command keys
             the recorded trust documents named (none recorded: signatures are not checked).
+        head: ``(seq, hash)`` of a head kept elsewhere (an earlier verdict's): the chain must
+            still hold that entry with that hash, which shows entries cut from the end and a
+            chain rewritten whole.
 
     Returns:
         The verdict: every problem found, in ``seq`` order, the first one first.
@@ -289,6 +296,8 @@ def verify(
     rows = [e for page in _pages(store) for e in page]
     keys = list(trusted_keys) if trusted_keys is not None else _trust_command_keys(rows)
     problems = _chain_problems(rows)
+    if head is not None:
+        problems.extend(_anchor_problems(rows, *head))
     signatures = 0
     for e in rows:
         if e.kind != "command" or not keys:
@@ -298,10 +307,10 @@ def verify(
         if problem is not None:
             problems.append(problem)
     problems.sort(key=lambda p: p.seq)
-    head = rows[-1] if rows else None
+    last = rows[-1] if rows else None
     return AuditVerdict(
-        not problems, len(rows), signatures, head.seq if head else 0,
-        head.hash if head else GENESIS, sorted(key_id(k) for k in keys), problems,
+        not problems, len(rows), signatures, last.seq if last else 0,
+        last.hash if last else GENESIS, sorted(key_id(k) for k in keys), problems,
     )  # fmt: skip
 
 
@@ -333,18 +342,20 @@ def _chain_problems(rows: Sequence[AuditEntry]) -> list[AuditProblem]:
             problems.append(AuditProblem(expected, "removed", f"entry {gone} is missing"))
         elif _hash_of(e) != e.hash:
             written = _written_as(e, rows)
-            if written is not None:
-                problems.append(
-                    AuditProblem(
-                        e.seq, "reordered", f"the entry at {e.seq} was written as {written}"
-                    )
+            if written is None:
+                what, detail = "altered", f"entry {e.seq}'s content no longer matches its hash"
+            elif written > e.seq and e.prev_hash not in by_hash:
+                gone = f"{e.seq}" if written == e.seq + 1 else f"{e.seq}-{written - 1}"
+                what, detail = (
+                    "removed",
+                    (
+                        f"entry {gone} was removed and the later ones renumbered (the entry at "
+                        f"{e.seq} was written as {written})"
+                    ),
                 )
             else:
-                problems.append(
-                    AuditProblem(
-                        e.seq, "altered", f"entry {e.seq}'s content no longer matches its hash"
-                    )
-                )
+                what, detail = "reordered", f"the entry at {e.seq} was written as {written}"
+            problems.append(AuditProblem(e.seq, what, detail))
         elif e.prev_hash != prev and i > 0 and rows[i - 1].seq == e.seq - 1:
             before = rows[i - 1]
             if e.prev_hash in by_hash:
@@ -378,6 +389,29 @@ def _chain_problems(rows: Sequence[AuditEntry]) -> list[AuditProblem]:
             )
         expected, prev = e.seq + 1, e.hash
     return problems
+
+
+def _anchor_problems(rows: Sequence[AuditEntry], seq: int, digest: str) -> list[AuditProblem]:
+    held = next((e for e in rows if e.seq == seq), None)
+    if held is None:
+        return [
+            AuditProblem(
+                seq,
+                "removed",
+                f"the kept head {seq} is no longer in the chain "
+                f"(it ends at {rows[-1].seq if rows else 0}): entries were cut",
+            )
+        ]
+    if held.hash != digest:
+        return [
+            AuditProblem(
+                seq,
+                "altered",
+                f"entry {seq}'s hash is {held.hash}, not the kept "
+                f"head's {digest}: the chain was rewritten up to there",
+            )
+        ]
+    return []
 
 
 def _written_as(e: AuditEntry, rows: Sequence[AuditEntry]) -> int | None:
@@ -446,6 +480,32 @@ def record_trust(store: FleetStore, document: bytes, at: datetime) -> AuditEntry
     signer = _claimed_key(document)
     return append(store, "trust", payload, at=at, key_id=signer,
                   fact=f"trust:{summary.version}")  # fmt: skip
+
+
+def _signer(sig: bytes | None) -> str | None:
+    """The key id a bundle's ``model.sig`` names (the device verifies it; so does ``edgepack
+    verify``)."""
+    try:
+        hint = json.loads(sig or b"")["verificationMaterial"]["publicKey"]["hint"]
+        return hint if isinstance(hint, str) else None
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def bundle_facts(
+    name: str, manifest: Manifest, sig: bytes | None, sha256: str, size: int
+) -> dict[str, Any]:
+    """What a build entry keeps of one bundle: its hash and size, precision, parity (passed,
+    rows, metrics, verified on target), signer key id and source (file hash or MLflow run)."""
+    parity = manifest.parity
+    return {
+        "bundle": name, "sha256": sha256, "size": size, "precision": manifest.precision,
+        "task": manifest.task, "family": manifest.family, "created": manifest.created,
+        "packager_version": manifest.packager_version, "signer": _signer(sig),
+        "parity": {k: _plain(parity[k]) for k in ("passed", "rows", "metrics", "target_verified")
+                   if k in parity},
+        "source": _plain(dict(manifest.source)),
+    }  # fmt: skip
 
 
 def record_build(

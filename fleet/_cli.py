@@ -177,11 +177,16 @@ def serve(directory: Path, host: str, port: int) -> None:
 
 
 def _send(
-    ctx: click.Context, kind: str, model: str, target: dict[str, str], key: Path, **kwargs: Any
-) -> None:
+    ctx: click.Context, kind: str, model: str, target: dict[str, str], key: Path,
+    build: dict[str, dict[str, Any]] | None = None, **kwargs: Any,
+) -> None:  # fmt: skip
+    from edgepack.fleet._cli_governance import record_build_shipped, record_issued
     from edgepack.fleet._commands import publish_command
 
+    if build:  # the audit trail: the build before the command that ships it
+        record_build_shipped(ctx, model, kwargs["version"], build)
     published = publish_command(_broker(ctx), kind, model, target, _key(key), **kwargs)
+    record_issued(ctx, published)
     where = f"device {target['device']}" if "device" in target else f"group {target['group']}"
     console.print(f"{kind} {model} → {where}: job [bold]{published.job_id}[/]")
     if published.bundles:
@@ -246,13 +251,15 @@ def deploy(
 
     target = _target(device, group)
     timeout = None if in_progress_timeout is None else _seconds(in_progress_timeout, "timeout")
-    bundles = find_bundles(model, version, base_url, dist)
+    described: dict[str, dict[str, Any]] = {}  # each bundle's build facts, for the audit trail
+    bundles = find_bundles(model, version, base_url, dist, described=described)
     _send(
         ctx,
         "deploy",
         model,
         target,
         key,
+        described,
         version=version,
         bundles=bundles,
         ttl=dt.timedelta(hours=ttl_hours),
@@ -653,8 +660,14 @@ def report(
 
 # devices (assign, unassign), acl, trust, status and jobs register themselves on `cli` (they use
 # the helpers above, so they are imported once this module is complete).
-from edgepack.fleet import _cli_access, _cli_experiment, _cli_jobs, _cli_rollout  # noqa: E402, F401
-from edgepack.fleet import _cli_policy  # noqa: E402, F401
+from edgepack.fleet import (  # noqa: E402, F401
+    _cli_access,
+    _cli_experiment,
+    _cli_governance,
+    _cli_jobs,
+    _cli_policy,
+    _cli_rollout,
+)
 
 
 def main() -> None:

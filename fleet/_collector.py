@@ -40,6 +40,11 @@ thread of its own evaluates the rules against the store every ``policy_interval`
 acts (flags, asks approval, rolls back), off the writer thread, so a slow broker never holds up
 what devices report.
 
+**Audit trail.** In the same transaction as what they record, the writer appends to the
+hash-chained audit trail (:mod:`edgepack.fleet._audit`) every job command (the signed envelope),
+every device's final job status and every trust document; each once, however many copies or
+collectors see it.
+
 **Pending answers** carry the newest unfinished command per model addressed to the device or to
 a group the *operator* assigned it to (``edgepack-fleet devices assign``), never one the device
 claims, plus the latest trust document.
@@ -63,6 +68,7 @@ import paho.mqtt.client as mqtt
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from edgepack._clock import Clock, utc_now
+from edgepack.fleet import _audit as audit
 from edgepack.fleet._alerts import Alerter
 from edgepack.fleet._broker import BrokerOptions, connect
 from edgepack.fleet._database import FleetStore, JobRow, StoreError
@@ -71,7 +77,7 @@ from edgepack.fleet._trust import peek_trust, verify_trust
 from edgepack.fleet._views import job_devices
 from edgepack.fleet.exceptions import BrokerError
 from edgepack.formats.commands import Command, CommandKind, read_command
-from edgepack.formats.exceptions import MessageError
+from edgepack.formats.exceptions import EdgepackError, MessageError
 from edgepack.formats.messages import (
     ReportKind,
     build_collector_presence,
@@ -471,6 +477,7 @@ class Collector:
                 new = store.record_job(job)
                 if command.in_progress_timeout is not None:
                     store.record_timeout(job.job_id, command.in_progress_timeout)
+                _audited(lambda: audit.record_command(store, command, by="collector"))
                 return _Outcome(new)
 
             return _Record((rank, job.job_id, "", 0), topic, write_job)
@@ -495,11 +502,14 @@ class Collector:
                 "reason": update.reason, "version_before": update.version_before,
                 "version_after": update.version_after,
             })  # fmt: skip
-            return _Record(
-                key,
-                topic,
-                lambda: _Outcome(store.record_execution(update, now), alert=job_alert),
-            )
+
+            def write_update() -> _Outcome:
+                new = store.record_execution(update, now)
+                if new:  # a device's final status joins the audit trail (once per seq)
+                    _audited(lambda: audit.record_outcome(store, update, now))
+                return _Outcome(new, alert=job_alert)
+
+            return _Record(key, topic, write_update)
         if kind in (TopicKind.TELEMETRY, TopicKind.DRIFT, TopicKind.QUALITY):
             r = parse_report(payload, ReportKind(kind.value), device=device)
             key = (rank, f"{r.kind}/{device}", "", r.seq)
@@ -517,11 +527,13 @@ class Collector:
                 if self.root_keys
                 else peek_trust(payload).version
             )
-            return _Record(
-                (rank, "", "", version),
-                topic,
-                lambda: _Outcome(store.record_trust(version, payload, now)),
-            )
+
+            def write_trust() -> _Outcome:
+                new = store.record_trust(version, payload, now)
+                _audited(lambda: audit.record_trust(store, payload, now))  # a key rotation
+                return _Outcome(new)
+
+            return _Record((rank, "", "", version), topic, write_trust)
         request = parse_pending_get(payload, device=device)  # its claimed groups are ignored
         return _Record((rank, device, "", 0), topic, lambda: self._answer(request.device, now))
 
@@ -545,7 +557,17 @@ def _cancel(store: FleetStore, cancel: Command) -> _Outcome:
     new = store.record_cancel(
         cancel.cancels, cancel.issued_at, cancel.key_id, cancel.job_id, devices
     )
+    _audited(lambda: audit.record_command(store, cancel, by="collector"))
     return _Outcome(new)
+
+
+def _audited(append: Callable[[], object]) -> None:
+    """Append to the audit trail in the record's transaction; an entry the audit refuses (a
+    malformed field: a bug) is logged and never costs the record itself."""
+    try:
+        append()
+    except (ValueError, EdgepackError):
+        log.exception("collector: an audit entry was refused; the record itself is kept")
 
 
 def _job_row(command: Command) -> JobRow:

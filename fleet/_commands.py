@@ -40,8 +40,14 @@ from edgepack._clock import Clock, utc_now, utc_text
 from edgepack.fleet._broker import BrokerOptions, connect, publish_and_wait
 from edgepack.fleet._database import FleetStore
 from edgepack.fleet.exceptions import BundleLookupError, JobError
-from edgepack.formats.bundle import BUNDLE_SUFFIX, MANIFEST_FILE, ArchiveLimits, iter_members
-from edgepack.formats.commands import CommandKind, make_command
+from edgepack.formats.bundle import (
+    BUNDLE_SUFFIX,
+    MANIFEST_FILE,
+    SIGNATURE_FILE,
+    ArchiveLimits,
+    iter_members,
+)
+from edgepack.formats.commands import CommandKind, make_command, read_command
 from edgepack.formats.exceptions import ArchiveError, ManifestError
 from edgepack.formats.keys import key_id
 from edgepack.formats.manifest import Manifest, parse_manifest
@@ -52,6 +58,7 @@ __all__ = [
     "Canceled",
     "Published",
     "cancel_job",
+    "describe_bundles",
     "find_bundles",
     "publish_command",
     "publish_device_commands",
@@ -82,6 +89,7 @@ class Published:
     model: str
     target: dict[str, str]
     bundles: dict[str, dict[str, Any]]
+    envelope: bytes = b""  # the signed command as published (for the audit trail)
 
 
 def _sha256(path: Path) -> str:
@@ -98,6 +106,8 @@ def find_bundles(
     base_url: str,
     dist: Path | None = None,
     fetch: BundleFetchLimits | None = None,
+    *,
+    described: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """``{profile: {url, sha256, size}}`` for every bundle of ``model`` ``version``.
 
@@ -107,6 +117,8 @@ def find_bundles(
         dist: a local copy of the bundles, hashed here; without it the server's index is read
             and every bundle it names for the release is downloaded and checked.
         fetch: size and time bounds on those downloads.
+        described: when given, filled with each profile's build facts for the audit trail
+            (:func:`edgepack.fleet._audit.bundle_facts`: precision, parity, signer, source).
 
     Raises:
         BundleLookupError: no bundle for that version, the index is unreachable or malformed, a
@@ -131,6 +143,11 @@ def find_bundles(
                     "sha256": _sha256(path),
                     "size": path.stat().st_size,
                 }
+                if described is not None:
+                    with path.open("rb") as handle:
+                        described[match["profile"]] = _facts(
+                            handle, path.name, found[match["profile"]], fetch
+                        )
     else:
         index = _read_index(base, fetch)
         entries = index.get("bundles", index) if isinstance(index, dict) else index
@@ -139,7 +156,7 @@ def find_bundles(
             match = pattern.match(name) if isinstance(name, str) else None
             if match and isinstance(name, str):
                 found[match["profile"]] = _checked_bundle(
-                    base + name, entry, model, version, match["profile"], fetch
+                    base + name, entry, model, version, match["profile"], fetch, described
                 )
     if not found:
         raise BundleLookupError(
@@ -203,7 +220,7 @@ def _download(url: str, name: str, out: IO[bytes], fetch: BundleFetchLimits) -> 
 
 def _checked_bundle(
     url: str, entry: dict[str, Any], model: str, version: int, profile: str,
-    fetch: BundleFetchLimits,
+    fetch: BundleFetchLimits, described: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """Download the bundle an index entry names and check it is what the command will say.
 
@@ -227,7 +244,7 @@ def _checked_bundle(
                 f"{url} sent sha256 {sha256}, {size} bytes; refusing to sign a deploy for it"
             )
         handle.seek(0)
-        manifest = _read_manifest(handle, name, fetch)
+        manifest, sig = _read_manifest(handle, name, fetch)
     said = (model, version, profile)
     got = (manifest.name, manifest.version, manifest.profile)
     if got != said:
@@ -235,23 +252,79 @@ def _checked_bundle(
             f"bundle {name} holds {got[0]} version {got[1]} for {got[2]}, not {model} version "
             f"{version} for {profile}; refusing to sign a deploy for it"
         )
+    if described is not None:
+        described[profile] = _facts_of(name, manifest, sig, sha256, size)
     return {"url": url, "sha256": sha256, "size": size}
 
 
-def _read_manifest(handle: IO[bytes], name: str, fetch: BundleFetchLimits) -> Manifest:
+def _read_manifest(
+    handle: IO[bytes], name: str, fetch: BundleFetchLimits
+) -> tuple[Manifest, bytes | None]:
+    """The bundle's manifest, and its ``model.sig`` when the archive has one."""
     limits = ArchiveLimits(max_archive_bytes=fetch.max_bundle_bytes)
+    manifest, sig = None, None
     try:
         for member in iter_members(handle, limits):  # type: ignore[arg-type]
-            if member.name == MANIFEST_FILE:
+            if member.name in (MANIFEST_FILE, SIGNATURE_FILE):
                 if member.size > fetch.max_manifest_bytes:
                     raise ArchiveError(
-                        f"{MANIFEST_FILE} is {member.size} bytes, above its limit of "
+                        f"{member.name} is {member.size} bytes, above its limit of "
                         f"{fetch.max_manifest_bytes}"
                     )
-                return parse_manifest(member.read())
+                if member.name == MANIFEST_FILE:
+                    manifest = parse_manifest(member.read())
+                else:
+                    sig = member.read()
+            if manifest is not None and sig is not None:
+                break
     except (ArchiveError, ManifestError) as e:
         raise BundleLookupError(f"bundle {name} is not a readable bundle: {e}") from e
-    raise BundleLookupError(f"bundle {name} has no {MANIFEST_FILE}; refusing")
+    if manifest is None:
+        raise BundleLookupError(f"bundle {name} has no {MANIFEST_FILE}; refusing")
+    return manifest, sig
+
+
+def _facts(
+    handle: IO[bytes], name: str, found: dict[str, Any], fetch: BundleFetchLimits
+) -> dict[str, Any]:
+    manifest, sig = _read_manifest(handle, name, fetch)
+    return _facts_of(name, manifest, sig, found["sha256"], found["size"])
+
+
+def describe_bundles(
+    dist: Path, fetch: BundleFetchLimits | None = None
+) -> dict[tuple[str, int], dict[str, dict[str, Any]]]:
+    """Every bundle in a build directory: ``{(model, version): {profile: build facts}}``.
+
+    Raises:
+        BundleLookupError: ``dist`` is not a directory, holds no bundle, or a bundle there is
+            not readable (the message names it).
+    """
+    fetch = fetch or BundleFetchLimits()
+    if not dist.is_dir():
+        raise BundleLookupError(f"{dist} is not a directory")
+    found: dict[tuple[str, int], dict[str, dict[str, Any]]] = {}
+    for path in sorted(dist.iterdir()):
+        if not (path.is_file() and path.name.endswith(BUNDLE_SUFFIX)):
+            continue
+        size = path.stat().st_size
+        with path.open("rb") as handle:
+            manifest, sig = _read_manifest(handle, path.name, fetch)
+        facts = _facts_of(path.name, manifest, sig, _sha256(path), size)
+        found.setdefault((manifest.name, manifest.version), {})[manifest.profile] = facts
+    if not found:
+        raise BundleLookupError(
+            f"no bundles (*{BUNDLE_SUFFIX}) in {dist}; build them with `edgepack build`"
+        )
+    return found
+
+
+def _facts_of(
+    name: str, manifest: Manifest, sig: bytes | None, sha256: str, size: int
+) -> dict[str, Any]:
+    from edgepack.fleet._audit import bundle_facts  # the audit imports the store
+
+    return bundle_facts(name, manifest, sig, sha256, size)
 
 
 @dataclass(frozen=True)
@@ -347,6 +420,9 @@ def cancel_job(
         client.loop_stop()
     signer = key_id(key.public_key())
     store.record_cancel(job_id, now, signer, cancel_id, job_devices(store, job))
+    from edgepack.fleet._audit import record_command  # the audit imports the store
+
+    record_command(store, read_command(envelope, [key.public_key()]), by="cli")
     return Canceled(job_id, cancel_id, topic, not newer, unstarted, started)
 
 
@@ -398,7 +474,7 @@ def publish_command(
     finally:
         client.disconnect()
         client.loop_stop()
-    return Published(job_id, topic, kind, model, dict(target), dict(bundles or {}))
+    return Published(job_id, topic, kind, model, dict(target), dict(bundles or {}), envelope)
 
 
 def publish_device_commands(
@@ -449,7 +525,9 @@ def publish_device_commands(
             topic = topics.device_jobs(device, model)
             publish_and_wait(client, topic, envelope, retain=True)
             target = {"device": device}
-            sent.append(Published(job_id, topic, kind, model, target, dict(bundles or {})))
+            sent.append(
+                Published(job_id, topic, kind, model, target, dict(bundles or {}), envelope)
+            )
     finally:
         client.disconnect()
         client.loop_stop()
