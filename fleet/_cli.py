@@ -662,6 +662,7 @@ def report(
 # the helpers above, so they are imported once this module is complete).
 from edgepack.fleet import (  # noqa: E402, F401
     _cli_access,
+    _cli_console,
     _cli_experiment,
     _cli_governance,
     _cli_jobs,

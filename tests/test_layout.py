@@ -44,7 +44,7 @@ RULES = {
         "onnxruntime",
         # (not rich/click: httpx imports its optional CLI when they happen to be installed)
         {"onnx", "skl2onnx", "sklearn", "pandas", "torch", "edgepack.packager", "edgepack.fleet",
-         "matplotlib", "jinja2", "grpc", "google"},
+         "matplotlib", "jinja2", "grpc", "google", "starlette", "uvicorn"},
     ),
     "edgepack.formats": (
         "cryptography",
