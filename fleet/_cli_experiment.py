@@ -94,6 +94,7 @@ def start(
     ttl_hours: int,
 ) -> None:
     """Install MODEL --version N beside the active version and run the experiment."""
+    from edgepack.fleet._cli_governance import record_build_shipped
     from edgepack.fleet._commands import find_bundles
     from edgepack.fleet._experiments import publish_experiment
 
@@ -108,7 +109,9 @@ def start(
         if sample_f is None:
             _fail("a shadow needs --sample (the share of requests the candidate runs on)", 2)
         spec = ExperimentSpec(ExperimentAction.START, ExperimentMode.SHADOW, sample=sample_f)
-    bundles = find_bundles(model, version, base_url, dist)
+    described: dict[str, Any] = {}  # each bundle's build facts, for the audit trail
+    bundles = find_bundles(model, version, base_url, dist, described=described)
+    record_build_shipped(ctx, model, version, described)
     published = publish_experiment(
         _broker(ctx), model, target, _key(key), spec, version=version, bundles=bundles,
         ttl=dt.timedelta(hours=ttl_hours),

@@ -168,6 +168,7 @@ def start(
     dist: Path | None, detach: bool, key: Path, poll: float, lease: float,
 ) -> None:  # fmt: skip
     """Roll MODEL --version N out to a group in stages; abort (and roll back) on a condition."""
+    from edgepack.fleet._cli_governance import record_build_shipped
     from edgepack.fleet._commands import find_bundles
     from edgepack.fleet._rollout import parse_condition, parse_duration, parse_stages
     from edgepack.fleet._rollout_controller import RolloutSpec, start_rollout
@@ -183,7 +184,10 @@ def start(
         _fail(str(e), 2)
         raise  # unreachable
     _key(key)  # a key that cannot be read fails before anything is recorded
-    spec = dataclasses.replace(spec, bundles=find_bundles(model, version, base_url, dist))
+    described: dict[str, Any] = {}  # each bundle's build facts, for the audit trail
+    bundles = find_bundles(model, version, base_url, dist, described=described)
+    spec = dataclasses.replace(spec, bundles=bundles)
+    record_build_shipped(ctx, model, version, described)
     try:
         row = start_rollout(_store(ctx), spec, _now(ctx))
     except RolloutError as e:

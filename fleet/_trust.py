@@ -198,5 +198,8 @@ def publish_trust(
         client.disconnect()
         client.loop_stop()
     if store is not None:
-        store.record_trust(version, document, now)
+        from edgepack.fleet._audit import record_trust  # the audit imports this module
+
+        store.batch(lambda: (store.record_trust(version, document, now),
+                             record_trust(store, document, now)))  # fmt: skip
     return PublishedTrust(peek_trust(document), document, topic)
