@@ -338,3 +338,21 @@ def test_a_policy_file_that_is_not_toml_is_refused_with_its_line(tmp_path: Path)
     assert rule == Rule(
         "drifting", "drift_share", 0.3, drift_windows=3, action="rollback", approval=True
     )
+
+
+def test_the_collector_refuses_a_bad_policy_file_before_it_connects(tmp_path: Path) -> None:
+    bad = tmp_path / "policies.toml"
+    bad.write_text('[[rule]]\nname = "a"\ndrift_share = 0.3\naction = "rollback"\n')
+    db = str(tmp_path / "fleet.db")
+    args = ["--broker", "127.0.0.1:9", "--store", db, "collector", "--policies", str(bad)]
+    unsigned = CliRunner().invoke(cli, args)
+    assert unsigned.exit_code == 1
+    assert "rule a rolls back without approval" in unsigned.output
+    assert "--policy-key" in unsigned.output
+    bad.write_text('[[rule]]\nname = "a"\ndrift_shar = 0.3\n')
+    typo = CliRunner().invoke(cli, args)
+    assert typo.exit_code == 1
+    assert "line 3" in typo.output
+    alone = CliRunner().invoke(cli, [*args[:5], "--policy-key", str(bad)])
+    assert alone.exit_code == 2
+    assert "give the policy file too" in alone.output
