@@ -152,6 +152,9 @@ def test_the_token_is_enforced_and_actions_need_the_key(
         opened = client.get(f"/?token={TOKEN}")  # sets the cookie the page's fetches carry
         assert opened.status_code == 200
         assert client.get("/fragment/devices").status_code == 200
+        plots = client.get("/report/churn")  # the HTML report's page, with its plots
+        assert plots.status_code == 200
+        assert "data:image/png;base64," in plots.text
         posted = client.post(
             "/action/rollout",
             data={"token": TOKEN, "request": "pause", "rollout_id": "rollout-console-1"},

@@ -8,17 +8,20 @@ here; tests/test_fleet_policies_e2e.py sends them through a real mosquitto to a 
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import json
-from collections.abc import Mapping, Sequence
+import os
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 from click.testing import CliRunner
+from postgres import fresh_database, postgres_server
 
 from edgepack.fleet._audit import entries
 from edgepack.fleet._cli import cli
-from edgepack.fleet._database import FleetStore, open_store
+from edgepack.fleet._database import FleetStore, PolicyActionRow, open_store
 from edgepack.fleet._policies import PolicyEngine, Rule, approve, evaluate, parse_policies, reject
 from edgepack.fleet.exceptions import PolicyError
 
@@ -356,3 +359,55 @@ def test_the_collector_refuses_a_bad_policy_file_before_it_connects(tmp_path: Pa
     alone = CliRunner().invoke(cli, [*args[:5], "--policy-key", str(bad)])
     assert alone.exit_code == 2
     assert "give the policy file too" in alone.output
+
+
+@pytest.fixture(scope="session")
+def postgres_dsn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    pytest.importorskip("psycopg", reason="PostgreSQL tests need psycopg (edgepack[postgres])")
+    with postgres_server(tmp_path_factory) as dsn:
+        yield dsn
+
+
+_databases = itertools.count()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def any_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[FleetStore]:
+    url = f"sqlite://{tmp_path / 'fleet.db'}"
+    if request.param == "postgres":
+        dsn = request.getfixturevalue("postgres_dsn")
+        url = fresh_database(dsn, f"policies_{os.getpid()}_{next(_databases)}")
+    opened = open_store(url)
+    yield opened
+    opened.close()
+
+
+def test_policy_actions_act_once_per_rule_and_version_on_both_backends(
+    any_store: FleetStore,
+) -> None:
+    row = PolicyActionRow(
+        "policy-1",
+        "floor",
+        "churn",
+        2,
+        "rollback",
+        "pending",
+        NOW,
+        NOW,
+        None,
+        {"devices": ["cam-1"], "figures": {"threshold": 0.85}},
+    )
+    assert any_store.record_policy_action(row)
+    again = PolicyActionRow(
+        "policy-2", "floor", "churn", 2, "rollback", "pending", NOW, NOW, None, {}
+    )
+    assert not any_store.record_policy_action(again)  # the same rule on the same version
+    later = NOW + dt.timedelta(minutes=1)
+    moved = {**row.data, "jobs": {"cam-1": "rollback-1"}}
+    assert any_store.update_policy_action(row, "rolling_back", moved, later, "key-1")
+    assert not any_store.update_policy_action(row, "rejected", row.data, later, "key-2")  # stale
+    (found,) = any_store.policy_actions("rolling_back")
+    assert (found.action_id, found.decided_by, found.updated_at) == ("policy-1", "key-1", later)
+    assert found.data == moved
+    assert any_store.policy_actions("pending") == []
+    assert any_store.policy_action("policy-2") is None
