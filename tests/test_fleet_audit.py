@@ -9,6 +9,7 @@ PostgreSQL runs the concurrent appends once (tests/postgres.py).
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import itertools
 import json
 import os
@@ -274,6 +275,14 @@ def test_audit_cli_filters_and_exports(
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     assert [e["seq"] for e in lines] == [1, 2, 3, 4, 5, 6]
     assert lines[1]["payload"]["envelope"]
+    prev = "0" * 64  # anyone with the export checks it as docs/protocol.md §17 says
+    for e in lines:
+        payload = json.dumps(e["payload"], sort_keys=True, separators=(",", ":"))
+        content = ["edgepack-audit/1", e["seq"], e["at"], e["kind"], e["model"], e["version"],
+                   e["device"], e["key_id"], e["fact"], payload, prev]  # fmt: skip
+        digest = hashlib.sha256(json.dumps(content, separators=(",", ":")).encode()).hexdigest()
+        assert (e["prev_hash"], e["hash"]) == (prev, digest)
+        prev = e["hash"]
     bad = invoke(path, "audit", "--since", "yesterday")
     assert bad.exit_code == 2
     assert "neither an ISO 8601 time nor an age" in bad.output
