@@ -272,8 +272,8 @@ def record_build(ctx: click.Context, directory: Path, as_json: bool) -> None:
 
     try:
         releases = describe_bundles(directory)
-    except BundleLookupError as e:
-        _fail(str(e))
+    except BundleLookupError as error:
+        _fail(str(error))
         raise  # unreachable
     store = _store(ctx, create=True)
     now = _now(ctx)
