@@ -47,7 +47,7 @@ from starlette.routing import Route
 from edgepack._clock import Clock, utc_now, utc_text
 from edgepack.fleet._broker import BrokerOptions
 from edgepack.fleet._database import FleetStore
-from edgepack.fleet.exceptions import FleetError
+from edgepack.fleet.exceptions import FleetError, StoreError
 from edgepack.formats.exceptions import EdgepackError
 from edgepack.formats.keys import key_id
 from edgepack.formats.topics import NAME
@@ -321,7 +321,11 @@ def create_app(
         Route("/action/{action:str}", act, methods=["POST"]),
         Route("/{page}", render_page),
     ]
-    return Starlette(routes=routes)
+
+    async def store_failed(request: Request, error: Exception) -> Response:
+        return PlainTextResponse(f"503: {error}\n", status_code=503)  # e.g. the database is down
+
+    return Starlette(routes=routes, exception_handlers={StoreError: store_failed})
 
 
 def _field(fields: dict[str, str], name: str) -> str:

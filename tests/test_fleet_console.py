@@ -385,3 +385,14 @@ def test_a_rollback_from_the_console_is_signed_and_published(
         command = read_command(shown.stdout.strip().encode(), [key.public_key()])  # verified
         assert (command.job_id, command.kind.value) == (entry.payload["job_id"], "rollback")
         assert command.target == {"device": "cam-1"}
+
+
+def test_a_store_that_fails_is_a_503_with_the_reason(
+    tmp_path: Path, serve: Callable[..., Served]
+) -> None:
+    broken = open_store(tmp_path / "broken.db")
+    served = serve(create_app(broken))
+    broken.close()  # every query now fails
+    answer = httpx.get(f"{served.url}/devices", timeout=10)
+    assert answer.status_code == 503
+    assert "fleet store" in answer.text
