@@ -53,6 +53,7 @@ claims, plus the latest trust document.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import queue
@@ -379,7 +380,22 @@ class Collector:
         Raises:
             StoreError: the store failed.
         """
-        marked = self.store.time_out_silent(now or self._clock(), self.job_grace)
+        moment, store = now or self._clock(), self.store
+
+        def sweep() -> list[tuple[str, str]]:
+            marked = store.time_out_silent(moment, self.job_grace)
+            for job_id, device in marked:  # the collector's verdict is an outcome too
+                job = store.job(job_id)
+                payload = {"job_id": job_id, "status": "TIMED_OUT", "marked_by": "collector",
+                           "reason": "silent past the job's in-progress timeout and grace"}
+                _audited(functools.partial(
+                    audit.append, store, "outcome", payload, at=moment,
+                    model=job.model if job else None, version=job.version if job else None,
+                    device=device, fact=f"outcome:{job_id}:{device}:timed-out-by-collector",
+                ))  # fmt: skip
+            return marked
+
+        marked = store.batch(sweep)
         for job_id, device in marked:
             log.warning("job %s on %s: silent past its in-progress timeout", job_id, device)
         return marked
