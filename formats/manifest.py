@@ -85,6 +85,9 @@ class Manifest:
     # the precision candidates the packager measured (docs/bundle-format.md §3.6); optional,
     # absent from older bundles; the agent does not need it
     candidates: tuple[Mapping[str, Any], ...] = ()
+    # rows every run of model.onnx must have (its inputs' first dimension is this fixed value);
+    # None, and absent from the file, for a dynamic batch and in older bundles
+    fixed_batch: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -94,6 +97,8 @@ class Manifest:
         data["candidates"] = [dict(c) for c in self.candidates]
         if not self.candidates:
             del data["candidates"]
+        if self.fixed_batch is None:
+            del data["fixed_batch"]
         return {"format": FORMAT, "format_version": FORMAT_VERSION, **data}
 
     def to_json(self) -> bytes:
@@ -214,6 +219,13 @@ def parse_manifest(raw: bytes) -> Manifest:
     candidates = data.get("candidates", [])
     if not isinstance(candidates, list) or not all(isinstance(c, dict) for c in candidates):
         raise ManifestError("manifest.json: 'candidates' must be a list of objects")
+    fixed_batch = data.get("fixed_batch")
+    if fixed_batch is not None and (
+        isinstance(fixed_batch, bool) or not isinstance(fixed_batch, int) or fixed_batch < 1
+    ):
+        raise ManifestError(
+            f"manifest.json: 'fixed_batch' must be a positive integer or null, got {fixed_batch!r}"
+        )
     return Manifest(
         name=name,
         version=model_version,
@@ -234,4 +246,5 @@ def parse_manifest(raw: bytes) -> Manifest:
         labels=tuple(labels),
         extra=_optional_object(data, "extra"),
         candidates=tuple(candidates),
+        fixed_batch=fixed_batch,
     )

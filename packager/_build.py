@@ -35,6 +35,7 @@ import onnxruntime as ort
 from edgepack.formats.bundle import MANIFEST_FILE, MODEL_FILE, bundle_filename, write_bundle
 from edgepack.formats.exceptions import EdgepackError, KeyFormatError
 from edgepack.formats.keys import load_private_key
+from edgepack.packager._batch import fixed_batch
 from edgepack.packager._graph import classify_family
 from edgepack.packager._inputs import BuildRequest, Shared, convert, prepare
 from edgepack.packager._parity import ParityResult
@@ -109,6 +110,8 @@ def _build_one(
     step(profile.id, "converting")
     model = convert(shared, profile)
     family = shared.converter.family(shared.source.obj) or classify_family(model)
+    batch = fixed_batch(model)  # checked safe to pad by the converter (edgepack.packager._batch)
+    parity_feeds = shared.layout.feeds(shared.split.parity)
     calibration = (
         shared.layout.feeds(
             shared.split.calibration.iloc[: profile.quantization.calibration_samples]
@@ -125,11 +128,12 @@ def _build_one(
         providers=providers,
         task=shared.task,
         classes=shared.labels,
-        parity_feeds=shared.layout.feeds(shared.split.parity),
+        parity_feeds=parity_feeds,
         source=shared.source_parity,
         calibration=calibration,
         timing=request.timing,
         step=lambda text: step(profile.id, text),
+        batch=batch,
     )
     path = request.out_dir / bundle_filename(request.name, request.version, profile.id)
     target_provider_here = profile.providers[0] in available
@@ -144,7 +148,7 @@ def _build_one(
 
     step(profile.id, "signing")
     content = bundle_content(
-        request, shared, profile, family, chosen, measured, providers, available
+        request, shared, profile, family, chosen, measured, providers, available, batch
     )
     manifest, files = content.manifest, content.files
     existing = existing_release(path, {MANIFEST_FILE: manifest.to_json(), **files})

@@ -5,11 +5,11 @@ Which candidates a profile tries, and which one ships, is decided by measurement
 offline basic-level optimization (constant folding, redundant-node elimination: standard ONNX
 operators only, valid for every execution provider). For int8 the graph first
 goes through ``quant_pre_process`` (shape inference and fusions), then static QDQ quantization
-calibrated on reference rows when the profile asks for it and rows exist, else dynamic
-quantization. fp16 uses ``onnxruntime.transformers.float16`` with float32 inputs and outputs
-kept, then stores the fp16 weights as ``raw_data``; *mixed* keeps the numerically sensitive
-operators (softmax, normalizations, exponentials, reductions) and the first and last
-weight-bearing layers in fp32.
+calibrated on reference rows when the profile asks for it and rows exist (a row a step, or one
+fixed batch for a model whose batch is fixed), else dynamic quantization. fp16 uses
+``onnxruntime.transformers.float16`` with float32 inputs and outputs kept, then stores the fp16
+weights as ``raw_data``; *mixed* keeps the numerically sensitive operators (softmax,
+normalizations, exponentials, reductions) and the first and last weight-bearing layers in fp32.
 """
 
 from __future__ import annotations
@@ -89,13 +89,26 @@ def _quiet_root_logger() -> Iterator[None]:
             log.info("onnxruntime.quantization: %s", " ".join(printed.getvalue().split()))
 
 
-def _rows(feeds: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
+def _steps(feeds: dict[str, np.ndarray], batch: int) -> list[dict[str, np.ndarray]]:
+    """Calibration feeds of ``batch`` rows each (a fixed-batch model's last one padded)."""
     n = len(next(iter(feeds.values())))
-    return [{k: v[i : i + 1] for k, v in feeds.items()} for i in range(n)]
+    steps = []
+    for start in range(0, n, batch):
+        step = {}
+        for k, v in feeds.items():
+            part = v[start : start + batch]
+            if len(part) < batch:  # copies of the last row, as edgepack.packager._batch pads
+                part = np.concatenate([part, np.repeat(part[-1:], batch - len(part), axis=0)])
+            step[k] = part
+        steps.append(step)
+    return steps
 
 
 def _quantize(
-    model: onnx.ModelProto, settings: Quantization, calibration: dict[str, np.ndarray] | None
+    model: onnx.ModelProto,
+    settings: Quantization,
+    calibration: dict[str, np.ndarray] | None,
+    batch: int,
 ) -> Optimized:
     from onnxruntime.quantization import (
         CalibrationMethod,
@@ -137,7 +150,7 @@ def _quantize(
                 quantize_static(
                     str(pre),
                     str(out),
-                    _Reader(_rows(calibration)),
+                    _Reader(_steps(calibration, batch)),
                     quant_format=QuantFormat.QDQ
                     if settings.format == "qdq"
                     else QuantFormat.QOperator,
@@ -237,6 +250,7 @@ def optimize(
     calibration: dict[str, np.ndarray] | None,
     *,
     mixed: bool = False,
+    batch: int = 1,
 ) -> Optimized:
     """Return the model at ``precision`` (``fp32`` returns it unchanged).
 
@@ -246,6 +260,7 @@ def optimize(
         settings: the quantization parameters of this candidate.
         calibration: onnxruntime feeds of the calibration rows (``None`` without reference data).
         mixed: for fp16, keep sensitive operators and the first and last layers in fp32.
+        batch: rows per calibration step: 1, or the model's fixed batch.
 
     Raises:
         OptimizationError: the quantizer or fp16 converter failed; the message says which.
@@ -253,7 +268,7 @@ def optimize(
     if precision == "fp32":
         return Optimized(model, "fp32")
     if precision == "int8":
-        return _quantize(model, settings, calibration)
+        return _quantize(model, settings, calibration, batch)
     if precision == "fp16":
         return _fp16(model, mixed=mixed)
     raise ValueError(f"unknown precision {precision!r}")

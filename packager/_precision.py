@@ -10,7 +10,8 @@ the held-out parity rows (:mod:`edgepack.packager._parity`: fp32 gated on the ma
 quantized candidates on the 99th percentile), and timed at batch 1 and batch 64 with the
 profile's threads, in alternating rounds so every candidate sees the same machine state; the
 figures are medians, and speed is reported as a ratio against the plain fp32 model timed in the
-same rounds.
+same rounds. A model whose batch is fixed runs its parity rows and timings one padded batch at
+a time, as the device will (:mod:`edgepack.packager._batch`).
 
 :func:`select` then ships, under the profile's objective:
 
@@ -44,6 +45,7 @@ import onnx
 import onnxruntime as ort
 
 from edgepack.formats.exceptions import EdgepackError
+from edgepack.packager._batch import run_batched
 from edgepack.packager._converters import Prediction
 from edgepack.packager._graph import check_limits
 from edgepack.packager._optimize import Optimized, graph_optimize, optimize
@@ -202,11 +204,14 @@ def _batch(feeds: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
 
 
 def _time(
-    sessions: dict[str, Any], feeds: dict[str, np.ndarray], timing: Timing
+    sessions: dict[str, Any], feeds: dict[str, np.ndarray], timing: Timing, batch: int | None
 ) -> dict[str, float]:
-    """Median milliseconds per run of each session, timed in alternating rounds."""
+    """Median milliseconds per run of each session, timed in alternating rounds.
+
+    With a fixed ``batch`` a "run" is the request's rows in chunks, as the device runs them.
+    """
     for session in sessions.values():
-        session.run(None, feeds)  # warm-up: first runs allocate
+        run_batched(session, feeds, batch)  # warm-up: first runs allocate
     per_round = max(timing.seconds / max(timing.rounds, 1), 1e-4)
     samples: dict[str, list[float]] = {name: [] for name in sessions}
     for round_index in range(max(timing.rounds, 1)):
@@ -214,7 +219,7 @@ def _time(
         for name in order:
             session, runs, start = sessions[name], 0, time.perf_counter()
             while True:
-                session.run(None, feeds)
+                run_batched(session, feeds, batch)
                 runs += 1
                 elapsed = time.perf_counter() - start
                 if elapsed >= per_round:
@@ -236,8 +241,13 @@ def measure(
     calibration: dict[str, np.ndarray] | None,
     timing: Timing,
     step: Callable[[str], None] = lambda _step: None,
+    batch: int | None = None,
 ) -> list[Measured]:
-    """Make, check, gate and time every candidate; the first one (plain fp32) is the baseline."""
+    """Make, check, gate and time every candidate; the first one (plain fp32) is the baseline.
+
+    ``batch`` is the model's fixed batch (``None``: dynamic): every candidate then runs its
+    parity rows, timings and int8 calibration one padded batch at a time (edgepack.packager._batch).
+    """
     measured: list[Measured] = []
     for candidate in candidates:
         step(f"optimizing ({candidate.name})")
@@ -249,7 +259,12 @@ def measure(
             else:
                 settings = candidate.settings or profile.quantization
                 m.optimized = optimize(
-                    model, candidate.precision, settings, calibration, mixed=candidate.mixed
+                    model,
+                    candidate.precision,
+                    settings,
+                    calibration,
+                    mixed=candidate.mixed,
+                    batch=batch or 1,
                 )
             check_limits(
                 m.optimized.model, profile.max_opset, profile.max_ml_opset, profile.max_ir_version
@@ -266,7 +281,7 @@ def measure(
         step(f"checking parity ({candidate.name})")
         try:
             m.session = _session(m.model_bytes, providers, profile)
-            outputs = m.session.run(None, parity_feeds)
+            outputs = run_batched(m.session, parity_feeds, batch)
         except Exception as e:  # noqa: BLE001 - onnxruntime raises its own types; recorded
             m.error = f"the packaged model does not run here ({', '.join(providers)}): " + (
                 short_error(e)
@@ -284,11 +299,11 @@ def measure(
     runnable = {m.name: m.session for m in measured if m.session is not None}
     if runnable:
         step("timing candidates")
-        for batch in BATCHES:
-            times = _time(runnable, _batch(parity_feeds, batch), timing)
+        for size in BATCHES:
+            times = _time(runnable, _batch(parity_feeds, size), timing, batch)
             for m in measured:
                 if m.name in times:
-                    m.latency_ms[batch] = times[m.name]
+                    m.latency_ms[size] = times[m.name]
         base = measured[0].latency_ms
         for m in measured:
             m.speedup = {b: base[b] / v for b, v in m.latency_ms.items() if b in base and v > 0}

@@ -30,6 +30,7 @@ import edgepack
 from edgepack._clock import utc_text
 from edgepack.formats.bundle import GOLDEN_FILE, MODEL_FILE, QUALITY_FILE, REFERENCE_FILE
 from edgepack.formats.manifest import Manifest
+from edgepack.packager._batch import run_batched, served_specs
 from edgepack.packager._converters.onnx_model import tensor_specs
 from edgepack.packager._graph import opsets_of
 from edgepack.packager._inputs import BuildRequest, Shared
@@ -97,12 +98,12 @@ def _target_mismatch(profile: Profile, precision: str, available: set[str]) -> s
     return None
 
 
-def _golden(shared: Shared, model_bytes: bytes) -> bytes:
+def _golden(shared: Shared, model_bytes: bytes, batch: int | None) -> bytes:
     """``golden.npz``: the first parity rows and the packaged model's outputs, byte-stable."""
     session = ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
     rows = shared.split.parity.iloc[:GOLDEN_ROWS]
     feeds = shared.layout.feeds(rows)
-    outputs = session.run(None, feeds)
+    outputs = run_batched(session, feeds, batch)
     arrays: dict[str, np.ndarray] = {f"input.{k}": v for k, v in feeds.items()}
     for meta, output in zip(session.get_outputs(), outputs, strict=True):
         value = np.asarray(output)
@@ -193,6 +194,7 @@ def bundle_content(
     measured: Sequence[Measured],
     providers: list[str],
     available: set[str],
+    batch: int | None = None,
 ) -> Content:
     """The manifest and files of ``profile``'s bundle, shipping ``chosen`` of ``measured``.
 
@@ -205,6 +207,8 @@ def bundle_content(
         measured: every candidate, with its figures, for the manifest's ``candidates``.
         providers: the execution providers the gate ran with here.
         available: the providers this machine has.
+        batch: the model's fixed batch (``None``: dynamic); the manifest records it, and shows
+            the outputs' batch as dynamic, as the device serves them.
     """
     assert chosen.optimized is not None
     assert chosen.model_bytes is not None
@@ -229,7 +233,7 @@ def bundle_content(
         family=family,
         precision=precision,
         inputs=shared.layout.specs,
-        outputs=tensor_specs(optimized, "outputs"),
+        outputs=served_specs(tensor_specs(optimized, "outputs"), batch),
         compatibility={
             **profile.compatibility(),
             "opset": opsets_of(optimized),
@@ -259,11 +263,12 @@ def bundle_content(
         quantization=chosen.optimized.quantization if precision != "fp32" else None,
         labels=tuple(shared.labels),
         candidates=candidates,
+        fixed_batch=batch,
     )
     files = {
         MODEL_FILE: chosen.model_bytes,
         REFERENCE_FILE: shared.reference_json,
-        GOLDEN_FILE: _golden(shared, chosen.model_bytes),
+        GOLDEN_FILE: _golden(shared, chosen.model_bytes, batch),
     }
     if shared.quality_json is not None:
         files[QUALITY_FILE] = shared.quality_json

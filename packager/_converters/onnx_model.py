@@ -2,9 +2,10 @@
 
 Exporters (PyTorch, TensorFlow/Keras through tf2onnx, skl2onnx, onnx.helper) differ in what they
 leave in a graph: local functions, opset imports no operator uses, external-data tensors (read in
-by :mod:`edgepack.packager._sources`), symbolic or fixed batch dimensions. :meth:`convert`
-inlines functions, keeps one import per used domain, and runs onnx's version converter when the
-model's opset is above the profile's; a model that cannot go down says why. Inputs map onto the
+by :mod:`edgepack.packager._sources`), symbolic or fixed batch dimensions (a fixed batch runs in
+chunks of it: :mod:`edgepack.packager._batch`). :meth:`convert` inlines functions, keeps one
+import per used domain, and runs onnx's version converter when the model's opset is above the
+profile's; a model that cannot go down says why. Inputs map onto the
 reference columns by name when each takes one column, else by position (``tensors`` layout in
 :mod:`edgepack.packager._reference`), and the user states the names.
 
@@ -21,6 +22,7 @@ import pandas as pd
 from onnx import version_converter
 
 from edgepack.formats.manifest import TensorSpec
+from edgepack.packager._batch import check_batch, fixed_batch, run_batched
 from edgepack.packager._converters import Prediction
 from edgepack.packager._graph import (
     DEFAULT_DOMAIN,
@@ -109,7 +111,9 @@ class OnnxConverter:
                 )
             dtypes[value.name] = dtype
         if self._per_column(obj):
-            return columns_layout(frame, [i.name for i in inputs], dtypes)
+            return self._checked(
+                obj, columns_layout(frame, [i.name for i in inputs], dtypes), frame
+            )
         if any(dtypes[i.name] == "string" for i in inputs):
             raise ReferenceDataError(
                 "a string input that takes several columns is not supported; export one "
@@ -124,7 +128,21 @@ class OnnxConverter:
                     "and at least one feature dimension"
                 )
             shapes.append((value.name, dtypes[value.name], (None, *dims[1:])))
-        return tensors_layout(frame, shapes)
+        return self._checked(obj, tensors_layout(frame, shapes), frame)
+
+    def _checked(
+        self, obj: onnx.ModelProto, layout: InputLayout, frame: pd.DataFrame
+    ) -> InputLayout:
+        """``layout``, once a fixed batch (if any) is known to be safe to run in padded chunks.
+
+        Raises:
+            UnsupportedModelError: it is not (edgepack.packager._batch.check_batch).
+        """
+        batch = fixed_batch(obj)
+        if batch is not None:
+            names = [o.name for o in obj.graph.output]
+            check_batch(_session(obj), layout.feeds(frame.iloc[: 2 * batch]), batch, names)
+        return layout
 
     def convert(
         self, obj: onnx.ModelProto, layout: InputLayout, opset: int, ml_opset: int
@@ -149,7 +167,8 @@ class OnnxConverter:
         return model
 
     def predict(self, obj: onnx.ModelProto, layout: InputLayout, frame: pd.DataFrame) -> Prediction:
-        outputs = _session(obj).run(None, layout.feeds(frame))
+        # a graph with a fixed batch (say 1) runs one batch at a time (edgepack.packager._batch)
+        outputs = run_batched(_session(obj), layout.feeds(frame), fixed_batch(obj))
         if self.task(obj) == "classification":
             return Prediction(labels=outputs[0], probabilities=outputs[1])
         return Prediction(tensors=tuple(outputs))
