@@ -70,7 +70,14 @@ def check_golden(
     feeds = {k.removeprefix("input."): v for k, v in arrays.items() if k.startswith("input.")}
     names: Sequence[str] = [o.name for o in session.get_outputs()]
     try:
-        outputs = run_session(session, None, feeds, f"{what} on its golden inputs", timeout)
+        outputs = run_session(
+            session,
+            None,
+            feeds,
+            f"{what} on its golden inputs",
+            timeout,
+            batch=manifest.fixed_batch,
+        )
     except InferenceError as e:
         raise HealthCheckError(str(e)) from e
     problems = []

@@ -94,6 +94,11 @@ class ServedModel:
         ]
 
     @functools.cached_property
+    def fixed_batch(self) -> int | None:
+        """Rows per run of a model whose batch is fixed (requests run in chunks); else None."""
+        return self.manifest.fixed_batch
+
+    @functools.cached_property
     def specs(self) -> dict[str, TensorSpec]:
         return {spec.name: spec for spec in self.manifest.inputs}
 
@@ -530,6 +535,7 @@ class Runtime:
             served.label,
             timeout=self._config.request_timeout,
             direct=served.direct,
+            batch=served.fixed_batch,
         )
 
     def _answered(

@@ -12,7 +12,9 @@ bundle that this device has, in the bundle's order, CPU last) and threads (the a
 
 :func:`run_session` is the seam where inference enters onnxruntime: whatever onnxruntime raises
 while computing becomes an :class:`~edgepack.agent.exceptions.InferenceError` (``raise ... from``
-keeps the original), so callers handle one family.
+keeps the original), so callers handle one family. A model whose batch is fixed (the
+manifest's ``fixed_batch``, an export that takes exactly 1 row, or 8, per run) runs there in
+chunks of that batch, under the request's one deadline; a dynamic-batch model pays one check.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from __future__ import annotations
 import itertools
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -170,6 +172,7 @@ def run_session(
     what: str,
     timeout: float = 0.0,
     direct: bool = False,
+    batch: int | None = None,
 ) -> list[np.ndarray]:
     """Run ``session`` on ``feeds``: the one call into onnxruntime's inference.
 
@@ -183,6 +186,9 @@ def run_session(
             again what the caller validated already (input names, ownership) and retries a
             failed GPU provider on the CPU; for CPU-only sessions and named outputs (a few µs
             a call, which for a small model is a tenth of its time).
+        batch: the model's fixed batch (the manifest's ``fixed_batch``; ``None``: dynamic). The
+            rows then run in chunks of it, the last padded with copies of its last row, and the
+            outputs are joined with the padding dropped; ``timeout`` covers all the chunks.
 
     Returns:
         The outputs, in the order asked for.
@@ -193,6 +199,8 @@ def run_session(
     """
     names = outputs if outputs is None or type(outputs) is list else list(outputs)
     run = session._sess.run if direct and names else session.run  # see direct
+    if batch:
+        run = _in_chunks(run, batch)
     if timeout <= 0:
         try:
             return run(names, feeds, None)  # a list already
@@ -217,6 +225,42 @@ def run_session(
     finally:
         if not _DEADLINES.remove(ticket):  # the watcher claimed it, and may set terminate
             _RUN_OPTIONS.options = None  # at any moment: the next run gets fresh options
+
+
+def _in_chunks(run: Callable[..., Any], batch: int) -> Callable[..., list[np.ndarray]]:
+    """``run`` for a model whose batch is fixed: the rows one padded chunk of ``batch`` at a time.
+
+    As the packager runs such a model (edgepack.packager._batch), which checked at build time
+    that a row's outputs do not depend on the padding beside it.
+    """
+
+    def chunked(
+        names: list[str] | None, feeds: Mapping[str, np.ndarray], options: Any
+    ) -> list[np.ndarray]:
+        rows = len(next(iter(feeds.values())))
+        if rows == batch:
+            return list(run(names, feeds, options))
+        parts: list[list[np.ndarray]] = []
+        for start in range(0, max(rows, 1), batch):
+            real = min(batch, rows - start)
+            chunk = {}
+            for name, value in feeds.items():
+                part = value[start : start + batch]
+                if real <= 0:  # no rows at all: run zeros for the outputs' types and shapes
+                    part = np.zeros((batch, *value.shape[1:]), dtype=value.dtype)
+                elif real < batch:
+                    part = np.concatenate([part, np.repeat(part[-1:], batch - real, axis=0)])
+                chunk[name] = part
+            outputs = run(names, chunk, options)
+            for output in outputs:
+                if np.ndim(output) == 0 or len(output) != batch:
+                    raise ValueError(
+                        f"an output has shape {list(np.shape(output))}, no batch of {batch} rows"
+                    )
+            parts.append([output[: max(real, 0)] for output in outputs])
+        return [np.concatenate(column) for column in zip(*parts, strict=True)]
+
+    return chunked
 
 
 def _first_line(error: BaseException) -> str:
