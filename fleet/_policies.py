@@ -235,16 +235,24 @@ def _audit(
 
 
 def _send(
-    store: FleetStore, row: PolicyActionRow, sender: CommandSender, at: dt.datetime, by: str | None
-) -> PolicyActionRow:
-    """Send the rollback jobs ``row`` (``rolling_back``) recorded, then mark it rolled back."""
+    store: FleetStore, row: PolicyActionRow, sender: CommandSender, at: dt.datetime,
+    signer: str | None,
+) -> PolicyActionRow:  # fmt: skip
+    """Send the rollback jobs ``row`` (``rolling_back``) recorded, then mark it rolled back;
+    ``signer`` is the id of the key ``sender`` signs with (for the audit entry)."""
     jobs = [(d, j) for d, j in as_dict(row.data.get("jobs")).items() if isinstance(j, str)]
     sender.send("rollback", row.model, sorted(jobs))
-    store.update_policy_action(row, "rolled_back", row.data, at, by)
-    done = store.policy_action(row.action_id)
-    assert done is not None
-    _audit(store, "policy.rollback", done, at, by, devices=sorted(d for d, _j in jobs))
-    return done
+
+    def record() -> PolicyActionRow:
+        moved = store.update_policy_action(row, "rolled_back", row.data, at)
+        done = store.policy_action(row.action_id)
+        assert done is not None
+        if moved:  # not when another collector marked it first (the same job ids: no harm)
+            sent = sorted(d for d, _j in jobs)
+            _audit(store, "policy.rollback", done, at, signer, devices=sent)
+        return done
+
+    return store.batch(record)
 
 
 def _rollback_plan(
@@ -310,7 +318,7 @@ class PolicyEngine:
         now, done = self.clock(), []
         if self.sender is not None:
             for row in self.store.policy_actions("rolling_back", limit=1000):
-                done.append(_send(self.store, row, self.sender, now, row.decided_by))
+                done.append(_send(self.store, row, self.sender, now, self.key_id))
         for finding in evaluate(self.store, self.rules, now):
             acted = self._act(finding, now)
             if acted is not None:
