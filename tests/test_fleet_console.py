@@ -296,7 +296,7 @@ def test_pages_render_and_update_live_in_headless_chromium(
     assert browser.js("document.querySelectorAll('#devices tr[data-device]').length") == 2
     expected = {
         "jobs": ["#rollouts [data-rollout='rollout-console-1']", "#policies [data-policy]"],
-        "quality": ["#quality [data-device='cam-1']", "a[href='/report/churn']"],
+        "quality": ["#quality [data-device='cam-1']", "iframe[src='/report/churn']"],
         "models": ["#models"],
         "audit": ["#audit tr[data-seq]"],
     }
@@ -309,6 +309,8 @@ def test_pages_render_and_update_live_in_headless_chromium(
             assert found, f"{page}: {selector} not on the page"
         if page == "quality":
             assert "accuracy 0.61" in browser.js("document.querySelector('#live').innerText")
+            plots = "document.querySelector('iframe').contentDocument.querySelectorAll('img')"
+            poll(lambda: browser.js(f"({plots} || []).length") >= 2, "the report's plots")
 
     # a live update: a device appears while the page stays open (the mark survives: no reload)
     browser.js("location.href = '/devices'")
