@@ -42,6 +42,7 @@ from edgepack.formats.keys import load_private_key
 WAIT = 20.0
 TOKEN = "console-test-token-0123456789"
 NOW = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
+PLOTS = "document.querySelector('iframe').contentDocument.querySelectorAll('img')"
 
 
 def poll(done: Callable[[], Any], what: str) -> Any:
@@ -309,8 +310,7 @@ def test_pages_render_and_update_live_in_headless_chromium(
             assert found, f"{page}: {selector} not on the page"
         if page == "quality":
             assert "accuracy 0.61" in browser.js("document.querySelector('#live').innerText")
-            plots = "document.querySelector('iframe').contentDocument.querySelectorAll('img')"
-            poll(lambda: browser.js(f"({plots} || []).length") >= 2, "the report's plots")
+            poll(lambda: browser.js(f"({PLOTS} || []).length") >= 2, "the report's plots")
 
     # a live update: a device appears while the page stays open (the mark survives: no reload)
     browser.js("location.href = '/devices'")
