@@ -39,7 +39,7 @@ import hashlib
 import json
 import math
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -77,6 +77,8 @@ _FORMAT = "edgepack-audit/1"
 _KIND = re.compile(r"^[a-z][a-z0-9_.-]{0,63}$")
 MAX_PAYLOAD_BYTES = 1 << 20
 _PAGE = 1000
+_DIAGNOSED = 16  # failing entries whose original seq verify() looks for
+_LISTED = 100  # problems a verdict lists (it counts them all)
 
 
 @dataclass(frozen=True)
@@ -239,6 +241,7 @@ class AuditVerdict:
     head_hash: str  # its hash: keep it elsewhere to detect a rewrite of the whole chain
     keys: list[str] = field(default_factory=list)  # the key ids signatures were checked with
     problems: list[AuditProblem] = field(default_factory=list)  # in seq order; [0] is first
+    problem_count: int = 0  # all found (``problems`` lists the first 100)
 
     @property
     def problem(self) -> AuditProblem | None:
@@ -250,6 +253,7 @@ class AuditVerdict:
             "head": {"seq": self.head_seq, "hash": self.head_hash}, "keys": self.keys,
             "problem": None if self.problem is None else self.problem.to_json(),
             "problems": [p.to_json() for p in self.problems],
+            "problem_count": self.problem_count,
         }  # fmt: skip
 
 
@@ -293,24 +297,23 @@ def verify(
     Raises:
         StoreError: the store cannot be read.
     """
-    rows = [e for page in _pages(store) for e in page]
-    keys = list(trusted_keys) if trusted_keys is not None else _trust_command_keys(rows)
-    problems = _chain_problems(rows)
+    # Pass 1: every entry's seq and hash (small), read in pages; pass 2 reads the entries again
+    # one page at a time, up to the last seq pass 1 saw (appends meanwhile wait for next time).
+    index = [(e.seq, e.hash) for page in _pages(store) for e in page]
+    if trusted_keys is not None:
+        keys = list(trusted_keys)
+    else:
+        keys = _trust_command_keys(entries(store, kind="trust"))
+    last = index[-1][0] if index else 0
+    bounded = [("seq <= ?", last)]
+    rows = (e for page in _pages(store, bounded) for e in page)
+    problems, signatures = _chain_problems(rows, index, keys)
     if head is not None:
-        problems.extend(_anchor_problems(rows, *head))
-    signatures = 0
-    for e in rows:
-        if e.kind != "command" or not keys:
-            continue
-        signatures += 1
-        problem = _signature_problem(e, keys)
-        if problem is not None:
-            problems.append(problem)
+        problems.extend(_anchor_problems(index, *head))
     problems.sort(key=lambda p: p.seq)
-    last = rows[-1] if rows else None
     return AuditVerdict(
-        not problems, len(rows), signatures, last.seq if last else 0,
-        last.hash if last else GENESIS, sorted(key_id(k) for k in keys), problems,
+        not problems, len(index), signatures, last, index[-1][1] if index else GENESIS,
+        sorted(key_id(k) for k in keys), problems[:_LISTED], len(problems),
     )  # fmt: skip
 
 
@@ -332,16 +335,31 @@ def _signature_problem(
     return None
 
 
-def _chain_problems(rows: Sequence[AuditEntry]) -> list[AuditProblem]:
+def _chain_problems(
+    rows: Iterable[AuditEntry], index: Sequence[tuple[int, str]],
+    keys: Sequence[ec.EllipticCurvePublicKey],
+) -> tuple[list[AuditProblem], int]:  # fmt: skip
+    """Every problem of the chain ``rows`` (by seq; ``index``: each one's seq and hash), and
+    of its commands' signatures; and how many signatures were checked."""
     problems: list[AuditProblem] = []
-    by_hash = {e.hash: e for e in rows}
-    expected, prev = 1, GENESIS
-    for i, e in enumerate(rows):
+    by_hash = {digest: seq for seq, digest in index}
+    seqs = [seq for seq, _digest in index]
+    expected, prev, diagnosed, signatures = 1, GENESIS, 0, 0
+    before: AuditEntry | None = None
+    for e in rows:
+        if e.kind == "command" and keys:
+            signatures += 1
+            problem = _signature_problem(e, keys)
+            if problem is not None:
+                problems.append(problem)
         if e.seq != expected:
             gone = f"{expected}" if e.seq == expected + 1 else f"{expected}-{e.seq - 1}"
             problems.append(AuditProblem(expected, "removed", f"entry {gone} is missing"))
-        elif _hash_of(e) != e.hash:
-            written = _written_as(e, rows)
+        if _hash_of(e) != e.hash:
+            # Where was it written? One pass over the chain each: only for the first few, so a
+            # chain renumbered whole costs O(n), not O(n^2).
+            diagnosed += 1
+            written = _written_as(e, seqs) if diagnosed <= _DIAGNOSED else None
             if written is None:
                 what, detail = "altered", f"entry {e.seq}'s content no longer matches its hash"
             elif written > e.seq and e.prev_hash not in by_hash:
@@ -356,14 +374,13 @@ def _chain_problems(rows: Sequence[AuditEntry]) -> list[AuditProblem]:
             else:
                 what, detail = "reordered", f"the entry at {e.seq} was written as {written}"
             problems.append(AuditProblem(e.seq, what, detail))
-        elif e.prev_hash != prev and i > 0 and rows[i - 1].seq == e.seq - 1:
-            before = rows[i - 1]
+        elif e.prev_hash != prev and before is not None and before.seq == e.seq - 1:
             if e.prev_hash in by_hash:
                 what, detail = (
                     "reordered",
                     (
                         f"entry {e.seq} follows the entry now at "
-                        f"{by_hash[e.prev_hash].seq}, not {before.seq}"
+                        f"{by_hash[e.prev_hash]}, not {before.seq}"
                     ),
                 )
             elif _hash_of(before) == before.hash:
@@ -378,7 +395,7 @@ def _chain_problems(rows: Sequence[AuditEntry]) -> list[AuditProblem]:
                 what, detail = "", ""  # already named as altered
             if what and not any(p.seq == before.seq for p in problems):
                 problems.append(AuditProblem(before.seq, what, detail))
-        elif i == 0 and e.prev_hash != GENESIS:
+        elif e.seq == 1 and e.prev_hash != GENESIS:
             problems.append(
                 AuditProblem(
                     e.seq,
@@ -387,39 +404,39 @@ def _chain_problems(rows: Sequence[AuditEntry]) -> list[AuditProblem]:
                     "chain (its prev_hash is not the genesis hash)",
                 )
             )
-        expected, prev = e.seq + 1, e.hash
-    return problems
+        expected, prev, before = e.seq + 1, e.hash, e
+    return problems, signatures
 
 
-def _anchor_problems(rows: Sequence[AuditEntry], seq: int, digest: str) -> list[AuditProblem]:
-    held = next((e for e in rows if e.seq == seq), None)
+def _anchor_problems(index: Sequence[tuple[int, str]], seq: int, digest: str) -> list[AuditProblem]:
+    held = dict(index).get(seq)
     if held is None:
         return [
             AuditProblem(
                 seq,
                 "removed",
                 f"the kept head {seq} is no longer in the chain "
-                f"(it ends at {rows[-1].seq if rows else 0}): entries were cut",
+                f"(it ends at {index[-1][0] if index else 0}): entries were cut",
             )
         ]
-    if held.hash != digest:
+    if held != digest:
         return [
             AuditProblem(
                 seq,
                 "altered",
-                f"entry {seq}'s hash is {held.hash}, not the kept "
+                f"entry {seq}'s hash is {held}, not the kept "
                 f"head's {digest}: the chain was rewritten up to there",
             )
         ]
     return []
 
 
-def _written_as(e: AuditEntry, rows: Sequence[AuditEntry]) -> int | None:
+def _written_as(e: AuditEntry, seqs: Sequence[int]) -> int | None:
     """The seq ``e``'s content hashes right at, when not its own (bounded: one pass)."""
-    for other in rows:
-        if other.seq != e.seq and _hash_of(e, other.seq) == e.hash:
-            return other.seq
-    last = rows[-1].seq if rows else 0
+    for seq in seqs:
+        if seq != e.seq and _hash_of(e, seq) == e.hash:
+            return seq
+    last = seqs[-1] if seqs else 0
     for seq in range(last + 1, last + 65):  # entries removed and the rest renumbered
         if _hash_of(e, seq) == e.hash:
             return seq

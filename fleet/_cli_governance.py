@@ -254,8 +254,10 @@ def verify(
         first = problems[0]
         console.print(f"[red]audit trail broken[/] at entry {first.seq}: {first.what}: "
                       f"{escape(first.detail)}")  # fmt: skip
-        for p in problems[1:]:
+        for p in problems[1:10]:
             console.print(f"  also entry {p.seq}: {p.what}: {escape(p.detail)}")
+        if verdict.problem_count > 10:
+            console.print(f"  and {verdict.problem_count - 10} more problems (--json lists 100)")
     if not verdict.ok:
         ctx.exit(1)
 

@@ -139,6 +139,9 @@ def _verify(path: Path, keys: KeyPair, *extra: str) -> tuple[int, dict[str, Any]
         # an entry deleted and the rest renumbered to close the gap
         (["DELETE FROM audit_log WHERE seq = 5", "UPDATE audit_log SET seq = 5 WHERE seq = 6"],
          5, "removed"),
+        # the whole chain moved up by two
+        (["UPDATE audit_log SET seq = seq + 1000", "UPDATE audit_log SET seq = seq - 998"],
+         1, "removed"),
     ],
 )  # fmt: skip
 def test_verify_names_the_entry_altered_removed_or_reordered(
