@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import shutil
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -359,7 +360,7 @@ def test_a_controller_killed_between_sending_and_recording_is_taken_over(
 
 
 def test_the_cli_records_a_detached_rollout_and_refuses_bad_words(
-    store: FleetStore, tmp_path: Path
+    store: FleetStore, tmp_path: Path, iris_bundles: dict[str, Path]
 ) -> None:
     from click.testing import CliRunner
 
@@ -368,27 +369,27 @@ def test_the_cli_records_a_detached_rollout_and_refuses_bad_words(
 
     dist = tmp_path / "dist"
     dist.mkdir()
-    for profile in BUNDLES:
-        (dist / f"m-2-{profile}.edgepack").write_bytes(b"a bundle")
+    for name in ("v2", "arm64-v2"):  # real bundles: the fleet reads their manifests
+        shutil.copy(iris_bundles[name], dist)
     key = tmp_path / "ops.key"
     key.write_bytes(private_key_pem(generate_private_key()))
     base = ["--store", str(tmp_path / "fleet.db"), "--broker", "127.0.0.1:9"]
     args = ["--version", "2", "--group", "g", "--stages", "d-03,100%", "--bundles", "http://x/",
             "--dist", str(dist), "--key", str(key), "--detach"]  # fmt: skip
-    done = CliRunner().invoke(cli, [*base, "rollout", "m", *args], obj={"clock": Clock()})
+    done = CliRunner().invoke(cli, [*base, "rollout", "iris", *args], obj={"clock": Clock()})
     assert done.exit_code == 0, done.output  # `rollout MODEL` is `rollout start MODEL`
     assert "stages d-03 (1), 100% (9)" in done.output
     (row,) = store.rollouts()
-    assert (row.state, row.model, row.version, row.spec["soak_s"]) == ("deploying", "m", 2, 600)
-    again = CliRunner().invoke(cli, [*base, "rollout", "m", *args], obj={"clock": Clock()})
+    assert (row.state, row.model, row.version, row.spec["soak_s"]) == ("deploying", "iris", 2, 600)
+    again = CliRunner().invoke(cli, [*base, "rollout", "iris", *args], obj={"clock": Clock()})
     assert again.exit_code == 1
-    assert f"rollout {row.rollout_id} of m v2 to g is still deploying" in again.output
+    assert f"rollout {row.rollout_id} of iris v2 to g is still deploying" in again.output
     store.acquire_lease(row.rollout_id, "ops-b", T0 + dt.timedelta(minutes=5), T0)
     taken = CliRunner().invoke(cli, [*base, "rollout", "drive", row.rollout_id, "--key", str(key)],
                                obj={"clock": Clock()})  # fmt: skip
     assert taken.exit_code == 1
     assert "is driven by ops-b until 2026-12-02 12:05:00 UTC" in taken.output
-    bad = CliRunner().invoke(cli, [*base, "rollout", "start", "m", *args, "--abort-on", "p99>2"])
+    bad = CliRunner().invoke(cli, [*base, "rollout", "start", "iris", *args, "--abort-on", "p99>2"])
     assert bad.exit_code == 2
     assert "unknown metric 'p99'" in bad.output
     assert len(store.rollouts()) == 1  # nothing recorded for it
