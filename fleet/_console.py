@@ -12,7 +12,8 @@ page           what it shows
 ``/quality``   drift and quality per device and version; ``/report/MODEL`` is the HTML report's
                page with its plots (:func:`edgepack.fleet._report.build_report`)
 ``/models``    the model index (:func:`edgepack.fleet._model_index.model_index`)
-``/audit``     the newest entries of the audit trail (:mod:`edgepack.fleet._audit`)
+``/audit``     the newest entries of the audit trail (:mod:`edgepack.fleet._audit`), by
+               ``?model=``, ``?device=``, ``?kind=``
 =============  ===============================================================================
 
 **Live without a reload.** Each page's body is also served alone at ``/fragment/PAGE``; a few
@@ -32,7 +33,7 @@ that key, and records the action in the audit trail (kind ``console.ACTION``, th
 from __future__ import annotations
 
 import hmac
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -84,9 +85,15 @@ def _templates() -> jinja2.Environment:
 # -- what each page shows ------------------------------------------------------------------------
 
 
-def _devices(store: FleetStore, now: datetime) -> dict[str, Any]:
-    from edgepack.fleet._views import ago, installed_models
+def _devices(store: FleetStore, now: datetime, query: Mapping[str, str]) -> dict[str, Any]:
+    from edgepack.fleet._views import ago, installed_models, milliseconds, telemetry_rows
 
+    serving: dict[str, list[str]] = {}
+    for t in telemetry_rows(store, history=1):
+        errors = sum(t.errors.values())
+        serving.setdefault(t.device, []).append(
+            f"{t.model} v{t.version}: {t.requests} req, {errors} err, p95 {milliseconds(t.p95)} ms"
+        )
     rows = [
         {
             "device": d.device,
@@ -96,13 +103,14 @@ def _devices(store: FleetStore, now: datetime) -> dict[str, Any]:
             "health": d.health or "-",
             "groups": ", ".join(d.assigned) or "-",
             "seen": ago(d.last_seen, now),
+            "serving": "; ".join(serving.get(d.device, [])) or "-",
         }
         for d in store.devices()
     ]
     return {"devices": rows}
 
 
-def _jobs(store: FleetStore, now: datetime) -> dict[str, Any]:
+def _jobs(store: FleetStore, now: datetime, query: Mapping[str, str]) -> dict[str, Any]:
     from edgepack.fleet._views import job_summaries
 
     jobs = [
@@ -134,7 +142,7 @@ def _jobs(store: FleetStore, now: datetime) -> dict[str, Any]:
     return {"jobs": jobs, "rollouts": rollouts, "policies": store.policy_actions(limit=30)}
 
 
-def _quality(store: FleetStore, now: datetime) -> dict[str, Any]:
+def _quality(store: FleetStore, now: datetime, query: Mapping[str, str]) -> dict[str, Any]:
     from edgepack.fleet._views import STATUS_GLYPHS, drift_rows, latest_quality, quality_text
 
     quality = latest_quality(store)
@@ -170,19 +178,21 @@ def _quality(store: FleetStore, now: datetime) -> dict[str, Any]:
     return {"rows": rows, "models": sorted({str(r["model"]) for r in rows})}
 
 
-def _models(store: FleetStore, now: datetime) -> dict[str, Any]:
+def _models(store: FleetStore, now: datetime, query: Mapping[str, str]) -> dict[str, Any]:
     from edgepack.fleet._model_index import model_index
 
     return {"versions": model_index(store)}
 
 
-def _audit(store: FleetStore, now: datetime) -> dict[str, Any]:
+def _audit(store: FleetStore, now: datetime, query: Mapping[str, str]) -> dict[str, Any]:
     from edgepack.fleet._audit import entries
 
-    return {"entries": list(reversed(entries(store, limit=_AUDIT_ROWS)))}
+    chosen = {k: v for k in ("model", "device", "kind") if NAME.match(v := query.get(k, ""))}
+    found = entries(store, limit=_AUDIT_ROWS, **chosen)
+    return {"entries": list(reversed(found)), "filters": chosen}
 
 
-_VIEWS: dict[str, Callable[[FleetStore, datetime], dict[str, Any]]] = {
+_VIEWS: dict[str, Callable[[FleetStore, datetime, Mapping[str, str]], dict[str, Any]]] = {
     "devices": _devices,
     "jobs": _jobs,
     "quality": _quality,
@@ -239,7 +249,7 @@ def create_app(
             status_code=401,
         )
 
-    def context(page: str) -> dict[str, Any]:
+    def context(page: str, query: Mapping[str, str]) -> dict[str, Any]:
         now = clock()
         return {
             "page": page,
@@ -248,7 +258,7 @@ def create_app(
             "refresh": refresh,
             "can_act": actions is not None,
             "token": token or "",
-            **_VIEWS[page](store, now),
+            **_VIEWS[page](store, now, query),
         }
 
     def render_page(request: Request) -> Response:
@@ -257,7 +267,9 @@ def create_app(
             return PlainTextResponse(f"no page {page!r}; pages: {', '.join(PAGES)}\n", 404)
         if not authorized(request):
             return denied()
-        html = env.get_template("console.html.j2").render(**context(page), message=None)
+        html = env.get_template("console.html.j2").render(
+            **context(page, request.query_params), message=None
+        )
         response = HTMLResponse(html)
         given = request.query_params.get("token")
         if token and given:  # opened with ?token=: keep it in a cookie for the page's fetches
@@ -270,7 +282,9 @@ def create_app(
             return PlainTextResponse(f"no page {page!r}\n", 404)
         if not authorized(request):
             return denied()
-        return HTMLResponse(env.get_template("console_live.j2").render(**context(page)))
+        return HTMLResponse(
+            env.get_template("console_live.j2").render(**context(page, request.query_params))
+        )
 
     def root(request: Request) -> Response:
         if not authorized(request):
@@ -311,7 +325,7 @@ def create_app(
         except (EdgepackError, ValueError) as e:
             return PlainTextResponse(f"400: {what} failed: {e}\n", status_code=400)
         page = {"rollback": "jobs", "cancel": "jobs", "rollout": "jobs", "policy": "jobs"}[what]
-        html = env.get_template("console.html.j2").render(**context(page), message=done)
+        html = env.get_template("console.html.j2").render(**context(page, {}), message=done)
         return HTMLResponse(html)
 
     routes = [

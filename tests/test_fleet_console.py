@@ -90,6 +90,18 @@ def store(tmp_path: Path) -> Iterator[FleetStore]:
         "reference": {"accuracy": 0.9},
     }
     opened.record_event("quality", "cam-1", quality, 1, NOW)
+    served = {
+        "models": [
+            {
+                "model": "churn",
+                "version": 2,
+                "requests": 5,
+                "errors": {"x": 1},
+                "latency_ms": {"p95": 3.25},
+            }
+        ]
+    }
+    opened.record_event("telemetry", "cam-1", served, 1, NOW)
     rules = parse_policies(
         '[[rule]]\nname = "floor"\nquality_below = 0.8\naction = "rollback"\napproval = true\n'
     )
@@ -153,6 +165,13 @@ def test_the_token_is_enforced_and_actions_need_the_key(
         opened = client.get(f"/?token={TOKEN}")  # sets the cookie the page's fetches carry
         assert opened.status_code == 200
         assert client.get("/fragment/devices").status_code == 200
+        devices = client.get("/fragment/devices").text
+        assert "churn v2: 5 req, 1 err, p95 3.25 ms" in devices
+        notes = client.get("/audit?kind=note").text
+        assert "note" in notes
+        assert "policy.pending" not in notes
+        assert "policy.pending" in client.get("/fragment/audit").text
+        assert "policy.pending" not in client.get("/fragment/audit?kind=note").text
         plots = client.get("/report/churn")  # the HTML report's page, with its plots
         assert plots.status_code == 200
         assert "data:image/png;base64," in plots.text
