@@ -141,12 +141,20 @@ def test_a_batch_1_mlp_builds_gates_every_candidate_and_serves_any_rows(
         np.testing.assert_allclose(got, source, rtol=1e-4, atol=1e-5)
 
 
-def test_a_fixed_batch_cnn_pads_its_last_chunk_and_a_real_agent_serves_it(
-    tmp_path: Path, keys: KeyPair
-) -> None:
-    model = cnn_fixed(8)
+@pytest.fixture(scope="module")
+def cnn8(tmp_path_factory: pytest.TempPathFactory, keys: KeyPair) -> Any:
+    """A CNN exported with a batch of 8, built for x86_64-cpu (shared by two tests)."""
     x = RNG.normal(size=(300, 64))
-    [result] = build_file(model, x, tmp_path, keys.private, profiles=("x86_64-cpu",))
+    [result] = build_file(
+        cnn_fixed(8), x, tmp_path_factory.mktemp("cnn8"), keys.private, profiles=("x86_64-cpu",)
+    )
+    return result, x
+
+
+def test_a_fixed_batch_cnn_pads_its_last_chunk_and_a_real_agent_serves_it(
+    tmp_path: Path, keys: KeyPair, cnn8: Any
+) -> None:
+    result, x = cnn8
     assert result.ok, result.error
     m = manifest(result)
     assert m["fixed_batch"] == 8
@@ -167,20 +175,17 @@ def test_a_fixed_batch_cnn_pads_its_last_chunk_and_a_real_agent_serves_it(
         agent.stop()
 
 
-def test_concurrent_requests_batched_together_are_chunked_too(
-    tmp_path: Path, keys: KeyPair
-) -> None:
-    [result] = build_file(
-        cnn_fixed(4), RNG.normal(size=(120, 64)), tmp_path, keys.private, profiles=("arm64-cpu",)
-    )
+def test_concurrent_requests_batched_together_are_chunked_too(cnn8: Any) -> None:
+    result, _ = cnn8
     files = bundle_files(result)
     parsed = parse_manifest(files[MANIFEST_FILE])
-    config = RuntimeConfig(batch_delay_ms=50.0, batch_rows=1000)
+    # the batcher runs once all 9 rows wait (or after 5 s): one run of 2 chunks, the last padded
+    config = RuntimeConfig(batch_delay_ms=5000.0, batch_rows=9)
     runtime = Runtime(config)
     served = ServedModel(parsed, open_session(files[MODEL_FILE], parsed, config))
     runtime.put(served)
     images = RNG.normal(size=(9, 1, 8, 8)).astype(np.float32)
-    want = _row_by_row(files[MODEL_FILE], "image", images, 4)
+    want = _row_by_row(files[MODEL_FILE], "image", images, 8)
     answers: dict[int, Any] = {}
     done = threading.Event()
     sizes = (1, 3, 5)
@@ -199,6 +204,8 @@ def test_concurrent_requests_batched_together_are_chunked_too(
         assert runtime.run_async(served, rows, None, answer(index))
         start += n
     assert done.wait(30)
+    (batcher,) = runtime._batchers.values()
+    assert (batcher.batches, batcher.requests) == (1, 3)  # stacked, then chunked
     start = 0
     for index, n in enumerate(sizes):
         got = answers[index]
