@@ -30,6 +30,7 @@ from edgepack.formats.keys import load_public_key
 __all__: list[str] = []
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+TABLE_ROWS = 200  # entries `audit` shows as a table without --limit
 AUDIT_LEGEND = (
     "kinds: build (bundles per profile), command (the signed envelope; key = its signer), "
     "outcome (a device's final job status), rollout (a rollout decision), trust (a key "
@@ -111,10 +112,14 @@ def audit(
         return
     from edgepack.fleet import _audit
 
+    table_only = limit is None and export is None and not as_json
+    shown = TABLE_ROWS + 1 if table_only else limit  # a table shows the newest 200 by default
     found = _audit.entries(
         _store(ctx), model=model, device=device, key_id=key_id, kind=kind,
-        since=_moment(ctx, since, "--since"), until=_moment(ctx, until, "--until"), limit=limit,
+        since=_moment(ctx, since, "--since"), until=_moment(ctx, until, "--until"), limit=shown,
     )  # fmt: skip
+    more = table_only and len(found) > TABLE_ROWS
+    found = found[1:] if more else found
     if export is not None:
         temporary = export.with_name(export.name + ".tmp")
         try:
@@ -123,6 +128,7 @@ def audit(
                     out.write(json.dumps(e.to_json(), sort_keys=True) + "\n")
             os.replace(temporary, export)
         except OSError as error:
+            temporary.unlink(missing_ok=True)
             _fail(f"cannot write {export}: {error.strerror or error}; check the path")
         if not as_json:
             console.print(f"wrote {len(found)} audit entries to {export}")
@@ -142,6 +148,9 @@ def audit(
         table.add_row(str(e.seq), iso(e.at), e.kind, what, e.device or "", (e.key_id or "")[:16],
                       escape(_summary(e)))  # fmt: skip
     console.print(table)
+    if more:
+        console.print(f"the newest {TABLE_ROWS} entries; --limit N, --since or --export FILE for "
+                      "more")  # fmt: skip
     _legend(AUDIT_LEGEND)
 
 
