@@ -464,18 +464,24 @@ class RolloutController:
                 and e.status is JobStatus.SUCCEEDED
                 and (e.version_after == row.version and e.version_before != e.version_after)
             ):
-                targets.append(d)
+                targets.append((d, e.version_before))
         if not targets or not data.get("rollback", ctx.spec.rollback):
             why = "no device to roll back" if targets == [] else "no rollback, as asked"
-            upgraded = [d.device for d in targets]
+            upgraded = [d.device for d, _before in targets]
             return _Move("no_rollback", data, "done", f"aborted: {why}", {"upgraded": upgraded})
-        jobs = [(d.device, d.rollback_job) for d in targets]
-        self.sender.send("rollback", row.model, jobs)
-        names = [d.device for d in targets]
+        # a device that had no version of the model before is returned to that: retired
+        fresh = [d for d, before in targets if before is None]
+        back = [d for d, before in targets if before is not None]
+        for kind, chosen in (("rollback", back), ("retire", fresh)):
+            if chosen:
+                self.sender.send(kind, row.model, [(d.device, d.rollback_job) for d in chosen])
+        names = [d.device for d, _before in targets]
+        retired = f" ({len(fresh)} retired: they had no earlier version)" if fresh else ""
         return _Move("rollback_sent", {**data, "rollback_started": _t(ctx.now),
                                        "rolled_back": names},
-                     "rollback", f"rollback sent to {len(names)} upgraded device(s)",
-                     {"devices": names[:100], "count": len(names)})  # fmt: skip
+                     "rollback", f"rollback sent to {len(names)} upgraded device(s){retired}",
+                     {"devices": names[:100], "count": len(names),
+                      "retired": [d.device for d in fresh][:100]})  # fmt: skip
 
     def _rolling_back(self, ctx: _Context) -> _Move | None:
         data = dict(ctx.row.data)

@@ -186,7 +186,7 @@ def fleet_of(store: FleetStore, count: int = 10) -> None:
 
 
 def finish(store: FleetStore, jobs: Sequence[tuple[str, str]], status: JobStatus,
-           before: int = 1, after: int = 2) -> None:  # fmt: skip
+           before: int | None = 1, after: int = 2) -> None:  # fmt: skip
     for device, job in jobs:
         done = after if status is JobStatus.SUCCEEDED else before
         raw = build_job_status(job, device, status, model="m", seq=9, version_before=before,
@@ -393,3 +393,22 @@ def test_the_cli_records_a_detached_rollout_and_refuses_bad_words(
     assert bad.exit_code == 2
     assert "unknown metric 'p99'" in bad.output
     assert len(store.rollouts()) == 1  # nothing recorded for it
+
+
+def test_a_device_new_to_the_model_is_retired_not_rolled_back(store: FleetStore) -> None:
+    state = build_device_state("fresh", profile="x86_64-cpu", agent_version="t", groups=["g"],
+                               models={}, health="ok", ts=T0, session="s")  # fmt: skip
+    store.record_state("fresh", json.loads(state), T0)
+    store.assign("fresh", ["g"], T0)
+    clock, sender = Clock(), Recorder()
+    rid = start_rollout(store, spec("fresh+d-01,100%", "failed>0%"), clock()).rollout_id
+    controller = RolloutController(store, sender, clock=clock)
+    controller.step(rid)
+    ((_kind, jobs),) = sender.sent
+    assert sorted(device for device, _job in jobs) == ["d-01", "fresh"]
+    finish(store, [j for j in jobs if j[0] == "fresh"], JobStatus.SUCCEEDED, before=None)
+    finish(store, [j for j in jobs if j[0] == "d-01"], JobStatus.FAILED)
+    made = controller.step(rid)
+    assert [d.action for d in made] == ["abort", "rollback"]
+    assert [(k, [d for d, _j in js]) for k, js in sender.sent[1:]] == [("retire", ["fresh"])]
+    assert made[1].figures["retired"] == ["fresh"]
