@@ -11,9 +11,11 @@ collector. Every wait is a bounded poll.
 from __future__ import annotations
 
 import datetime as dt
+import json
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from brokers import Broker, mosquitto
@@ -36,12 +38,13 @@ WAIT = 30.0
 NAMES = ("cam-a", "cam-b")
 
 
-def poll(done: Callable[[], bool], what: str) -> None:
+def poll(done: Callable[[], Any], what: str) -> Any:
     deadline = time.monotonic() + WAIT
-    while not done():
+    while not (found := done()):
         if time.monotonic() > deadline:
             raise AssertionError(f"{what}: not within {WAIT:.0f} s")
         time.sleep(0.05)
+    return found
 
 
 @pytest.fixture
@@ -136,5 +139,56 @@ def test_a_drifting_version_is_rolled_back_on_the_devices_affected(
         for agent, link in agents.values():
             link.stop()
             agent.stop()
+        collector.stop()
+        store.close()
+
+
+def test_a_rollback_waiting_for_approval_is_sent_by_policy_approve(
+    tmp_path: Path, broker: Broker, keys: KeyPair, iris_bundles: dict[str, Path]
+) -> None:
+    """Without --policy-key the collector only asks; `policy approve ID --key` signs and sends."""
+    ops = _write_pair(tmp_path / "ops", "ops")
+    options = BrokerOptions(host=broker.host, port=broker.port, prefix="p/v1")
+    db = tmp_path / "fleet.db"
+    store = open_store(db)
+    rules = parse_policies(
+        '[[rule]]\nname = "floor"\nmodel = "iris"\nquality_below = 0.9\naction = "rollback"\n'
+        "approval = true\n"
+    )
+    now = dt.datetime.now(dt.timezone.utc)
+    engine = PolicyEngine(store, rules, clock=lambda: now)  # no key: it can only ask
+    collector = Collector(
+        options, store, clock=lambda: now, policies=engine, policy_interval=0.1
+    ).start()
+    name = "cam-q"
+    agent, link = _agent(tmp_path, name, broker, keys, ops, iris_bundles)
+    try:
+        poll(lambda: any(d.device == name for d in store.devices()), "the agent's state")
+        report = {
+            "model": "iris",
+            "version": 2,
+            "status": "degraded",
+            "labeled": 100,
+            "metrics": {"accuracy": 0.55},
+        }
+        store.record_event("quality", name, report, 1, now)
+        (pending,) = poll(lambda: store.policy_actions("pending"), "a pending action")
+        assert agent.runtime.models()[0].version == 2  # nothing sent yet
+        common = ["--broker", broker.address, "--prefix", "p/v1", "--store", str(db)]
+        listed = CliRunner().invoke(cli, [*common, "policy", "pending", "--json"])
+        assert [a["action_id"] for a in json.loads(listed.output)] == [pending.action_id]
+        approved = CliRunner().invoke(
+            cli, [*common, "policy", "approve", pending.action_id, "--key", str(ops.private)]
+        )
+        assert approved.exit_code == 0, approved.output
+        assert f"{name}: job rollback-" in approved.output
+        poll(lambda: agent.runtime.models()[0].version == 1, "the agent back on v1")
+        kinds = [e.kind for e in entries(store) if e.kind.startswith("policy.")]
+        assert kinds == ["policy.pending", "policy.approve", "policy.rollback"]
+        signer = load_private_key(ops.private.read_bytes()).public_key()
+        assert entries(store, kind="policy.approve")[0].key_id == key_id(signer)
+    finally:
+        link.stop()
+        agent.stop()
         collector.stop()
         store.close()
