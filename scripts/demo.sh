@@ -4,7 +4,7 @@
 #   broker (mosquitto, or an embedded one when mosquitto is missing), a collector and three
 #   device agents → deploy v1 to the group → ask a device for predictions → build and deploy v2
 #   → roll one device back → print the fleet → drift, telemetry, the fleet report → a staged
-#   rollout of a bad v3 that stops and rolls itself back.
+#   rollout of a bad v3 that stops and rolls itself back → the model index and the audit trail.
 # Everything it writes goes to ./demo (remove it to start over). Exits non-zero if any step
 # fails, and stops every process it started.
 set -euo pipefail
@@ -176,6 +176,11 @@ if wait "$rollout_pid"; then echo "error: the rollout of the bad v3 did not abor
 cat "$out/logs/rollout.log"
 rollout_id=$($fleet rollout list --json | python -c 'import json, sys; print(json.load(sys.stdin)[0]["rollout_id"])')
 $fleet rollout status "$rollout_id"
+
+echo "== 14. governance: every model version, and the audit trail of what this demo did"
+$fleet models
+$fleet audit --model churn
+$fleet audit verify --key-file "$out/keys/ops.pub"
 
 echo
 echo "demo finished: bundles in $out/dist/, device states in $out/devices/, logs in $out/logs/,"
