@@ -188,7 +188,8 @@ def _audit(store: FleetStore, now: datetime, query: Mapping[str, str]) -> dict[s
     from edgepack.fleet._audit import entries
 
     chosen = {k: v for k in ("model", "device", "kind") if NAME.match(v := query.get(k, ""))}
-    found = entries(store, limit=_AUDIT_ROWS, **chosen)
+    found = entries(store, model=chosen.get("model"), device=chosen.get("device"),
+                    kind=chosen.get("kind"), limit=_AUDIT_ROWS)  # fmt: skip
     return {"entries": list(reversed(found)), "filters": chosen}
 
 
