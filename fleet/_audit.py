@@ -475,7 +475,9 @@ def record_command(store: FleetStore, command: Command, *, by: str) -> AuditEntr
 
 
 def record_outcome(store: FleetStore, update: JobUpdate, at: datetime) -> AuditEntry | None:
-    """Append a device's terminal job status (once per job, device and seq); None otherwise."""
+    """Append a device's terminal job status (once per job, device and seq); None otherwise.
+
+    Its version is the one the job deploys (a rollback's or retire's: the version after)."""
     if update.status not in TERMINAL:
         return None
     payload = {
@@ -483,8 +485,11 @@ def record_outcome(store: FleetStore, update: JobUpdate, at: datetime) -> AuditE
         "step": None if update.step is None else update.step.value, "reason": update.reason,
         "version_before": update.version_before, "version_after": update.version_after,
     }  # fmt: skip
-    return append(store, "outcome", payload, at=update.ts or at, model=update.model,
-                  version=update.version_after, device=update.device,
+    job = store.job(update.job_id)  # a deploy's outcome concerns the version it deploys
+    version = job.version if job is not None and job.version is not None else update.version_after
+    model = update.model or (job.model if job is not None else None)
+    return append(store, "outcome", payload, at=update.ts or at, model=model,
+                  version=version, device=update.device,
                   fact=f"outcome:{update.job_id}:{update.device}:{update.seq}")  # fmt: skip
 
 
