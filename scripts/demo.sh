@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh all
 export PATH="$PWD/.venv/bin:$PATH"
 out=demo
-rm -rf "$out/devices" "$out/fleet.db"* "$out/logs"
+rm -rf "$out/devices" "$out/dist" "$out/fleet.db"* "$out/logs"  # every run builds its bundles anew
 mkdir -p "$out/logs"
 pids=()
 cleanup() {
