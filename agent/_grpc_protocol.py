@@ -269,6 +269,7 @@ class GrpcInferRequest:
     id: str
     inputs: dict[str, np.ndarray]
     outputs: tuple[str, ...]  # empty: all
+    caller: str | None = None  # parameters["caller"]: keeps a caller on one split variant
 
 
 def model_and_version(name: str, version: str) -> tuple[str, int | None]:
@@ -323,7 +324,13 @@ def _decode(request: Any) -> GrpcInferRequest:
     for wanted in request.outputs:
         _refuse_unsupported(wanted.parameters, f"output {wanted.name!r}")
         outputs.append(wanted.name)
-    return GrpcInferRequest(model, version, request.id[:256], inputs, tuple(outputs))
+    caller = None
+    if "caller" in request.parameters:
+        value = request.parameters["caller"]
+        if value.WhichOneof("parameter_choice") != "string_param":
+            raise RequestError("parameter 'caller' must be a string (a caller key)")
+        caller = value.string_param[:256] or None
+    return GrpcInferRequest(model, version, request.id[:256], inputs, tuple(outputs), caller)
 
 
 def _refuse_unsupported(parameters: Mapping[str, Any], where: str) -> None:

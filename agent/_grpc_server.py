@@ -120,7 +120,8 @@ class _Service:
         codes = self._codes
         try:
             decoded = decode_infer_request(request)
-            served = self._runtime.get(decoded.model, decoded.version)
+            caller = decoded.caller or _caller_metadata(context)
+            served = self._runtime.route(decoded.model, decoded.version, caller)
             left = context.time_remaining()
             if left is not None and left <= 0:
                 code, message = codes.DEADLINE_EXCEEDED, "the deadline passed before the model ran"
@@ -225,3 +226,11 @@ class GrpcInferenceServer:
 
 def _snake(method: str) -> str:
     return "".join(f"_{c.lower()}" if c.isupper() else c for c in method).lstrip("_")
+
+
+def _caller_metadata(context: Any) -> str | None:
+    """The ``x-edgepack-caller`` metadata of a call (the HTTP header's gRPC twin), if any."""
+    for key, value in context.invocation_metadata() or ():
+        if key == "x-edgepack-caller" and isinstance(value, str) and value:
+            return value[:256]
+    return None

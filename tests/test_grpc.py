@@ -648,3 +648,40 @@ def test_the_runtime_descriptors_are_wire_compatible_with_tritons() -> None:
     for method, (request, response) in METHODS.items():
         found = service.methods_by_name[method]
         assert (found.input_type.name, found.output_type.name) == (request, response)
+
+
+def test_a_split_experiment_routes_grpc_requests_by_caller(
+    tmp_path: Path, keys: KeyPair, iris_bundles: dict[str, Path]
+) -> None:
+    """gRPC requests are split like HTTP ones: the caller key (a request parameter, or the
+    x-edgepack-caller metadata) keeps a caller on one version, and both versions answer."""
+    extra = "[grpc]\nenabled = true\nport = 0\n"
+    agent = Agent(load_config(write_agent_config(tmp_path, keys, extra=extra))).start()
+    try:
+        assert agent.install(str(iris_bundles["v1"])).ok
+        assert agent.start_experiment(
+            str(iris_bundles["v2"]), plan={"mode": "split", "share": 0.5}
+        ).ok
+        assert agent.grpc_server is not None
+        client = triton_grpc.InferenceServerClient(url=agent.grpc_server.address)
+        try:
+            tensor = triton_grpc.InferInput("input", [1, 4], "FP32")
+            tensor.set_data_from_numpy(np.array([ROW], dtype=np.float32))
+            seen: dict[str, set[str]] = {}
+            for _round in range(2):
+                for i in range(40):
+                    caller = f"till-{i}"
+                    if i % 2:
+                        result = client.infer("iris", [tensor], parameters={"caller": caller})
+                    else:
+                        metadata = {"x-edgepack-caller": caller}
+                        result = client.infer("iris", [tensor], headers=metadata)
+                    seen.setdefault(caller, set()).add(result.get_response().model_version)
+            assert all(len(v) == 1 for v in seen.values())  # sticky per caller
+            assert set().union(*seen.values()) == {"1", "2"}  # both variants answer
+            with pytest.raises(InferenceServerException, match="caller"):
+                client.infer("iris", [tensor], parameters={"caller": 7})
+        finally:
+            client.close()
+    finally:
+        agent.stop()
