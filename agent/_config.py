@@ -213,6 +213,14 @@ class QualityConfig:
 
 
 @dataclass(frozen=True)
+class ExperimentsConfig:
+    """``[experiments]``: bounds of a shadow experiment's work (edgepack.agent._experiment)."""
+
+    shadow_queue: int = 256  # sampled requests waiting for the candidate; more are dropped
+    shadow_cpu_share: float = 0.25  # seconds of candidate compute per second (a core's share)
+
+
+@dataclass(frozen=True)
 class CaptureConfig:
     """``[capture]``: the rate-limited sample store for retraining (off by default)."""
 
@@ -241,6 +249,7 @@ class AgentConfig:
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     capture: CaptureConfig = field(default_factory=CaptureConfig)
     quality: QualityConfig = field(default_factory=QualityConfig)
+    experiments: ExperimentsConfig = field(default_factory=ExperimentsConfig)
     source: Path | None = None
 
     def public_keys(self) -> list[ec.EllipticCurvePublicKey]:
@@ -342,6 +351,10 @@ _QUALITY: dict[str, Check] = {
     "estimate_window": integer(20),
     "max_predictions": integer(1),
 }
+_EXPERIMENTS: dict[str, Check] = {
+    "shadow_queue": integer(1),
+    "shadow_cpu_share": number(0.01, 1.0),
+}
 _CAPTURE: dict[str, Check] = {
     "enabled": boolean,
     "per_minute": integer(1),
@@ -432,6 +445,7 @@ def _schema(source: str, base: Path) -> dict[str, Check]:
         "drift": table("drift", _DRIFT),
         "capture": lambda v: CaptureConfig(**table("capture", _CAPTURE)(v)),
         "quality": lambda v: QualityConfig(**table("quality", _QUALITY)(v)),
+        "experiments": lambda v: ExperimentsConfig(**table("experiments", _EXPERIMENTS)(v)),
     }
 
 

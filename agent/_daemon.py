@@ -56,7 +56,8 @@ class Agent:
         config: the agent configuration.
         fetcher: how bundles are fetched (local paths by default).
         poll_interval: how often to look for installs made by another process, in seconds.
-        experiments: bounds of experiments' shadow work (queue, CPU share).
+        experiments: bounds of experiments' shadow work (queue, CPU share); default: the
+            config's ``[experiments]``.
     """
 
     def __init__(
@@ -76,7 +77,11 @@ class Agent:
         self.reports = ReportRelay()  # telemetry and drift reports; the MQTT link connects it
         # candidates beside active versions (edgepack.agent._experiment): routed by the
         # runtime, reported by the monitor
-        self.experiments = Experiments(experiments)
+        bounds = config.experiments
+        self.experiments = Experiments(
+            experiments
+            or ExperimentConfig(queue=bounds.shadow_queue, cpu_share=bounds.shadow_cpu_share)
+        )
         self.monitor = Monitor(
             self.lifecycle.store,
             config.monitor,

@@ -172,3 +172,18 @@ def test_importing_the_config_loads_no_runtime_or_network_stack() -> None:
     )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
+
+
+def test_experiments_bounds_come_from_the_config(tmp_path: Path, keys: KeyPair) -> None:
+    """[experiments] sets the shadow queue and CPU share the agent gives experiments; out of
+    range is a ConfigError naming the key."""
+    from conftest import write_agent_config
+
+    from edgepack.agent._daemon import Agent
+
+    extra = "[experiments]\nshadow_queue = 3\nshadow_cpu_share = 0.5\n"
+    agent = Agent(load_config(write_agent_config(tmp_path / "a", keys, extra=extra)))
+    assert (agent.experiments.config.queue, agent.experiments.config.cpu_share) == (3, 0.5)
+    wrong = write_agent_config(tmp_path / "b", keys, extra="[experiments]\nshadow_cpu_share = 2\n")
+    with pytest.raises(ConfigError, match="shadow_cpu_share"):
+        load_config(wrong)
