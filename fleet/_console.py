@@ -233,15 +233,27 @@ def create_app(
         )
     env = _templates()
 
+    def matches(given: str) -> bool:
+        return bool(token) and hmac.compare_digest(given.encode(), str(token).encode())
+
     def authorized(request: Request, *, post: bool = False) -> bool:
+        """The token in the header, or (a page) the cookie or the query, or (an action) the
+        form: never the cookie alone for an action, which another site could make one send."""
         if not token:
             return True
-        given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
-        if not given and post:
-            given = str(request.scope.get("edgepack_form_token", ""))
-        if not given and not post:
-            given = request.cookies.get(COOKIE, "") or request.query_params.get("token", "")
-        return hmac.compare_digest(given.encode(), token.encode())
+        offered = [request.headers.get("authorization", "").removeprefix("Bearer ").strip()]
+        if post:
+            offered.append(str(request.scope.get("edgepack_form_token", "")))
+        else:
+            offered += [request.cookies.get(COOKIE, ""), request.query_params.get("token", "")]
+        return any(matches(given) for given in offered if given)
+
+    def keep_token(request: Request, response: Response) -> Response:
+        """Opened with a right ``?token=``: keep it in a cookie for the page's fetches."""
+        given = request.query_params.get("token", "")
+        if given and matches(given):
+            response.set_cookie(COOKIE, given, httponly=True, samesite="strict")
+        return response
 
     def denied() -> Response:
         return PlainTextResponse(
@@ -271,11 +283,7 @@ def create_app(
         html = env.get_template("console.html.j2").render(
             **context(page, request.query_params), message=None
         )
-        response = HTMLResponse(html)
-        given = request.query_params.get("token")
-        if token and given:  # opened with ?token=: keep it in a cookie for the page's fetches
-            response.set_cookie(COOKIE, given, httponly=True, samesite="strict")
-        return response
+        return keep_token(request, HTMLResponse(html))
 
     def fragment(request: Request) -> Response:
         page = request.path_params["page"]
@@ -290,11 +298,7 @@ def create_app(
     def root(request: Request) -> Response:
         if not authorized(request):
             return denied()
-        response = RedirectResponse("/devices", status_code=303)
-        given = request.query_params.get("token")
-        if token and given:
-            response.set_cookie(COOKIE, given, httponly=True, samesite="strict")
-        return response
+        return keep_token(request, RedirectResponse("/devices", status_code=303))
 
     def report(request: Request) -> Response:
         if not authorized(request):
@@ -325,8 +329,7 @@ def create_app(
             done = await run_in_threadpool(_act, store, actions, what, fields, clock)
         except (EdgepackError, ValueError) as e:
             return PlainTextResponse(f"400: {what} failed: {e}\n", status_code=400)
-        page = {"rollback": "jobs", "cancel": "jobs", "rollout": "jobs", "policy": "jobs"}[what]
-        html = env.get_template("console.html.j2").render(**context(page, {}), message=done)
+        html = env.get_template("console.html.j2").render(**context("jobs", {}), message=done)
         return HTMLResponse(html)
 
     routes = [

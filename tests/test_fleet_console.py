@@ -162,6 +162,12 @@ def test_the_token_is_enforced_and_actions_need_the_key(
         assert ok.status_code == 200
         assert "read-only" in ok.text
         assert "/action/policy" not in ok.text  # no buttons without the key
+        wrong = client.get("/?token=not-the-token")
+        assert wrong.status_code == 401
+        assert "set-cookie" not in wrong.headers
+        url, stale_cookie = f"{read_only.url}/devices?token={TOKEN}", {"edgepack_console": "old"}
+        stale = httpx.get(url, cookies=stale_cookie, timeout=10)
+        assert stale.status_code == 200  # a right token in the query beats a stale cookie
         opened = client.get(f"/?token={TOKEN}")  # sets the cookie the page's fetches carry
         assert opened.status_code == 200
         assert client.get("/fragment/devices").status_code == 200
