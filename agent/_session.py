@@ -237,30 +237,37 @@ def _in_chunks(run: Callable[..., Any], batch: int) -> Callable[..., list[np.nda
     def chunked(
         names: list[str] | None, feeds: Mapping[str, np.ndarray], options: Any
     ) -> list[np.ndarray]:
-        rows = len(next(iter(feeds.values())))
+        items = list(feeds.items())
+        rows = len(items[0][1])
         if rows == batch:
             return list(run(names, feeds, options))
-        parts: list[list[np.ndarray]] = []
-        for start in range(0, max(rows, 1), batch):
-            real = min(batch, rows - start)
-            chunk = {}
-            for name, value in feeds.items():
-                part = value[start : start + batch]
-                if real <= 0:  # no rows at all: run zeros for the outputs' types and shapes
-                    part = np.zeros((batch, *value.shape[1:]), dtype=value.dtype)
-                elif real < batch:
-                    part = np.concatenate([part, np.repeat(part[-1:], batch - real, axis=0)])
-                chunk[name] = part
-            outputs = run(names, chunk, options)
-            for output in outputs:
-                if np.ndim(output) == 0 or len(output) != batch:
-                    raise ValueError(
-                        f"an output has shape {list(np.shape(output))}, no batch of {batch} rows"
-                    )
-            parts.append([output[: max(real, 0)] for output in outputs])
+        full = rows - rows % batch
+        parts = [
+            run(names, {k: v[at : at + batch] for k, v in items}, options)
+            for at in range(0, full, batch)
+        ]
+        if full < rows or not rows:  # the last chunk, padded; zeros when there are no rows
+            real = rows - full
+            padded = {
+                k: np.concatenate([v[full:], np.repeat(v[-1:], batch - real, axis=0)])
+                if real
+                else np.zeros((batch, *v.shape[1:]), dtype=v.dtype)
+                for k, v in items
+            }
+            parts.append([o[:real] for o in _batched(run(names, padded, options), batch)])
+        else:
+            _batched(parts[0], batch)  # every chunk has the same output shapes
         return [np.concatenate(column) for column in zip(*parts, strict=True)]
 
     return chunked
+
+
+def _batched(outputs: list[np.ndarray], batch: int) -> list[np.ndarray]:
+    """``outputs`` of one chunk, if each has the chunk's ``batch`` rows (ValueError otherwise)."""
+    for output in outputs:
+        if np.ndim(output) == 0 or len(output) != batch:
+            raise ValueError(f"an output has shape {list(np.shape(output))}, no batch of {batch}")
+    return outputs
 
 
 def _first_line(error: BaseException) -> str:

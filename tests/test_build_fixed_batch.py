@@ -99,7 +99,7 @@ def _check_serving(runtime: Runtime, files: dict[str, bytes], name: str, rows: n
     batch = parse_manifest(files[MANIFEST_FILE]).fixed_batch
     assert batch is not None
     want = _row_by_row(files[MODEL_FILE], name, rows, batch)
-    for n in (1, 5, 64):
+    for n in (1, 5, 64, 0):
         [got] = runtime.infer("m", {name: rows[:n]}).values()
         assert got.shape == want[:n].shape
         np.testing.assert_allclose(got, want[:n], rtol=1e-5, atol=1e-6)
