@@ -185,22 +185,25 @@ def record_build_shipped(
     ctx: click.Context, model: str, version: int, build: dict[str, dict[str, Any]]
 ) -> None:
     """Record the build a deploy (rollout, experiment) is about to ship, before it is sent."""
-    from edgepack.fleet import _audit
+    from edgepack.fleet import _audit_facts
 
     now = _now(ctx)
-    _recorded(ctx, f"build {model}@{version}",
-              lambda store: _audit.record_build(store, model, version, build, now))  # fmt: skip
+
+    def record(store: Any) -> None:
+        _audit_facts.record_build(store, model, version, build, now)
+
+    _recorded(ctx, f"build {model}@{version}", record)
 
 
 def record_issued(ctx: click.Context, published: Any) -> None:
     """Record the signed command the CLI just published (a ``Published``)."""
-    from edgepack.fleet import _audit
+    from edgepack.fleet import _audit_facts
     from edgepack.formats.commands import read_command
 
     if published.envelope:
         command = read_command(published.envelope, None)
         _recorded(ctx, f"job {published.job_id}",
-                  lambda store: _audit.record_command(store, command, by="cli"))  # fmt: skip
+                  lambda store: _audit_facts.record_command(store, command, by="cli"))  # fmt: skip
 
 
 def _trusted(paths: tuple[Path, ...]) -> list[Any] | None:
@@ -277,7 +280,7 @@ def verify(
 @click.pass_context
 def record_build(ctx: click.Context, directory: Path, as_json: bool) -> None:
     """Record the bundles in a build DIRECTORY (per model version) in the audit trail."""
-    from edgepack.fleet import _audit
+    from edgepack.fleet import _audit_facts
     from edgepack.fleet._commands import describe_bundles
     from edgepack.fleet.exceptions import BundleLookupError
 
@@ -289,7 +292,7 @@ def record_build(ctx: click.Context, directory: Path, as_json: bool) -> None:
     store = _store(ctx, create=True)
     now = _now(ctx)
     recorded = [
-        _audit.record_build(store, model, version, profiles, now)
+        _audit_facts.record_build(store, model, version, profiles, now)
         for (model, version), profiles in sorted(releases.items())
     ]
     if as_json:

@@ -70,6 +70,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from edgepack._clock import Clock, utc_now
 from edgepack.fleet import _audit as audit
+from edgepack.fleet import _audit_facts as facts
 from edgepack.fleet._alerts import Alerter
 from edgepack.fleet._broker import BrokerOptions, connect
 from edgepack.fleet._database import FleetStore, JobRow, StoreError
@@ -493,7 +494,7 @@ class Collector:
                 new = store.record_job(job)
                 if command.in_progress_timeout is not None:
                     store.record_timeout(job.job_id, command.in_progress_timeout)
-                _audited(lambda: audit.record_command(store, command, by="collector"))
+                _audited(lambda: facts.record_command(store, command, by="collector"))
                 return _Outcome(new)
 
             return _Record((rank, job.job_id, "", 0), topic, write_job)
@@ -522,7 +523,7 @@ class Collector:
             def write_update() -> _Outcome:
                 new = store.record_execution(update, now)
                 if new:  # a device's final status joins the audit trail (once per seq)
-                    _audited(lambda: audit.record_outcome(store, update, now))
+                    _audited(lambda: facts.record_outcome(store, update, now))
                 return _Outcome(new, alert=job_alert)
 
             return _Record(key, topic, write_update)
@@ -546,7 +547,7 @@ class Collector:
 
             def write_trust() -> _Outcome:
                 new = store.record_trust(version, payload, now)
-                _audited(lambda: audit.record_trust(store, payload, now))  # a key rotation
+                _audited(lambda: facts.record_trust(store, payload, now))  # a key rotation
                 return _Outcome(new)
 
             return _Record((rank, "", "", version), topic, write_trust)
@@ -573,7 +574,7 @@ def _cancel(store: FleetStore, cancel: Command) -> _Outcome:
     new = store.record_cancel(
         cancel.cancels, cancel.issued_at, cancel.key_id, cancel.job_id, devices
     )
-    _audited(lambda: audit.record_command(store, cancel, by="collector"))
+    _audited(lambda: facts.record_command(store, cancel, by="collector"))
     return _Outcome(new)
 
 

@@ -118,7 +118,7 @@ def find_bundles(
             and every bundle it names for the release is downloaded and checked.
         fetch: size and time bounds on those downloads.
         described: when given, filled with each profile's build facts for the audit trail
-            (:func:`edgepack.fleet._audit.bundle_facts`: precision, parity, signer, source).
+            (:func:`edgepack.fleet._audit_facts.bundle_facts`: precision, parity, signer, source).
 
     Raises:
         BundleLookupError: no bundle for that version, the index is unreachable or malformed, a
@@ -322,7 +322,7 @@ def describe_bundles(
 def _facts_of(
     name: str, manifest: Manifest, sig: bytes | None, sha256: str, size: int
 ) -> dict[str, Any]:
-    from edgepack.fleet._audit import bundle_facts  # the audit imports the store
+    from edgepack.fleet._audit_facts import bundle_facts  # it imports the store
 
     return bundle_facts(name, manifest, sig, sha256, size)
 
@@ -420,7 +420,7 @@ def cancel_job(
         client.loop_stop()
     signer = key_id(key.public_key())
     store.record_cancel(job_id, now, signer, cancel_id, job_devices(store, job))
-    from edgepack.fleet._audit import record_command  # the audit imports the store
+    from edgepack.fleet._audit_facts import record_command  # it imports the store
 
     record_command(store, read_command(envelope, [key.public_key()]), by="cli")
     return Canceled(job_id, cancel_id, topic, not newer, unstarted, started)

@@ -405,7 +405,7 @@ class _Store:
         params = (d.rollout_id, d.seq, sql.ts(d.at), d.stage, d.action, d.reason)
         cur.execute(self._q(sql.INSERT_DECISION), (*params, sql.to_json(d.figures)))
         if cur.rowcount == 1:  # every rollout decision joins the audit trail, in its transaction
-            from edgepack.fleet._audit import decision_draft  # it imports this module
+            from edgepack.fleet._audit_facts import decision_draft  # it imports this module
 
             self._append_audit(cur, decision_draft(d, rollout))
 

@@ -198,7 +198,7 @@ def publish_trust(
         client.disconnect()
         client.loop_stop()
     if store is not None:
-        from edgepack.fleet._audit import record_trust  # the audit imports this module
+        from edgepack.fleet._audit_facts import record_trust  # it imports this module
 
         store.batch(lambda: (store.record_trust(version, document, now),
                              record_trust(store, document, now)))  # fmt: skip

@@ -25,6 +25,7 @@ from conftest import KeyPair
 from postgres import fresh_database, postgres_server
 
 from edgepack.fleet import _audit as audit
+from edgepack.fleet import _audit_facts as facts
 from edgepack.fleet._cli import cli
 from edgepack.fleet._database import FleetStore, open_store
 from edgepack.formats.commands import CommandKind, make_command, read_command
@@ -53,15 +54,15 @@ def signed_command(keys: KeyPair, version: int = 2) -> Any:
 def fill(store: FleetStore, keys: KeyPair) -> list[audit.AuditEntry]:
     """Six entries: a build, a command, two outcomes, and two of another part's kind."""
     made = [
-        audit.record_build(store, "iris", 2, {"x86_64-cpu": {"sha256": "b" * 64, "size": 10}},
+        facts.record_build(store, "iris", 2, {"x86_64-cpu": {"sha256": "b" * 64, "size": 10}},
                            at(0)),
-        audit.record_command(store, signed_command(keys), by="cli"),
+        facts.record_command(store, signed_command(keys), by="cli"),
     ]  # fmt: skip
     for n, device in enumerate(("cam-1", "cam-2")):
         update = JobUpdate(job_id=made[1].payload["job_id"], device=device, model="iris",
                            status=JobStatus.SUCCEEDED, seq=3, step=None, reason=None,
                            version_before=1, version_after=2, ts=at(2 + n))  # fmt: skip
-        entry = audit.record_outcome(store, update, at(2 + n))
+        entry = facts.record_outcome(store, update, at(2 + n))
         assert entry is not None
         made.append(entry)
     for n in range(2):
@@ -85,9 +86,9 @@ def test_entries_chain_and_a_known_fact_is_not_appended_twice(
     assert [e.seq for e in made] == [1, 2, 3, 4, 5, 6]
     assert made[0].prev_hash == audit.GENESIS
     assert all(b.prev_hash == a.hash for a, b in itertools.pairwise(made))
-    again = audit.record_command(store, signed_command(keys), by="collector")
+    again = facts.record_command(store, signed_command(keys), by="collector")
     assert again.seq != made[1].seq  # a new command (another job id) is a new fact...
-    same = audit.record_command(store, read_command(made[1].payload["envelope"].encode(), None),
+    same = facts.record_command(store, read_command(made[1].payload["envelope"].encode(), None),
                                 by="collector")  # fmt: skip
     assert same == made[1]  # ...the same job id is not appended again
     assert audit.entries(store, kind="outcome", device="cam-2")[0].seq == 4
@@ -196,9 +197,9 @@ def test_a_forged_command_signature_fails(
     sqlite_store: tuple[Path, FleetStore], keys: KeyPair, other_keys: KeyPair
 ) -> None:
     path, store = sqlite_store
-    genuine = audit.record_command(store, signed_command(keys), by="cli")
+    genuine = facts.record_command(store, signed_command(keys), by="cli")
     forged = signed_command(other_keys)  # an attacker's key, claiming to be an operator
-    audit.record_command(store, forged, by="collector")
+    facts.record_command(store, forged, by="collector")
     code, out = _verify(path, keys)
     assert code == 1
     assert out["problem"]["what"] == "signature"

@@ -16,7 +16,7 @@ import pytest
 from click.testing import CliRunner
 from conftest import KeyPair
 
-from edgepack.fleet import _audit as audit
+from edgepack.fleet import _audit_facts as facts
 from edgepack.fleet._cli import cli
 from edgepack.fleet._database import FleetStore, open_store
 from edgepack.fleet._model_index import model_history, model_index
@@ -58,14 +58,14 @@ def command(store: FleetStore, keys: KeyPair, kind: str, model: str, minute: flo
     _job, raw = make_command(kind, model, {"group": "eu"}, key, version=version,
                              bundles=bundles if kind == "deploy" else None,
                              issued_at=at(minute))  # fmt: skip
-    audit.record_command(store, read_command(raw, None), by="cli")
+    facts.record_command(store, read_command(raw, None), by="cli")
 
 
 def build(store: FleetStore, model: str, version: int, minute: float) -> None:
     profile = {"sha256": f"{version:064d}", "size": 4096, "precision": "fp32",
                "parity": {"passed": True, "rows": 75}, "signer": "k" * 16,
                "source": {"sha256": "s" * 64}}  # fmt: skip
-    audit.record_build(store, model, version, {"x86_64-cpu": profile}, at(minute))
+    facts.record_build(store, model, version, {"x86_64-cpu": profile}, at(minute))
 
 
 def test_states_active_superseded_retired_and_built(store: FleetStore, keys: KeyPair) -> None:
