@@ -407,7 +407,10 @@ class RolloutController:
             jobs = [(d.device, d.deploy_job) for d in stage]
             self.sender.send("deploy", row.model, jobs, version=row.version, bundles=spec.bundles)
             names = [d.device for d in stage]
-            return _Move("sent", {**data, "sent": True}, "deploy",
+            # the job timeout runs from now: the stage may have waited (a dead broker, a
+            # rollout recorded with --detach and driven later) since it was recorded
+            sent = {**data, "sent": True, "stage_started": _t(ctx.now)}
+            return _Move("sent", sent, "deploy",
                          f"{ctx.label}: deploy v{row.version} sent to {len(stage)} device(s)",
                          {"devices": names[:100], "count": len(names)})  # fmt: skip
         figures = ctx.figures(window=False)

@@ -1,0 +1,78 @@
+"""Review of issue 13 (staged rollouts, experiments, the job lifecycle): each case is a defect
+found by attacking the feature, kept as a regression test. Real parts, no sleeps."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from edgepack.fleet._database import FleetStore, open_store
+from edgepack.fleet._rollout import parse_stages
+from edgepack.fleet._rollout_controller import RolloutController, RolloutSpec, start_rollout
+from edgepack.formats.messages import ModelState, build_device_state
+
+T0 = dt.datetime(2026, 12, 2, 12, 0, tzinfo=dt.timezone.utc)
+BUNDLES = {"x86_64-cpu": {"url": "http://127.0.0.1:9/m.edgepack", "sha256": "0" * 64, "size": 1}}
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = T0
+
+    def __call__(self) -> dt.datetime:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += dt.timedelta(seconds=seconds)
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, list[tuple[str, str]]]] = []
+
+    def send(
+        self, kind: str, model: str, jobs: Sequence[tuple[str, str]], *,
+        version: int | None = None, bundles: Mapping[str, Any] | None = None,
+    ) -> None:  # fmt: skip
+        self.sent.append((kind, list(jobs)))
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[FleetStore]:
+    opened = open_store(tmp_path / "fleet.db")
+    for i in range(4):
+        name = f"d-{i}"
+        state = build_device_state(name, profile="x86_64-cpu", agent_version="t", groups=["g"],
+                                   models={"m": ModelState(1, None, 1)}, health="ok", ts=T0,
+                                   session="s")  # fmt: skip
+        opened.record_state(name, json.loads(state), T0)
+        opened.assign(name, ["g"], T0)
+    yield opened
+    opened.close()
+
+
+# -- rollouts ----------------------------------------------------------------------------------
+
+
+def test_a_stage_sent_late_gets_its_whole_job_timeout(store: FleetStore) -> None:
+    """A rollout recorded with --detach and driven later (or a stage whose send waited out a
+    dead broker) used to be judged at once: the job timeout ran from when the stage was
+    recorded, not from when its deploys went out, so every device counted as timed out the
+    moment the commands were sent, and the rollout aborted before any device could answer."""
+    clock, sender = Clock(), Recorder()
+    spec = RolloutSpec("m", 2, "g", tuple(parse_stages("50%,100%")), BUNDLES, soak=60,
+                       conditions=("failed>0%",), job_timeout=300)  # fmt: skip
+    rid = start_rollout(store, spec, clock()).rollout_id
+    clock.advance(3600)  # `rollout drive` started an hour after `rollout start --detach`
+    made = RolloutController(store, sender, clock=clock).step(rid)
+    assert [d.action for d in made] == ["deploy"]  # sent, and now waiting for the devices
+    row = store.rollout(rid)
+    assert row is not None
+    assert row.state == "deploying"
+    clock.advance(299)  # still within the job timeout of the send: nothing judged yet
+    assert RolloutController(store, sender, clock=clock).step(rid) == []
