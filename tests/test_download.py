@@ -57,11 +57,22 @@ class Liar(ThreadingHTTPServer):
         self.sent = 0
         self.now = 0.0
         self.lock, self.release = threading.Lock(), threading.Event()
+        self.observed, self.looks = threading.Condition(), 0
         self.url = f"http://127.0.0.1:{self.server_address[1]}/b.edgepack"
 
     def clock(self) -> float:
+        with self.observed:
+            self.looks += 1
+            self.observed.notify_all()
         with self.lock:
             return self.now
+
+    def paced(self, looks: int) -> bool:
+        """Wait until the fetcher has read the clock since ``looks`` (it has taken the byte in):
+        time moves in step with the fetcher, not with a server thread that a loaded machine
+        lets run ahead. False: the fetcher stopped reading (it cut the connection)."""
+        with self.observed:
+            return self.observed.wait_for(lambda: self.looks > looks, timeout=5.0)
 
     def replace(self, data: bytes, etag: str) -> None:
         self.data, self.etag = data, etag
@@ -109,15 +120,18 @@ class _LiarHandler(BaseHTTPRequestHandler):
         if lie == "trickle":
             self.close_connection = True
             for index in range(len(body)):
+                with srv.observed:
+                    looks = srv.looks
                 try:
                     self.wfile.write(body[index : index + 1])
                     self.wfile.flush()
                 except OSError:
                     return  # cut off, as it should be
+                if not srv.paced(looks):
+                    return  # the fetcher has stopped reading: it cut the connection
                 with srv.lock:
                     srv.now += 2.0
                     srv.sent += 1
-                time.sleep(0.002)  # one byte per read on the other side, mostly
             return
         try:
             self.wfile.write(body)
