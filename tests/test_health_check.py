@@ -163,7 +163,10 @@ def test_a_load_that_hangs_fails_the_install_at_the_deadline_and_later_checks_us
     assert lifecycle.store.load().models["iris"].active == 1
     assert not (work / "state" / "models" / "iris" / "2").exists()
     assert _health_check.checks_left_running() == 1
-    # while that one is stuck, the next check runs in a child process (no pile-up here)
+    # while that one is stuck, the next check runs in a child process (no pile-up here); the
+    # child starts python and onnxruntime, which a loaded machine may not do within 1 s
+    make_device(tmp_path / "device", keys, "health_check_timeout = 60\n")
+    lifecycle = Lifecycle(load_config(work / "agent.toml"))
     again = lifecycle.install(str(iris_bundles["v3"]))
     assert again.result == "installed", again.error
     assert again.session is None  # checked in the child: the runtime loads it
