@@ -154,24 +154,23 @@ def audit(
     _legend(AUDIT_LEGEND)
 
 
-def _recording_store(ctx: click.Context) -> Any | None:
-    """The store, when there is one to record in (the CLI never creates one for this)."""
+def _recorded(ctx: click.Context, what: str, record: Any) -> None:
+    """Run ``record(store)`` on the ``--store`` that exists (the CLI never creates one for
+    this); without one, or when it fails, say so and go on: what was sent is out, and the
+    collector records the command when it sees it."""
+    from edgepack.fleet._database import open_store
+    from edgepack.fleet.exceptions import StoreError
+
     url = str(ctx.obj["store"])
     local = not re.match(r"^(postgres|postgresql)://", url)
     if local and not Path(url.removeprefix("sqlite://")).expanduser().exists():
-        return None
-    return _store(ctx)
-
-
-def _recorded(ctx: click.Context, what: str, record: Any) -> None:
-    """Run ``record(store)``; without a store, or when the store fails, say so (what was sent
-    is out, and the collector records the command when it sees it)."""
-    from edgepack.fleet.exceptions import StoreError
-
-    store = _recording_store(ctx)
-    if store is None:
-        console.print(f"[dim]{what} not in the audit trail: no store at {ctx.obj['store']} (the "
-                      "collector records commands when it sees them)[/]")  # fmt: skip
+        console.print(f"[dim]{what} not in the audit trail: no store at {url} (the collector "
+                      "records commands when it sees them)[/]")  # fmt: skip
+        return
+    try:
+        store = open_store(url)
+    except StoreError as e:
+        console.print(f"[yellow]{what} not recorded in the audit trail: {e}[/]")
         return
     try:
         record(store)

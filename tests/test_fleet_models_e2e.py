@@ -141,3 +141,20 @@ def test_a_deploy_its_outcomes_and_a_rollback_appear_in_audit_and_models(
     assert kinds[0] == "build"
     assert kinds.count("command") == 3
     assert kinds[-1] == "outcome"
+
+
+def test_a_deploy_whose_store_is_missing_or_down_is_still_sent_and_says_so(
+    fleet: Fleet, ops: KeyPair, tmp_path: Path
+) -> None:
+    common = ["--broker", f"{fleet.broker.host}:{fleet.broker.port}", "--prefix", fleet.prefix]
+    send = ["deploy", "iris", "--version", "1", "--group", "nobody", "--bundles", fleet.server.url,
+            "--dist", str(fleet.dist), "--key", str(ops.private)]  # fmt: skip
+    missing = tmp_path / "elsewhere" / "fleet.db"
+    stores = [str(missing), "postgresql://u@127.0.0.1:1/fleet?connect_timeout=2"]
+    for store, said in zip(stores, ("no store at", "not recorded in the audit trail"), strict=True):
+        result = CliRunner().invoke(cli, [*common, "--store", store, *send])
+        assert result.exit_code == 0, result.output
+        assert said in result.output
+        job = job_of(result)
+        until(lambda job=job: fleet.store.job(job) is not None, "the collector records it")
+    assert not missing.exists()  # a deploy never creates a store
