@@ -84,7 +84,7 @@ MARK = "drift"
 SEED = 2024
 REFERENCE_ROWS = 20_000
 WINDOWS = (100, 500)
-STATIONARY_ROWS = 100_000  # per window size: 1,000 windows of 100, 200 of 500
+STATIONARY_ROWS = 500_000  # per window size: 5,000 windows of 100, 1,000 of 500
 REPLICATES = 10  # shift streams per shift kind and window size
 PRE, POST = 5, 15  # stationary windows, then shifted windows, in each shift stream
 PRESET_WINDOWS = 5  # windows per stream kind and window size that run the full preset
@@ -725,8 +725,10 @@ def main() -> None:
         f"({document.rows:,} rows define the bins, {document.holdout_rows:,} calibrate; built in "
         f"{build_s:.1f} s), judged by `edgepack.agent._drift.DriftDetector`, one fresh monitor "
         "per stream. Binned KS or PSI per column and, over the numeric features together, "
-        "reconstruction error, T² or the largest axis shift, each test calibrated by bootstrap "
-        f"at its Bonferroni share of alpha {calibration.alpha} over {calibration.columns} tests "
+        "reconstruction error, T² or the shift along the leading principal axis (the "
+        "multivariate test at two thirds of alpha, weighted 1 : 1 : 4; the columns share the "
+        "third left), each test calibrated by bootstrap at its Bonferroni share of alpha "
+        f"{calibration.alpha}"
         "(KS thresholds for windows of "
         + "; ".join(f"{w}: {min(t):.3f}–{max(t):.3f}" for w, t in thresholds.items() if t)
         + "). *alarm (warning)*: any column (or the multivariate statistic, where the detector "
