@@ -62,11 +62,15 @@ class ExperimentConfig:
 
     Args:
         queue: shadow requests waiting for the candidate; more are dropped (counted).
+        queue_bytes: bytes those waiting requests may hold (their inputs and the active
+            version's outputs); beyond, requests are dropped (counted): 256 requests near the
+            server's 16 MiB body limit would otherwise hold 4 GiB.
         cpu_share: seconds of candidate compute allowed per second (0.25: a quarter of a core).
         join_timeout: how long stopping an experiment waits for its thread.
     """
 
     queue: int = 256
+    queue_bytes: int = 32 * 1024**2
     cpu_share: float = 0.25
     join_timeout: float = 5.0
 
@@ -171,9 +175,11 @@ class Experiment:
         self._clock = clock
         self._salt = f"{candidate.name}/{candidate.version}"
         self._count = 0  # requests seen (the low-discrepancy sequence's index)
-        self._queue: queue.Queue[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]] = queue.Queue(
-            maxsize=max(1, self.config.queue)
+        self._queue: queue.Queue[tuple[dict[str, np.ndarray], dict[str, np.ndarray], int]] = (
+            queue.Queue(maxsize=max(1, self.config.queue))
         )
+        self._queued_bytes = 0  # what the queue holds (under _bytes_lock)
+        self._bytes_lock = threading.Lock()
         self._lock = threading.Lock()
         self._stats = _Shadow()
         self._dropped = 0  # on the request path; folded into the stats when reported
@@ -203,11 +209,22 @@ class Experiment:
         self._count += 1
         if (self._count * _PHI) % 1.0 >= self.plan.sample:
             return
+        size = sum(v.nbytes for v in feeds.values()) + sum(v.nbytes for v in outputs.values())
+        with self._bytes_lock:
+            if self._queued_bytes + size > self.config.queue_bytes and self._queued_bytes:
+                self._dropped += 1  # the queue holds its share of memory already
+                return
+            self._queued_bytes += size
         kept = {name: value.copy() for name, value in feeds.items()}  # the caller may reuse them
         try:
-            self._queue.put_nowait((kept, dict(outputs)))
+            self._queue.put_nowait((kept, dict(outputs), size))
         except queue.Full:
+            self._release(size)
             self._dropped += 1
+
+    def _release(self, size: int) -> None:
+        with self._bytes_lock:
+            self._queued_bytes -= size
 
     # -- the shadow thread -------------------------------------------------------------------
 
@@ -226,9 +243,10 @@ class Experiment:
     def _loop(self, stop: threading.Event) -> None:
         while not stop.is_set():
             try:
-                feeds, expected = self._queue.get(timeout=0.2)
+                feeds, expected, size = self._queue.get(timeout=0.2)
             except queue.Empty:
                 continue
+            self._release(size)
             self._wait_for_budget(stop)
             self.compare(feeds, expected)
 

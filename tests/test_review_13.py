@@ -9,8 +9,12 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
+from conftest import KeyPair, write_agent_config
 
+from edgepack.agent._config import load_config
+from edgepack.agent._daemon import Agent
 from edgepack.fleet._database import FleetStore, open_store
 from edgepack.fleet._rollout import parse_stages
 from edgepack.fleet._rollout_controller import RolloutController, RolloutSpec, start_rollout
@@ -76,3 +80,34 @@ def test_a_stage_sent_late_gets_its_whole_job_timeout(store: FleetStore) -> None
     assert row.state == "deploying"
     clock.advance(299)  # still within the job timeout of the send: nothing judged yet
     assert RolloutController(store, sender, clock=clock).step(rid) == []
+
+
+# -- shadow experiments ------------------------------------------------------------------------
+
+
+def test_a_shadow_that_falls_behind_holds_a_bounded_number_of_bytes(
+    tmp_path: Path, keys: KeyPair, iris_bundles: dict[str, Path]
+) -> None:
+    """The shadow queue was bounded by requests only (256 by default): with requests near the
+    server's 16 MiB limit and a candidate that falls behind, the copies waiting for it could
+    reach 4 GiB on an edge device. It is bounded by bytes too, and drops (counted) beyond."""
+    agent = Agent(load_config(write_agent_config(tmp_path / "d", keys))).start()
+    try:
+        assert agent.install(str(iris_bundles["v1"])).ok
+        assert agent.start_experiment(
+            str(iris_bundles["v2"]), plan={"mode": "shadow", "sample": 1}
+        ).ok
+        experiment = agent.experiments.get("iris")
+        assert experiment is not None
+        experiment.stop()  # the candidate falls behind completely: nothing drains the queue
+        mib = np.zeros((65536, 4), np.float32)  # 1 MiB of rows
+        label = np.zeros(65536, np.int64)
+        for _ in range(128):
+            experiment.offer({"input": mib}, {"label": label})
+        queued = experiment.queued()
+        assert queued * (mib.nbytes + label.nbytes) <= experiment.config.queue_bytes
+        assert 0 < queued < 128
+        shadow = experiment.report()["shadow"]
+        assert shadow["dropped"] == 128 - queued  # dropped, and counted as such
+    finally:
+        agent.stop()
