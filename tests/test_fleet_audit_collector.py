@@ -3,16 +3,25 @@
 The collector's own parser and writer (``Collector.process``) on a real SQLite store, without a
 broker: a command (twice, as QoS 1 may deliver it), job statuses, a key rotation and a silent
 device's time-out each leave the entries docs/governance.md promises, once; ``audit verify``
-with the trust document's keys then checks the command's signature.
+with the trust document's keys then checks the command's signature. Then two collectors sharing
+the load through a real mosquitto write one PostgreSQL: every final status is one entry of one
+chain, whichever collector heard it (and its QoS 1 copy).
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import time
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
+from brokers import Broker, mosquitto
+from postgres import fresh_database, postgres_server
+
 from edgepack.fleet import _audit as audit
-from edgepack.fleet._broker import BrokerOptions
+from edgepack.fleet._broker import BrokerOptions, connect, publish_and_wait
 from edgepack.fleet._collector import Collector
 from edgepack.fleet._database import open_store
 from edgepack.formats.commands import make_command
@@ -66,3 +75,54 @@ def test_commands_outcomes_trust_and_time_outs_are_appended_once(tmp_path: Path)
     assert verdict.signatures == 2
     assert verdict.keys == [key_id(ops.public_key())]
     store.close()
+
+
+@pytest.fixture(scope="module")
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
+    with mosquitto(tmp_path_factory.mktemp("broker")) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def postgres_dsn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    pytest.importorskip("psycopg", reason="PostgreSQL tests need psycopg (edgepack[postgres])")
+    with postgres_server(tmp_path_factory) as dsn:
+        yield dsn
+
+
+def test_two_collectors_on_one_postgres_append_one_chain(broker: Broker, postgres_dsn: str) -> None:
+    dsn = fresh_database(postgres_dsn, f"audit_share_{uuid.uuid4().hex[:8]}")
+    options = BrokerOptions(port=broker.port, prefix=f"edgepack/t{uuid.uuid4().hex[:8]}")
+    stores = [open_store(dsn) for _ in range(2)]
+    collectors = [Collector(options, store, share="collectors", client_id=f"audit-{n}").start()
+                  for n, store in enumerate(stores)]  # fmt: skip
+    try:
+        topics = collectors[0].topics
+        finals = []
+        for device in (f"dev-{n}" for n in range(8)):
+            for job in (f"deploy-20261201T0900{j:02d}-00000{j}" for j in range(5)):
+                payload = build_job_status(job, device, JobStatus.SUCCEEDED, model="iris",
+                                           version_after=2, seq=2, ts=T0)  # fmt: skip
+                finals.append((topics.job_status(device, job), payload))
+        client = connect(options)
+        try:
+            for topic, payload in finals + finals[::3]:  # every third one twice, as QoS 1 may
+                publish_and_wait(client, topic, payload, retain=False)
+        finally:
+            client.disconnect()
+            client.loop_stop()
+        expected = len(finals) + len(finals[::3])
+        deadline = time.monotonic() + 30
+        while sum(c.stats.written + c.stats.duplicates for c in collectors) < expected:
+            assert time.monotonic() < deadline, [c.stats for c in collectors]
+            time.sleep(0.05)
+        assert all(c.stats.written > 0 for c in collectors)  # both wrote entries
+        trail = audit.entries(stores[0], kind="outcome")
+        assert len(trail) == len(finals)
+        assert [e.seq for e in audit.entries(stores[0])] == list(range(1, len(finals) + 1))
+        assert audit.verify(stores[1]).ok
+    finally:
+        for collector in collectors:
+            collector.stop(drain_timeout=5)
+        for store in stores:
+            store.close()
