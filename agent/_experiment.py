@@ -267,6 +267,7 @@ class Experiment:
         try:
             results = self._run(self.candidate, feeds)
         except EdgepackError as e:
+            self._tokens -= time.perf_counter() - start  # a failed run used the CPU all the same
             with self._lock:
                 self._stats.offered += 1
                 self._stats.errors += 1

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import threading
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -15,6 +17,8 @@ from conftest import KeyPair, write_agent_config
 
 from edgepack.agent._config import load_config
 from edgepack.agent._daemon import Agent
+from edgepack.agent._experiment import Experiment, ExperimentConfig
+from edgepack.agent.exceptions import InferenceError
 from edgepack.fleet._database import FleetStore, open_store
 from edgepack.fleet._rollout import parse_stages
 from edgepack.fleet._rollout_controller import RolloutController, RolloutSpec, start_rollout
@@ -109,5 +113,47 @@ def test_a_shadow_that_falls_behind_holds_a_bounded_number_of_bytes(
         assert 0 < queued < 128
         shadow = experiment.report()["shadow"]
         assert shadow["dropped"] == 128 - queued  # dropped, and counted as such
+    finally:
+        agent.stop()
+
+
+def test_a_candidate_that_fails_slowly_still_pays_its_cpu_budget(
+    tmp_path: Path, keys: KeyPair, iris_bundles: dict[str, Path]
+) -> None:
+    """A shadow run that failed (a candidate that loops until request_timeout stops it, or
+    raises after computing) was not charged to the CPU budget: only a comparison that
+    succeeded paid, so a hanging candidate ran back to back on a whole core, not its share."""
+    agent = Agent(load_config(write_agent_config(tmp_path / "d", keys))).start()
+    try:
+        assert agent.install(str(iris_bundles["v1"])).ok
+        assert agent.start_experiment(
+            str(iris_bundles["v2"]), plan={"mode": "shadow", "sample": 1}
+        ).ok
+        running = agent.experiments.get("iris")
+        assert running is not None
+        running.stop()
+        spent = 0.3  # of compute before the candidate failed
+
+        def slow_failure(_served: Any, _feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+            start = time.perf_counter()
+            while time.perf_counter() - start < spent:
+                pass
+            raise InferenceError("iris v2 did not answer within 0.3 s, was stopped")
+
+        frozen = 100.0  # the budget's clock stands still: only the charge moves the tokens
+        share = 0.25
+        config = ExperimentConfig(cpu_share=share)
+        experiment = Experiment(
+            running.candidate, 1, running.plan, slow_failure, config, clock=lambda: frozen
+        )
+        experiment.compare({"input": np.zeros((1, 4), np.float32)}, {})
+        assert experiment.report()["shadow"]["errors"] == 1
+        stop = threading.Event()
+        waiter = threading.Thread(target=experiment._wait_for_budget, args=(stop,))
+        waiter.start()
+        waiter.join(timeout=0.5)
+        assert waiter.is_alive()  # over budget: the next run waits for its share of the CPU
+        stop.set()
+        waiter.join(timeout=5)
     finally:
         agent.stop()
