@@ -38,8 +38,9 @@ AUDIT_LEGEND = (
 )
 MODELS_LEGEND = (
     "state: active (runs on a device), superseded (a newer version replaced it), retired "
-    "(rolled back from or retired, nothing newer), built (never ran); groups: devices per "
-    "assigned group running it; kept: devices keeping it for a rollback"
+    "(rolled back from or retired, nothing newer), built (never ran); source: the MLflow run or "
+    "the source file's sha256; groups: devices per assigned group running it; kept: devices "
+    "keeping it for a rollback"
 )
 
 
@@ -317,7 +318,9 @@ def models(ctx: click.Context, as_json: bool) -> None:
     if not rows:
         console.print("no models yet: deploy one, or `edgepack-fleet audit record-build DIR`")
         return
-    table = Table("model", "version", "state", "profiles", "signer", "devices", "groups", "kept")
+    table = Table(
+        "model", "version", "state", "profiles", "signer", "source", "devices", "groups", "kept"
+    )
     for r in rows:
         profiles = "\n".join(
             f"{name} {p.get('precision')} {_size(p.get('size'))}"
@@ -326,10 +329,20 @@ def models(ctx: click.Context, as_json: bool) -> None:
         )
         groups = ", ".join(f"{g or '(none)'} {n}" for g, n in r.groups.items())
         table.add_row(r.model, str(r.version), r.state, profiles or "(no build recorded)",
-                      ", ".join(s[:16] for s in r.signers), str(len(r.devices)), groups,
-                      str(len(r.previous_on)))  # fmt: skip
+                      ", ".join(s[:16] for s in r.signers), _origin(r.profiles),
+                      str(len(r.devices)), groups, str(len(r.previous_on)))  # fmt: skip
     console.print(table)
     _legend(MODELS_LEGEND)
+
+
+def _origin(profiles: dict[str, dict[str, Any]]) -> str:
+    """Where a build came from: its MLflow run, or the source file's sha256 (shortened)."""
+    source = next(iter(profiles.values()), {}).get("source") or {}
+    run = (source.get("mlflow") or {}).get("run_id")
+    if run:
+        return f"mlflow run {run}"
+    digest = str(source.get("sha256") or "")
+    return f"{source.get('file') or 'file'} {digest[:12]}…" if digest else ""
 
 
 def _size(value: Any) -> str:
@@ -356,8 +369,7 @@ def show(ctx: click.Context, name: str, as_json: bool) -> None:
         return
     for r in versions:
         where = f"on {len(r.devices)} device(s)" if r.devices else "on no device"
-        source = next(iter(r.profiles.values()), {}).get("source", {}) if r.profiles else {}
-        origin = (source.get("mlflow") or {}).get("run_id") or str(source.get("sha256", ""))[:16]
+        origin = _origin(r.profiles)
         console.print(f"{name}@{r.version}: {r.state} {where}"
                       + (f"; source {origin}" if origin else ""))  # fmt: skip
     table = Table("seq", "at", "kind", "version", "device", "key", "what")

@@ -121,6 +121,7 @@ def test_models_cli_lists_and_shows(store: FleetStore, keys: KeyPair, tmp_path: 
     )  # fmt: skip
     table = invoke("models")
     assert "x86_64-cpu fp32 4 KiB parity ok" in table.output
+    assert "file sssssssssss" in table.output  # the source file's sha256
     shown = invoke("models", "show", "iris")
     assert shown.exit_code == 0
     assert "iris@1: active on 1 device(s)" in shown.output
