@@ -180,13 +180,18 @@ def entries(
 ) -> list[AuditEntry]:  # fmt: skip
     """The entries matching every filter given, oldest first (the newest ``limit`` of them).
 
-    ``since``/``until`` bound the entries' ``at`` (inclusive). Raises StoreError.
+    ``since``/``until`` bound the entries' ``at`` (inclusive); ``key_id`` may be the first 8 or
+    more hex digits of a key id, as tables show them. Raises StoreError.
     """
     where: list[tuple[str, Any]] = []
-    for column, value in (("model", model), ("device", device), ("key_id", key_id),
-                          ("kind", kind)):  # fmt: skip
+    for column, value in (("model", model), ("device", device), ("kind", kind)):
         if value is not None:
             where.append((f"{column} = ?", value))
+    if key_id is not None:  # a key id, or the first 8 or more of its hex digits (as shown)
+        if re.fullmatch(r"[0-9a-f]{8,63}", key_id):
+            where.append(("key_id LIKE ?", key_id + "%"))
+        else:
+            where.append(("key_id = ?", key_id))
     if since is not None:
         where.append(("at >= ?", sql.ts(since)))
     if until is not None:

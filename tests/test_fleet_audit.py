@@ -266,6 +266,11 @@ def test_audit_cli_filters_and_exports(
 ) -> None:
     path, store = sqlite_store
     fill(store, keys)
+    signer = json.loads(invoke(path, "audit", "--kind", "command", "--json").output)
+    made_key = signer[0]["key_id"]
+    by_key = invoke(path, "audit", "--key", made_key[:16], "--json")  # as the table shows it
+    assert [e["seq"] for e in json.loads(by_key.output)] == [2]
+    assert json.loads(invoke(path, "audit", "--key", made_key, "--json").output)[0]["seq"] == 2
     listed = invoke(path, "audit", "--device", "cam-1", "--json")
     assert listed.exit_code == 0, listed.output
     assert [e["seq"] for e in json.loads(listed.output)] == [3]
