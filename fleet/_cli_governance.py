@@ -84,6 +84,10 @@ def _summary(e: AuditEntry) -> str:
         return f"{p.get('rollout_id')} #{p.get('decision')} {p.get('action')}: {p.get('reason')}"
     if e.kind == "trust":
         return f"trust v{p.get('version')}: command keys {', '.join(p.get('command_keys', []))}"
+    if e.kind.startswith("policy.") and isinstance(p.get("reason"), str):  # fleet._policies
+        return f"{p.get('action_id')} {p.get('state')}: {p['reason']}"
+    if e.kind.startswith("console.") and isinstance(p.get("done"), str):  # fleet._console
+        return f"console: {p['done']}"
     text = json.dumps(p, sort_keys=True)
     return text if len(text) <= 80 else text[:79] + "…"
 

@@ -402,6 +402,7 @@ def _act(
         said = f"{verb.removesuffix('e')}ed policy action {action_id}"
     else:
         raise ValueError(f"no action {what!r}: rollback, cancel, rollout or policy")
+    record["done"] = said
     named = fields.get("model", "")
     try:
         append(

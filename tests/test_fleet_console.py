@@ -203,6 +203,7 @@ def test_the_token_is_enforced_and_actions_need_the_key(
     (entry,) = entries(store, kind="console.rollout")
     assert entry.key_id == actions.key_id
     assert entry.payload["request"] == "pause"
+    assert entry.payload["done"] == "asked rollout rollout-console-1 to pause"
     with pytest.raises(ValueError, match="need a token"):
         create_app(store, actions=actions)
 

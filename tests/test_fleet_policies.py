@@ -19,6 +19,7 @@ import pytest
 from click.testing import CliRunner
 from postgres import fresh_database, postgres_server
 
+from edgepack.fleet import _cli as fleet_cli
 from edgepack.fleet._audit import entries
 from edgepack.fleet._cli import cli
 from edgepack.fleet._database import FleetStore, PolicyActionRow, open_store
@@ -124,7 +125,7 @@ quality_below = 0.85
 
 
 def test_a_quality_rule_flags_a_version_once_with_its_numbers_in_the_audit_trail(
-    store: FleetStore,
+    store: FleetStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     _quality(store, "cam-1", 2, 0.70)
     _quality(store, "cam-2", 2, 0.95)
@@ -150,6 +151,10 @@ def test_a_quality_rule_flags_a_version_once_with_its_numbers_in_the_audit_trail
     listed = CliRunner().invoke(cli, ["--store", store.name, "policy", "list", "--json"])  # type: ignore[attr-defined]
     assert listed.exit_code == 0, listed.output
     assert [r["state"] for r in json.loads(listed.output)] == ["flagged"]
+    monkeypatch.setattr(fleet_cli.console, "width", 400)  # one line per entry
+    trail = CliRunner().invoke(cli, ["--store", store.name, "audit"], obj={"clock": Clock()})  # type: ignore[attr-defined]
+    assert trail.exit_code == 0, trail.output
+    assert "flagged: rule accuracy-floor: churn v2 accuracy < 0.85" in trail.output
 
 
 def test_a_drift_rule_counts_devices_drifting_for_their_last_windows(store: FleetStore) -> None:
