@@ -232,7 +232,8 @@ def _show(ctx: click.Context, model: str | None, group: str | None, as_json: boo
         "agreement: the share of shadow rows whose label equals the active version's; output "
         "error: mean absolute difference of the probabilities (or of a regressor's output); "
         "p50/p95 of a shadow candidate: its own compute time. Fleet rows sum the devices "
-        "(latency: request-weighted mean of their percentiles)."
+        "that run the same plan, one row per plan (latency: request-weighted mean of their "
+        "percentiles)."
     )
 
 

@@ -270,7 +270,8 @@ def experiment_rows(
     store: FleetStore, model: str | None = None, group: str | None = None
 ) -> list[ExperimentRow]:
     """Each device's experiment per model (since that model's latest experiment start), then
-    one fleet-wide row per model (device :data:`FLEET`) when more than one device reports it.
+    one fleet-wide row (device :data:`FLEET`) per model and plan (mode, share or sample,
+    candidate) that more than one device reports.
 
     Args:
         store: the collector's store.
@@ -286,8 +287,13 @@ def experiment_rows(
         since, _candidate = started
         rows = _device_rows(store, name, since, scope)
         out += rows
-        if len(rows) > 1:
-            out.append(_fleet_row(name, rows))
+        # devices running the same plan are summed; a split is never summed with a shadow (or
+        # with another share or candidate), whose figures mean something else
+        plans: dict[tuple[Any, ...], list[ExperimentRow]] = {}
+        for row in rows:
+            plan = (row.mode, row.share, row.sample, row.candidate_version)
+            plans.setdefault(plan, []).append(row)
+        out += [_fleet_row(name, same) for same in plans.values() if len(same) > 1]
     return out
 
 

@@ -157,3 +157,57 @@ def test_a_candidate_that_fails_slowly_still_pays_its_cpu_budget(
         waiter.join(timeout=5)
     finally:
         agent.stop()
+
+
+# -- experiments across the fleet --------------------------------------------------------------
+
+
+def _telemetry(device: str, seq: int, plan: dict[str, Any], served: dict[int, int]) -> Any:
+    return {
+        "schema": 1, "device": device, "seq": seq, "ts": T0.isoformat(),
+        "experiments": [{"model": "iris", "active": 1, "candidate": 2, **plan}],
+        "models": [{"model": "iris", "version": v, "requests": n, "rows": n, "errors": {},
+                    "latency_ms": {"p50": 1.0, "p95": 2.0}} for v, n in served.items()],
+    }  # fmt: skip
+
+
+def test_fleet_rows_never_mix_a_split_with_a_shadow(tmp_path: Path) -> None:
+    """One device ran a split and another a shadow of the same candidate (experiment start
+    --device twice): the one fleet-wide row was labeled with the first device's plan ('split
+    50%') and its candidate line showed only the shadow's runs, dropping the requests the split
+    candidate answered. Fleet rows sum devices that run the same plan, one row per plan."""
+    from edgepack.fleet._collector import _job_row
+    from edgepack.fleet._experiments import FLEET, experiment_rows
+    from edgepack.formats.commands import (
+        CommandKind,
+        ExperimentAction,
+        ExperimentMode,
+        ExperimentSpec,
+        make_command,
+        read_command,
+    )
+    from edgepack.formats.keys import generate_private_key
+
+    key = generate_private_key()
+    store = open_store(tmp_path / "fleet.db")
+    try:
+        spec = ExperimentSpec(ExperimentAction.START, ExperimentMode.SPLIT, share=0.5)
+        target = {"device": "cam-1"}
+        _, raw = make_command(
+            CommandKind.EXPERIMENT, "iris", target, key, version=2, bundles=BUNDLES,
+            experiment=spec, issued_at=T0,
+        )  # fmt: skip
+        store.record_job(_job_row(read_command(raw, None)))
+        at = T0 + dt.timedelta(seconds=5)
+        split, shadow = {"mode": "split", "share": 0.5}, {"mode": "shadow", "sample": 0.5}
+        for device, plan, served in (
+            ("cam-1", split, {1: 110, 2: 90}), ("cam-2", shadow, {1: 200}),
+            ("cam-3", split, {1: 100, 2: 100}),
+        ):  # fmt: skip
+            store.record_event("telemetry", device, _telemetry(device, 1, plan, served), 1, at)
+        rows = experiment_rows(store, "iris")
+        fleet = [r for r in rows if r.device == FLEET]
+        assert [(r.mode, r.devices) for r in fleet] == [("split", 2)]  # cam-2 alone: no sum
+        assert (fleet[0].active.requests, fleet[0].candidate.requests) == (210, 190)
+    finally:
+        store.close()
