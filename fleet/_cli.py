@@ -106,6 +106,7 @@ def _key(path: Path) -> Any:
 
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_MAX_SECONDS = 36500 * 86400  # a century
 
 
 def _seconds(text: str, what: str) -> int:
@@ -114,7 +115,10 @@ def _seconds(text: str, what: str) -> int:
     if match is None or int(match[1]) == 0:
         _fail(f"{what} {text!r} is not a duration such as 90s, 30m, 2h or 3d", 2)
         raise AssertionError  # unreachable
-    return int(match[1]) * _UNITS[match[2] or "s"]
+    seconds = int(match[1]) * _UNITS[match[2] or "s"]
+    if seconds > _MAX_SECONDS:  # no time or signed field holds more
+        _fail(f"{what} {text!r} is longer than {_MAX_SECONDS // 86400} days", 2)
+    return seconds
 
 
 def _target(device: str | None, group: str | None) -> dict[str, str]:

@@ -41,6 +41,7 @@ SCHEMA = 1
 MAX_MESSAGE_BYTES = 256 * 1024
 MAX_DEPTH = 16  # the deepest payload edgepack writes (a drift report) is 4 levels
 MAX_INT_DIGITS = 32  # a 64-bit integer has at most 20
+INT64 = 2**63 - 1  # the largest integer a field may hold (Fields.integer)
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")  # device ids, group names, job ids
 E = TypeVar("E", bound=enum.Enum)
 
@@ -164,9 +165,14 @@ class Fields:
         return self.text(key, pattern) if self._present(key) else None
 
     def integer(self, key: str, minimum: int = 0) -> int:
+        """An integer from ``minimum`` up to a signed 64-bit one's limit (what the fleet's
+        stores hold: SQLite and PostgreSQL refuse more, and a row that cannot be written
+        must be refused here, not fail the transaction it shares with other messages)."""
         value = self.data.get(key)
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
             raise self.fail(key, f"an integer >= {minimum}")
+        if value > INT64:
+            raise self.fail(key, "an integer of at most 64 bits (2**63 - 1)")
         return value
 
     def maybe_integer(self, key: str, minimum: int = 0) -> int | None:

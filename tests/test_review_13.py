@@ -211,3 +211,58 @@ def test_fleet_rows_never_mix_a_split_with_a_shadow(tmp_path: Path) -> None:
         assert (fleet[0].active.requests, fleet[0].candidate.requests) == (210, 190)
     finally:
         store.close()
+
+
+# -- the job lifecycle -------------------------------------------------------------------------
+
+
+def test_an_integer_beyond_64_bits_costs_only_its_own_message(tmp_path: Path) -> None:
+    """A signed deploy with --in-progress-timeout 99999999999999999999d (the CLI took it), or a
+    job status whose seq is 10**25 (any publisher on a device's status topic), passed the
+    readers (which bound integers to 32 digits, not to 64 bits) and raised OverflowError in
+    SQLite: not a StoreError, so the whole batch was dropped, other devices' states and job
+    updates received in the same moment with it. Readers now refuse integers beyond 64 bits."""
+    from edgepack.fleet._broker import BrokerOptions
+    from edgepack.fleet._collector import Collector
+    from edgepack.formats.commands import CommandKind, make_command
+    from edgepack.formats.keys import generate_private_key
+    from edgepack.formats.messages import JobStatus, build_job_status
+    from edgepack.formats.topics import Topics
+
+    key = generate_private_key()
+    topics = Topics("edgepack/v1")
+    store = open_store(tmp_path / "fleet.db")
+    try:
+        collector = Collector(BrokerOptions(), store, client_id="review", clock=lambda: T0)
+        job, deploy = make_command(CommandKind.DEPLOY, "m", {"device": "d-1"}, key, version=2,
+                                   bundles=BUNDLES, in_progress_timeout=10**24)  # fmt: skip
+        good, ok = make_command(CommandKind.DEPLOY, "m", {"device": "d-2"}, key, version=2,
+                                bundles=BUNDLES)  # fmt: skip
+        huge = build_job_status(good, "d-2", JobStatus.QUEUED, model="m", seq=10**25)
+        state = build_device_state("d-3", profile="x86_64-cpu", agent_version="t", groups=[],
+                                   models={}, health="ok", ts=T0, session="s")  # fmt: skip
+        collector.process([
+            (topics.device_jobs("d-1", "m"), deploy), (topics.device_jobs("d-2", "m"), ok),
+            (topics.job_status("d-2", good), huge), (topics.state("d-3"), state),
+        ])  # fmt: skip
+        assert store.job(job) is None  # refused, and only it
+        assert store.job(good) is not None
+        assert [d.device for d in store.devices()] == ["d-3"]
+        assert collector.stats.errors == 0
+        assert collector.stats.rejected == 2
+    finally:
+        store.close()
+    # and the CLI refuses such a duration instead of signing it (or crashing on --since)
+    from click.testing import CliRunner
+
+    from edgepack.fleet._cli import cli
+
+    deploy = ["deploy", "m", "--version", "2", "--device", "d-1", "--bundles", str(tmp_path),
+              "--key", str(tmp_path / "none.key")]  # fmt: skip
+    for args in (
+        ["jobs", "list", "--since", "99999999999999999999d"],
+        [*deploy, "--in-progress-timeout", "99999999999999999999d"],
+    ):
+        result = CliRunner().invoke(cli, ["--store", str(tmp_path / "fleet.db"), *args])
+        assert result.exit_code == 2, result.output
+        assert "is longer than 36500 days" in result.output
