@@ -371,14 +371,14 @@ class PolicyEngine:
         return row
 
 
-def _pending(store: FleetStore, action_id: str) -> PolicyActionRow:
+def _pending(store: FleetStore, action_id: str, *, resend: bool = False) -> PolicyActionRow:
     row = store.policy_action(action_id)
     if row is None:
         raise PolicyError(
             f"no policy action {action_id!r}; `edgepack-fleet policy pending` "
             "lists those waiting for approval"
         )
-    if row.state != "pending":
+    if row.state != "pending" and not (resend and row.state == "rolling_back"):
         raise PolicyError(
             f"policy action {action_id} is {row.state}, not pending: nothing to approve or reject"
         )
@@ -388,7 +388,8 @@ def _pending(store: FleetStore, action_id: str) -> PolicyActionRow:
 def approve(
     store: FleetStore, action_id: str, sender: CommandSender, key_id: str, *, clock: Clock = utc_now
 ) -> PolicyActionRow:
-    """An operator approves a pending rollback: the jobs are recorded, then sent.
+    """An operator approves a pending rollback: the jobs are recorded, then sent. Approving an
+    action whose sending was interrupted (``rolling_back``) sends its recorded jobs again.
 
     Args:
         store: the collector's store.
@@ -402,10 +403,12 @@ def approve(
 
     Raises:
         PolicyError: no such action, it is not pending, or another operator decided first.
-        BrokerError: the commands could not be sent (the action stays ``rolling_back``; a
-            collector with ``--policy-key`` sends it again).
+        BrokerError: the commands could not be sent (the action stays ``rolling_back``;
+            approve it again, or a collector with ``--policy-key`` sends it again).
     """
-    row, now = _pending(store, action_id), clock()
+    row, now = _pending(store, action_id, resend=True), clock()
+    if row.state == "rolling_back":  # approved before, the send interrupted: the same job ids
+        return _send(store, row, sender, now, key_id)
     data = dict(row.data)
     data["jobs"], data["skipped"] = _rollback_plan(
         store, row.model, row.version, row.data.get("devices", []), now

@@ -251,6 +251,8 @@ def test_an_interrupted_rollback_is_sent_again_with_the_same_job_ids(store: Flee
         PolicyEngine(store, rules, sender=Failing(), clock=Clock()).run()
     (row,) = store.policy_actions()
     assert row.state == "rolling_back"  # recorded before it was sent
+    with pytest.raises(PolicyError, match="is rolling_back, not pending"):
+        reject(store, row.action_id, clock=Clock())  # sent, perhaps: too late to say no
     sender = Sender()
     (done,) = PolicyEngine(store, rules, sender=sender, clock=Clock()).run()
     assert done.state == "rolled_back"
@@ -416,3 +418,25 @@ def test_policy_actions_act_once_per_rule_and_version_on_both_backends(
     assert found.data == moved
     assert any_store.policy_actions("pending") == []
     assert any_store.policy_action("policy-2") is None
+
+
+def test_an_approval_whose_send_failed_is_sent_again_by_approving_it_again(
+    store: FleetStore,
+) -> None:
+    class Failing(Sender):
+        def send(self, *args: Any, **kwargs: Any) -> None:
+            raise ConnectionError("broker down")
+
+    _quality(store, "cam-1", 2, 0.5)
+    rules = parse_policies(FLAG + 'action = "rollback"\napproval = true\n')
+    (pending,) = PolicyEngine(store, rules, clock=Clock()).run()
+    with pytest.raises(ConnectionError):
+        approve(store, pending.action_id, Failing(), "k1", clock=Clock())
+    interrupted = store.policy_action(pending.action_id)
+    assert interrupted is not None
+    assert interrupted.state == "rolling_back"
+    sender = Sender()
+    done = approve(store, pending.action_id, sender, "k1", clock=Clock())
+    assert done.state == "rolled_back"
+    assert sender.sent[0][2] == sorted(interrupted.data["jobs"].items())  # the same job ids
+    assert [e.kind for e in entries(store)].count("policy.approve") == 1
