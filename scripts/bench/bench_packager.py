@@ -287,10 +287,11 @@ def calibration() -> None:
             f"{os.getloadavg()[0]:.2f}), numpy {np.__version__}. 2,000 reference rows (1,000 "
             "held out), 4 window sizes. Per column `formats.drift.calibrate_windows` (all sizes "
             "of a column in one multinomial draw, binned KS and PSI calibrated together), "
-            "enough bootstrap windows for at least 10 beyond each column's threshold up to "
-            "40,000; the multivariate test (reconstruction error and T² over every numeric "
-            "feature) by a sparse bootstrap. One thread, or one per CPU (numpy's sampler drops "
-            "the GIL; each column has its own seeded stream, so the bytes are the same). "
+            "enough bootstrap windows for at least 10 beyond each column's threshold, at most "
+            "40,000 (with 30 columns sharing a third of alpha, about 4 beyond); the "
+            "multivariate test (reconstruction error, T² and the leading-axis shift over every "
+            "numeric feature) by a sparse bootstrap. One thread, or one per CPU (numpy's sampler "
+            "drops the GIL; each column has its own seeded stream, so the bytes are the same). "
             "Numbers from `scripts/bench/bench_packager.py --calibration`.",
             "",
             "| columns | multivariate features | draws per column | 1 thread s | threads s |",
