@@ -456,7 +456,7 @@ class RolloutController:
     def _aborting(self, ctx: _Context) -> _Move | None:
         row, data = ctx.row, dict(ctx.row.data)
         figures = ctx.figures(window=False)
-        if figures["jobs"]["pending"]:
+        if figures["jobs"]["pending"] and self._stage_went_out(ctx):
             return None  # the stage's deploys first: one still running could land after
         targets = []
         for d in ctx.devices:
@@ -485,6 +485,15 @@ class RolloutController:
                      "rollback", f"rollback sent to {len(names)} upgraded device(s){retired}",
                      {"devices": names[:100], "count": len(names),
                       "retired": [d.device for d in fresh][:100]})  # fmt: skip
+
+    def _stage_went_out(self, ctx: _Context) -> bool:
+        """Whether the current stage's deploys may be on their way: recorded as sent, or (a
+        controller that sent them and stopped before recording it) reported by a device. A
+        stage whose send failed (a dead broker) has nothing running to wait for."""
+        if ctx.row.data.get("sent"):
+            return True
+        stage = (d for d in ctx.devices if d.stage == ctx.row.stage)
+        return any(self.store.executions(d.deploy_job) for d in stage)
 
     def _rolling_back(self, ctx: _Context) -> _Move | None:
         data = dict(ctx.row.data)

@@ -21,7 +21,13 @@ from edgepack.agent._experiment import Experiment, ExperimentConfig
 from edgepack.agent.exceptions import InferenceError
 from edgepack.fleet._database import FleetStore, open_store
 from edgepack.fleet._rollout import parse_stages
-from edgepack.fleet._rollout_controller import RolloutController, RolloutSpec, start_rollout
+from edgepack.fleet._rollout_controller import (
+    RolloutController,
+    RolloutSpec,
+    request,
+    start_rollout,
+)
+from edgepack.fleet.exceptions import BrokerError
 from edgepack.formats.messages import ModelState, build_device_state
 
 T0 = dt.datetime(2026, 12, 2, 12, 0, tzinfo=dt.timezone.utc)
@@ -42,11 +48,15 @@ class Clock:
 class Recorder:
     def __init__(self) -> None:
         self.sent: list[tuple[str, list[tuple[str, str]]]] = []
+        self.fail = 0
 
     def send(
         self, kind: str, model: str, jobs: Sequence[tuple[str, str]], *,
         version: int | None = None, bundles: Mapping[str, Any] | None = None,
     ) -> None:  # fmt: skip
+        if self.fail:
+            self.fail -= 1
+            raise BrokerError("cannot connect to the MQTT broker at 127.0.0.1:9: refused")
         self.sent.append((kind, list(jobs)))
 
 
@@ -84,6 +94,29 @@ def test_a_stage_sent_late_gets_its_whole_job_timeout(store: FleetStore) -> None
     assert row.state == "deploying"
     clock.advance(299)  # still within the job timeout of the send: nothing judged yet
     assert RolloutController(store, sender, clock=clock).step(rid) == []
+
+
+def test_an_abort_does_not_wait_for_deploys_that_never_went_out(store: FleetStore) -> None:
+    """The broker was down when a stage was to be sent, and the operator aborted: the abort
+    waited for the stage's deploys to end, deploys no device had been sent, so the rollout
+    hung in 'aborting' for the whole job timeout (30 minutes by default) before it ended."""
+    clock, sender = Clock(), Recorder()
+    spec = RolloutSpec("m", 2, "g", tuple(parse_stages("50%,100%")), BUNDLES, soak=60,
+                       job_timeout=1800)  # fmt: skip
+    rid = start_rollout(store, spec, clock()).rollout_id
+    controller = RolloutController(store, sender, clock=clock)
+    sender.fail = 1
+    with pytest.raises(BrokerError):
+        controller.step(rid)
+    request(store, rid, "abort")
+    clock.advance(5)
+    made = controller.step(rid)
+    assert [d.action for d in made] == ["abort", "done"]
+    assert "no device to roll back" in made[-1].reason
+    row = store.rollout(rid)
+    assert row is not None
+    assert row.state == "aborted"
+    assert sender.sent == []  # nothing was ever deployed, nothing to undo
 
 
 # -- shadow experiments ------------------------------------------------------------------------
