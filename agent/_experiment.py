@@ -209,7 +209,8 @@ class Experiment:
         self._count += 1
         if (self._count * _PHI) % 1.0 >= self.plan.sample:
             return
-        size = sum(v.nbytes for v in feeds.values()) + sum(v.nbytes for v in outputs.values())
+        values = [*feeds.values(), *outputs.values()]
+        size = sum(getattr(v, "nbytes", 0) for v in values)  # never fail the request here
         with self._bytes_lock:
             if self._queued_bytes + size > self.config.queue_bytes and self._queued_bytes:
                 self._dropped += 1  # the queue holds its share of memory already
