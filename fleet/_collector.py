@@ -412,7 +412,7 @@ class Collector:
         records.sort(key=lambda r: r.key)  # one lock order for every collector
         try:
             outcomes = self.store.batch(lambda: [r.write() for r in records])
-        except StoreError as e:
+        except Exception as e:  # StoreError, or any one record's bug: the others still count
             log.error(
                 "store write failed for a batch of %d: %s; retrying one by one", len(records), e
             )
@@ -422,6 +422,9 @@ class Collector:
                 except StoreError as again:
                     self.stats.errors += 1
                     log.error("store write failed for %s: %s", record.topic, again)
+                except Exception:  # this record alone is lost, and says why
+                    self.stats.errors += 1
+                    log.exception("collector: writing the message on %s failed", record.topic)
             return
         for outcome in outcomes:
             self._apply(outcome)

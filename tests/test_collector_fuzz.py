@@ -293,3 +293,30 @@ def test_a_hostile_burst_through_a_real_broker_leaves_the_collector_working(
             sender.loop_stop()
             collector.stop(drain_timeout=5)
             store.close()
+
+
+def test_a_record_that_fails_to_write_loses_only_itself(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Any exception while writing one record (not only a StoreError) rolls the batch back and
+    the messages are written one by one: the others are kept, the failure is counted."""
+    store = open_store(tmp_path / "fleet.db")
+    collector = Collector(BrokerOptions(), store, client_id="t", clock=lambda: T0)
+    logging.getLogger("edgepack.fleet.collector").setLevel(logging.CRITICAL)
+
+    def broken(*args: Any, **kwargs: Any) -> bool:
+        raise OverflowError("Python int too large to convert to SQLite INTEGER")
+
+    monkeypatch.setattr(store, "record_execution", broken)
+    status = build_job_status(
+        "deploy-1", "dev-a", JobStatus.SUCCEEDED, seq=1, version_before=1, version_after=2
+    )
+    batch = [
+        (TOPICS.telemetry("dev-a"), build_report(ReportKind.TELEMETRY, "dev-a", 1, {}, ts=T0)),
+        (TOPICS.job_status("dev-a", "deploy-1"), status),
+        (TOPICS.telemetry("dev-b"), build_report(ReportKind.TELEMETRY, "dev-b", 1, {}, ts=T0)),
+    ]
+    collector.process(batch)  # never raises
+    assert collector.stats.errors == 1
+    assert {e[0] for e in store.events("telemetry", limit=10)} == {"dev-a", "dev-b"}
+    store.close()
