@@ -412,7 +412,7 @@ class Collector:
         records.sort(key=lambda r: r.key)  # one lock order for every collector
         try:
             outcomes = self.store.batch(lambda: [r.write() for r in records])
-        except Exception as e:  # StoreError, or any one record's bug: the others still count
+        except Exception as e:  # noqa: BLE001 (a StoreError, or one record's bug: the others count)
             log.error(
                 "store write failed for a batch of %d: %s; retrying one by one", len(records), e
             )
