@@ -261,6 +261,21 @@ class JobRunner:
                 self.report(update)
             return
         done = self.ledger.finished.get(command.job_id)
+        if (
+            done is not None
+            and done.get("status") == JobStatus.CANCELED.value
+            and done.get("model") not in (None, command.model)
+        ):
+            # a cancel applies to a job of its own model: one naming this job id for another
+            # model (hand-made, or a mistake) does not withdraw it
+            log.warning(
+                "job %s is for %s, but the cancel that named it was for %s: running it",
+                command.job_id,
+                command.model,
+                done.get("model"),
+            )
+            del self.ledger.finished[command.job_id]
+            done = None
         if done is not None:  # delivered again (retained message, reconnect, pending answer)
             self.report(
                 StatusUpdate(

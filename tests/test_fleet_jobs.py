@@ -631,3 +631,36 @@ def test_a_job_timed_out_after_staging_is_rolled_back(
         assert agent.lifecycle.store.load().models["iris"].active == 1
     finally:
         agent.stop()
+
+
+def test_a_cancel_for_another_model_does_not_withdraw_a_job(
+    tmp_path: Path, keys: KeyPair, bundle_server: Any, iris_bundles: dict[str, Path]
+) -> None:
+    """A signed cancel naming a job id but another model (hand-made, or a mistake) does not
+    stop that job when it arrives; a cancel of its own model does."""
+    config = load_config(write_agent_config(tmp_path / "dev", keys))
+    agent = Agent(config, fetcher=HttpFetcher(DownloadConfig(retries=0)))
+    agent.start(serve_http=False)
+    ops_key, reports = generate_private_key(), []
+    try:
+        runner = JobRunner(agent, lambda: [ops_key.public_key()], reports.append)
+        dist = iris_bundles["v1"].parent
+        target = {"device": "test-device"}
+        bundles = {v: find_bundles("iris", v, bundle_server.url, dist) for v in (1, 2)}
+        job, deploy = make_command("deploy", "iris", target, ops_key, version=1, bundles=bundles[1])
+        _, wrong = make_command("cancel", "pricing", target, ops_key, cancels=job)
+        runner.handle(wrong)
+        runner.handle(deploy)
+        assert reports[-1].job_id == job
+        assert reports[-1].status is JobStatus.SUCCEEDED
+        assert agent.lifecycle.store.load().models["iris"].active == 1
+        later, second = make_command(
+            "deploy", "iris", target, ops_key, version=2, bundles=bundles[2]
+        )
+        _, right = make_command("cancel", "iris", target, ops_key, cancels=later)
+        runner.handle(right)
+        runner.handle(second)
+        assert {r.status for r in reports if r.job_id == later} == {JobStatus.CANCELED}
+        assert agent.lifecycle.store.load().models["iris"].active == 1
+    finally:
+        agent.stop()
