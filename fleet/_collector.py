@@ -573,6 +573,15 @@ def _cancel(store: FleetStore, cancel: Command) -> _Outcome:
     """Record a cancel command: the job's cancellation, and CANCELED where it never started."""
     assert cancel.cancels is not None  # read_command requires it of a cancel
     job = store.job(cancel.cancels)
+    if job is not None and job.model != cancel.model:
+        log.warning(
+            "ignoring cancel %s: it names job %s of %s as a job of %s",
+            cancel.job_id,
+            job.job_id,
+            job.model,
+            cancel.model,
+        )
+        return _Outcome(False)
     devices = [] if job is None else job_devices(store, job)
     new = store.record_cancel(
         cancel.cancels, cancel.issued_at, cancel.key_id, cancel.job_id, devices

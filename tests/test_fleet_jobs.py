@@ -541,6 +541,9 @@ def test_the_collector_records_only_cancels_it_can_verify(tmp_path: Path) -> Non
     collector.process([(topic, forged)])
     assert collector.stats.rejected == 1
     assert collector.store.job_controls([job]) == {}
+    _, other = make_command("cancel", "pricing", {"device": "cam-1"}, ops_key, cancels=job)
+    collector.process([(collector.topics.device_jobs("cam-1", "pricing"), other)])
+    assert collector.store.job_controls([job]) == {}  # names an iris job as a pricing one
     cancel_id, genuine = make_command("cancel", "iris", {"device": "cam-1"}, ops_key, cancels=job)
     collector.process([(topic, genuine)])
     control = collector.store.job_controls([job])[job]
