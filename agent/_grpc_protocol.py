@@ -327,9 +327,9 @@ def _decode(request: Any) -> GrpcInferRequest:
     caller = None
     if "caller" in request.parameters:
         value = request.parameters["caller"]
-        if value.WhichOneof("parameter_choice") != "string_param":
-            raise RequestError("parameter 'caller' must be a string (a caller key)")
-        caller = value.string_param[:256] or None
+        if value.WhichOneof("parameter_choice") != "string_param" or len(value.string_param) > 256:
+            raise RequestError("parameter 'caller' must be a string of at most 256 characters")
+        caller = value.string_param or None
     return GrpcInferRequest(model, version, request.id[:256], inputs, tuple(outputs), caller)
 
 

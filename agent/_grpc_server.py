@@ -232,5 +232,7 @@ def _caller_metadata(context: Any) -> str | None:
     """The ``x-edgepack-caller`` metadata of a call (the HTTP header's gRPC twin), if any."""
     for key, value in context.invocation_metadata() or ():
         if key == "x-edgepack-caller" and isinstance(value, str) and value:
-            return value[:256]
+            if len(value) > 256:
+                raise RequestError("the x-edgepack-caller metadata must be at most 256 characters")
+            return value
     return None

@@ -229,6 +229,8 @@ class _Server:
             version = int(match["version"]) if match["version"] else None
             if self.runtime.experiments.running:  # a split picks the version that answers
                 caller = request.header(CALLER_HEADER) or decoded.caller
+                if caller is not None and len(caller) > 256:
+                    raise RequestError(f"the {CALLER_HEADER} header must be at most 256 characters")
                 served = self.runtime.route(match["name"], version, caller)
             else:
                 served = self.runtime.get(match["name"], version)

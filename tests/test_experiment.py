@@ -257,6 +257,16 @@ def test_split_serves_its_share_and_keeps_each_caller_on_one_variant(
                     assert r.status_code == 200
                     seen.setdefault(caller, set()).add(r.json()["model_version"])
         assert all(len(v) == 1 for v in seen.values())  # sticky
+        with httpx.Client(base_url=agent.server.url, timeout=10) as client:
+            long_key = "k" * 257
+            for refused in (
+                client.post("/v2/models/iris/infer", json=body(rows(1)),
+                            headers={"X-Edgepack-Caller": long_key}),
+                client.post("/v2/models/iris/infer",
+                            json=body(rows(1), parameters={"caller": long_key})),
+            ):  # fmt: skip
+                assert refused.status_code == 400
+                assert "256" in refused.text
         on_candidate = [c for c, v in seen.items() if v == {"2"}]
         assert binomial_ok(len(on_candidate), 400, 0.2), len(on_candidate)
         assert all(caller_fraction("iris/2", c) < 0.2 for c in on_candidate)  # by the hash

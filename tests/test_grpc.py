@@ -681,6 +681,10 @@ def test_a_split_experiment_routes_grpc_requests_by_caller(
             assert set().union(*seen.values()) == {"1", "2"}  # both variants answer
             with pytest.raises(InferenceServerException, match="caller"):
                 client.infer("iris", [tensor], parameters={"caller": 7})
+            with pytest.raises(InferenceServerException, match="256"):
+                client.infer("iris", [tensor], parameters={"caller": "x" * 257})
+            with pytest.raises(InferenceServerException, match="256"):
+                client.infer("iris", [tensor], headers={"x-edgepack-caller": "x" * 257})
         finally:
             client.close()
     finally:
