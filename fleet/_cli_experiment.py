@@ -103,6 +103,8 @@ def start(
     if mode == "split":
         if share_f is None:
             _fail("a split needs --share (the share of requests the candidate answers)", 2)
+        if sample_f is not None:
+            _fail("--sample is for a shadow (a split's candidate answers its --share)", 2)
         spec = ExperimentSpec(ExperimentAction.START, ExperimentMode.SPLIT, share=share_f)
     else:
         sample_f = sample_f or share_f

@@ -210,6 +210,12 @@ def test_a_device_without_the_model_refuses_an_experiment(fleet: Fleet) -> None:
         "--key", str(fleet.ops.private), code=2,
     )  # fmt: skip
     assert "at most 100%" in bad
+    mixed = cli_run(
+        fleet, "experiment", "start", "iris", "--version", "2", "--mode", "split",
+        "--share", "10%", "--sample", "50%", "--bundles", fleet.server.url,
+        "--device", "cam-new", "--key", str(fleet.ops.private), code=2,
+    )  # fmt: skip
+    assert "--sample is for a shadow" in mixed
     none = cli_run(fleet, "experiment", "status", "iris", "--json")
     assert json.loads(none) == []  # started, nothing reported yet
     unknown = cli_run(fleet, "experiment", "status", "churn", code=1)
