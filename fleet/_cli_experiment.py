@@ -123,7 +123,12 @@ def start(
 
 @experiment.command()
 @click.argument("model")
-@click.option("--version", "version", type=int, help="The candidate (default: the latest start).")
+@click.option(
+    "--version",
+    "version",
+    type=int,
+    help="The candidate (default: the latest start on the same --device or --group).",
+)
 @click.option("--device")
 @click.option("--group")
 @_KEY
@@ -141,9 +146,11 @@ def promote(
 
     target = _target(device, group)
     if version is None:
-        started = latest_start(_store(ctx), model)
+        started = latest_start(_store(ctx), model, target)
         if started is None or started[1] is None:
-            _fail(f"no experiment on {model} is recorded in the store; name --version", 1)
+            where = " ".join(f"{k} {v}" for k, v in target.items())
+            _fail(f"no experiment on {model} for {where} is recorded in the store; name --version",
+                  1)  # fmt: skip
             raise AssertionError  # unreachable
         version = started[1]
     spec = ExperimentSpec(ExperimentAction.PROMOTE)

@@ -245,10 +245,15 @@ def _worse(a: str | None, b: str | None) -> str | None:
     return a if _SEVERITY.get(a, 3) >= _SEVERITY.get(b, 3) else b
 
 
-def latest_start(store: FleetStore, model: str) -> tuple[dt.datetime, int | None] | None:
-    """When the latest experiment on ``model`` was started, and its candidate; None if never."""
+def latest_start(
+    store: FleetStore, model: str, target: Mapping[str, str] | None = None
+) -> tuple[dt.datetime, int | None] | None:
+    """When the latest experiment on ``model`` (started on ``target``, when given: a device or
+    a group) was started, and its candidate; None if never."""
     for job in store.jobs(model, limit=200):
         if job.kind != CommandKind.EXPERIMENT.value:
+            continue
+        if target is not None and {job.target_type: job.target} != dict(target):
             continue
         try:
             spec = read_command(job.envelope, None).experiment

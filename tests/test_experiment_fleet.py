@@ -181,6 +181,9 @@ def test_shadow_then_split_then_promote_through_the_cli(fleet: Fleet) -> None:
     assert "split 25%" in page
 
     # promote: v2 becomes active through each device's journaled install, v1 retained
+    elsewhere = cli_run(fleet, "experiment", "promote", "iris", "--group", "store-7",
+                        "--key", key, code=1)  # fmt: skip
+    assert "no experiment on iris for group store-7" in elsewhere  # not store-42's candidate
     out = cli_run(fleet, "experiment", "promote", "iris", *where)
     rows = fleet.wait_for(job_of(out), list(DEVICES))
     assert {(r.status, r.version_after) for r in rows.values()} == {("SUCCEEDED", 2)}
