@@ -28,7 +28,7 @@ import json
 import re
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -462,6 +462,19 @@ def publish_command(
         kind, model, target, key, version=version, bundles=bundles, ttl=ttl,
         in_progress_timeout=in_progress_timeout,
     )  # fmt: skip
+    topic = publish_retained(options, model, target, envelope)
+    return Published(job_id, topic, kind, model, dict(target), dict(bundles or {}), envelope)
+
+
+def publish_retained(
+    options: BrokerOptions, model: str, target: Mapping[str, str], envelope: bytes
+) -> str:
+    """Publish a signed command retained on ``target``'s job topic for ``model`` (a device's
+    or a group's) and wait for the broker's acknowledgement; returns the topic.
+
+    Raises:
+        BrokerError: the broker is unreachable or did not acknowledge.
+    """
     topics = Topics(options.prefix)
     topic = (
         topics.device_jobs(target["device"], model)
@@ -474,7 +487,7 @@ def publish_command(
     finally:
         client.disconnect()
         client.loop_stop()
-    return Published(job_id, topic, kind, model, dict(target), dict(bundles or {}), envelope)
+    return topic
 
 
 def publish_device_commands(

@@ -22,8 +22,8 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from edgepack.fleet._broker import BrokerOptions, connect, publish_and_wait
-from edgepack.fleet._commands import Published
+from edgepack.fleet._broker import BrokerOptions
+from edgepack.fleet._commands import Published, publish_retained
 from edgepack.fleet._views import as_dict, dicts, number
 from edgepack.formats.commands import (
     CommandKind,
@@ -33,7 +33,6 @@ from edgepack.formats.commands import (
     read_command,
 )
 from edgepack.formats.exceptions import CommandError
-from edgepack.formats.topics import Topics
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -74,18 +73,7 @@ def publish_experiment(
         CommandKind.EXPERIMENT, model, target, key, version=version, bundles=bundles, ttl=ttl,
         experiment=spec,
     )  # fmt: skip
-    topics = Topics(options.prefix)
-    topic = (
-        topics.device_jobs(target["device"], model)
-        if "device" in target
-        else topics.group_jobs(target["group"], model)
-    )
-    client = connect(options)
-    try:
-        publish_and_wait(client, topic, envelope, retain=True)
-    finally:
-        client.disconnect()
-        client.loop_stop()
+    topic = publish_retained(options, model, target, envelope)
     return Published(job_id, topic, CommandKind.EXPERIMENT, model, dict(target), bundles or {})
 
 
