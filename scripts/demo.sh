@@ -7,8 +7,11 @@
 #   rollout of a bad v3 that stops and rolls itself back → the model index and the audit trail.
 # Everything it writes goes to ./demo (remove it to start over). Exits non-zero if any step
 # fails, and stops every process it started.
+# --console: at the end, keep the fleet running and serve the live console until Ctrl-C.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+keep_console=false
+[ "${1:-}" = --console ] && keep_console=true
 bash scripts/setup.sh all
 export PATH="$PWD/.venv/bin:$PATH"
 out=demo
@@ -53,7 +56,10 @@ export EDGEPACK_BROKER="127.0.0.1:$mqtt_port" EDGEPACK_STORE="$out/fleet.db"
 fleet="edgepack-fleet --protocol $protocol"
 $fleet serve "$out/dist" --port "$http_port" > "$out/logs/bundles.log" 2>&1 &
 pids+=($!)
-$fleet collector > "$out/logs/collector.log" 2>&1 &
+# the collector evaluates a policy every 2 s: a version drifting on more than 30% of its
+# devices is flagged, with its figures, in the audit trail
+printf '[[rule]]\nname = "drifting"\nmodel = "churn"\ndrift_share = 0.3\n' > "$out/policies.toml"
+$fleet collector --policies "$out/policies.toml" --policy-interval 2 > "$out/logs/collector.log" 2>&1 &
 pids+=($!)
 wait_port "$http_port"
 
@@ -181,7 +187,17 @@ echo "== 14. governance: every model version, and the audit trail of what this d
 $fleet models
 $fleet audit --model churn
 $fleet audit verify --key-file "$out/keys/ops.pub"
+echo "== 15. what the policy flagged ($out/policies.toml)"
+$fleet policy list
 
 echo
 echo "demo finished: bundles in $out/dist/, device states in $out/devices/, logs in $out/logs/,"
 echo "report in $out/report-churn.html, the rollout's decisions: edgepack-fleet rollout status $rollout_id"
+console_port=${EDGEPACK_CONSOLE_PORT:-8080}
+echo "live console: edgepack-fleet --store $out/fleet.db console --port $console_port   → http://127.0.0.1:$console_port/"
+if $keep_console; then
+    echo "serving it now, the fleet still running (Ctrl-C stops everything)"
+    $fleet console --port "$console_port"
+else
+    echo "  (bash scripts/demo.sh --console serves it at the end, with the fleet still running)"
+fi
