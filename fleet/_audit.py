@@ -34,7 +34,6 @@ What this proves and what it does not: docs/governance.md.
 
 from __future__ import annotations
 
-import base64
 import binascii
 import hashlib
 import json
@@ -256,16 +255,24 @@ class AuditVerdict:
         }  # fmt: skip
 
 
-def _trust_command_keys(rows: Sequence[AuditEntry]) -> list[ec.EllipticCurvePublicKey]:
-    """The command keys every recorded trust document named (a key retired later still signed
-    the commands it issued while in force)."""
+def _trust_command_keys(
+    rows: Sequence[AuditEntry], roots: Sequence[ec.EllipticCurvePublicKey]
+) -> list[ec.EllipticCurvePublicKey]:
+    """The command keys named by the recorded trust documents that one of the ``roots`` (the
+    offline root keys, given by the operator) signed (a key retired later still signed the
+    commands it issued while in force). A document no root signed names no key: anyone who can
+    write to the store could have appended it."""
+    from edgepack.formats.dsse import dsse_verify
+    from edgepack.formats.trust import TRUST_PAYLOAD_TYPE
+
     keys: dict[str, ec.EllipticCurvePublicKey] = {}
     for e in rows:
         if e.kind != "trust":
             continue
         try:
             envelope = json.loads(str(e.payload.get("document", "")))
-            body = json.loads(base64.b64decode(envelope["payload"], validate=True))
+            payload, _root = dsse_verify(envelope, roots, payload_type=TRUST_PAYLOAD_TYPE)
+            body = json.loads(payload)
             for pem in body["command_keys"]:
                 key = load_public_key(pem.encode(), source="trust document")
                 keys[key_id(key)] = key
@@ -279,13 +286,16 @@ def verify(
     trusted_keys: Sequence[ec.EllipticCurvePublicKey] | None = None,
     *,
     head: tuple[int, str] | None = None,
+    roots: Sequence[ec.EllipticCurvePublicKey] = (),
 ) -> AuditVerdict:
     """Check every entry's hash and link, and every recorded command's signature.
 
     Args:
         store: the fleet store.
         trusted_keys: the operator keys commands must verify against; None: the command keys
-            the recorded trust documents named (none recorded: signatures are not checked).
+            named by the recorded trust documents that one of ``roots`` signed (none: the
+            signatures are not checked; a key named by the store alone proves nothing).
+        roots: offline root keys, for the trust documents.
         head: ``(seq, hash)`` of a head kept elsewhere (an earlier verdict's): the chain must
             still hold that entry with that hash, which shows entries cut from the end and a
             chain rewritten whole.
@@ -302,7 +312,7 @@ def verify(
     if trusted_keys is not None:
         keys = list(trusted_keys)
     else:
-        keys = _trust_command_keys(entries(store, kind="trust"))
+        keys = _trust_command_keys(entries(store, kind="trust"), roots) if roots else []
     last = index[-1][0] if index else 0
     bounded = [("seq <= ?", last)]
     rows = (e for page in _pages(store, bounded) for e in page)

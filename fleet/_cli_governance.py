@@ -228,8 +228,15 @@ def _trusted(paths: tuple[Path, ...]) -> list[Any] | None:
     "key_files",
     multiple=True,
     type=click.Path(dir_okay=False, path_type=Path),
-    help="Operator public key(s) the commands must verify against (default: the command keys "
-    "the recorded trust documents name).",
+    help="Operator public key(s) the commands must verify against.",
+)
+@click.option(
+    "--root-key",
+    "root_files",
+    multiple=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Offline root public key(s): the command keys named by the recorded trust documents "
+    "these signed are used (without --key-file or --root-key, signatures are not checked).",
 )
 @click.option(
     "--head",
@@ -240,7 +247,11 @@ def _trusted(paths: tuple[Path, ...]) -> list[Any] | None:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.pass_context
 def verify(
-    ctx: click.Context, key_files: tuple[Path, ...], head: str | None, as_json: bool
+    ctx: click.Context,
+    key_files: tuple[Path, ...],
+    root_files: tuple[Path, ...],
+    head: str | None,
+    as_json: bool,
 ) -> None:
     """Check every entry's hash and link and every command's signature; exit 1 if broken."""
     from edgepack.fleet import _audit
@@ -252,7 +263,8 @@ def verify(
             _fail(f"--head {head!r} is not SEQ:HASH (a seq and a 64-digit sha256)", 2)
             raise AssertionError  # unreachable
         anchor = (int(match[1]), match[2])
-    verdict = _audit.verify(_store(ctx), _trusted(key_files), head=anchor)
+    roots = _trusted(root_files) or []
+    verdict = _audit.verify(_store(ctx), _trusted(key_files), head=anchor, roots=roots)
     problems = verdict.problems
     if as_json:
         _echo_json(verdict.to_json())
@@ -260,7 +272,8 @@ def verify(
         signed = (
             f"{verdict.signatures} command signature(s) verified with {', '.join(verdict.keys)}"
             if verdict.keys
-            else "command signatures not checked (no --key-file and no trust document recorded)"
+            else "command signatures NOT checked (pass --key-file, or --root-key to use the "
+            "recorded trust documents the root signed)"
         )
         console.print(
             f"audit trail intact: {verdict.checked} entries, head {verdict.head_seq} "

@@ -70,10 +70,27 @@ def test_commands_outcomes_trust_and_time_outs_are_appended_once(tmp_path: Path)
     assert failed.payload["reason"] == "health check failed"
     assert (timed_out.device, timed_out.payload["status"]) == ("cam-2", "TIMED_OUT")
     assert timed_out.payload["marked_by"] == "collector"
-    verdict = audit.verify(store)  # the keys the recorded trust document names
+    verdict = audit.verify(store, roots=[root.public_key()])  # the root-signed document's keys
     assert verdict.ok
     assert verdict.signatures == 2
     assert verdict.keys == [key_id(ops.public_key())]
+    # a trust document the root did not sign, appended by anyone who can write to the store,
+    # names no key: a command signed by the forger's key is a signature problem
+    forger = generate_private_key()
+    forged_trust = make_trust(version=2, root_keys=[forger.public_key()],
+                              bundle_keys=[forger.public_key()],
+                              command_keys=[forger.public_key()], signers=[forger],
+                              issued_at=T0)  # fmt: skip
+    audit.append(store, "trust", {"version": 2, "document": forged_trust.decode()}, at=T0)
+    _, forged = make_command("rollback", "iris", {"device": "cam-1"}, forger, issued_at=T0)
+    audit.append(store, "command", {"job_id": "forged", "envelope": forged.decode()}, at=T0)
+    caught = audit.verify(store, roots=[root.public_key()])
+    assert not caught.ok
+    assert caught.problem is not None
+    assert caught.problem.what == "signature"
+    unchecked = audit.verify(store)  # no roots, no keys: the store's own keys prove nothing
+    assert unchecked.keys == []
+    assert unchecked.signatures == 0
     store.close()
 
 
