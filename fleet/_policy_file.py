@@ -95,7 +95,7 @@ _CHECKS: dict[str, Callable[[Any], Any]] = {
     "model": string(pattern=NAME.pattern.strip("^$")),
     "quality_below": number(0.0, 1.0, what="a number in [0, 1]"),
     "mae_above": number(above=0.0),
-    "drift_share": number(0.0, 1.0, what="a share in [0, 1) (0.3 is 30 %)"),
+    "drift_share": number(0.0, 1.0, what="a share in (0, 1) (0.3 is 30 %)"),
     "metric": string(choices=("accuracy", "f1")),
     "estimated": boolean,
     "drift_windows": integer(1, 100),
@@ -209,10 +209,12 @@ def _rule(table: Any, where: str, header: int, keys: Mapping[str, int]) -> Rule:
             "mae_above = 0.5 or drift_share = 0.3 (write two rules for two)"
         )
     condition = conditions[0]
-    if condition == "drift_share" and clean[condition] >= 1.0:
+    if condition == "drift_share" and not 0.0 < clean[condition] < 1.0:
         raise fail(
             "drift_share",
-            f"drift_share must be below 1 (more than it fires), got {clean[condition]!r}",
+            "drift_share must be above 0 and below 1 (more than that share of a version's "
+            f"devices drifting fires; 0 would fire on one drifting device), got "
+            f"{clean[condition]!r}",
         )
     if "metric" in clean and condition != "quality_below":
         raise fail("metric", f"metric goes with quality_below (this rule has {condition})")

@@ -440,3 +440,9 @@ def test_an_approval_whose_send_failed_is_sent_again_by_approving_it_again(
     assert done.state == "rolled_back"
     assert sender.sent[0][2] == sorted(interrupted.data["jobs"].items())  # the same job ids
     assert [e.kind for e in entries(store)].count("policy.approve") == 1
+
+
+def test_a_drift_share_of_zero_is_refused() -> None:
+    """drift_share = 0 would fire (and, as a rollback, act) as soon as one device drifts."""
+    with pytest.raises(PolicyError, match="above 0"):
+        parse_policies('[[rule]]\nname = "a"\ndrift_share = 0\naction = "rollback"\n')
