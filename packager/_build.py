@@ -80,6 +80,7 @@ class ProfileResult:
     candidates: tuple[dict[str, Any], ...] = ()
     chosen: str | None = None
     unchanged: bool = False
+    fixed_batch: int | None = None  # the model runs on exactly this many rows (None: any)
     shared_seconds: float = 0.0
 
 
@@ -177,6 +178,7 @@ def _build_one(
         chosen=chosen.name,
         unchanged=unchanged,
         shared_seconds=shared.seconds,
+        fixed_batch=batch,
     )
 
 

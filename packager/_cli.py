@@ -350,6 +350,11 @@ def build(
         for r in results:
             if r.candidates:
                 console.print(candidates_table(r.candidates, f"{r.profile}: candidates measured"))
+            if r.ok and r.fixed_batch is not None:
+                console.print(
+                    f"{r.profile}: the model takes exactly {r.fixed_batch} row(s) per run; the "
+                    "candidates were measured, and the agent serves it, in chunks of that size"
+                )
     for r in results:
         for note in r.notes:
             err.print(f"[yellow]{r.profile}:[/] {escape(note)}")
@@ -420,6 +425,13 @@ def inspect(bundle: Path, as_json: bool) -> None:
         ("precision", m.precision + (f"  {json.dumps(m.quantization)}" if m.quantization else "")),
         ("inputs", "; ".join(f"{t.name} {t.dtype}{list(t.shape)}" for t in m.inputs)),
         ("outputs", "; ".join(f"{t.name} {t.dtype}{list(t.shape)}" for t in m.outputs)),
+        (
+            "batch",
+            "any (dynamic)"
+            if m.fixed_batch is None
+            else f"fixed at {m.fixed_batch} row{'s' if m.fixed_batch != 1 else ''} per run "
+            "(the agent splits and pads requests)",
+        ),
         (
             "parity",
             ("passed " if parity.get("passed") else "FAILED ")

@@ -20,6 +20,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 from build_helpers import build_file, bundle_files, manifest
+from click.testing import CliRunner
 from conftest import KeyPair, write_agent_config
 from onnx import TensorProto, helper, numpy_helper
 
@@ -30,6 +31,7 @@ from edgepack.agent._session import open_session
 from edgepack.formats.bundle import MANIFEST_FILE, MODEL_FILE
 from edgepack.formats.exceptions import ManifestError
 from edgepack.formats.manifest import parse_manifest
+from edgepack.packager._cli import cli
 from edgepack.packager.exceptions import UnsupportedModelError
 
 RNG = np.random.default_rng(7)
@@ -114,6 +116,11 @@ def test_a_batch_1_mlp_builds_gates_every_candidate_and_serves_any_rows(
     assert result.ok, result.error
     m = manifest(result)
     assert m["fixed_batch"] == 1
+    assert result.fixed_batch == 1
+    shown = CliRunner().invoke(cli, ["inspect", str(result.bundle)])
+    assert shown.exit_code == 0, shown.output
+    [row] = [line for line in shown.output.splitlines() if line.strip().startswith("batch")]
+    assert "fixed at 1 row per run" in row
     assert [s["shape"] for s in m["inputs"]] == [[None, 10]]  # what the device accepts
     assert [s["shape"] for s in m["outputs"]] == [[None, 3]]
     assert m["parity"]["passed"]
