@@ -31,7 +31,7 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
-from brokers import Broker, free_port, start_mosquitto
+from brokers import Broker, free_port, mosquitto_binary, start_mosquitto
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -157,6 +157,7 @@ class AclBroker:
 
 @pytest.fixture(scope="module")
 def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AclBroker]:
+    mosquitto_binary()  # installs mosquitto (and its mosquitto_passwd) when it can, as root
     if shutil.which("mosquitto_passwd") is None:
         pytest.skip("mosquitto_passwd is not installed (apt-get install mosquitto)")
     directory = tmp_path_factory.mktemp("acl-broker")
